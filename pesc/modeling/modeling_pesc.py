@@ -1,0 +1,383 @@
+"""The PESC sparse model: a dense decoder whose gated FFN is shared by top-k routed adapter experts.
+
+Shipped inside every exported checkpoint, so it imports only torch, transformers and
+its sibling configuration file. The pieces are separate so that other recipes can
+reuse them: `PescRouter` (which experts, with what weights), `PescAdapter` (one
+expert), `PescMoEAdapter` (dispatch of tokens to experts), `load_balancing_loss`
+(the auxiliary loss), and `PescMLP` (the dense FFN plus the MoE adapter).
+
+Layer output (arXiv 2401.02731, Eq. 7-10):
+    F(x) = down(act(gate(x)) * up(x))                    computed once per token
+    y    = F(x) + sum_{i in topk(x)} w_i * s * up_i(GELU(down_i(dropout(F(x)))))
+with the k weights a float32 softmax over the top-k router logits. `up_i` starts at
+zero, so a freshly upcycled model computes exactly the dense model.
+"""
+
+import math
+import warnings
+from contextlib import contextmanager
+from contextvars import ContextVar
+
+import torch
+import torch.nn.functional as F
+import transformers
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.modeling_outputs import MoeCausalLMOutputWithPast
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_MAPPING_NAMES
+from transformers.utils.generic import can_return_tuple
+
+from .configuration_pesc import PescConfig
+
+# ---------------------------------------------------------------------------------------
+# Router logits are gathered through a context variable rather than returned by each
+# layer, so the dense family's decoder layers run unchanged. Only the forward pass of
+# PescForCausalLM opens a sink; a gradient-checkpointing recompute (outside it) records
+# nothing twice.
+# ---------------------------------------------------------------------------------------
+_ROUTER_LOGITS_SINK: ContextVar = ContextVar("pesc_router_logits", default=None)
+
+
+@contextmanager
+def record_router_logits():
+    """Collect, in layer order, the router logits of every PESC layer run inside the block."""
+    sink: list = []
+    token = _ROUTER_LOGITS_SINK.set(sink)
+    try:
+        yield sink
+    finally:
+        _ROUTER_LOGITS_SINK.reset(token)
+
+
+class PescRouter(nn.Module):
+    """Linear router on the FFN input; picks the top-k experts with float32 softmax weights."""
+
+    def __init__(self, hidden_size: int, num_experts: int, top_k: int):
+        super().__init__()
+        self.top_k = top_k
+        self.weight = nn.Parameter(torch.empty(num_experts, hidden_size))
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """Router logits [tokens, experts] in the router's dtype."""
+        return F.linear(hidden_states.to(self.weight.dtype), self.weight)
+
+    def route(self, router_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-k expert indices and their weights (softmax over the k logits, float32; Mixtral's rule)."""
+        top_logits, top_experts = torch.topk(router_logits.float(), self.top_k, dim=-1)
+        return torch.softmax(top_logits, dim=-1), top_experts
+
+
+class PescAdapter(nn.Module):
+    """One expert: a bottleneck adapter on the dense FFN output, s * up(GELU(down(dropout(h))))."""
+
+    def __init__(self, hidden_size: int, adapter_dim: int, scaling: float, dropout: float):
+        super().__init__()
+        self.adapter_down = nn.Linear(hidden_size, adapter_dim, bias=False)
+        self.adapter_up = nn.Linear(adapter_dim, hidden_size, bias=False)
+        self.dropout = nn.Dropout(dropout)
+        self.scaling = scaling
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        hidden_states = hidden_states.to(self.adapter_down.weight.dtype)
+        hidden = F.gelu(self.adapter_down(self.dropout(hidden_states)))
+        return self.adapter_up(hidden) * self.scaling
+
+
+class PescMoEAdapter(nn.Module):
+    """Router plus experts; sends each token's FFN output to its k experts only.
+
+    Tokens are grouped by expert (one sort), each expert runs on its own rows, and the
+    weighted results are added back in place. Every expert runs, on zero rows if it got
+    no token, so its parameters always join the autograd graph (DDP and ZeRO-3 need that).
+    """
+
+    def __init__(self, config: PescConfig):
+        super().__init__()
+        self.num_experts = config.num_experts
+        self.top_k = config.topk
+        self.router = PescRouter(config.hidden_size, config.num_experts, config.topk)
+        self.experts = nn.ModuleDict(
+            {
+                f"expert_{i}": PescAdapter(
+                    config.hidden_size, config.adapter_dim, config.moe_scaling, config.adapter_dropout
+                )
+                for i in range(config.num_experts)
+            }
+        )
+
+    def forward(self, router_input: torch.Tensor, ffn_output: torch.Tensor) -> torch.Tensor:
+        """The routed sum of expert outputs, shaped like `ffn_output`."""
+        shape = ffn_output.shape
+        ffn_rows = ffn_output.reshape(-1, shape[-1])
+        router_logits = self.router(router_input.reshape(-1, router_input.shape[-1]))
+        sink = _ROUTER_LOGITS_SINK.get()
+        if sink is not None:
+            sink.append(router_logits)
+        routing_weights, selected = self.router.route(router_logits)
+
+        flat_experts = selected.reshape(-1)
+        order = torch.argsort(flat_experts, stable=True)
+        rows = order // self.top_k
+        weights = routing_weights.reshape(-1)[order].unsqueeze(-1)
+        counts = torch.bincount(flat_experts, minlength=self.num_experts).tolist()
+
+        mixed = torch.zeros_like(ffn_rows)
+        start = 0
+        for expert, count in zip(self.experts.values(), counts):
+            expert_rows = rows[start : start + count]
+            expert_out = expert(ffn_rows.index_select(0, expert_rows)) * weights[start : start + count]
+            mixed.index_add_(0, expert_rows, expert_out.to(mixed.dtype))
+            start += count
+        return mixed.reshape(shape)
+
+
+class PescMLP(nn.Module):
+    """The dense gated FFN (same parameter names as the dense model) plus its PESC MoE adapter."""
+
+    def __init__(self, dense_mlp: nn.Module, config: PescConfig):
+        super().__init__()
+        self.gate_proj = dense_mlp.gate_proj
+        self.up_proj = dense_mlp.up_proj
+        self.down_proj = dense_mlp.down_proj
+        self.act_fn = dense_mlp.act_fn
+        self.moe_adapter = PescMoEAdapter(config)
+
+    def dense_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.gate_proj(hidden_states)) * self.up_proj(hidden_states))
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        ffn_output = self.dense_forward(hidden_states)
+        return ffn_output + self.moe_adapter(hidden_states, ffn_output)
+
+
+def load_balancing_loss(
+    router_logits: tuple[torch.Tensor, ...] | list[torch.Tensor],
+    num_experts: int,
+    top_k: int,
+    attention_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Switch-style balance loss E * sum_i f_i * P_i, per layer, averaged over layers.
+
+    f_i: share of the top-k assignments that went to expert i (sums to 1); P_i: mean
+    full-softmax probability of expert i. Both are taken over non-padding tokens only.
+    Perfect balance gives 1.0; the caller multiplies by `router_aux_loss_coef`.
+    """
+    if not router_logits:
+        raise ValueError("load_balancing_loss needs the router logits of at least one layer")
+    device = router_logits[0].device
+    token_weight = None
+    if attention_mask is not None and attention_mask.dim() == 2:
+        rows = router_logits[0].shape[0]
+        batch = attention_mask.shape[0]
+        mask = attention_mask[:, -(rows // batch) :] if rows % batch == 0 else None
+        if mask is not None and mask.numel() == rows:
+            token_weight = mask.reshape(-1, 1).to(device=device, dtype=torch.float32)
+    layer_losses = []
+    for logits in router_logits:
+        logits = logits.to(device).float()
+        probs = torch.softmax(logits, dim=-1)
+        chosen = torch.zeros_like(probs).scatter_(1, torch.topk(logits, top_k, dim=-1).indices, 1.0)
+        if token_weight is None:
+            tokens = probs.new_tensor(float(probs.shape[0]))
+            chosen_sum, prob_sum = chosen.sum(0), probs.sum(0)
+        else:
+            tokens = token_weight.sum().clamp_min(1.0)
+            chosen_sum, prob_sum = (chosen * token_weight).sum(0), (probs * token_weight).sum(0)
+        fraction_routed = chosen_sum / (tokens * top_k)
+        mean_probability = prob_sum / tokens
+        layer_losses.append(num_experts * torch.sum(fraction_routed * mean_probability))
+    return torch.stack(layer_losses).mean()
+
+
+def dense_family_classes(base_model_type: str) -> tuple[type, type]:
+    """The dense family's backbone class and causal-LM class, or a clear error."""
+    backbone_name = MODEL_MAPPING_NAMES.get(base_model_type)
+    causal_lm_name = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(base_model_type)
+    if backbone_name is None or causal_lm_name is None:
+        raise ValueError(
+            f"PESC cannot wrap model family {base_model_type!r}: transformers has no decoder-only causal LM for it"
+        )
+    return getattr(transformers, backbone_name), getattr(transformers, causal_lm_name)
+
+
+def check_gated_mlp(mlp: nn.Module, base_model_type: str) -> None:
+    """Refuse FFNs that are not down(act(gate(x)) * up(x)) with separate linears."""
+    missing = [name for name in ("gate_proj", "up_proj", "down_proj", "act_fn") if not hasattr(mlp, name)]
+    if missing:
+        raise ValueError(
+            f"PESC cannot wrap model family {base_model_type!r}: its FFN ({type(mlp).__name__}) has no "
+            f"{', '.join(missing)}; PESC needs a gated MLP down(act(gate(x)) * up(x)) with separate linears"
+        )
+    for name in ("gate_proj", "up_proj", "down_proj"):
+        if not isinstance(getattr(mlp, name), nn.Linear):
+            raise ValueError(
+                f"PESC cannot wrap model family {base_model_type!r}: its FFN's {name} is a "
+                f"{type(getattr(mlp, name)).__name__}, not a linear layer"
+            )
+
+
+@torch.no_grad()
+def check_dense_equivalence(dense_mlp: nn.Module, pesc_mlp: PescMLP, base_model_type: str) -> None:
+    """Prove on a random input that the family's FFN is exactly the gated formula PescMLP computes."""
+    weight = dense_mlp.gate_proj.weight
+    if weight.device.type == "meta":
+        return
+    probe = torch.randn(2, 3, weight.shape[1], generator=torch.Generator().manual_seed(0)).to(weight)
+    if not torch.equal(dense_mlp(probe), pesc_mlp.dense_forward(probe)):
+        raise ValueError(
+            f"PESC cannot wrap model family {base_model_type!r}: its FFN ({type(dense_mlp).__name__}) computes "
+            "something other than down(act(gate(x)) * up(x))"
+        )
+
+
+class PescPreTrainedModel(PreTrainedModel):
+    config_class = PescConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    _no_split_modules = ["PescMLP"]
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        """PESC pieces get nn.Linear's default init with a zero adapter_up; everything else the family's init.
+
+        Children are initialised before their parent, so an adapter's own init overrides
+        whatever the family's init did to its two linears.
+        """
+        if isinstance(module, (PescRouter, PescAdapter)):
+            init_expert_weights(module)
+        elif not isinstance(module, PescMoEAdapter):
+            _, causal_lm_class = dense_family_classes(self.config.base_model_type)
+            causal_lm_class._init_weights(self, module)
+
+
+def init_expert_weights(module: nn.Module, generator: torch.Generator | None = None) -> None:
+    """Initialise a router or an adapter as DESIGN §3 says: kaiming-uniform(a=sqrt 5), adapter_up = 0.
+
+    A seeded `generator` makes the draw reproducible independently of the global RNG.
+    """
+    if isinstance(module, PescRouter):
+        nn.init.kaiming_uniform_(module.weight, a=math.sqrt(5), generator=generator)
+    elif isinstance(module, PescAdapter):
+        nn.init.kaiming_uniform_(module.adapter_down.weight, a=math.sqrt(5), generator=generator)
+        nn.init.zeros_(module.adapter_up.weight)
+
+
+class PescForCausalLM(PescPreTrainedModel, GenerationMixin):
+    """Causal LM of a dense family with every gated FFN replaced by a PESC MoE FFN.
+
+    The dense family's own backbone and causal-LM forward run unchanged (attention,
+    rope, caches, logit soft-capping...), so the wrapped model is that family exactly,
+    plus the experts.
+    """
+
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: PescConfig):
+        super().__init__(config)
+        backbone_class, causal_lm_class = dense_family_classes(config.base_model_type)
+        self._dense_forward = causal_lm_class.forward
+        self.model = backbone_class(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        layers = getattr(self.model, "layers", None)
+        if layers is None:
+            raise ValueError(
+                f"PESC cannot wrap model family {config.base_model_type!r}: its backbone has no `layers` list"
+            )
+        for layer in layers:
+            dense_mlp = getattr(layer, "mlp", None)
+            if dense_mlp is None:
+                raise ValueError(
+                    f"PESC cannot wrap model family {config.base_model_type!r}: its decoder layers have no `mlp`"
+                )
+            check_gated_mlp(dense_mlp, config.base_model_type)
+            layer.mlp = PescMLP(dense_mlp, config)
+        check_dense_equivalence(dense_mlp, layers[-1].mlp, config.base_model_type)
+        # The backbone is a PreTrainedModel of its own, so transformers initialises its
+        # children (our experts included) with the backbone's `_init_weights`: route it to ours.
+        self.model._init_weights = self._init_weights
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.get_input_embeddings()
+
+    def set_input_embeddings(self, value):
+        self.model.set_input_embeddings(value)
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, new_embeddings):
+        self.lm_head = new_embeddings
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_router_logits: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> MoeCausalLMOutputWithPast:
+        if output_router_logits is None:
+            output_router_logits = self.config.output_router_logits
+        with record_router_logits() as router_logits:
+            outputs = self._dense_forward(
+                self,
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                inputs_embeds=inputs_embeds,
+                labels=labels,
+                use_cache=use_cache,
+                logits_to_keep=logits_to_keep,
+                **kwargs,
+            )
+        router_logits = tuple(router_logits)
+        loss, aux_loss = outputs.loss, None
+        if output_router_logits or (labels is not None and self.config.router_aux_loss_coef > 0):
+            aux_loss = load_balancing_loss(router_logits, self.config.num_experts, self.config.topk, attention_mask)
+            if self.training:
+                self._warn_if_router_gradient_lost(router_logits)
+            if loss is not None:
+                loss = loss + self.config.router_aux_loss_coef * aux_loss.to(loss.device)
+        return MoeCausalLMOutputWithPast(
+            loss=loss,
+            aux_loss=aux_loss,
+            logits=outputs.logits,
+            cache=getattr(outputs, "cache", None),
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            router_logits=router_logits if output_router_logits else None,
+        )
+
+    def _warn_if_router_gradient_lost(self, router_logits: tuple[torch.Tensor, ...]) -> None:
+        """Reentrant gradient checkpointing runs layers under no_grad: the balance loss would silently stop training."""
+        routers_train = any(p.requires_grad for n, p in self.named_parameters() if ".router." in n)
+        if routers_train and torch.is_grad_enabled() and not any(t.requires_grad for t in router_logits):
+            warnings.warn(
+                "PESC router logits carry no gradient, so the load-balancing loss cannot train the routers; "
+                "use gradient checkpointing with use_reentrant=False",
+                stacklevel=3,
+            )
+
+
+__all__ = [
+    "PescForCausalLM",
+    "PescPreTrainedModel",
+    "PescMLP",
+    "PescMoEAdapter",
+    "PescAdapter",
+    "PescRouter",
+    "load_balancing_loss",
+    "init_expert_weights",
+    "record_router_logits",
+]

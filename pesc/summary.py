@@ -1,0 +1,73 @@
+"""Parameter summary of a PESC model, computed from its config alone on the meta device."""
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+from pesc.modeling import PescConfig, PescForCausalLM
+
+
+@dataclass(frozen=True)
+class ParameterSummary:
+    base_model_type: str
+    num_layers: int
+    hidden_size: int
+    num_experts: int
+    top_k: int
+    adapter_dim: int
+    moe_scaling: float
+    dense_params: int
+    expert_params_per_layer: int
+    router_params_per_layer: int
+    total_params: int
+    active_params: int
+    trainable_params: int
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    def lines(self) -> list[str]:
+        """Human-readable summary, one fact per line."""
+        return [
+            f"architecture      PESC over {self.base_model_type}: {self.num_layers} layers, hidden {self.hidden_size}",
+            f"experts           {self.num_experts} per layer, top-{self.top_k}, adapter_dim {self.adapter_dim}, "
+            f"moe_scaling {self.moe_scaling}",
+            f"total params      {self.total_params:,} ({human_count(self.total_params)})",
+            f"active per token  {self.active_params:,} ({human_count(self.active_params)})",
+            f"trainable (MoE)   {self.trainable_params:,} ({human_count(self.trainable_params)}: adapters + routers)",
+            f"dense base        {self.dense_params:,} ({human_count(self.dense_params)})",
+        ]
+
+
+def human_count(count: int) -> str:
+    for unit, size in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if count >= size:
+            return f"{count / size:.2f}{unit}"
+    return str(count)
+
+
+def summarize(config: PescConfig) -> ParameterSummary:
+    """Count parameters by building the model on the meta device: no memory, no weights read."""
+    with torch.device("meta"):
+        model = PescForCausalLM(config)
+    total = sum(p.numel() for p in model.parameters())
+    first_block = model.model.layers[0].mlp.moe_adapter
+    router = first_block.router.weight.numel()
+    per_expert = sum(p.numel() for p in next(iter(first_block.experts.values())).parameters())
+    layers = len(model.model.layers)
+    experts_total = layers * (router + config.num_experts * per_expert)
+    return ParameterSummary(
+        base_model_type=config.base_model_type,
+        num_layers=layers,
+        hidden_size=config.hidden_size,
+        num_experts=config.num_experts,
+        top_k=config.topk,
+        adapter_dim=config.adapter_dim,
+        moe_scaling=config.moe_scaling,
+        dense_params=total - experts_total,
+        expert_params_per_layer=config.num_experts * per_expert,
+        router_params_per_layer=router,
+        total_params=total,
+        active_params=total - layers * (config.num_experts - config.topk) * per_expert,
+        trainable_params=experts_total,
+    )

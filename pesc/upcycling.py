@@ -1,0 +1,120 @@
+"""In-memory upcycling: a loaded dense causal LM becomes a PESC model sharing its tensors."""
+
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, PreTrainedConfig, PreTrainedModel
+
+from pesc.modeling import PescConfig, PescForCausalLM, init_expert_weights
+from pesc.modeling.modeling_pesc import check_dense_equivalence
+
+
+def pesc_config_from_dense(
+    dense_config: PreTrainedConfig,
+    num_experts: int = 8,
+    top_k: int = 2,
+    adapter_dim: int = 512,
+    moe_scaling: float = 0.25,
+    adapter_dropout: float = 0.1,
+    router_aux_loss_coef: float = 0.01,
+    moe_dtype: str | None = None,
+) -> PescConfig:
+    """The PESC config for a dense config plus MoE settings (refuses an already-PESC config)."""
+    if dense_config.model_type == PescConfig.model_type or hasattr(dense_config, "num_experts") and hasattr(
+        dense_config, "adapter_dim"
+    ):
+        raise ValueError("the model is already a PESC model: convert a dense checkpoint instead")
+    fields = dense_config.to_dict()
+    fields.pop("model_type", None)
+    fields.pop("architectures", None)
+    dtype = fields.get("dtype")
+    config = PescConfig(
+        base_model_type=dense_config.model_type,
+        num_experts=num_experts,
+        topk=top_k,
+        adapter_dim=adapter_dim,
+        moe_scaling=moe_scaling,
+        adapter_dropout=adapter_dropout,
+        router_aux_loss_coef=router_aux_loss_coef,
+        moe_dtype=moe_dtype or (str(dtype).removeprefix("torch.") if dtype is not None else None),
+        **fields,
+    )
+    config.architectures = [PescForCausalLM.__name__]
+    return config
+
+
+def layer_generator(seed: int, layer_idx: int) -> torch.Generator:
+    """An RNG per layer, so that any layer's experts can be drawn alone (the streaming converter does)."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + layer_idx)
+
+
+def initial_expert_state(config: PescConfig, layer_idx: int, seed: int) -> dict[str, torch.Tensor]:
+    """Initial router and adapter tensors of one layer, keyed by their name inside `mlp.moe_adapter`.
+
+    Drawn in float32 on the CPU, then cast, so the values do not depend on device or dtype.
+    """
+    from pesc.modeling import PescMoEAdapter
+
+    with torch.device("cpu"):
+        block = PescMoEAdapter(config)
+    generator = layer_generator(seed, layer_idx)
+    init_expert_weights(block.router, generator)
+    for adapter in block.experts.values():
+        init_expert_weights(adapter, generator)
+    dtype = getattr(torch, config.moe_dtype) if config.moe_dtype else torch.float32
+    return {name: tensor.detach().to(dtype) for name, tensor in block.state_dict().items()}
+
+
+def upcycle(
+    model_or_path: PreTrainedModel | str | Path,
+    num_experts: int = 8,
+    top_k: int = 2,
+    adapter_dim: int = 512,
+    moe_scaling: float = 0.25,
+    router_aux_loss_coef: float = 0.01,
+    adapter_dropout: float = 0.1,
+    moe_dtype: str | None = None,
+    seed: int = 0,
+) -> PescForCausalLM:
+    """Turn a dense causal LM into a PESC model; its tensors are shared, not copied.
+
+    At return the PESC model computes exactly what the dense model computes (the adapters'
+    up-projections are zero); the same seed always draws the same routers and adapters.
+    """
+    dense = model_or_path
+    if not isinstance(dense, PreTrainedModel):
+        dense = AutoModelForCausalLM.from_pretrained(model_or_path)
+    config = pesc_config_from_dense(
+        dense.config,
+        num_experts=num_experts,
+        top_k=top_k,
+        adapter_dim=adapter_dim,
+        moe_scaling=moe_scaling,
+        adapter_dropout=adapter_dropout,
+        router_aux_loss_coef=router_aux_loss_coef,
+        moe_dtype=moe_dtype,
+    )
+    config._attn_implementation = dense.config._attn_implementation
+    with torch.device("meta"):
+        model = PescForCausalLM(config)
+
+    dense_state = dense.state_dict(keep_vars=True)
+    result = model.load_state_dict(dense_state, strict=False, assign=True)
+    if result.unexpected_keys:
+        raise ValueError(f"the dense model has tensors PESC does not place: {', '.join(result.unexpected_keys[:5])}")
+    for name, buffer in dense.named_buffers():
+        owner, _, key = name.rpartition(".")
+        model.get_submodule(owner)._buffers[key] = buffer
+
+    device = next(dense.parameters()).device
+    for layer_idx, layer in enumerate(model.model.layers):
+        experts = layer.mlp.moe_adapter
+        experts.load_state_dict(
+            {k: v.to(device) for k, v in initial_expert_state(config, layer_idx, seed).items()}, assign=True
+        )
+    missing = [name for name, p in model.named_parameters() if p.device.type == "meta"]
+    if missing:
+        raise ValueError(f"PESC model tensors left without values: {', '.join(missing[:5])}")
+    check_dense_equivalence(dense.model.layers[0].mlp, model.model.layers[0].mlp, config.base_model_type)
+    model.train(dense.training)
+    return model
