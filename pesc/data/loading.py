@@ -1,0 +1,214 @@
+"""The data pipeline: dataset entries -> messages -> (input_ids, labels), mixed, shuffled, split.
+
+All user mistakes (a bad entry, a missing file, a malformed row, a template that cannot be masked) raise
+PescError here, before any model is loaded or any training step runs.
+"""
+
+import json
+import logging
+from pathlib import Path
+
+import datasets as hf_datasets
+from datasets import Dataset, Features, List, Value, concatenate_datasets
+
+from pesc.data.formats import CONVERTERS, DATASET_TYPES, RowError
+from pesc.data.masking import IGNORE_INDEX, ConversationTokenizer
+from pesc.data.templates import resolve_chat_template
+from pesc.errors import PescError
+
+logger = logging.getLogger(__name__)
+
+DATASET_KEYS = ("path", "type", "split", "name", "data_files", "field")
+_LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet")
+_MESSAGES = Features({"messages": List({"role": Value("string"), "content": Value("string")})})
+
+
+def _check_entry(index: int, entry) -> dict:
+    where = f"datasets[{index}]"
+    if not isinstance(entry, dict):
+        raise PescError(f"{where} must be a mapping with at least 'path' and 'type', got {type(entry).__name__}")
+    unknown = sorted(set(entry) - set(DATASET_KEYS))
+    if unknown:
+        raise PescError(f"{where}: unknown key(s) {', '.join(unknown)} (valid keys: {', '.join(DATASET_KEYS)})")
+    for key in ("path", "type"):
+        if key not in entry:
+            raise PescError(f"{where}: missing key '{key}'")
+    for key in ("path", "type", "split", "name", "field"):
+        if key in entry and entry[key] is not None and not isinstance(entry[key], str):
+            raise PescError(f"{where}.{key} must be a string, got {type(entry[key]).__name__}")
+    if entry.get("data_files") is not None and not isinstance(entry["data_files"], (str, list, dict)):
+        raise PescError(f"{where}.data_files must be a string, a list or a mapping")
+    if entry["type"] not in DATASET_TYPES:
+        raise PescError(f"{where}: unknown type {entry['type']!r} (valid types: {', '.join(DATASET_TYPES)})")
+    if entry["type"] == "alpaca" and entry.get("field"):
+        raise PescError(f"{where}: 'field' does not apply to alpaca rows (instruction/input/output)")
+    return entry
+
+
+def _is_local(path: str) -> bool:
+    return path.endswith(_LOCAL_SUFFIXES) or path.startswith(("/", "./", "../", "~")) or Path(path).exists()
+
+
+def _json_rows(path: Path):
+    """(1-based row number, parsed row) for a JSON-lines file or a JSON array file."""
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            if exc.msg != "Extra data":  # "Extra data": JSON lines in a .json file, read below
+                raise PescError(f"{path}: invalid JSON: {exc}") from exc
+        else:
+            if not isinstance(data, list):
+                raise PescError(f"{path}: a .json file must hold a JSON array of rows (or use JSON lines)")
+            yield from enumerate(data, start=1)
+            return
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            yield number, json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise PescError(f"{path}: row {number}: invalid JSON: {exc}") from exc
+
+
+def _convert(where: str, number: int, row, convert, field) -> list[dict]:
+    try:
+        return convert(row, field) if field else convert(row)
+    except RowError as exc:
+        raise PescError(f"{where}: row {number}: {exc}") from None
+
+
+def _load_messages(entry: dict) -> tuple[Dataset, str]:
+    """One dataset entry as a Dataset with a single `messages` column (validated, converted)."""
+    path, kind, field = entry["path"], entry["type"], entry.get("field")
+    convert = CONVERTERS[kind]
+    hub_kwargs = {k: entry[k] for k in ("name", "data_files") if entry.get(k) is not None}
+    if _is_local(path):
+        file = Path(path).expanduser()
+        if not file.exists():
+            raise PescError(f"dataset file not found: {path}")
+        if file.is_file():
+            if entry.get("split") not in (None, "train") or hub_kwargs:
+                raise PescError(f"{path}: split/name/data_files apply to Hub datasets and folders, not to one file")
+            if file.suffix in (".jsonl", ".json"):
+                messages = [_convert(path, n, row, convert, field) for n, row in _json_rows(file)]
+                if not messages:
+                    raise PescError(f"{path}: the file has no rows")
+                return Dataset.from_dict({"messages": messages}, features=_MESSAGES), path
+            if file.suffix != ".parquet":
+                raise PescError(f"{path}: unsupported file type {file.suffix!r} (use .jsonl, .json or .parquet)")
+            loader_args, kwargs = ("parquet",), {"data_files": str(file)}
+        else:  # a folder of data files, as datasets reads it
+            loader_args, kwargs = (str(file),), hub_kwargs
+    else:
+        loader_args, kwargs = (path,), hub_kwargs
+    split = entry.get("split") or "train"
+    try:
+        raw = hf_datasets.load_dataset(*loader_args, split=split, **kwargs)
+    except Exception as exc:
+        raise PescError(f"cannot load dataset {path!r} (split {split!r}): {type(exc).__name__}: {exc}") from exc
+
+    def convert_batch(batch, indices):
+        columns = list(batch)
+        rows = (dict(zip(columns, values)) for values in zip(*(batch[c] for c in columns)))
+        return {"messages": [_convert(path, i + 1, row, convert, field) for i, row in zip(indices, rows)]}
+
+    ds = raw.map(
+        convert_batch, batched=True, with_indices=True, remove_columns=raw.column_names, features=_MESSAGES,
+        desc=f"Converting {path}",
+    )
+    if len(ds) == 0:
+        raise PescError(f"{path}: the dataset has no rows")
+    return ds, path
+
+
+def _tokenize(ds: Dataset, name: str, tokenize: ConversationTokenizer, sequence_len: int, num_proc) -> Dataset:
+    def tokenize_batch(batch, indices):
+        try:
+            ids, labels = tokenize(batch["messages"], sequence_len)
+        except RowError:
+            for i, messages in zip(indices, batch["messages"]):  # find the row to name it
+                try:
+                    tokenize([messages], sequence_len)
+                except RowError as exc:
+                    raise PescError(f"{name}: row {i + 1}: {exc}") from None
+            raise
+        trainable = [sum(label != IGNORE_INDEX for label in row) for row in labels]
+        return {"input_ids": ids, "labels": labels, "_trainable": trainable}
+
+    procs = num_proc if num_proc and num_proc > 1 and len(ds) >= 2 * num_proc else None
+    out = ds.map(
+        tokenize_batch, batched=True, with_indices=True, remove_columns=["messages"], num_proc=procs,
+        desc=f"Tokenizing {name}",
+    )
+    kept = out.filter(lambda n: [x > 0 for x in n], input_columns="_trainable", batched=True)
+    dropped = len(out) - len(kept)
+    if dropped:
+        logger.warning(
+            "%s: dropped %d of %d rows with no trainable token after truncation to sequence_len=%d",
+            name, dropped, len(out), sequence_len,
+        )
+    return kept.remove_columns("_trainable")
+
+
+def _val_rows(val_set_size, total: int) -> int:
+    """val_set_size as a row count: 0 for none, a fraction in (0, 1) of `total`, or a positive integer."""
+    bad = PescError(f"val_set_size must be 0, a fraction in (0, 1) or a whole row count, got {val_set_size!r}")
+    if isinstance(val_set_size, bool) or not isinstance(val_set_size, (int, float)) or val_set_size < 0:
+        raise bad
+    if val_set_size == 0:
+        return 0
+    if isinstance(val_set_size, float):
+        if val_set_size >= 1:
+            raise bad
+        rows = max(1, round(val_set_size * total))
+    else:
+        rows = val_set_size
+    if rows >= total:
+        raise PescError(f"val_set_size={val_set_size} leaves no training rows ({total} rows in all)")
+    return rows
+
+
+def load_training_data(
+    datasets: list[dict],  # noqa: A002 (the config key's name)
+    tokenizer,
+    *,
+    chat_template: str | None,
+    sequence_len: int,
+    val_set_size: float | int = 0.0,
+    seed: int = 0,
+    num_proc: int | None = None,
+) -> tuple[Dataset, Dataset | None]:
+    """Load, convert, tokenize, mask; returns (train, eval) with columns input_ids, labels (lists of int).
+
+    Each entry of `datasets`: path (local .jsonl/.json/.parquet file or folder, or a Hub dataset id), type
+    (messages, sharegpt, alpaca, camelidae), optional split (Hub/folder, default train), name, data_files,
+    field (the column holding the conversation). Rows are truncated to `sequence_len` tokens; rows left with
+    no trainable token are dropped (logged). All datasets are mixed and shuffled with `seed`; `val_set_size`
+    (a fraction in (0, 1) or a row count; 0 for none) rows go to the eval set.
+    """
+    if not isinstance(datasets, list) or not datasets:
+        raise PescError("datasets must be a non-empty list of {path, type, ...} entries")
+    if isinstance(sequence_len, bool) or not isinstance(sequence_len, int) or sequence_len < 2:
+        raise PescError(f"sequence_len must be an integer >= 2, got {sequence_len!r}")
+    entries = [_check_entry(i, entry) for i, entry in enumerate(datasets)]
+    template = resolve_chat_template(tokenizer, chat_template)
+    tokenize = ConversationTokenizer(tokenizer, template)
+
+    parts = []
+    for entry in entries:
+        messages, name = _load_messages(entry)
+        parts.append(_tokenize(messages, name, tokenize, sequence_len, num_proc))
+        logger.info("%s: %d rows (%s format)", name, len(parts[-1]), entry["type"])
+    mixed = parts[0] if len(parts) == 1 else concatenate_datasets(parts)
+    if len(mixed) == 0:
+        raise PescError("no training rows left: every row lost its trainable tokens to truncation")
+    mixed = mixed.shuffle(seed=seed).flatten_indices()
+
+    n_val = _val_rows(val_set_size, len(mixed))
+    if n_val == 0:
+        return mixed, None
+    split = mixed.train_test_split(test_size=n_val, seed=seed, shuffle=True)
+    return split["train"], split["test"]
+
