@@ -1,0 +1,78 @@
+"""Write an output folder all at once: build it beside its final path, then rename it into place.
+
+Used by every command that writes a model folder (`export`, `convert`), so that an
+interrupted or failed run never leaves a half-written folder at OUT, and so that
+`--force` only ever replaces a folder pesc itself wrote (a PESC model folder).
+"""
+
+import json
+import os
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+
+from pesc.errors import PescError
+
+_TMP_TAG = ".pesc-tmp-"
+
+
+def is_pesc_model_dir(path: str | Path) -> bool:
+    """True for a folder pesc writes: a model folder whose config.json has model_type "pesc"."""
+    config = Path(path) / "config.json"
+    try:
+        return json.loads(config.read_text()).get("model_type") == "pesc"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def check_output_dir(out: str | Path, force: bool, sources: tuple[str | Path, ...] = ()) -> Path:
+    """Refuse an OUT that exists (unless --force and pesc wrote it) or that holds one of the inputs.
+
+    Call it before any heavy work, so that a bad OUT fails in a second.
+    """
+    out = Path(out)
+    resolved = out.resolve()
+    for source in sources:
+        source = Path(source).resolve()
+        if resolved == source or resolved in source.parents:
+            raise PescError(f"{out} holds the input {source}: choose an output folder outside it")
+    if out.exists() or out.is_symlink():
+        if not out.is_dir() or out.is_symlink():
+            raise PescError(f"{out} exists and is not a folder: choose another output path")
+        if not force:
+            raise PescError(f"{out} already exists: choose another output folder, or pass --force to replace it")
+        if any(out.iterdir()) and not is_pesc_model_dir(out):
+            raise PescError(
+                f"{out} exists and is not a PESC model folder, so --force will not replace it: "
+                "choose another output folder or remove it yourself"
+            )
+    if not out.parent.exists():
+        raise PescError(f"the parent folder of {out} does not exist: create it first")
+    return out
+
+
+@contextmanager
+def atomic_output_dir(out: str | Path, force: bool = False):
+    """Yield an empty temporary folder beside `out`; on success it becomes `out`, on any error it is removed.
+
+    With `force`, an existing `out` (checked by `check_output_dir`) is replaced only after the
+    new folder is complete.
+    """
+    out = Path(out)
+    check_output_dir(out, force)
+    tmp = out.parent / f".{out.name}{_TMP_TAG}{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        yield tmp
+        if out.exists():
+            old = out.parent / f".{out.name}{_TMP_TAG}old-{os.getpid()}"
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

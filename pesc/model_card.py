@@ -1,0 +1,199 @@
+"""The model card (README.md) written into every model folder pesc publishes.
+
+Deterministic text only (no dates, no absolute temporary paths), so that exporting twice
+gives byte-identical folders. The metadata block is built with huggingface_hub's
+`ModelCardData`; nothing here touches the network (no `validate()`, no `push_to_hub()`).
+"""
+
+import json
+import re
+from pathlib import Path
+
+import yaml
+from huggingface_hub import ModelCard, ModelCardData
+
+from pesc.modeling import PescConfig
+from pesc.summary import human_count, summarize
+
+BASE_TAGS = ["moe", "pesc", "mixture-of-experts", "sparse", "adapter-experts"]
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def hub_model_id(name: str | None) -> str | None:
+    """`name` if it reads as a Hub repo id (owner/name) and is not a local folder, else None."""
+    if not name or not _HUB_ID.match(name) or Path(name).exists():
+        return None
+    return name
+
+
+def read_trainer_metrics(*folders: str | Path) -> dict | None:
+    """Headline numbers from the first `trainer_state.json` found in `folders` (None if none)."""
+    for folder in folders:
+        path = Path(folder) / "trainer_state.json"
+        if not path.is_file():
+            continue
+        try:
+            state = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return None
+        history = state.get("log_history") or []
+        metrics = {}
+        for key in ("global_step", "epoch"):
+            if state.get(key) is not None:
+                metrics[key] = state[key]
+        train = [h["loss"] for h in history if "loss" in h]
+        evals = [h["eval_loss"] for h in history if "eval_loss" in h]
+        if train:
+            metrics["first_train_loss"] = train[0]
+            metrics["final_train_loss"] = train[-1]
+        if evals:
+            metrics["final_eval_loss"] = evals[-1]
+            metrics["best_eval_loss"] = min(evals)
+        for entry in history:
+            for key in ("train_runtime", "train_samples_per_second", "total_flos"):
+                if key in entry:
+                    metrics[key] = entry[key]
+        return metrics or None
+    return None
+
+
+def _walk(value, keys=()):
+    if isinstance(value, dict):
+        for k, v in value.items():
+            yield from _walk(v, (*keys, str(k)))
+    elif isinstance(value, list):
+        for v in value:
+            yield from _walk(v, keys)
+    else:
+        yield keys, value
+
+
+def datasets_from_train_config(path: str | Path) -> tuple[list[str], list[str]]:
+    """(Hub dataset ids, local data file names) named in a `pesc_train_config.yaml`.
+
+    The config's schema belongs to the trainer; this reads any key that names data
+    (`dataset`, `datasets`, `dataset_name`, `data_files`, `train_file`, ... or any key
+    under a `data`/`dataset` section). Values with a file suffix or that exist on disk are
+    local files; `owner/name` values are Hub dataset ids.
+    """
+    path = Path(path)
+    if not path.is_file():
+        return [], []
+    try:
+        config = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return [], []
+    hub, local = [], []
+    data_keys = {"dataset", "datasets", "dataset_name", "dataset_id", "data_files", "train_file", "eval_file", "data"}
+    for keys, value in _walk(config):
+        if not keys or not isinstance(value, str) or not value:
+            continue
+        if keys[-1] not in data_keys and not (keys[-1] in {"path", "name", "file", "files"} and any(
+            "data" in k for k in keys[:-1]
+        )):
+            continue
+        if Path(value).suffix or Path(value).exists():
+            if Path(value).name not in local:
+                local.append(Path(value).name)
+        elif _HUB_ID.match(value) and value not in hub:
+            hub.append(value)
+    return hub, local
+
+
+def _format_metric(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def build_model_card(
+    config: PescConfig,
+    *,
+    title: str,
+    base_model: str,
+    base_model_id: str | None = None,
+    datasets: list[str] = (),
+    data_files: list[str] = (),
+    lora: dict | None = None,
+    metrics: dict | None = None,
+    base_model_relation: str | None = "finetune",
+    extra_tags: list[str] = (),
+    description: str | None = None,
+) -> ModelCard:
+    """A model card for a PESC model folder: metadata block plus settings, parameter counts, training.
+
+    `base_model` is shown in the text as given; `base_model_id` (a Hub id) goes in the metadata.
+    """
+    tags = list(dict.fromkeys([*BASE_TAGS, config.base_model_type, *extra_tags]))
+    data = ModelCardData(
+        base_model=base_model_id,
+        base_model_relation=base_model_relation if base_model_id else None,
+        library_name="transformers",
+        pipeline_tag="text-generation",
+        tags=tags,
+        datasets=list(datasets) or None,
+    )
+    summary = summarize(config)
+    lines = [
+        f"# {title}",
+        "",
+        description
+        or (
+            f"A sparse Mixture-of-Experts model made with PESC (parameter-efficient sparsity crafting, "
+            f"arXiv 2401.02731) from the dense `{base_model}`: every layer keeps the dense FFN, shared by "
+            f"{config.num_experts} adapter experts of which a router picks {config.topk} per token."
+        ),
+        "",
+        "## Use",
+        "",
+        "The model code ships in this folder (`configuration_pesc.py`, `modeling_pesc.py`), so load it with",
+        "`trust_remote_code=True`:",
+        "",
+        "```python",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        "",
+        'tokenizer = AutoTokenizer.from_pretrained("PATH_OR_REPO_ID")',
+        'model = AutoModelForCausalLM.from_pretrained("PATH_OR_REPO_ID", trust_remote_code=True)',
+        "```",
+        "",
+        "## Architecture",
+        "",
+        "| setting | value |",
+        "|---|---|",
+        f"| base family | `{config.base_model_type}` |",
+        f"| layers | {summary.num_layers} |",
+        f"| hidden size | {summary.hidden_size} |",
+        f"| experts per layer | {config.num_experts} |",
+        f"| experts per token (top-k) | {config.topk} |",
+        f"| adapter dim | {config.adapter_dim} |",
+        f"| moe_scaling | {config.moe_scaling} |",
+        f"| router aux loss coef | {config.router_aux_loss_coef} |",
+        f"| total parameters | {summary.total_params:,} ({human_count(summary.total_params)}) |",
+        f"| active parameters per token | {summary.active_params:,} ({human_count(summary.active_params)}) |",
+        f"| expert + router parameters | {summary.trainable_params:,} ({human_count(summary.trainable_params)}) |",
+        f"| dense base parameters | {summary.dense_params:,} ({human_count(summary.dense_params)}) |",
+        "",
+    ]
+    if lora is not None or datasets or data_files or metrics:
+        lines += ["## Training", ""]
+        if lora is not None:
+            targets = lora.get("target_modules")
+            if isinstance(targets, (list, tuple, set)):
+                targets = ", ".join(sorted(targets))
+            lines += [
+                "QLoRA: LoRA on the dense linears of a 4-bit base, routers and expert adapters trained in full; "
+                "the LoRA was merged into the dense weights of an unquantized base for this release.",
+                "",
+                f"- LoRA rank {lora.get('r')}, alpha {lora.get('lora_alpha')}, dropout {lora.get('lora_dropout')}",
+                f"- LoRA targets: {targets}",
+            ]
+        if datasets:
+            lines.append(f"- datasets: {', '.join(datasets)}")
+        if data_files:
+            lines.append(f"- data files: {', '.join(data_files)}")
+        if metrics:
+            lines += ["", "| metric | value |", "|---|---|"]
+            lines += [f"| {key} | {_format_metric(value)} |" for key, value in metrics.items()]
+        lines.append("")
+    content = f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines)
+    return ModelCard(content, ignore_metadata_errors=True)
