@@ -1,0 +1,389 @@
+"""Export a trained run as a sparse Hugging Face checkpoint in the Camelidae layout (DESIGN.md §4, §6).
+
+The steps, each bounded to one copy of the model in memory:
+
+1. find the checkpoint folder (a run's `final/` or highest `checkpoint-N/`, or the folder given);
+2. load the LoRA's base **unquantized** in the export dtype: a PESC checkpoint as-is, a
+   dense checkpoint upcycled in memory with the trained `pesc_config.json` settings (the
+   dense tensors are shared, not copied);
+3. put the trained routers and adapters in (`pesc_experts.safetensors`, strict: every
+   tensor present with its shape, else the base does not match the adapters);
+4. wrap with peft's `PeftModel.from_pretrained` and merge the LoRA layer by layer, each
+   weight upcast to float32 for the addition and cast back (one weight at a time in
+   float32); merging into a 4-bit model is refused;
+5. write safetensors shards + index, config with `auto_map`, the two model code files,
+   tokenizer with chat template, generation config and model card into a temporary
+   folder beside OUT, renamed into place at the end.
+"""
+
+import json
+import struct
+import sys
+from pathlib import Path
+
+import torch
+
+from pesc.atomic import atomic_output_dir, check_output_dir
+from pesc.errors import PescError
+from pesc.modeling import PescConfig, PescForCausalLM
+from pesc.run_files import (
+    EXPERTS_FILE,
+    TRAIN_CONFIG_FILE,
+    latest_checkpoint,
+    load_expert_state,
+    load_trained_config,
+)
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+ADAPTER_CONFIG = "adapter_config.json"
+INDEX_FILE = "model.safetensors.index.json"
+
+# Fields that must agree between the base model and the trained adapters.
+_ARCH_FIELDS = (
+    "base_model_type",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "vocab_size",
+    "num_experts",
+    "topk",
+    "adapter_dim",
+)
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+
+
+def find_checkpoint(path: str | Path) -> tuple[Path, Path | None]:
+    """(checkpoint folder, run folder or None) for a run folder or a checkpoint folder."""
+    path = Path(path)
+    if not path.is_dir():
+        raise PescError(f"{path} is not a folder: give a training run folder or one of its checkpoint folders")
+    if (path / EXPERTS_FILE).is_file() or (path / ADAPTER_CONFIG).is_file():
+        checkpoint = path
+        run_dir = path.parent if (path.parent / TRAIN_CONFIG_FILE).is_file() else None
+    else:
+        checkpoint = latest_checkpoint(path)
+        if checkpoint is None:
+            raise PescError(
+                f"{path} holds no training checkpoint (no final/ or checkpoint-N/ folder with {EXPERTS_FILE}): "
+                "train first, or give a checkpoint folder"
+            )
+        run_dir = path
+    for name in (ADAPTER_CONFIG, EXPERTS_FILE):
+        if not (checkpoint / name).is_file():
+            raise PescError(f"{checkpoint} holds no {name}: it is not a complete PESC training checkpoint")
+    return checkpoint, run_dir
+
+
+def read_adapter_config(checkpoint: Path) -> dict:
+    try:
+        return json.loads((checkpoint / ADAPTER_CONFIG).read_text())
+    except (OSError, ValueError) as error:
+        raise PescError(f"{checkpoint / ADAPTER_CONFIG} cannot be read ({error})") from None
+
+
+def adapter_base(checkpoint: Path, base: str | Path | None = None) -> str:
+    """The LoRA's base model: `base` if given, else adapter_config.json's base_model_name_or_path."""
+    if base is not None:
+        return str(base)
+    name = read_adapter_config(checkpoint).get("base_model_name_or_path")
+    if not name:
+        raise PescError(f"{checkpoint / ADAPTER_CONFIG} names no base model: pass --base with the model trained on")
+    return str(name)
+
+
+def _base_config(base: str):
+    """The base's config (PescConfig or a dense family's), local or from the Hub cache."""
+    from pesc.checkpoint import read_config
+
+    if Path(base).exists():
+        return read_config(base)
+    from transformers import AutoConfig
+
+    try:
+        raw = AutoConfig.from_pretrained(base)
+    except (OSError, ValueError) as error:
+        raise PescError(f"cannot read the base model {base} ({error}); pass --base with its local folder") from None
+    return PescConfig.from_dict(raw.to_dict()) if raw.model_type == PescConfig.model_type else raw
+
+
+def _mismatch(base_config: PescConfig, trained: PescConfig, base: str, checkpoint: Path) -> PescError | None:
+    diffs = [
+        f"{field} is {getattr(base_config, field, None)} in the base but {getattr(trained, field, None)} "
+        "in the adapters"
+        for field in _ARCH_FIELDS
+        if getattr(base_config, field, None) != getattr(trained, field, None)
+    ]
+    if not diffs:
+        return None
+    return PescError(
+        f"the base model {base} does not match the adapters in {checkpoint}: {'; '.join(diffs)} "
+        "(pass --base with the model the run was trained on)"
+    )
+
+
+def load_base_model(
+    base: str, trained: PescConfig, checkpoint: Path, dtype: torch.dtype, quantization_config=None
+) -> PescForCausalLM:
+    """The LoRA's base as a PESC model: a PESC checkpoint loaded, or a dense one upcycled with the trained settings."""
+    from transformers import AutoModelForCausalLM
+
+    from pesc.upcycling import pesc_config_from_dense, upcycle
+
+    base_config = _base_config(base)
+    settings = dict(
+        num_experts=trained.num_experts,
+        top_k=trained.topk,
+        adapter_dim=trained.adapter_dim,
+        moe_scaling=trained.moe_scaling,
+        adapter_dropout=trained.adapter_dropout,
+        router_aux_loss_coef=trained.router_aux_loss_coef,
+    )
+    is_pesc = isinstance(base_config, PescConfig)
+    resolved = base_config if is_pesc else pesc_config_from_dense(base_config, **settings)
+    error = _mismatch(resolved, trained, base, checkpoint)
+    if error is not None:
+        raise error
+    kwargs = {"dtype": dtype}
+    if quantization_config is not None:
+        kwargs["quantization_config"] = quantization_config
+    if is_pesc:
+        model = PescForCausalLM.from_pretrained(base, **kwargs)
+    else:
+        dense = AutoModelForCausalLM.from_pretrained(base, **kwargs)
+        model = upcycle(dense, **settings, moe_dtype=str(dtype).removeprefix("torch."))
+        model.generation_config = dense.generation_config
+        del dense
+    return model.eval()
+
+
+def load_experts(
+    model: torch.nn.Module, state: dict[str, torch.Tensor], base: str, checkpoint: Path, dtype: torch.dtype | None
+) -> None:
+    """Put the trained routers and adapters in, strictly: the same names and shapes, else a PescError.
+
+    `dtype` None keeps the stored dtype (the trained model as it ran); else tensors are cast.
+    """
+    params = {
+        name.replace(".modules_to_save.default", ""): param
+        for name, param in model.named_parameters()
+        if ".moe_adapter." in name and ".original_module" not in name and ".lora_" not in name
+    }
+    params = {name.split("base_model.model.", 1)[-1]: param for name, param in params.items()}
+    missing = sorted(set(params) - set(state))
+    unexpected = sorted(set(state) - set(params))
+    shapes = [
+        f"{name} is {list(state[name].shape)} in the adapters but {list(param.shape)} in the base"
+        for name, param in params.items()
+        if name in state and state[name].shape != param.shape
+    ]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} expert tensors of the base are missing from {EXPERTS_FILE} ({missing[0]}, ...)")
+    if unexpected:
+        problems.append(f"{len(unexpected)} tensors in {EXPERTS_FILE} have no place in the base ({unexpected[0]}, ...)")
+    if shapes:
+        problems.append(shapes[0])
+    if problems:
+        raise PescError(f"the base model {base} does not match the adapters in {checkpoint}: {'; '.join(problems)}")
+    with torch.no_grad():
+        for name, param in params.items():
+            param.data = state[name].to(device=param.device, dtype=dtype or state[name].dtype)
+
+
+def load_trained_model(
+    checkpoint: str | Path,
+    *,
+    base: str | Path | None = None,
+    dtype: torch.dtype = torch.float32,
+    quantization_config=None,
+    expert_dtype: torch.dtype | None = None,
+):
+    """The trained model as peft runs it (LoRA unmerged): base (unquantized, or 4-bit with a
+    `BitsAndBytesConfig`) + trained experts + LoRA. Returns (peft model, checkpoint folder, base name)."""
+    from peft import PeftModel
+
+    checkpoint, _ = find_checkpoint(checkpoint)
+    trained = load_trained_config(checkpoint)
+    base = adapter_base(checkpoint, base)
+    model = load_base_model(base, trained, checkpoint, dtype, quantization_config)
+    load_experts(model, load_expert_state(checkpoint), base, checkpoint, expert_dtype)
+    try:
+        peft_model = PeftModel.from_pretrained(model, checkpoint, is_trainable=False)
+    except (RuntimeError, ValueError, KeyError) as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise PescError(f"the base model {base} does not match the LoRA in {checkpoint}: {first}") from None
+    return peft_model.eval(), checkpoint, base
+
+
+def merge_lora(peft_model) -> PescForCausalLM:
+    """Merge every LoRA layer into its base weight, the addition done in float32, then drop peft's wrappers."""
+    from peft.tuners.lora import LoraLayer
+
+    with torch.no_grad():
+        for module in peft_model.modules():
+            if not isinstance(module, LoraLayer):
+                continue
+            base_layer = module.get_base_layer()
+            weight = base_layer.weight
+            if weight.dtype not in (torch.float32, torch.bfloat16, torch.float16) or hasattr(weight, "quant_state"):
+                raise PescError(
+                    "refusing to merge the LoRA into a quantized base (re-quantizing adds rounding error): "
+                    "export loads the base unquantized"
+                )
+            original = weight.dtype
+            weight.data = weight.data.float()
+            module.merge()
+            weight.data = weight.data.to(original)
+    return peft_model.unload()
+
+
+def _shard_total_size(path: Path) -> tuple[int, int, list[str]]:
+    """(bytes of tensor data, parameter count, tensor names) read from a safetensors header."""
+    with path.open("rb") as handle:
+        (length,) = struct.unpack("<Q", handle.read(8))
+        header = json.loads(handle.read(length))
+    header.pop("__metadata__", None)
+    size = sum(end - start for start, end in (entry["data_offsets"] for entry in header.values()))
+    count = 0
+    for entry in header.values():
+        numel = 1
+        for dim in entry["shape"]:
+            numel *= dim
+        count += numel
+    return size, count, sorted(header)
+
+
+def ensure_sharded_layout(folder: Path) -> None:
+    """A single `model.safetensors` becomes `model-00001-of-00001.safetensors` plus an index (§4 layout)."""
+    single = folder / "model.safetensors"
+    if (folder / INDEX_FILE).is_file() or not single.is_file():
+        return
+    shard = folder / "model-00001-of-00001.safetensors"
+    single.rename(shard)
+    size, count, names = _shard_total_size(shard)
+    index = {
+        "metadata": {"total_parameters": count, "total_size": size},
+        "weight_map": {name: shard.name for name in names},
+    }
+    (folder / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+
+def _tokenizer_source(folders: list[str | Path | None]) -> str | None:
+    for folder in folders:
+        if folder is not None and any((Path(folder) / name).is_file() for name in _TOKENIZER_FILES):
+            return str(folder)
+    return None
+
+
+def _load_tokenizer(checkpoint: Path, run_dir: Path | None, base: str):
+    from transformers import AutoTokenizer
+
+    source = _tokenizer_source([checkpoint, run_dir, base if Path(base).exists() else None])
+    source = source or (None if Path(base).exists() else base)
+    if source is None:
+        raise PescError(f"no tokenizer found in {checkpoint}, the run folder or the base model {base}")
+    try:
+        return AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError) as error:
+        raise PescError(f"cannot load the tokenizer from {source} ({error})") from None
+
+
+def _card_base_model_id(base: str, given: str | None) -> str | None:
+    from pesc.model_card import hub_model_id
+
+    if given:
+        return given
+    if hub_model_id(base):
+        return base
+    readme = Path(base) / "README.md"
+    if readme.is_file():  # a PESC checkpoint made by `pesc convert` names its dense base
+        from huggingface_hub import ModelCard
+
+        try:
+            named = ModelCard.load(readme, ignore_metadata_errors=True).data.base_model
+        except Exception:  # noqa: BLE001 - a foreign card that does not parse names no base
+            return None
+        return named if isinstance(named, str) and hub_model_id(named) else None
+    return None
+
+
+def export(
+    source: str | Path,
+    out: str | Path,
+    *,
+    dtype: str = "bfloat16",
+    max_shard_size: str | int = "5GB",
+    force: bool = False,
+    base: str | Path | None = None,
+    base_model_id: str | None = None,
+    log=None,
+) -> Path:
+    """Export a run folder (or checkpoint folder) to OUT; returns OUT."""
+    from pesc.model_card import build_model_card, datasets_from_train_config, read_trainer_metrics
+
+    log = log or (lambda message: print(message, file=sys.stderr))
+    if dtype not in DTYPES:
+        raise PescError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    torch_dtype = DTYPES[dtype]
+    out = Path(out)
+    checkpoint, run_dir = find_checkpoint(source)
+    base = adapter_base(checkpoint, base)
+    sources = [checkpoint] + ([run_dir] if run_dir is not None else [])
+    sources += [Path(base)] if Path(base).exists() else []
+    check_output_dir(out, force, tuple(sources))
+    trained = load_trained_config(checkpoint)
+    tokenizer = _load_tokenizer(checkpoint, run_dir, base)
+
+    log(f"export: checkpoint {checkpoint}")
+    log(f"export: loading the base {base} unquantized ({dtype})")
+    peft_model, _, _ = load_trained_model(checkpoint, base=base, dtype=torch_dtype, expert_dtype=torch_dtype)
+    log("export: merging the LoRA into the dense weights (float32 addition)")
+    model = merge_lora(peft_model)
+    del peft_model
+    load_experts(model, load_expert_state(checkpoint), base, checkpoint, torch_dtype)
+    for param in model.parameters():
+        if param.dtype != torch_dtype:
+            param.data = param.data.to(torch_dtype)
+
+    config = model.config
+    config.dtype = torch_dtype
+    config.moe_dtype = dtype
+    config.use_cache = True
+    config.architectures = [PescForCausalLM.__name__]
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+
+    hub_ids, data_files = datasets_from_train_config(run_dir / TRAIN_CONFIG_FILE) if run_dir else ([], [])
+    adapter_config = read_adapter_config(checkpoint)
+    metrics_folders = [checkpoint] + ([run_dir] if run_dir else [])
+    if run_dir is not None:
+        steps = sorted(
+            (int(p.name.split("-")[1]), p)
+            for p in run_dir.glob("checkpoint-*")
+            if p.name.split("-")[1].isdigit()
+        )
+        metrics_folders += [p for _, p in reversed(steps)]
+    card = build_model_card(
+        config,
+        title=out.resolve().name,
+        base_model=base,
+        base_model_id=_card_base_model_id(base, base_model_id),
+        datasets=hub_ids,
+        data_files=data_files,
+        lora={key: adapter_config.get(key) for key in ("r", "lora_alpha", "lora_dropout", "target_modules")},
+        metrics=read_trainer_metrics(*metrics_folders),
+    )
+
+    with atomic_output_dir(out, force) as tmp:
+        log(f"export: writing {out} (shards of at most {max_shard_size})")
+        model.save_pretrained(tmp, max_shard_size=max_shard_size)
+        ensure_sharded_layout(tmp)
+        tokenizer.save_pretrained(tmp)
+        card.save(tmp / "README.md")
+        missing = [name for name in ("configuration_pesc.py", "modeling_pesc.py") if not (tmp / name).is_file()]
+        if missing:
+            raise PescError(f"the model code files were not written ({', '.join(missing)}); is pesc.modeling registered?")
+    log(f"export: done, {out}")
+    return out
