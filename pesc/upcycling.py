@@ -92,7 +92,7 @@ def upcycle(
         moe_scaling=moe_scaling,
         adapter_dropout=adapter_dropout,
         router_aux_loss_coef=router_aux_loss_coef,
-        moe_dtype=moe_dtype,
+        moe_dtype=moe_dtype or str(dense.dtype).removeprefix("torch."),
     )
     config._attn_implementation = dense.config._attn_implementation
     with torch.device("meta"):

@@ -67,13 +67,21 @@ class PescRouter(nn.Module):
         return torch.softmax(top_logits, dim=-1), top_experts
 
 
+class AdapterDownProjection(nn.Linear):
+    """An adapter's input projection; its own type so weight init can tell it apart."""
+
+
+class AdapterUpProjection(nn.Linear):
+    """An adapter's output projection, zero at init so a new expert adds nothing."""
+
+
 class PescAdapter(nn.Module):
     """One expert: a bottleneck adapter on the dense FFN output, s * up(GELU(down(dropout(h))))."""
 
     def __init__(self, hidden_size: int, adapter_dim: int, scaling: float, dropout: float):
         super().__init__()
-        self.adapter_down = nn.Linear(hidden_size, adapter_dim, bias=False)
-        self.adapter_up = nn.Linear(adapter_dim, hidden_size, bias=False)
+        self.adapter_down = AdapterDownProjection(hidden_size, adapter_dim, bias=False)
+        self.adapter_up = AdapterUpProjection(adapter_dim, hidden_size, bias=False)
         self.dropout = nn.Dropout(dropout)
         self.scaling = scaling
 
@@ -242,28 +250,27 @@ class PescPreTrainedModel(PreTrainedModel):
 
     @torch.no_grad()
     def _init_weights(self, module):
-        """PESC pieces get nn.Linear's default init with a zero adapter_up; everything else the family's init.
-
-        Children are initialised before their parent, so an adapter's own init overrides
-        whatever the family's init did to its two linears.
-        """
-        if isinstance(module, (PescRouter, PescAdapter)):
+        """PESC pieces get nn.Linear's default init with a zero adapter_up; everything else the family's init."""
+        if isinstance(module, (PescRouter, AdapterDownProjection, AdapterUpProjection)):
             init_expert_weights(module)
-        elif not isinstance(module, PescMoEAdapter):
+        elif not isinstance(module, (PescMoEAdapter, PescAdapter)):
             _, causal_lm_class = dense_family_classes(self.config.base_model_type)
             causal_lm_class._init_weights(self, module)
 
 
 def init_expert_weights(module: nn.Module, generator: torch.Generator | None = None) -> None:
-    """Initialise a router or an adapter as DESIGN §3 says: kaiming-uniform(a=sqrt 5), adapter_up = 0.
+    """Initialise a router, an adapter or one of its projections as DESIGN §3 says.
 
+    Router and adapter_down: nn.Linear's default (kaiming uniform, a=sqrt 5); adapter_up: zero.
     A seeded `generator` makes the draw reproducible independently of the global RNG.
     """
-    if isinstance(module, PescRouter):
+    if isinstance(module, PescAdapter):
+        init_expert_weights(module.adapter_down, generator)
+        init_expert_weights(module.adapter_up, generator)
+    elif isinstance(module, (PescRouter, AdapterDownProjection)):
         nn.init.kaiming_uniform_(module.weight, a=math.sqrt(5), generator=generator)
-    elif isinstance(module, PescAdapter):
-        nn.init.kaiming_uniform_(module.adapter_down.weight, a=math.sqrt(5), generator=generator)
-        nn.init.zeros_(module.adapter_up.weight)
+    elif isinstance(module, AdapterUpProjection):
+        nn.init.zeros_(module.weight)
 
 
 class PescForCausalLM(PescPreTrainedModel, GenerationMixin):
