@@ -5,6 +5,7 @@ interrupted or failed run never leaves a half-written folder at OUT, and so that
 `--force` only ever replaces a folder pesc itself wrote (a PESC model folder).
 """
 
+import errno
 import json
 import os
 import shutil
@@ -14,15 +15,22 @@ from pathlib import Path
 from pesc.errors import PescError
 
 _TMP_TAG = ".pesc-tmp-"
+# A small JSON file pesc leaves in every folder it writes (`.pesc-export`, `.pesc-convert`):
+# the proof that `--force` may replace the folder. `pesc push` does not upload it.
+MARKER_PREFIX = ".pesc-"
+KNOWN_MARKERS = (".pesc-export", ".pesc-convert")
+
+
+def write_marker(folder: str | Path, name: str, info: dict) -> None:
+    """Write pesc's marker `name` (e.g. ".pesc-export") with deterministic JSON content."""
+    if not name.startswith(MARKER_PREFIX):
+        raise ValueError(f"marker names start with {MARKER_PREFIX}")
+    (Path(folder) / name).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
 
 
 def is_pesc_model_dir(path: str | Path) -> bool:
-    """True for a folder pesc writes: a model folder whose config.json has model_type "pesc"."""
-    config = Path(path) / "config.json"
-    try:
-        return json.loads(config.read_text()).get("model_type") == "pesc"
-    except (OSError, ValueError, AttributeError):
-        return False
+    """True for a folder a pesc command wrote: it holds one of pesc's markers."""
+    return any((Path(path) / marker).is_file() for marker in KNOWN_MARKERS)
 
 
 def check_output_dir(out: str | Path, force: bool, sources: tuple[str | Path, ...] = ()) -> Path:
@@ -43,7 +51,7 @@ def check_output_dir(out: str | Path, force: bool, sources: tuple[str | Path, ..
             raise PescError(f"{out} already exists: choose another output folder, or pass --force to replace it")
         if any(out.iterdir()) and not is_pesc_model_dir(out):
             raise PescError(
-                f"{out} exists and is not a PESC model folder, so --force will not replace it: "
+                f"{out} exists and was not written by pesc, so --force will not replace it: "
                 "choose another output folder or remove it yourself"
             )
     if not out.parent.exists():
@@ -61,18 +69,26 @@ def atomic_output_dir(out: str | Path, force: bool = False):
     out = Path(out)
     check_output_dir(out, force)
     tmp = out.parent / f".{out.name}{_TMP_TAG}{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
+    try:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+    except OSError as error:
+        raise PescError(f"cannot write into {out.parent} ({error.strerror or error}): choose another OUT") from None
     try:
         yield tmp
         if out.exists():
             old = out.parent / f".{out.name}{_TMP_TAG}old-{os.getpid()}"
             out.rename(old)
             tmp.rename(out)
-            shutil.rmtree(old)
+            shutil.rmtree(old, ignore_errors=True)
         else:
             tmp.rename(out)
+    except OSError as error:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if error.errno == errno.ENOSPC:
+            raise PescError(f"disk full while writing {out}: nothing was left behind; free some space") from None
+        raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

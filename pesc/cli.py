@@ -35,6 +35,54 @@ def inspect(path, num_experts, top_k, adapter_dim, as_json):
         click.echo("\n".join(summary.lines()))
 
 
+@cli.command()
+@click.argument("source", type=click.Path(path_type=str))
+@click.argument("out", type=click.Path(path_type=str))
+@click.option("--dtype", type=click.Choice(["bfloat16", "float16", "float32"]), default="bfloat16", show_default=True,
+              help="Dtype of the exported weights (the LoRA merge itself is done in float32).")
+@click.option("--max-shard-size", default="5GB", show_default=True, help="Largest shard file (e.g. 5GB, 500MB).")
+@click.option("--base", type=click.Path(path_type=str), help="The LoRA's base model, if it moved since training.")
+@click.option("--base-model-id", help="Hub id of the base model for the card's metadata (default: from the base).")
+@click.option("--force", is_flag=True, help="Replace OUT if it is a folder pesc wrote (never another).")
+def export(source, out, dtype, max_shard_size, base, base_model_id, force):
+    """Merge a training run (RUN_DIR or one of its checkpoints) into a sparse Hugging Face checkpoint at OUT."""
+    from pesc.export import export as run_export
+
+    run_export(source, out, dtype=dtype, max_shard_size=max_shard_size, force=force, base=base,
+               base_model_id=base_model_id, log=lambda message: click.echo(message, err=True))
+
+
+@cli.command()
+@click.argument("folder", type=click.Path(path_type=str))
+@click.option("--repo-id", required=True, help="Hub repository, USER/NAME (created if missing).")
+@click.option("--private", is_flag=True, help="Create the repository private.")
+@click.option("--revision", help="Branch to push to (created if missing; default main).")
+@click.option("--commit-message", help="Commit message of the upload.")
+@click.option("--dry-run", is_flag=True, help="List the files that would be uploaded and print the card; send nothing.")
+@click.option("--token", help="Hub token (default: HF_TOKEN, then the `hf auth login` cache).")
+def push(folder, repo_id, private, revision, commit_message, dry_run, token):
+    """Publish a model folder (from pesc export or pesc convert) to the Hugging Face Hub."""
+    from pesc.hub import push as run_push
+
+    run_push(folder, repo_id, private=private, revision=revision, commit_message=commit_message,
+             dry_run=dry_run, token=token, echo=click.echo)
+
+
+@cli.command()
+@click.argument("path", type=click.Path(path_type=str))
+@click.option("--prompt", required=True, help="The user message.")
+@click.option("--system", help="A system message (chat template) or preamble.")
+@click.option("--max-new-tokens", type=int, default=128, show_default=True)
+@click.option("--temperature", type=float, default=0.0, show_default=True, help="0 is greedy decoding.")
+@click.option("--no-chat-template", is_flag=True, help="Feed the prompt as plain text.")
+def generate(path, prompt, system, max_new_tokens, temperature, no_chat_template):
+    """Generate a reply from a PESC (or dense) model folder, streaming tokens to the terminal."""
+    from pesc.generate import generate as run_generate
+
+    run_generate(path, prompt, system=system, max_new_tokens=max_new_tokens, temperature=temperature,
+                 chat_template=not no_chat_template)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: user errors become one line on stderr and exit status 1 (PESC_DEBUG=1 shows tracebacks)."""
     try:

@@ -23,7 +23,8 @@ from pathlib import Path
 
 import torch
 
-from pesc.atomic import atomic_output_dir, check_output_dir
+from pesc import __version__
+from pesc.atomic import atomic_output_dir, check_output_dir, write_marker
 from pesc.errors import PescError
 from pesc.modeling import PescConfig, PescForCausalLM
 from pesc.run_files import (
@@ -382,6 +383,11 @@ def export(
         ensure_sharded_layout(tmp)
         tokenizer.save_pretrained(tmp)
         card.save(tmp / "README.md")
+        write_marker(
+            tmp,
+            ".pesc-export",
+            {"written_by": "pesc export", "pesc_version": __version__, "checkpoint": str(source), "dtype": dtype},
+        )
         missing = [name for name in ("configuration_pesc.py", "modeling_pesc.py") if not (tmp / name).is_file()]
         if missing:
             raise PescError(f"the model code files were not written ({', '.join(missing)}); is pesc.modeling registered?")

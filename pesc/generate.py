@@ -1,0 +1,74 @@
+"""`pesc generate`: a quick look at any PESC (converted or exported) or dense model, tokens streamed."""
+
+import sys
+from pathlib import Path
+
+from pesc.errors import PescError
+
+
+def build_inputs(tokenizer, prompt: str, system: str | None = None, chat_template: bool = True) -> dict:
+    """Token ids of the prompt: through the tokenizer's chat template when it has one (and it is wanted)."""
+    if chat_template and getattr(tokenizer, "chat_template", None):
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+        encoded = tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
+        )
+        return {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
+    text = f"{system}\n\n{prompt}" if system else prompt
+    encoded = tokenizer(text, return_tensors="pt")
+    return {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
+
+
+def load_model(path: str | Path, device: str | None = None):
+    """(model, tokenizer) of a model folder; PESC code comes from pesc itself or the folder's shipped files."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import pesc.modeling  # noqa: F401 - registers the PESC classes with the Auto factories
+
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise PescError(f"{path} is not a model folder (no config.json): give an exported or converted model")
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True, dtype="auto")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return model.to(device).eval(), tokenizer
+
+
+def generate(
+    path: str | Path,
+    prompt: str,
+    *,
+    max_new_tokens: int = 128,
+    system: str | None = None,
+    chat_template: bool = True,
+    temperature: float = 0.0,
+    seed: int = 0,
+    stream=None,
+) -> str:
+    """Generate a reply to `prompt`, streaming it to `stream` (stdout); returns the generated text."""
+    import torch
+    from transformers import TextStreamer
+
+    if max_new_tokens <= 0:
+        raise PescError(f"--max-new-tokens must be positive, got {max_new_tokens}")
+    if temperature < 0:
+        raise PescError(f"--temperature must be >= 0, got {temperature}")
+    model, tokenizer = load_model(path)
+    inputs = {k: v.to(model.device) for k, v in build_inputs(tokenizer, prompt, system, chat_template).items()}
+
+    class _Streamer(TextStreamer):
+        def on_finalized_text(self, text: str, stream_end: bool = False):
+            out = stream or sys.stdout
+            out.write(text + ("\n" if stream_end else ""))
+            out.flush()
+
+    streamer = _Streamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
+    torch.manual_seed(seed)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    with torch.no_grad():
+        output = model.generate(
+            **inputs, max_new_tokens=max_new_tokens, streamer=streamer, pad_token_id=pad, **sampling
+        )
+    return tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
