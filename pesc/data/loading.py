@@ -107,7 +107,10 @@ def _load_messages(entry: dict) -> tuple[Dataset, str]:
     try:
         raw = hf_datasets.load_dataset(*loader_args, split=split, **kwargs)
     except Exception as exc:
-        raise PescError(f"cannot load dataset {path!r} (split {split!r}): {type(exc).__name__}: {exc}") from exc
+        local = "" if _is_local(path) else "it is not a local file or folder, and "
+        raise PescError(
+            f"cannot load dataset {path!r} (split {split!r}): {local}{type(exc).__name__}: {exc}"
+        ) from exc
 
     def convert_batch(batch, indices):
         columns = list(batch)
