@@ -36,6 +36,27 @@ def inspect(path, num_experts, top_k, adapter_dim, as_json):
 
 
 @cli.command()
+@click.argument("src")
+@click.argument("out", type=click.Path(path_type=str))
+@click.option("--num-experts", type=int, help="Experts per layer (default 8).")
+@click.option("--top-k", type=int, help="Experts routed per token (default 2).")
+@click.option("--adapter-dim", type=int, help="Bottleneck width of each expert adapter (default 512).")
+@click.option("--moe-scaling", type=float, help="Scale of every adapter's output (default 0.25).")
+@click.option("--router-aux-loss-coef", type=float, help="Weight of the load-balancing loss (default 0.01).")
+@click.option("--seed", type=int, help="Seed of the router and adapter init (default 0).")
+@click.option("--config", "recipe", type=click.Path(path_type=str), help="Recipe YAML; its moe: section (flags win).")
+@click.option("--max-shard-size", default="5GB", show_default=True, help="Largest new shard file (e.g. 5GB, 500MB).")
+@click.option("--link", is_flag=True, help="Hard-link the base shards instead of copying them (copy if impossible).")
+@click.option("--force", is_flag=True, help="Replace OUT if it is a folder pesc convert wrote (never another).")
+def convert(src, out, recipe, max_shard_size, link, force, **moe_flags):
+    """Turn the dense checkpoint SRC (folder or Hub id) into a PESC checkpoint at OUT, in bounded memory."""
+    from pesc.convert import convert as run_convert, resolve_settings
+
+    settings = resolve_settings({**moe_flags, "max_shard_size": max_shard_size}, recipe)
+    run_convert(src, out, settings, link=link, force=force, echo=click.echo)
+
+
+@cli.command()
 @click.argument("source", type=click.Path(path_type=str))
 @click.argument("out", type=click.Path(path_type=str))
 @click.option("--dtype", type=click.Choice(["bfloat16", "float16", "float32"]), default="bfloat16", show_default=True,

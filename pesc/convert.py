@@ -1,0 +1,839 @@
+"""Streaming conversion of a dense checkpoint into a PESC checkpoint (DESIGN.md §4).
+
+PESC leaves every base tensor unchanged, so the converter never loads the model:
+
+1. it reads the source's config and only the *headers* of its safetensors shards, and
+   checks every tensor's name and shape against a PESC model built on the meta device;
+2. it copies (or hard-links) the source safetensors shards byte for byte, renamed to
+   `model-0000N-of-0000M.safetensors` (pickle `.bin` shards are re-written as safetensors
+   one file and one tensor at a time, memory-mapped);
+3. it draws the routers and adapters one layer at a time (`initial_expert_state`, so the
+   same seed gives exactly what `pesc.upcycle` gives) and streams them into new shards
+   no larger than `max_shard_size`;
+4. it writes the merged index, config.json (PescConfig + auto_map), the shipped model
+   code, the tokenizer / chat template / generation config files, and a model card.
+
+Everything is written into a temporary folder beside OUT that is renamed at the end, so
+an error, a full disk or Ctrl-C never leaves a partial OUT. Peak memory is one layer's
+new tensors (or the largest tensor of a `.bin`), whatever the model's size.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import math
+import os
+import re
+import shutil
+import struct
+import sys
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable
+
+from pesc.errors import PescError
+
+MARKER_FILE = ".pesc-convert"
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+SAFETENSORS_SINGLE = "model.safetensors"
+BIN_INDEX = "pytorch_model.bin.index.json"
+BIN_SINGLE = "pytorch_model.bin"
+MODEL_CODE_FILES = ("configuration_pesc.py", "modeling_pesc.py")
+AUTO_MAP = {
+    "AutoConfig": "configuration_pesc.PescConfig",
+    "AutoModelForCausalLM": "modeling_pesc.PescForCausalLM",
+}
+
+# Bytes per element of each safetensors dtype.
+DTYPE_SIZES = {
+    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4,
+    "U16": 2, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1, "C64": 8,
+}  # fmt: skip
+_TORCH_DTYPE_NAMES = {
+    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64", "I32": "int32",
+    "I16": "int16", "I8": "int8", "U64": "uint64", "U32": "uint32", "U16": "uint16", "U8": "uint8", "BOOL": "bool",
+    "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2", "F8_E8M0": "float8_e8m0fnu", "C64": "complex64",
+}  # fmt: skip
+_MAX_HEADER_BYTES = 100_000_000
+_COPY_CHUNK = 64 * 1024 * 1024
+# Tensors that old checkpoints carry but no current model has (recomputed buffers): tolerated.
+_IGNORED_SOURCE_TENSORS = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
+# Top-level source files never carried over: weights, indexes, the config and card we rewrite, code.
+_NOT_CARRIED = re.compile(
+    r"^(config\.json|README\.md|.*\.(safetensors|bin|pt|pth|ckpt|h5|msgpack|gguf|onnx|py|pyc)|.*\.index\.json|\..*)$"
+)
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
+
+
+# --------------------------------------------------------------------------------------
+# Settings
+# --------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ConvertSettings:
+    """The MoE settings a conversion writes into config.json, plus the seed and shard size."""
+
+    num_experts: int = 8
+    top_k: int = 2
+    adapter_dim: int = 512
+    moe_scaling: float = 0.25
+    router_aux_loss_coef: float = 0.01
+    adapter_dropout: float = 0.1
+    seed: int = 0
+    max_shard_size: int = 5_000_000_000
+
+    def __post_init__(self):
+        for name in ("num_experts", "top_k", "adapter_dim", "max_shard_size"):
+            value = getattr(self, name)
+            if not _is_int(value) or value <= 0:
+                raise PescError(f"{name} must be a positive integer, got {value!r}")
+        if self.top_k > self.num_experts:
+            raise PescError(f"top_k ({self.top_k}) cannot exceed num_experts ({self.num_experts}): lower --top-k")
+        if not _is_number(self.moe_scaling) or not math.isfinite(self.moe_scaling) or self.moe_scaling <= 0:
+            raise PescError(f"moe_scaling must be a positive number, got {self.moe_scaling!r}")
+        coef = self.router_aux_loss_coef
+        if not _is_number(coef) or not math.isfinite(coef) or coef < 0:
+            raise PescError(f"router_aux_loss_coef must be a number >= 0, got {coef!r}")
+        if not _is_number(self.adapter_dropout) or not 0 <= self.adapter_dropout < 1:
+            raise PescError(f"adapter_dropout must be in [0, 1), got {self.adapter_dropout!r}")
+        if not _is_int(self.seed) or not 0 <= self.seed < 2**32:
+            raise PescError(f"seed must be an integer in [0, 2**32), got {self.seed!r}")
+
+    def moe_fields(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if k != "max_shard_size"}
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+_SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20,
+               "GIB": 2**30, "TIB": 2**40}  # fmt: skip
+
+
+def parse_size(size: str | int) -> int:
+    """Bytes from `5GB`, `500MB`, `2GiB` or a plain integer (decimal units, as Hugging Face counts)."""
+    if _is_int(size):
+        value = size
+    else:
+        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", str(size))
+        unit = match.group(2).upper() if match else None
+        if match is None or unit not in _SIZE_UNITS:
+            raise PescError(f"max_shard_size {size!r} is not a size: write it like 5GB, 500MB or 2GiB")
+        value = int(float(match.group(1)) * _SIZE_UNITS[unit])
+    if value <= 0:
+        raise PescError(f"max_shard_size must be positive, got {size!r}")
+    return value
+
+
+def resolve_settings(flags: dict, recipe: str | None = None) -> ConvertSettings:
+    """Defaults, overridden by the recipe's `moe:` section, overridden by the flags given (not None)."""
+    values: dict = {}
+    if recipe is not None:
+        from pesc.recipe import load_moe_settings
+
+        values.update(load_moe_settings(recipe))
+    values.update({k: v for k, v in flags.items() if v is not None})
+    if "max_shard_size" in values:
+        values["max_shard_size"] = parse_size(values["max_shard_size"])
+    return ConvertSettings(**values)
+
+
+# --------------------------------------------------------------------------------------
+# Reading the source: headers only
+# --------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    dtype: str  # safetensors dtype name (BF16, F32, ...)
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * DTYPE_SIZES[self.dtype]
+
+
+@dataclass
+class SourceFile:
+    path: Path
+    kind: str  # "safetensors" or "bin"
+    tensors: dict[str, TensorInfo] = field(default_factory=dict)
+
+    @property
+    def size(self) -> int:
+        return self.path.stat().st_size
+
+    @property
+    def tensor_bytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors.values())
+
+
+def _corrupt(path: Path, detail: str) -> PescError:
+    return PescError(f"{path} is truncated or corrupt ({detail}): download or save the checkpoint again")
+
+
+def read_safetensors_header(path: str | Path) -> dict[str, TensorInfo]:
+    """Names, dtypes and shapes of a safetensors file, checking that the file holds every byte the header promises."""
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as handle:
+        prefix = handle.read(8)
+        if len(prefix) < 8:
+            raise _corrupt(path, f"only {size} bytes, no header")
+        header_len = struct.unpack("<Q", prefix)[0]
+        if header_len > min(size - 8, _MAX_HEADER_BYTES):
+            raise _corrupt(path, f"the header claims {header_len} bytes, the file has {size}")
+        raw = handle.read(header_len)
+    try:
+        header = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise _corrupt(path, "its header is not valid JSON") from None
+    if not isinstance(header, dict):
+        raise _corrupt(path, "its header is not a JSON object")
+    tensors: dict[str, TensorInfo] = {}
+    spans = []
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype, shape, (start, end) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
+            valid = dtype in DTYPE_SIZES and all(_is_int(d) and d >= 0 for d in shape) and 0 <= start <= end
+        except (KeyError, TypeError, ValueError):
+            valid = False
+        if not valid:
+            raise _corrupt(path, f"bad header entry for {name}")
+        info = TensorInfo(name, dtype, shape)
+        if end - start != info.nbytes:
+            raise _corrupt(path, f"{name} spans {end - start} bytes but its shape needs {info.nbytes}")
+        tensors[name] = info
+        spans.append((start, end))
+    position = 0
+    for start, end in sorted(spans):
+        if start != position:
+            raise _corrupt(path, "its tensors overlap or leave gaps")
+        position = end
+    data_bytes = size - 8 - header_len
+    if position != data_bytes:
+        raise _corrupt(path, f"the header describes {position} bytes of tensor data, the file holds {data_bytes}")
+    return tensors
+
+
+def _load_bin(path: Path) -> dict:
+    """A pickle checkpoint read safely (weights_only) and memory-mapped where its format allows."""
+    import torch
+
+    try:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as error:
+            if "mmap" not in str(error):
+                raise
+            state = torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
+    except Exception as error:  # noqa: BLE001 - torch raises many types for a damaged pickle
+        detail = " ".join(str(error).split())[:200] or type(error).__name__
+        raise _corrupt(path, f"torch.load failed: {detail}") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise _corrupt(path, "it is not a state dict of tensors")
+    return state
+
+
+def _safetensors_dtype(torch_dtype) -> str:
+    name = str(torch_dtype).removeprefix("torch.")
+    for st_name, torch_name in _TORCH_DTYPE_NAMES.items():
+        if torch_name == name:
+            return st_name
+    raise PescError(f"tensors of dtype {name} cannot be stored in safetensors")
+
+
+def read_bin_header(path: Path) -> dict[str, TensorInfo]:
+    state = _load_bin(path)
+    return {name: TensorInfo(name, _safetensors_dtype(t.dtype), tuple(t.shape)) for name, t in state.items()}
+
+
+def find_weight_files(folder: Path) -> list[SourceFile]:
+    """The source's weight files (safetensors preferred over .bin), with every tensor's header."""
+    for index_name, single_name, kind in (
+        (SAFETENSORS_INDEX, SAFETENSORS_SINGLE, "safetensors"),
+        (BIN_INDEX, BIN_SINGLE, "bin"),
+    ):
+        index_path = folder / index_name
+        if index_path.is_file():
+            try:
+                weight_map = json.loads(index_path.read_text())["weight_map"]
+                assert isinstance(weight_map, dict)
+            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AssertionError):
+                raise _corrupt(index_path, "no valid weight_map") from None
+            names = sorted(set(weight_map.values()))
+            missing = [n for n in names if not (folder / n).is_file()]
+            if missing:
+                raise PescError(
+                    f"{folder} is incomplete: its {index_name} lists {missing[0]}, which is missing "
+                    f"({len(missing)} of {len(names)} shards missing); download the checkpoint again"
+                )
+            files = [SourceFile(folder / n, kind) for n in names]
+            for file in files:
+                file.tensors = _read_header(file)
+            for tensor, shard in weight_map.items():
+                if tensor not in next(f for f in files if f.path.name == shard).tensors:
+                    raise PescError(
+                        f"{index_path} says {tensor} is in {shard}, but that file has no such tensor: "
+                        "the checkpoint is inconsistent; download it again"
+                    )
+            return files
+        if (folder / single_name).is_file():
+            file = SourceFile(folder / single_name, kind)
+            file.tensors = _read_header(file)
+            return [file]
+    raise PescError(
+        f"{folder} has a config.json but no weights ({SAFETENSORS_SINGLE}, {SAFETENSORS_INDEX}, {BIN_SINGLE} "
+        f"or {BIN_INDEX}): give a Hugging Face model folder with its weights"
+    )
+
+
+def _read_header(file: SourceFile) -> dict[str, TensorInfo]:
+    return read_safetensors_header(file.path) if file.kind == "safetensors" else read_bin_header(file.path)
+
+
+# --------------------------------------------------------------------------------------
+# Resolving the source
+# --------------------------------------------------------------------------------------
+def resolve_source(src: str) -> tuple[Path, str | None]:
+    """A local model folder for SRC, and the Hub id it came from (None for a local folder)."""
+    path = Path(src).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise PescError(f"{src} is a file, not a model folder: give the folder that holds config.json")
+        return path, _hub_id_from_cache_path(path)
+    if _HUB_ID.fullmatch(src) and not src.startswith((".", "~")):
+        return _download(src), src
+    raise PescError(f"{src} does not exist: give a local model folder or a Hugging Face Hub model id")
+
+
+def _hub_id_from_cache_path(path: Path) -> str | None:
+    """`org/name` for a folder inside the Hugging Face cache (models--org--name/snapshots/<rev>)."""
+    for part in path.resolve().parts:
+        if part.startswith("models--"):
+            return part.removeprefix("models--").replace("--", "/")
+    return None
+
+
+def _download(repo_id: str) -> Path:
+    """A Hub snapshot: config, tokenizer and safetensors (pickle .bin only when there is no safetensors)."""
+    common = ["*.json", "*.model", "*.txt", "*.jinja", "*.tiktoken", "LICENSE*", "USE_POLICY*"]
+    try:
+        from huggingface_hub import snapshot_download
+
+        folder = Path(snapshot_download(repo_id, allow_patterns=[*common, "*.safetensors"]))
+        if not any(folder.glob("*.safetensors")):
+            folder = Path(snapshot_download(repo_id, allow_patterns=[*common, "*.bin"]))
+    except Exception as error:  # noqa: BLE001 - offline, network, auth, not found: all one user message
+        detail = " ".join(str(error).split())[:160] or type(error).__name__
+        raise PescError(
+            f"{repo_id} is not a local folder and could not be fetched from the Hugging Face Hub "
+            f"({type(error).__name__}: {detail}): download it first (hf download {repo_id}) or pass a local folder"
+        ) from None
+    return folder
+
+
+# --------------------------------------------------------------------------------------
+# Planning
+# --------------------------------------------------------------------------------------
+@dataclass
+class ExpertShard:
+    """One new shard: its tensors in write order, as (layer, name-inside-moe_adapter, info)."""
+
+    entries: list[tuple[int, str, TensorInfo]] = field(default_factory=list)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(info.nbytes for _, _, info in self.entries)
+
+
+@dataclass
+class Plan:
+    src: Path
+    hub_id: str | None
+    out: Path
+    settings: ConvertSettings
+    config: object  # PescConfig
+    sources: list[SourceFile]
+    expert_shards: list[ExpertShard]
+    link: bool
+
+    @property
+    def num_files(self) -> int:
+        return len(self.sources) + len(self.expert_shards)
+
+    def shard_name(self, number: int) -> str:
+        return f"model-{number:05d}-of-{self.num_files:05d}.safetensors"
+
+    @property
+    def source_bytes(self) -> int:
+        return sum(f.size if f.kind == "safetensors" else f.tensor_bytes for f in self.sources)
+
+    @property
+    def expert_bytes(self) -> int:
+        return sum(s.nbytes for s in self.expert_shards)
+
+
+def _expert_layout(config) -> list[tuple[str, tuple[int, ...]]]:
+    """Names (inside `mlp.moe_adapter`) and shapes of one layer's new tensors, in write order."""
+    import torch
+
+    from pesc.modeling import PescMoEAdapter
+
+    with torch.device("meta"):
+        block = PescMoEAdapter(config)
+    return [(name, tuple(t.shape)) for name, t in block.state_dict().items()]
+
+
+def expert_key(layer_idx: int, name: str) -> str:
+    return f"model.layers.{layer_idx}.mlp.moe_adapter.{name}"
+
+
+def _check_weights(config, sources: list[SourceFile], folder: Path) -> None:
+    """Every source tensor must be one the PESC model has, with its shape; every required one present."""
+    import torch
+
+    from pesc.modeling import PescForCausalLM
+
+    try:
+        with torch.device("meta"):
+            model = PescForCausalLM(config)
+    except ValueError as error:
+        raise PescError(f"unsupported architecture: {error}") from None
+    expected = {name: tuple(t.shape) for name, t in model.state_dict().items() if ".moe_adapter." not in name}
+    optional = set(getattr(model, "all_tied_weights_keys", None) or {}) if config.tie_word_embeddings else set()
+    found: set[str] = set()
+    for file in sources:
+        for name, info in file.tensors.items():
+            if _IGNORED_SOURCE_TENSORS.search(name):
+                continue
+            if name not in expected:
+                raise PescError(
+                    f"weights don't match config.json: {file.path.name} holds {name}, which a "
+                    f"{config.base_model_type} model with this config does not have; check that config.json "
+                    "belongs to these weights"
+                )
+            if info.shape != expected[name]:
+                raise PescError(
+                    f"weights don't match config.json: {name} in {file.path.name} has shape {list(info.shape)}, "
+                    f"config.json implies {list(expected[name])}; check that config.json belongs to these weights"
+                )
+            found.add(name)
+    missing = sorted(set(expected) - found - optional)
+    if missing:
+        raise PescError(
+            f"weights don't match config.json: {folder} has no tensor {missing[0]}"
+            + (f" (and {len(missing) - 1} more missing)" if len(missing) > 1 else "")
+            + "; the checkpoint is incomplete or belongs to another model"
+        )
+
+
+def plan_conversion(src: str, out: str | Path, settings: ConvertSettings, link: bool = False, force: bool = False) -> Plan:
+    """Read and check everything, write nothing: the plan of the output, or a PescError."""
+    from pesc.checkpoint import read_config
+    from pesc.modeling import PescConfig
+    from pesc.upcycling import pesc_config_from_dense
+
+    out = Path(out).expanduser()
+    folder, hub_id = resolve_source(src)
+    dense_config = read_config(folder)
+    if isinstance(dense_config, PescConfig):
+        raise PescError(f"{src} is already a PESC checkpoint (model_type pesc): convert its dense base model instead")
+    _check_out(out, folder, force)
+    sources = find_weight_files(folder)
+    for file in sources:
+        moe_tensor = next((name for name in file.tensors if ".moe_adapter." in name), None)
+        if moe_tensor:
+            raise PescError(
+                f"{src} already holds PESC experts ({moe_tensor}): convert its dense base model instead"
+            )
+
+    moe_dtype = None
+    if getattr(dense_config, "dtype", None) is None:
+        # No dtype in config.json: store the experts like the first FFN weight.
+        ffn = next((f.tensors[k] for f in sources for k in f.tensors if k.endswith("mlp.gate_proj.weight")), None)
+        moe_dtype = _TORCH_DTYPE_NAMES[ffn.dtype] if ffn is not None else "float32"
+    try:
+        config = pesc_config_from_dense(
+            dense_config,
+            num_experts=settings.num_experts,
+            top_k=settings.top_k,
+            adapter_dim=settings.adapter_dim,
+            moe_scaling=settings.moe_scaling,
+            adapter_dropout=settings.adapter_dropout,
+            router_aux_loss_coef=settings.router_aux_loss_coef,
+            moe_dtype=moe_dtype,
+        )
+    except ValueError as error:
+        raise PescError(f"cannot convert {src}: {error}") from None
+    if config.moe_dtype not in _TORCH_DTYPE_NAMES.values() or not config.moe_dtype.startswith(("float", "bfloat")):
+        raise PescError(f"cannot store experts in dtype {config.moe_dtype!r}: the base model must be floating point")
+    config.architectures = ["PescForCausalLM"]
+    config.auto_map = dict(AUTO_MAP)
+    if getattr(config, "dtype", None) is None:  # as save_pretrained records it: the dtype of the weights
+        dense_dtype = getattr(dense_config, "dtype", None)
+        config.dtype = str(dense_dtype).removeprefix("torch.") if dense_dtype is not None else config.moe_dtype
+    _check_weights(config, sources, folder)
+
+    layout = _expert_layout(config)
+    st_dtype = _safetensors_dtype(config.moe_dtype)
+    shards: list[ExpertShard] = [ExpertShard()]
+    for layer_idx in range(config.num_hidden_layers):
+        for name, shape in layout:
+            info = TensorInfo(expert_key(layer_idx, name), st_dtype, shape)
+            if shards[-1].entries and shards[-1].nbytes + info.nbytes > settings.max_shard_size:
+                shards.append(ExpertShard())
+            shards[-1].entries.append((layer_idx, name, info))
+    return Plan(folder, hub_id, out, settings, config, sources, shards, link)
+
+
+def _check_out(out: Path, src: Path, force: bool) -> None:
+    if out.resolve() == src.resolve() or src.resolve().is_relative_to(out.resolve()):
+        raise PescError(f"OUT {out} is (or contains) the source folder: choose another OUT")
+    if not out.exists() and not out.is_symlink():
+        return
+    if not force:
+        raise PescError(
+            f"{out} already exists: pass --force to replace it (only a folder written by pesc convert) "
+            "or choose another OUT"
+        )
+    if out.is_symlink() or not out.is_dir() or not (out / MARKER_FILE).is_file():
+        raise PescError(
+            f"{out} exists and was not written by pesc convert: refusing to replace it even with --force; "
+            "remove it yourself or choose another OUT"
+        )
+
+
+# --------------------------------------------------------------------------------------
+# Writing
+# --------------------------------------------------------------------------------------
+def write_safetensors(path: Path, infos: list[TensorInfo], tensors: Iterable, progress=None) -> None:
+    """Stream tensors into a safetensors file: the header comes from `infos`, each tensor is written and dropped."""
+    header: dict = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for info in infos:
+        header[info.name] = {"dtype": info.dtype, "shape": list(info.shape), "data_offsets": [offset, offset + info.nbytes]}
+        offset += info.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as handle:
+        handle.write(struct.pack("<Q", len(raw)))
+        handle.write(raw)
+        written = 0
+        for info, tensor in zip(infos, tensors, strict=True):
+            if tuple(tensor.shape) != info.shape or _safetensors_dtype(tensor.dtype) != info.dtype:
+                raise RuntimeError(f"internal error: {info.name} does not match its planned shape or dtype")
+            if info.nbytes:
+                handle.write(memoryview(tensor.detach().contiguous().reshape(-1).view(_byte_dtype()).numpy()))
+            written += info.nbytes
+            if progress is not None:
+                progress.update(info.nbytes)
+        if written != offset:
+            raise RuntimeError(f"internal error: wrote {written} of {offset} bytes to {path}")
+
+
+def _byte_dtype():
+    import torch
+
+    return torch.uint8
+
+
+def copy_file(src: Path, dst: Path, progress=None) -> None:
+    """Copy bytes in the kernel (copy_file_range) in chunks, reporting progress; a plain read/write fallback."""
+    with open(src, "rb") as fin, open(dst, "wb") as fout:
+        remaining = os.fstat(fin.fileno()).st_size
+        kernel_copy = hasattr(os, "copy_file_range")
+        while remaining > 0:
+            chunk = min(remaining, _COPY_CHUNK)
+            if kernel_copy:
+                try:
+                    copied = os.copy_file_range(fin.fileno(), fout.fileno(), chunk)
+                except OSError as error:
+                    if error.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EPERM):
+                        raise
+                    kernel_copy = False
+                    continue
+            else:
+                data = fin.read(chunk)
+                fout.write(data)
+                copied = len(data)
+            if copied == 0:
+                raise OSError(errno.EIO, f"{src} ended early while copying")
+            remaining -= copied
+            if progress is not None:
+                progress.update(copied)
+
+
+def link_or_copy(src: Path, dst: Path, progress=None, notice: Callable[[str], None] = print) -> bool:
+    """Hard-link src to dst; where the filesystem refuses, copy (with a notice). True if linked."""
+    try:
+        os.link(src.resolve(), dst)
+    except OSError as error:
+        if error.errno == errno.ENOSPC:
+            raise
+        notice(f"note: cannot hard-link {src.name} into the output ({error.strerror}); copying it instead")
+        copy_file(src, dst, progress)
+        return False
+    if progress is not None:
+        progress.update(src.stat().st_size)
+    return True
+
+
+def _write_expert_shard(path: Path, shard: ExpertShard, config, seed: int, progress=None) -> None:
+    """Draw each layer's routers and adapters as the writer reaches it, so one layer is in memory at a time."""
+    from pesc.upcycling import initial_expert_state
+
+    def tensors():
+        layer_idx, state = None, None
+        for layer, name, _ in shard.entries:
+            if layer != layer_idx:
+                layer_idx, state = layer, initial_expert_state(config, layer, seed)
+            yield state.pop(name)
+
+    write_safetensors(path, [info for _, _, info in shard.entries], tensors(), progress)
+
+
+def _rewrite_bin(src: Path, dst: Path, tensors: dict[str, TensorInfo], progress=None) -> None:
+    state = _load_bin(src)
+    names = [n for n in tensors if not _IGNORED_SOURCE_TENSORS.search(n)]
+    write_safetensors(dst, [tensors[n] for n in names], (state.pop(n) for n in names), progress)
+
+
+def _model_card(plan: Plan, summary_lines: list[str]) -> str:
+    from huggingface_hub import ModelCard, ModelCardData
+
+    settings, config = plan.settings, plan.config
+    base = plan.hub_id
+    data = ModelCardData(
+        base_model=base,
+        base_model_relation="finetune" if base else None,
+        library_name="transformers",
+        pipeline_tag="text-generation",
+        tags=["moe", "pesc", "mixture-of-experts"],
+    )
+    base_text = f"[{base}](https://huggingface.co/{base})" if base else f"a local checkpoint (`{plan.src.name}`)"
+    title = (base or plan.src.name).split("/")[-1]
+    rows = "\n".join(
+        f"| `{key}` | {value} |"
+        for key, value in (
+            ("base_model_type", config.base_model_type),
+            ("num_experts", settings.num_experts),
+            ("topk", settings.top_k),
+            ("adapter_dim", settings.adapter_dim),
+            ("moe_scaling", settings.moe_scaling),
+            ("adapter_dropout", settings.adapter_dropout),
+            ("router_aux_loss_coef", settings.router_aux_loss_coef),
+            ("moe_dtype", config.moe_dtype),
+            ("seed", settings.seed),
+        )
+    )
+    summary = "\n".join(summary_lines)
+    body = f"""
+# {title} PESC ({settings.num_experts} experts, top-{settings.top_k})
+
+A sparse Mixture-of-Experts model upcycled from {base_text} with `pesc convert`, the
+Parameter-Efficient Sparsity Crafting (PESC) way: every expert shares the dense FFN, each
+expert owns a bottleneck adapter on the FFN output, and a top-{settings.top_k} router picks
+the experts of each token. The adapters' up-projections start at zero, so this checkpoint
+computes exactly what the base model computes until it is trained (`pesc train`).
+
+| setting | value |
+|---|---|
+{rows}
+
+```
+{summary}
+```
+
+## Usage
+
+```python
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+model = AutoModelForCausalLM.from_pretrained("path/to/this/folder", trust_remote_code=True)
+tokenizer = AutoTokenizer.from_pretrained("path/to/this/folder")
+```
+
+The model code (`configuration_pesc.py`, `modeling_pesc.py`) ships in this folder; the base
+tensors keep their dense names, and each layer adds
+`model.layers.N.mlp.moe_adapter.router.weight` and
+`model.layers.N.mlp.moe_adapter.experts.expert_J.adapter_{{down,up}}.weight`.
+"""
+    return str(ModelCard(f"---\n{data.to_yaml()}\n---\n{body}"))
+
+
+def _carried_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and not _NOT_CARRIED.match(p.name))
+
+
+@dataclass
+class ConvertResult:
+    out: Path
+    files: list[str]
+    linked: int
+    copied: int
+    rewritten: int
+    expert_files: int
+    total_bytes: int
+
+
+def write_conversion(plan: Plan, echo: Callable[[str], None] = print, summary_lines: list[str] | None = None) -> ConvertResult:
+    """Write the planned output into a temporary folder beside OUT, then rename it into place."""
+    out = plan.out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    needed = (0 if plan.link else plan.source_bytes) + plan.expert_bytes + 50_000_000
+    free = shutil.disk_usage(out.parent).free
+    if free < needed:
+        raise PescError(
+            f"not enough disk space in {out.parent}: the output needs about {_human(needed)}, "
+            f"{_human(free)} is free; free some space{'' if plan.link else ' or pass --link'} and retry"
+        )
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.pesc-tmp-", dir=out.parent))
+    except OSError as error:
+        raise PescError(f"cannot write into {out.parent} ({error.strerror}): choose another OUT") from None
+    try:
+        result = _write_into(plan, tmp, echo, summary_lines or [])
+        if out.exists():  # --force, checked in plan_conversion: swap, then delete the old folder
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.pesc-old-", dir=out.parent))
+            os.rename(out, old / out.name)
+            os.rename(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, out)
+    except OSError as error:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if error.errno == errno.ENOSPC:
+            raise PescError(
+                f"disk full while writing {out} (it needs about {_human(needed)}): nothing was left behind; "
+                "free some space and retry"
+            ) from None
+        raise PescError(f"could not write {out}: {error.strerror or error}; nothing was left behind") from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    result.out = out
+    return result
+
+
+def _write_into(plan: Plan, tmp: Path, echo, summary_lines: list[str]) -> ConvertResult:
+    from tqdm.auto import tqdm
+
+    from pesc import __version__
+
+    config = plan.config
+    weight_map: dict[str, str] = {}
+    total_size = 0
+    linked = copied = rewritten = 0
+    total = (0 if plan.link else plan.source_bytes) + plan.expert_bytes
+    with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="pesc convert", disable=None,
+              file=sys.stderr, dynamic_ncols=True) as progress:  # fmt: skip
+        number = 0
+        for file in plan.sources:
+            number += 1
+            name = plan.shard_name(number)
+            if file.kind == "bin":
+                _rewrite_bin(file.path, tmp / name, file.tensors, progress)
+                rewritten += 1
+            elif plan.link:
+                if link_or_copy(file.path, tmp / name, None, notice=lambda m: tqdm.write(m, file=sys.stderr)):
+                    linked += 1
+                else:
+                    copied += 1
+            else:
+                copy_file(file.path, tmp / name, progress)
+                copied += 1
+            for tensor, info in file.tensors.items():
+                if file.kind == "bin" and _IGNORED_SOURCE_TENSORS.search(tensor):
+                    continue
+                weight_map[tensor] = name
+                total_size += info.nbytes
+        for shard in plan.expert_shards:
+            number += 1
+            name = plan.shard_name(number)
+            _write_expert_shard(tmp / name, shard, config, plan.settings.seed, progress)
+            for _, _, info in shard.entries:
+                weight_map[info.name] = name
+                total_size += info.nbytes
+
+    index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
+    (tmp / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2, sort_keys=False) + "\n")
+    config.to_json_file(tmp / "config.json", use_diff=True)
+    modeling_dir = Path(__file__).parent / "modeling"
+    for code_file in MODEL_CODE_FILES:
+        shutil.copyfile(modeling_dir / code_file, tmp / code_file)
+    for extra in _carried_files(plan.src):
+        shutil.copyfile(extra, tmp / extra.name)
+    (tmp / "README.md").write_text(_model_card(plan, summary_lines))
+    marker = {
+        "written_by": "pesc convert",
+        "pesc_version": __version__,
+        "source": plan.hub_id or str(plan.src),
+        "settings": plan.settings.moe_fields(),
+    }
+    (tmp / MARKER_FILE).write_text(json.dumps(marker, indent=2) + "\n")
+    return ConvertResult(
+        out=tmp,
+        files=sorted(p.name for p in tmp.iterdir()),
+        linked=linked,
+        copied=copied,
+        rewritten=rewritten,
+        expert_files=len(plan.expert_shards),
+        total_bytes=total_size,
+    )
+
+
+def _human(num_bytes: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if num_bytes < 1000:
+            return f"{num_bytes:.1f} {unit}" if unit != "B" else f"{int(num_bytes)} B"
+        num_bytes /= 1000
+    return f"{num_bytes:.1f} TB"
+
+
+def convert(
+    src: str | Path,
+    out: str | Path,
+    settings: ConvertSettings | None = None,
+    link: bool = False,
+    force: bool = False,
+    echo: Callable[[str], None] = print,
+) -> ConvertResult:
+    """Convert the dense checkpoint SRC (folder or Hub id) into a PESC checkpoint at OUT, in bounded memory."""
+    from pesc.summary import summarize
+
+    settings = settings or ConvertSettings()
+    plan = plan_conversion(str(src), out, settings, link=link, force=force)
+    kinds = {f.kind for f in plan.sources}
+    echo(
+        f"source    {plan.hub_id + ' (' + str(plan.src) + ')' if plan.hub_id else plan.src}: "
+        f"{plan.config.base_model_type}, {len(plan.sources)} {'/'.join(sorted(kinds))} file(s), "
+        f"{_human(sum(f.tensor_bytes for f in plan.sources))} of tensors"
+    )
+    echo(
+        "settings  "
+        + ", ".join(f"{k} {v}" for k, v in settings.moe_fields().items())
+        + f", moe_dtype {plan.config.moe_dtype}, max_shard_size {_human(settings.max_shard_size)}"
+    )
+    summary_lines = summarize(plan.config).lines()
+    for line in summary_lines:
+        echo(line)
+    result = write_conversion(plan, echo, summary_lines)
+    how = []
+    if result.linked:
+        how.append(f"{result.linked} base shard(s) hard-linked")
+    if result.copied:
+        how.append(f"{result.copied} base shard(s) copied")
+    if result.rewritten:
+        how.append(f"{result.rewritten} .bin file(s) re-written as safetensors")
+    how.append(f"{result.expert_files} expert shard(s) written")
+    echo(f"wrote     {result.out}: {', '.join(how)}, {_human(result.total_bytes)} of tensors")
+    echo(f"load with AutoModelForCausalLM.from_pretrained({str(result.out)!r}, trust_remote_code=True)")
+    return result
