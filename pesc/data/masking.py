@@ -47,7 +47,7 @@ class ConversationTokenizer:
                 before = self.render(messages[:i], False)
             if not through.startswith(before) or not full.startswith(through):
                 raise RowError(
-                    f"the chat template does not render assistant turn {i + 1} as an extension of the "
+                    f"the chat template does not render message {i + 1} (assistant) as an extension of the "
                     "conversation before it (it rewrites earlier turns), so its tokens cannot be masked"
                 )
             spans.append((before, through))
@@ -70,7 +70,7 @@ class ConversationTokenizer:
                 before_ids, through_ids = next(ids), next(ids)
                 if full_ids[: len(before_ids)] != before_ids or full_ids[: len(through_ids)] != through_ids:
                     raise RowError(
-                        f"assistant turn {turn + 1}: the text before or through it does not tokenize to a prefix "
+                        f"assistant answer {turn + 1}: the text before or through it does not tokenize to a prefix "
                         "of the whole conversation (a token merges across the turn boundary); "
                         "try another chat_template"
                     )
