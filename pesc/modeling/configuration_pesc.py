@@ -55,7 +55,8 @@ class PescConfig(PreTrainedConfig):
             )
         base_fields = {k: v for k, v in kwargs.items() if k not in _NOT_BASE_FIELDS}
         base_config = CONFIG_MAPPING[self.base_model_type](**base_fields)
-        kwargs = {k: v for k, v in base_config.to_dict().items() if k not in _NOT_BASE_FIELDS}
+        own = {k: kwargs[k] for k in ("auto_map",) if k in kwargs}
+        kwargs = {k: v for k, v in base_config.to_dict().items() if k not in _NOT_BASE_FIELDS} | own
         # Families that alias standard names (GPT-2's n_embd -> hidden_size) get the standard name too.
         for alias in type(base_config).attribute_map:
             kwargs.setdefault(alias, getattr(base_config, alias))

@@ -8,19 +8,29 @@ environment's site-packages folder is put back on the path.
 import json
 import subprocess
 import sys
+import sysconfig
 import textwrap
 
+_RESULT_MARKER = "@@pesc-result@@"
 _PRELUDE = """
-import importlib.util, sys, sysconfig
-sys.path.append(sysconfig.get_paths()["purelib"])
+import importlib.util, json, sys
+def emit(result):
+    print("\\n" + {marker!r} + json.dumps(result), flush=True)
+sys.path.append({site_packages!r})
 assert importlib.util.find_spec("pesc") is None, "pesc is importable in the isolated interpreter"
 """
 
 
 def run_without_pesc(code: str, timeout: float = 300, env: dict | None = None) -> dict:
-    """Execute `code` (which must print one JSON object as its last line) without pesc; return that object."""
+    """Execute `code` (which reports by calling `emit(obj)` once with a JSON-able object) without pesc; return that object."""
     completed = subprocess.run(
-        [sys.executable, "-I", "-S", "-c", _PRELUDE + textwrap.dedent(code)],
+        [
+            sys.executable,
+            "-I",
+            "-S",
+            "-c",
+            _PRELUDE.format(site_packages=sysconfig.get_paths()["purelib"], marker=_RESULT_MARKER) + textwrap.dedent(code),
+        ],
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -28,4 +38,7 @@ def run_without_pesc(code: str, timeout: float = 300, env: dict | None = None) -
     )
     if completed.returncode != 0:
         raise RuntimeError(f"isolated interpreter failed:\n{completed.stderr[-4000:]}")
-    return json.loads(completed.stdout.strip().splitlines()[-1])
+    _, marker, payload = completed.stdout.rpartition(_RESULT_MARKER)
+    if not marker:
+        raise RuntimeError(f"isolated interpreter emitted no result:\n{completed.stdout[-4000:]}")
+    return json.loads(payload.strip())

@@ -1,0 +1,50 @@
+"""The load-balancing loss (DESIGN §3): E * sum_i f_i * P_i per layer, padding left out, mean over layers."""
+
+import pytest
+import torch
+
+from pesc.modeling import load_balancing_loss
+
+# Four experts, top-2. Rows 0 and 1 route to {0, 1} and {2, 3}; their mean softmax is uniform.
+BALANCED = torch.tensor([[2.0, 2.0, 0.0, 0.0], [0.0, 0.0, 2.0, 2.0]])
+SKEWED = torch.tensor([[5.0, 4.0, 0.0, 0.0], [5.0, 4.0, 0.0, 0.0]])
+
+
+def test_perfect_balance_gives_one():
+    assert load_balancing_loss((BALANCED,), num_experts=4, top_k=2).item() == pytest.approx(1.0, abs=1e-6)
+
+
+def test_skewed_routing_matches_the_formula_by_hand():
+    probs = torch.softmax(SKEWED[0], dim=-1)
+    # f = (0.5, 0.5, 0, 0): every token's top-2 is {0, 1}; P = the (identical) rows' softmax.
+    expected = 4 * (0.5 * probs[0] + 0.5 * probs[1])
+    loss = load_balancing_loss((SKEWED,), num_experts=4, top_k=2)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    assert loss.item() > 1.5
+
+
+def test_layers_are_averaged():
+    loss = load_balancing_loss((BALANCED, SKEWED), num_experts=4, top_k=2)
+    single = load_balancing_loss((SKEWED,), num_experts=4, top_k=2)
+    assert loss.item() == pytest.approx((1.0 + single.item()) / 2, rel=1e-6)
+
+
+def test_padding_tokens_are_ignored():
+    # batch 2 x seq 2: sample 0 = the balanced rows, sample 1 = two skewed padding rows.
+    logits = torch.cat([BALANCED, SKEWED])
+    mask = torch.tensor([[1, 1], [0, 0]])
+    assert load_balancing_loss((logits,), 4, 2, attention_mask=mask).item() == pytest.approx(1.0, abs=1e-6)
+    assert load_balancing_loss((logits,), 4, 2).item() > 1.1
+
+
+def test_left_padding_during_generation_uses_the_last_mask_columns():
+    # With a cache, the logits cover only the new token while the mask covers the whole prefix.
+    logits = BALANCED
+    mask = torch.tensor([[0, 1, 1], [1, 1, 1]])
+    assert load_balancing_loss((logits,), 4, 2, attention_mask=mask).item() == pytest.approx(1.0, abs=1e-6)
+
+
+def test_gradient_reaches_the_router_logits():
+    logits = SKEWED.clone().requires_grad_(True)
+    load_balancing_loss((logits,), 4, 2).backward()
+    assert logits.grad.abs().sum() > 0
