@@ -124,38 +124,52 @@ def _mismatch(base_config: PescConfig, trained: PescConfig, base: str, checkpoin
     )
 
 
+def resolve_base_config(base: str, trained: PescConfig, checkpoint: Path) -> PescConfig:
+    """The PESC config the base loads with (a dense base's plus the trained settings), checked against the adapters."""
+    from pesc.upcycling import pesc_config_from_dense
+
+    base_config = _base_config(base)
+    if isinstance(base_config, PescConfig):
+        config = base_config
+    else:
+        config = pesc_config_from_dense(
+            base_config,
+            num_experts=trained.num_experts,
+            top_k=trained.topk,
+            adapter_dim=trained.adapter_dim,
+            moe_scaling=trained.moe_scaling,
+            adapter_dropout=trained.adapter_dropout,
+            router_aux_loss_coef=trained.router_aux_loss_coef,
+        )
+    error = _mismatch(config, trained, base, checkpoint)
+    if error is not None:
+        raise error
+    return config
+
+
 def load_base_model(
     base: str, trained: PescConfig, checkpoint: Path, dtype: torch.dtype, quantization_config=None
 ) -> PescForCausalLM:
-    """The LoRA's base as a PESC model: a PESC checkpoint loaded, or a dense one upcycled with the trained settings."""
-    from transformers import AutoModelForCausalLM
+    """The LoRA's base as a PESC model, built on meta and loaded once (as the trainer loads it).
 
-    from pesc.upcycling import pesc_config_from_dense, upcycle
-
-    base_config = _base_config(base)
-    settings = dict(
-        num_experts=trained.num_experts,
-        top_k=trained.topk,
-        adapter_dim=trained.adapter_dim,
-        moe_scaling=trained.moe_scaling,
-        adapter_dropout=trained.adapter_dropout,
-        router_aux_loss_coef=trained.router_aux_loss_coef,
-    )
-    is_pesc = isinstance(base_config, PescConfig)
-    resolved = base_config if is_pesc else pesc_config_from_dense(base_config, **settings)
-    error = _mismatch(resolved, trained, base, checkpoint)
-    if error is not None:
-        raise error
+    A dense base loads into the PESC layout with the trained settings; its experts (absent
+    from the dense checkpoint) are placeholders until `load_experts` puts the trained ones in.
+    """
+    config = resolve_base_config(base, trained, checkpoint)
     kwargs = {"dtype": dtype}
     if quantization_config is not None:
         kwargs["quantization_config"] = quantization_config
-    if is_pesc:
-        model = PescForCausalLM.from_pretrained(base, **kwargs)
-    else:
-        dense = AutoModelForCausalLM.from_pretrained(base, **kwargs)
-        model = upcycle(dense, **settings, moe_dtype=str(dtype).removeprefix("torch."))
-        model.generation_config = dense.generation_config
-        del dense
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the load report lists the experts as MISSING: expected, they load next
+    try:
+        model = PescForCausalLM.from_pretrained(base, config=config, **kwargs)
+    except (RuntimeError, ValueError) as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise PescError(f"cannot load the base model {base} ({first})") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
     return model.eval()
 
 
@@ -335,6 +349,7 @@ def export(
     sources += [Path(base)] if Path(base).exists() else []
     check_output_dir(out, force, tuple(sources))
     trained = load_trained_config(checkpoint)
+    resolve_base_config(base, trained, checkpoint)  # a base that does not match fails here, in a second
     tokenizer = _load_tokenizer(checkpoint, run_dir, base)
 
     log(f"export: checkpoint {checkpoint}")
@@ -386,7 +401,7 @@ def export(
         write_marker(
             tmp,
             ".pesc-export",
-            {"written_by": "pesc export", "pesc_version": __version__, "checkpoint": str(source), "dtype": dtype},
+            {"written_by": "pesc export", "pesc_version": __version__, "checkpoint": str(checkpoint), "dtype": dtype},
         )
         missing = [name for name in ("configuration_pesc.py", "modeling_pesc.py") if not (tmp / name).is_file()]
         if missing:
