@@ -104,6 +104,46 @@ def generate(path, prompt, system, max_new_tokens, temperature, no_chat_template
                  chat_template=not no_chat_template)
 
 
+@cli.command()
+@click.argument("config", type=click.Path(path_type=str))
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Override a config key (dotted for nested, e.g. moe.top_k=2); values are YAML. Repeatable.")
+@click.option("--resume", is_flag=True, help="Continue from the run folder's last checkpoint-N.")
+def train(config, overrides, resume):
+    """QLoRA-tune a PESC model (or a dense one upcycled in memory) from a YAML config; see docs/training.md."""
+    from pesc.training.run import setup_logging, train as run_training
+
+    setup_logging()
+    final = run_training(config, list(overrides), resume=resume)
+    click.echo(f"trained model: {final}")
+
+
+@cli.command("tiny-model")
+@click.argument("out", type=click.Path(path_type=str))
+@click.option("--family", type=click.Choice(["llama", "mistral", "qwen2"]), default="llama", show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+def tiny_model(out, family, seed):
+    """Write a tiny random dense checkpoint (with a ChatML tokenizer) for quick experiments and configs/tiny.yaml."""
+    from pesc.testing import save_tiny_dense
+
+    click.echo(f"wrote {save_tiny_dense(out, family, seed=seed)}")
+
+
+@cli.command()
+@click.argument("model_a", type=click.Path(path_type=str))
+@click.argument("model_b", type=click.Path(path_type=str))
+@click.option("--prompt", default=None, help="Text to run both models on (default: a fixed sentence).")
+@click.option("--atol", type=float, help="Fail (exit 1) if the largest logit difference exceeds this.")
+def compare(model_a, model_b, prompt, atol):
+    """Print the largest |logit difference| of two models on one prompt (e.g. converted vs dense)."""
+    from pesc.compare import DEFAULT_PROMPT, max_logit_difference
+
+    difference = max_logit_difference(model_a, model_b, prompt or DEFAULT_PROMPT)
+    click.echo(f"max |logits({model_a}) - logits({model_b})| = {difference:.3g}")
+    if atol is not None and difference > atol:
+        raise PescError(f"the models differ by {difference:.3g}, more than --atol {atol:g}")
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: user errors become one line on stderr and exit status 1 (PESC_DEBUG=1 shows tracebacks)."""
     try:
