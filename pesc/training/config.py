@@ -1,0 +1,233 @@
+"""The training config: one YAML file in the axolotl style, checked in full before anything loads.
+
+Every key is declared below with its type and default; an unknown key (a typo) or a value of the
+wrong type is a PescError naming the key, so a misspelt setting can never be silently ignored.
+`--set a.b=value` overrides are parsed as YAML scalars and checked the same way.
+"""
+
+import copy
+import difflib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pesc.errors import PescError
+
+_ANY_NUMBER = (int, float)
+
+
+@dataclass(frozen=True)
+class Key:
+    """One setting: accepted types (a tuple), default, and a line of help."""
+
+    types: tuple
+    default: Any
+    help: str
+    choices: tuple | None = None
+
+
+MOE_SCHEMA: dict[str, Key] = {
+    "num_experts": Key((int,), 8, "experts per layer"),
+    "top_k": Key((int,), 2, "experts routed per token"),
+    "adapter_dim": Key((int,), 512, "bottleneck width of each expert adapter"),
+    "moe_scaling": Key(_ANY_NUMBER, 0.25, "scale of every adapter's output"),
+    "router_aux_loss_coef": Key(_ANY_NUMBER, 0.01, "weight of the load-balancing loss"),
+    "adapter_dropout": Key(_ANY_NUMBER, 0.1, "dropout on each adapter's input"),
+    "seed": Key((int,), 0, "seed of the initial routers and adapters (same seed = same experts as `pesc convert`)"),
+}
+
+# MoE settings that fix the shape or the function of a PESC checkpoint: they must match when the base is PESC.
+MOE_STRUCTURE_KEYS = ("num_experts", "top_k", "adapter_dim", "moe_scaling")
+
+SCHEMA: dict[str, Key] = {
+    # model
+    "base_model": Key((str,), None, "local folder or Hub id of a dense or PESC causal LM (required)"),
+    "moe": Key((dict,), None, "MoE settings used to upcycle a dense base_model in memory"),
+    "tokenizer": Key((str,), None, "tokenizer folder or Hub id (default: base_model)"),
+    "trust_remote_code": Key((bool,), False, "allow model code from the Hub"),
+    "load_in_4bit": Key((bool,), True, "QLoRA: load the base in 4-bit NF4"),
+    "bnb_4bit_quant_type": Key((str,), "nf4", "4-bit data type", ("nf4", "fp4")),
+    "bnb_4bit_use_double_quant": Key((bool,), True, "quantize the quantization constants too"),
+    "bnb_4bit_compute_dtype": Key((str,), "bfloat16", "dtype of the 4-bit matmuls", ("bfloat16", "float16", "float32")),
+    "bnb_4bit_quant_storage": Key((str,), None, "storage dtype of 4-bit weights (FSDP: the model dtype; set automatically)"),
+    "torch_dtype": Key((str,), "bfloat16", "dtype of the non-quantized base weights", ("bfloat16", "float16", "float32")),
+    "attn_implementation": Key((str,), "sdpa", "attention kernel (sdpa, eager, flash_attention_2, ...)"),
+    # LoRA
+    "lora_r": Key((int,), 64, "LoRA rank"),
+    "lora_alpha": Key(_ANY_NUMBER, 16, "LoRA alpha"),
+    "lora_dropout": Key(_ANY_NUMBER, 0.1, "LoRA dropout"),
+    "lora_target_modules": Key(
+        (list,),
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        "dense linears that get a LoRA (the shared FFN gets one shared LoRA)",
+    ),
+    # data
+    "datasets": Key((list,), None, "list of {path, type, split?, name?, data_files?, field?} (required)"),
+    "chat_template": Key((str,), None, "camelidae, chatml, a Jinja string, or unset for the tokenizer's own"),
+    "sequence_len": Key((int,), 2048, "maximum tokens per example (longer ones are truncated)"),
+    "sample_packing": Key((bool,), False, "padding-free packed batches, no attention across packed examples"),
+    "val_set_size": Key(_ANY_NUMBER, 0.0, "held-out rows: a fraction in (0, 1) or a row count; 0 for none"),
+    "dataset_num_proc": Key((int,), None, "processes for tokenization"),
+    # optimisation
+    "micro_batch_size": Key((int,), 1, "examples per device per forward pass"),
+    "gradient_accumulation_steps": Key((int,), 1, "micro batches per optimizer step"),
+    "num_epochs": Key(_ANY_NUMBER, 1, "passes over the data (max_steps wins when set)"),
+    "max_steps": Key((int,), None, "stop after this many optimizer steps"),
+    "learning_rate": Key(_ANY_NUMBER, 2e-4, "peak learning rate"),
+    "lr_scheduler": Key((str,), "constant_with_warmup", "transformers scheduler name (constant_with_warmup, cosine, linear...)"),
+    "warmup_ratio": Key(_ANY_NUMBER, 0.03, "fraction of the steps spent warming up"),
+    "optimizer": Key((str,), "adamw_torch", "transformers optim name (adamw_torch, paged_adamw_32bit, ...)"),
+    "weight_decay": Key(_ANY_NUMBER, 0.0, "weight decay"),
+    "max_grad_norm": Key(_ANY_NUMBER, 0.3, "gradient clipping norm"),
+    "gradient_checkpointing": Key((bool,), True, "recompute activations in backward (always non-reentrant)"),
+    "bf16": Key((bool, str), "auto", "bf16 autocast: true, false or auto (on when the GPU supports it)"),
+    # run
+    "output_dir": Key((str,), None, "run folder: checkpoints, final/, logs, resolved config (required)"),
+    "seed": Key((int,), 0, "seed of data order, dropout and LoRA init"),
+    "logging_steps": Key((int,), 10, "log loss, aux loss, lr and expert load every N steps"),
+    "eval_steps": Key((int,), None, "evaluate every N steps (needs val_set_size; default: at each save)"),
+    "save_steps": Key((int,), 500, "checkpoint every N steps"),
+    "save_total_limit": Key((int,), None, "keep at most N checkpoints"),
+    "report_to": Key((str, list), "none", "tensorboard, wandb, ... or none"),
+    "ddp_find_unused_parameters": Key((bool,), False, "DDP: every expert runs on every step, so false is right"),
+    "dataloader_num_workers": Key((int,), 0, "data loader worker processes"),
+}
+
+REQUIRED = ("base_model", "datasets", "output_dir")
+
+
+def _type_name(types: tuple) -> str:
+    names = {int: "an integer", float: "a number", str: "a string", bool: "true/false", list: "a list", dict: "a mapping"}
+    if types == _ANY_NUMBER:
+        return "a number"
+    return " or ".join(names.get(t, t.__name__) for t in types)
+
+
+def _check_value(where: str, value, key: Key):
+    if value is None:
+        return None
+    if float in key.types and isinstance(value, str):
+        try:  # YAML 1.1 reads `2e-4` (no dot) as a string
+            value = float(value)
+        except ValueError:
+            pass
+    ok = isinstance(value, key.types) and not (isinstance(value, bool) and bool not in key.types)
+    if not ok:
+        raise PescError(f"{where} must be {_type_name(key.types)}, got {value!r} ({type(value).__name__})")
+    if key.types == _ANY_NUMBER:
+        value = float(value) if isinstance(value, float) else value
+    if key.choices and value not in key.choices:
+        raise PescError(f"{where} must be one of {', '.join(key.choices)}, got {value!r}")
+    return value
+
+
+def _unknown(where: str, name: str, known) -> PescError:
+    close = difflib.get_close_matches(name, list(known), n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    return PescError(f"unknown config key '{where}{name}'{hint}")
+
+
+def validate(raw: dict) -> dict:
+    """The resolved config: every key present (defaults filled in), types checked, cross-key rules applied."""
+    if not isinstance(raw, dict):
+        raise PescError("the training config must be a YAML mapping of key: value")
+    config = {}
+    for name, value in raw.items():
+        if name not in SCHEMA:
+            raise _unknown("", str(name), SCHEMA)
+        config[name] = _check_value(name, value, SCHEMA[name])
+    for name, key in SCHEMA.items():
+        if config.get(name) is None:
+            config[name] = copy.deepcopy(key.default)
+    for name in REQUIRED:
+        if config[name] in (None, "", []):
+            raise PescError(f"the config needs '{name}'")
+
+    if config["moe"] is not None:
+        moe = {}
+        for name, value in config["moe"].items():
+            if name not in MOE_SCHEMA:
+                raise _unknown("moe.", str(name), MOE_SCHEMA)
+            moe[name] = _check_value(f"moe.{name}", value, MOE_SCHEMA[name])
+        config["moe"] = {k: v for k, v in moe.items() if v is not None}
+
+    for name in ("lora_r", "micro_batch_size", "gradient_accumulation_steps", "sequence_len", "logging_steps", "save_steps"):
+        if config[name] <= 0:
+            raise PescError(f"{name} must be a positive integer, got {config[name]}")
+    for name in ("max_steps", "eval_steps", "save_total_limit", "dataset_num_proc"):
+        if config[name] is not None and config[name] <= 0:
+            raise PescError(f"{name} must be a positive integer, got {config[name]}")
+    if config["num_epochs"] <= 0:
+        raise PescError(f"num_epochs must be positive, got {config['num_epochs']}")
+    if not 0 <= config["warmup_ratio"] < 1:
+        raise PescError(f"warmup_ratio must be in [0, 1), got {config['warmup_ratio']}")
+    for name in ("lora_dropout",):
+        if not 0 <= config[name] < 1:
+            raise PescError(f"{name} must be in [0, 1), got {config[name]}")
+    if not all(isinstance(m, str) and m for m in config["lora_target_modules"]) or not config["lora_target_modules"]:
+        raise PescError("lora_target_modules must be a non-empty list of module names")
+    if config["bf16"] not in (True, False, "auto"):
+        raise PescError(f"bf16 must be true, false or auto, got {config['bf16']!r}")
+    if isinstance(config["report_to"], list) and not all(isinstance(r, str) for r in config["report_to"]):
+        raise PescError("report_to must be a string or a list of strings")
+    _check_datasets(config["datasets"])
+    return config
+
+
+def _check_datasets(entries: list) -> None:
+    """Entry keys and types (the data pipeline checks files and rows when it loads them)."""
+    from pesc.data import DATASET_KEYS, DATASET_TYPES
+
+    for i, entry in enumerate(entries):
+        where = f"datasets[{i}]"
+        if not isinstance(entry, dict):
+            raise PescError(f"{where} must be a mapping with 'path' and 'type', got {entry!r}")
+        for name in entry:
+            if name not in DATASET_KEYS:
+                raise _unknown(f"{where}.", str(name), DATASET_KEYS)
+        for name in ("path", "type"):
+            if not isinstance(entry.get(name), str) or not entry[name]:
+                raise PescError(f"{where}.{name} must be a non-empty string")
+        if entry["type"] not in DATASET_TYPES:
+            raise PescError(f"{where}.type must be one of {', '.join(DATASET_TYPES)}, got {entry['type']!r}")
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """`key=value` or `a.b=value` settings (values parsed as YAML) laid over the file's mapping."""
+    raw = copy.deepcopy(raw)
+    for item in overrides:
+        if "=" not in item:
+            raise PescError(f"--set {item!r}: expected key=value")
+        dotted, text = item.split("=", 1)
+        try:
+            value = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError as error:
+            raise PescError(f"--set {dotted}: cannot parse {text!r} as a YAML value ({error})") from None
+        parts = dotted.strip().split(".")
+        node = raw
+        for part in parts[:-1]:
+            if node.get(part) is None:
+                node[part] = {}
+            if not isinstance(node[part], dict):
+                raise PescError(f"--set {dotted}: '{part}' is not a mapping")
+            node = node[part]
+        node[parts[-1]] = value
+    return raw
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> dict:
+    """Read, override and validate a training config file."""
+    path = Path(path)
+    if not path.is_file():
+        raise PescError(f"training config {path} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise PescError(f"{path} is not valid YAML: {error}") from None
+    return validate(apply_overrides(raw, list(overrides)))
+
+
+def dump_config(config: dict) -> str:
+    return yaml.safe_dump(config, sort_keys=False, default_flow_style=False)

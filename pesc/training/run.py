@@ -1,0 +1,162 @@
+"""`pesc train`: config -> data -> model -> Trainer -> run folder.
+
+Everything that can be wrong with the user's input (config keys and types, the base model's config,
+dataset files and rows) is checked before the model's weights load and before any step runs.
+"""
+
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+from pesc.errors import PescError
+from pesc.run_files import FINAL_DIR, TRAIN_CONFIG_FILE, latest_checkpoint
+from pesc.training.config import dump_config, load_config
+
+logger = logging.getLogger("pesc.train")
+
+
+def _bf16(config: dict) -> bool:
+    if config["bf16"] == "auto":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return bool(config["bf16"])
+
+
+def training_arguments(config: dict, has_eval: bool):
+    """The transformers 5 TrainingArguments for a resolved config."""
+    from transformers import TrainingArguments
+
+    eval_steps = config["eval_steps"] or config["save_steps"]
+    return TrainingArguments(
+        output_dir=config["output_dir"],
+        per_device_train_batch_size=config["micro_batch_size"],
+        per_device_eval_batch_size=config["micro_batch_size"],
+        gradient_accumulation_steps=config["gradient_accumulation_steps"],
+        num_train_epochs=config["num_epochs"],
+        max_steps=config["max_steps"] if config["max_steps"] is not None else -1,
+        learning_rate=config["learning_rate"],
+        lr_scheduler_type=config["lr_scheduler"],
+        warmup_steps=config["warmup_ratio"],  # transformers 5: a float < 1 is a fraction of the steps
+        optim=config["optimizer"],
+        weight_decay=config["weight_decay"],
+        max_grad_norm=config["max_grad_norm"],
+        bf16=_bf16(config),
+        logging_strategy="steps",
+        logging_steps=config["logging_steps"],
+        logging_first_step=True,
+        eval_strategy="steps" if has_eval else "no",
+        eval_steps=eval_steps if has_eval else None,
+        save_strategy="steps",
+        save_steps=config["save_steps"],
+        save_total_limit=config["save_total_limit"],
+        report_to=config["report_to"],
+        seed=config["seed"],
+        data_seed=config["seed"],
+        ddp_find_unused_parameters=config["ddp_find_unused_parameters"],
+        dataloader_num_workers=config["dataloader_num_workers"],
+        remove_unused_columns=False,
+        label_names=["labels"],
+        disable_tqdm=True,
+        # activation checkpointing is set up on the model (non-reentrant) before peft wraps it
+    )
+
+
+def saved_pesc_config(model_config):
+    """The PescConfig written beside each checkpoint: no quantization, cache on, as export expects."""
+    from pesc.modeling import PescConfig
+
+    fields = model_config.to_dict()
+    fields.pop("quantization_config", None)
+    config = PescConfig.from_dict(fields)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.use_cache = True
+    return config
+
+
+def train(config_path: str, overrides: list[str] = (), resume: bool = False) -> Path:
+    """Run (or resume) a training run; returns the run's final/ folder."""
+    from transformers import AutoTokenizer, set_seed
+
+    from pesc.data import load_training_data, make_collator
+    from pesc.training.model import (
+        load_base_model,
+        prepare_for_training,
+        register_deepspeed_leaf_modules,
+        resolve_pesc_config,
+        trainable_summary,
+    )
+    from pesc.training.trainer import PescTrainer
+
+    config = load_config(config_path, overrides)
+    output_dir = Path(config["output_dir"])
+    checkpoint = None
+    if resume:
+        checkpoint = latest_checkpoint(output_dir)
+        if checkpoint is None or checkpoint.name == FINAL_DIR:
+            raise PescError(
+                f"--resume: {output_dir} holds no checkpoint-N to resume from"
+                + (" (the run already finished: see final/)" if checkpoint is not None else "")
+            )
+    elif output_dir.exists() and any(output_dir.glob("checkpoint-*")):
+        raise PescError(f"{output_dir} already holds checkpoints: pass --resume to continue, or choose another output_dir")
+
+    resolve_pesc_config(config)  # the base's config.json and the moe section, before any data or weights load
+    set_seed(config["seed"])
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(config["tokenizer"] or config["base_model"],
+                                                  trust_remote_code=config["trust_remote_code"])
+    except OSError as error:
+        raise PescError(f"tokenizer of {config['tokenizer'] or config['base_model']!r}: {error}") from None
+    train_ds, eval_ds = load_training_data(
+        config["datasets"],
+        tokenizer,
+        chat_template=config["chat_template"],
+        sequence_len=config["sequence_len"],
+        val_set_size=config["val_set_size"],
+        seed=config["seed"],
+        num_proc=config["dataset_num_proc"],
+    )
+    args = training_arguments(config, has_eval=eval_ds is not None)  # sets up torch.distributed when launched
+
+    model = load_base_model(config)
+    model = prepare_for_training(model, config)
+    register_deepspeed_leaf_modules(model)
+    counts = trainable_summary(model)
+    logger.info(
+        "trainable parameters: LoRA %s, routers+adapters %s (of %s)",
+        f"{counts['lora']:,}", f"{counts['experts']:,}", f"{counts['total']:,}",
+    )
+    if counts["other"]:
+        raise PescError(f"{counts['other']} parameters outside LoRA and the experts would train: refusing")
+
+    if args.should_save:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / TRAIN_CONFIG_FILE).write_text(dump_config(config))
+    trainer = PescTrainer(
+        model=model,
+        args=args,
+        train_dataset=train_ds,
+        eval_dataset=eval_ds,
+        data_collator=make_collator(tokenizer, sample_packing=config["sample_packing"]),
+        processing_class=tokenizer,
+        pesc_config=saved_pesc_config(model.get_base_model().config),
+    )
+    trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    final = output_dir / FINAL_DIR
+    trainer.save_model(str(final))
+    if eval_ds is not None and trainer.state.global_step % args.eval_steps:
+        trainer.evaluate()  # the last step was not an eval step
+    if args.should_save:
+        trainer.state.save_to_json(str(output_dir / "trainer_state.json"))
+    return final
+
+
+def setup_logging() -> None:
+    rank = int(os.environ.get("RANK", 0))
+    logging.basicConfig(
+        level=logging.INFO if rank == 0 else logging.WARNING,
+        format="%(asctime)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )

@@ -1,0 +1,341 @@
+"""`pesc train` on the real QLoRA path (bitsandbytes 4-bit NF4 on the CPU + peft), with a tiny llama."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from torch import nn
+
+from pesc.errors import PescError
+from pesc.training.config import load_config, validate
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _rows(n=48):
+    rows = []
+    for i in range(n):
+        a, b = i % 9, (i * 7) % 11
+        rows.append({"messages": [
+            {"role": "system", "content": "Answer briefly."},
+            {"role": "user", "content": f"What is {a} + {b}?"},
+            {"role": "assistant", "content": f"{a} + {b} = {a + b}."},
+        ]})
+    return rows
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "instruct.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in _rows()))
+    return path
+
+
+def make_config(tmp_path, base, data, **overrides) -> Path:
+    config = {
+        "base_model": str(base),
+        "moe": {"num_experts": 4, "top_k": 2, "adapter_dim": 8, "router_aux_loss_coef": 0.01, "seed": 0},
+        "lora_r": 4,
+        "lora_alpha": 8,
+        "lora_dropout": 0.1,
+        "datasets": [{"path": str(data), "type": "messages"}],
+        "chat_template": "chatml",
+        "sequence_len": 64,
+        "sample_packing": True,
+        "micro_batch_size": 4,
+        "max_steps": 6,
+        "learning_rate": 0.01,
+        "warmup_ratio": 0.0,
+        "max_grad_norm": 1.0,
+        "gradient_checkpointing": True,
+        "bf16": False,
+        "output_dir": str(tmp_path / "run"),
+        "logging_steps": 1,
+        "save_steps": 3,
+    }
+    config.update(overrides)
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+# ---------------------------------------------------------------- config validation
+
+
+def test_config_defaults_and_overrides(tmp_path, tiny_llama_dir, data_file):
+    path = make_config(tmp_path, tiny_llama_dir, data_file)
+    config = load_config(path, ["moe.top_k=1", "learning_rate=3e-4", "sample_packing=false", "report_to=[tensorboard]"])
+    assert config["moe"]["top_k"] == 1 and config["learning_rate"] == 3e-4
+    assert config["sample_packing"] is False and config["report_to"] == ["tensorboard"]
+    assert config["lora_target_modules"] == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    assert config["load_in_4bit"] is True and config["optimizer"] == "adamw_torch"
+
+
+@pytest.mark.parametrize(
+    "raw, message",
+    [
+        ({"lora_rr": 8}, "unknown config key 'lora_rr' (did you mean 'lora_r'?)"),
+        ({"lora_r": "eight"}, "lora_r must be an integer"),
+        ({"load_in_4bit": "yes"}, "load_in_4bit must be true/false"),
+        ({"learning_rate": True}, "learning_rate must be a number"),
+        ({"moe": {"num_expert": 8}}, "unknown config key 'moe.num_expert'"),
+        ({"moe": {"top_k": 1.5}}, "moe.top_k must be an integer"),
+        ({"datasets": [{"path": "x.jsonl", "typ": "messages"}]}, "unknown config key 'datasets[0].typ'"),
+        ({"datasets": [{"path": "x.jsonl", "type": "chatml"}]}, "datasets[0].type must be one of"),
+        ({"bnb_4bit_quant_type": "int4"}, "bnb_4bit_quant_type must be one of nf4, fp4"),
+        ({"output_dir": None}, "the config needs 'output_dir'"),
+    ],
+)
+def test_bad_config_names_the_key(raw, message):
+    base = {"base_model": "m", "datasets": [{"path": "x.jsonl", "type": "messages"}], "output_dir": "o"}
+    with pytest.raises(PescError) as error:
+        validate({**base, **raw})
+    assert message in str(error.value)
+
+
+def test_cli_bad_key_is_one_line_error(tmp_path, tiny_llama_dir, data_file, capsys):
+    from pesc.cli import main
+
+    path = make_config(tmp_path, tiny_llama_dir, data_file, micro_batch_sise=2)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", str(path)])
+    assert exit_info.value.code == 1
+    assert "unknown config key 'micro_batch_sise' (did you mean 'micro_batch_size'?)" in capsys.readouterr().err
+
+
+def _no_model_load(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model must not load when the input is bad")
+
+    monkeypatch.setattr("pesc.training.model.load_base_model", refuse)
+
+
+def test_missing_data_file_fails_before_model_loads(tmp_path, tiny_llama_dir, monkeypatch):
+    from pesc.training import train
+
+    _no_model_load(monkeypatch)
+    path = make_config(tmp_path, tiny_llama_dir, tmp_path / "nowhere.jsonl")
+    with pytest.raises(PescError, match="nowhere.jsonl"):
+        train(str(path))
+    assert not (tmp_path / "run").exists()
+
+
+def test_malformed_row_fails_before_model_loads(tmp_path, tiny_llama_dir, monkeypatch):
+    from pesc.training import train
+
+    _no_model_load(monkeypatch)
+    bad = tmp_path / "bad.jsonl"
+    rows = _rows(4)
+    rows[2] = {"messages": [{"role": "user", "text": "no content key"}]}
+    bad.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    path = make_config(tmp_path, tiny_llama_dir, bad)
+    with pytest.raises(PescError) as error:
+        train(str(path))
+    assert "bad.jsonl" in str(error.value) and "3" in str(error.value)
+
+
+def test_dense_base_without_moe_is_refused(tmp_path, tiny_llama_dir, data_file, monkeypatch):
+    from pesc.training import train
+
+    _no_model_load(monkeypatch)
+    path = make_config(tmp_path, tiny_llama_dir, data_file, moe=None)
+    with pytest.raises(PescError, match="add a moe: section"):
+        train(str(path))
+
+
+# ---------------------------------------------------------------- the model
+
+
+@pytest.fixture(scope="module")
+def qlora_model(tmp_path_factory, tiny_llama_dir, data_file):
+    from pesc.training.model import load_base_model, prepare_for_training
+
+    config = load_config(make_config(tmp_path_factory.mktemp("cfg"), tiny_llama_dir, data_file))
+    model = prepare_for_training(load_base_model(config), config)
+    return model, config
+
+
+def test_quantized_base_full_precision_experts(qlora_model):
+    import bitsandbytes as bnb
+
+    model, _ = qlora_model
+    pesc = model.get_base_model()
+    mlp = pesc.model.layers[0].mlp
+    assert isinstance(mlp.gate_proj.base_layer, bnb.nn.Linear4bit)
+    assert isinstance(pesc.model.layers[0].self_attn.q_proj.base_layer, bnb.nn.Linear4bit)
+    block = mlp.moe_adapter
+    assert type(block.router.weight) is nn.Parameter and block.router.weight.dtype == torch.float32
+    adapter = block.experts["expert_0"]
+    for linear in (adapter.adapter_down, adapter.adapter_up):
+        assert isinstance(linear, nn.Linear) and not isinstance(linear, bnb.nn.Linear4bit)
+        assert type(linear.weight) is nn.Parameter
+    assert adapter.adapter_down.weight.dtype == torch.float32
+    assert type(pesc.lm_head) is nn.Linear
+
+
+def test_experts_match_convert_seed(qlora_model):
+    """A dense base upcycled in training gets exactly the experts `pesc convert --seed` draws."""
+    from pesc.upcycling import initial_expert_state
+
+    model, config = qlora_model
+    pesc = model.get_base_model()
+    for layer_idx, layer in enumerate(pesc.model.layers):
+        expected = initial_expert_state(pesc.config, layer_idx, config["moe"]["seed"])
+        state = layer.mlp.moe_adapter.state_dict()
+        for name in ("router.weight", "experts.expert_1.adapter_down.weight"):
+            torch.testing.assert_close(state[name].float(), expected[name].float(), rtol=0, atol=0)
+
+
+def _batch(vocab=200):
+    torch.manual_seed(0)
+    ids = torch.randint(5, vocab, (2, 24))
+    return {"input_ids": ids, "labels": ids.clone(), "attention_mask": torch.ones_like(ids)}
+
+
+def test_only_lora_and_experts_train_and_get_gradients(qlora_model):
+    model, _ = qlora_model
+    model.train()
+    model.zero_grad(set_to_none=True)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable, "nothing trains"
+    for name in trainable:
+        assert ".lora_A." in name or ".lora_B." in name or ".moe_adapter." in name, name
+    assert any(".router." in n for n in trainable) and any("adapter_up" in n for n in trainable)
+    assert any("gate_proj.lora_A" in n for n in trainable) and any("q_proj.lora_A" in n for n in trainable)
+    assert not any("embed_tokens" in n or "lm_head" in n or "norm" in n for n in trainable)
+    # a step first, so that lora_B and adapter_up (zero at init) are non-zero and every path carries gradient
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    model(**_batch()).loss.backward()
+    optimizer.step()
+    model.zero_grad(set_to_none=True)
+    out = model(**_batch())
+    out.loss.backward()
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            assert param.grad is not None and param.grad.abs().sum() > 0, name
+        else:
+            assert param.grad is None, name
+    model.zero_grad(set_to_none=True)
+
+
+def test_aux_loss_is_in_the_loss_and_trains_the_routers(qlora_model):
+    model, _ = qlora_model
+    pesc = model.get_base_model()
+    model.eval()  # no dropout: two forwards compute the same thing; gradients still flow
+    batch = _batch()
+    coef = pesc.config.router_aux_loss_coef
+    assert coef == 0.01
+    try:
+        with_aux = model(**batch)
+        pesc.config.router_aux_loss_coef = 0.0
+        without = model(**batch)
+    finally:
+        pesc.config.router_aux_loss_coef = coef
+    assert with_aux.aux_loss is not None
+    torch.testing.assert_close(with_aux.loss - without.loss, coef * with_aux.aux_loss, rtol=1e-5, atol=1e-6)
+
+    model.zero_grad(set_to_none=True)
+    model(input_ids=batch["input_ids"], output_router_logits=True).aux_loss.backward()
+    for layer in pesc.model.layers:
+        grad = layer.mlp.moe_adapter.router.weight.grad
+        assert grad is not None and grad.abs().sum() > 0
+    model.zero_grad(set_to_none=True)
+
+
+# ---------------------------------------------------------------- training runs
+
+
+def _trained_state(run_dir: Path):
+    from safetensors.torch import load_file
+
+    final = run_dir / "final"
+    return {**load_file(final / "adapter_model.safetensors"), **load_file(final / "pesc_experts.safetensors")}
+
+
+class _Crash(Exception):
+    pass
+
+
+def test_train_resume_equals_uninterrupted(tmp_path, tiny_llama_dir, data_file, monkeypatch):
+    from transformers import TrainerCallback
+
+    from pesc.run_files import load_trained_config
+    from pesc.training import train
+    from pesc.training import trainer as trainer_module
+
+    full_dir = tmp_path / "full"
+    full_dir.mkdir()
+    final = train(str(make_config(full_dir, tiny_llama_dir, data_file)))
+    run = full_dir / "run"
+    assert final == run / "final"
+    for folder in (run / "checkpoint-3", run / "checkpoint-6", final):
+        for name in ("adapter_model.safetensors", "adapter_config.json", "pesc_experts.safetensors", "pesc_config.json"):
+            assert (folder / name).is_file(), folder / name
+    for name in ("optimizer.pt", "scheduler.pt", "rng_state.pth"):
+        assert (run / "checkpoint-3" / name).is_file()
+    assert (run / "pesc_train_config.yaml").is_file()
+    saved = load_trained_config(final)
+    assert saved.num_experts == 4 and saved.adapter_dim == 8 and not hasattr(saved, "quantization_config")
+
+    history = json.loads((run / "trainer_state.json").read_text())["log_history"]
+    losses = [h["loss"] for h in history if "loss" in h]
+    assert len(losses) == 6 and losses[-1] < losses[0] - 0.05, losses
+    assert all("aux_loss" in h and "expert_load_max" in h and "learning_rate" in h for h in history if "loss" in h)
+    load = [json.loads(line) for line in (run / "expert_load.jsonl").read_text().splitlines()]
+    assert len(load) == 6 and len(load[0]["expert_load"]) == 2  # one row per layer
+    assert all(abs(sum(row) - 1) < 1e-3 and len(row) == 4 for row in load[0]["expert_load"])
+
+    # the same run, crashed right after checkpoint-3 was written, then resumed
+    class CrashAfterFirstSave(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            if state.global_step == 3:
+                raise _Crash()
+
+    original_init = trainer_module.PescTrainer.__init__
+
+    def init_with_crash(self, *args, **kwargs):
+        original_init(self, *args, **kwargs)
+        self.add_callback(CrashAfterFirstSave())
+
+    part_dir = tmp_path / "part"
+    part_dir.mkdir()
+    config = str(make_config(part_dir, tiny_llama_dir, data_file))
+    monkeypatch.setattr(trainer_module.PescTrainer, "__init__", init_with_crash)
+    with pytest.raises(_Crash):
+        train(config)
+    monkeypatch.undo()
+    assert not (part_dir / "run" / "final").exists()
+    with pytest.raises(PescError, match="already holds checkpoints"):
+        train(config)
+    train(config, resume=True)
+
+    full, resumed = _trained_state(run), _trained_state(part_dir / "run")
+    assert full.keys() == resumed.keys() and any("router" in k for k in full)
+    for name in full:
+        torch.testing.assert_close(resumed[name], full[name], rtol=0, atol=0, msg=name)
+
+
+def test_resume_restores_experts(tmp_path, tiny_llama_dir, data_file):
+    """The experts come back from pesc_experts.safetensors, not from the seeded init."""
+    from safetensors.torch import load_file
+
+    from pesc.training.model import load_base_model, prepare_for_training
+    from pesc.training.trainer import load_experts_into
+
+    config = load_config(make_config(tmp_path, tiny_llama_dir, data_file, load_in_4bit=False, gradient_checkpointing=False))
+    model = prepare_for_training(load_base_model(config), config)
+    from pesc.run_files import save_trained_state
+
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if ".moe_adapter." in name:
+                param.add_(1.0)
+    save_trained_state(model, model.get_base_model().config, tmp_path / "ckpt")
+    fresh = prepare_for_training(load_base_model(config), config)
+    assert load_experts_into(fresh, tmp_path / "ckpt") == len(load_file(tmp_path / "ckpt" / "pesc_experts.safetensors"))
+    ours = dict(model.named_parameters())
+    for name, param in fresh.named_parameters():
+        if ".moe_adapter." in name:
+            torch.testing.assert_close(param, ours[name], rtol=0, atol=0)
