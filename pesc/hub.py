@@ -108,7 +108,7 @@ def push(
     commit_message: str | None = None,
     dry_run: bool = False,
     token: str | None = None,
-    api_factory: Callable[[str], object] = _default_api,
+    api_factory: Callable[[str], object] | None = None,
     echo: Callable[[str], None] = print,
 ) -> UploadPlan:
     """Create the repo (if needed) and upload the folder in one commit; `dry_run` only prints the plan."""
@@ -126,7 +126,7 @@ def push(
         echo(plan.card)
         return plan
 
-    api = api_factory(resolve_token(token))
+    api = (api_factory or _default_api)(resolve_token(token))
     message = commit_message or f"Upload PESC model {plan.folder.resolve().name} with pesc"
     try:
         api.create_repo(repo_id=repo_id, private=private, exist_ok=True, repo_type="model")
