@@ -29,6 +29,9 @@ def load_model(path: str | Path, device: str | None = None):
     path = Path(path)
     if not (path / "config.json").is_file():
         raise PescError(f"{path} is not a model folder (no config.json): give an exported or converted model")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # the terminal is for the generated tokens
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True, dtype="auto")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
