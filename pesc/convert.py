@@ -29,6 +29,8 @@ import shutil
 import struct
 import sys
 import tempfile
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
@@ -545,12 +547,14 @@ def _byte_dtype():
     return torch.uint8
 
 
-def copy_file(src: Path, dst: Path, progress=None) -> None:
+def copy_file(src: Path, dst: Path, progress=None, cancel: threading.Event | None = None) -> None:
     """Copy bytes in the kernel (copy_file_range) in chunks, reporting progress; a plain read/write fallback."""
     with open(src, "rb") as fin, open(dst, "wb") as fout:
         remaining = os.fstat(fin.fileno()).st_size
         kernel_copy = hasattr(os, "copy_file_range")
         while remaining > 0:
+            if cancel is not None and cancel.is_set():
+                return
             chunk = min(remaining, _COPY_CHUNK)
             if kernel_copy:
                 try:
@@ -731,37 +735,55 @@ def _write_into(plan: Plan, tmp: Path, echo, summary_lines: list[str]) -> Conver
     config = plan.config
     weight_map: dict[str, str] = {}
     total_size = 0
-    linked = copied = rewritten = 0
+    counts = {"linked": 0, "copied": 0, "rewritten": 0}
     total = (0 if plan.link else plan.source_bytes) + plan.expert_bytes
+    cancel = threading.Event()
+    lock = threading.Lock()
+
+    def notice(message: str) -> None:
+        with lock:
+            tqdm.write(message, file=sys.stderr)
+
     with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="pesc convert", disable=None,
-              file=sys.stderr, dynamic_ncols=True) as progress:  # fmt: skip
-        number = 0
-        for file in plan.sources:
-            number += 1
-            name = plan.shard_name(number)
-            if file.kind == "bin":
-                _rewrite_bin(file.path, tmp / name, file.tensors, progress)
-                rewritten += 1
-            elif plan.link:
-                if link_or_copy(file.path, tmp / name, None, notice=lambda m: tqdm.write(m, file=sys.stderr)):
-                    linked += 1
+              file=sys.stderr, dynamic_ncols=True) as bar:  # fmt: skip
+        progress = _LockedProgress(bar, lock)
+
+        def write_sources() -> None:
+            """Base shards, in a worker thread: kernel copies overlap with drawing the experts."""
+            for number, file in enumerate(plan.sources, 1):
+                if cancel.is_set():
+                    return
+                target = tmp / plan.shard_name(number)
+                if file.kind == "bin":
+                    _rewrite_bin(file.path, target, file.tensors, progress)
+                    counts["rewritten"] += 1
+                elif plan.link:
+                    counts["linked" if link_or_copy(file.path, target, None, notice=notice) else "copied"] += 1
                 else:
-                    copied += 1
-            else:
-                copy_file(file.path, tmp / name, progress)
-                copied += 1
-            for tensor, info in file.tensors.items():
-                if file.kind == "bin" and _IGNORED_SOURCE_TENSORS.search(tensor):
-                    continue
-                weight_map[tensor] = name
-                total_size += info.nbytes
-        for shard in plan.expert_shards:
-            number += 1
-            name = plan.shard_name(number)
-            _write_expert_shard(tmp / name, shard, config, plan.settings.seed, progress)
-            for _, _, info in shard.entries:
-                weight_map[info.name] = name
-                total_size += info.nbytes
+                    copy_file(file.path, target, progress, cancel)
+                    counts["copied"] += 1
+
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="pesc-copy") as pool:
+            copying = pool.submit(write_sources)
+            try:
+                for number, shard in enumerate(plan.expert_shards, len(plan.sources) + 1):
+                    if copying.done():
+                        copying.result()  # a failed copy stops the conversion now
+                    _write_expert_shard(tmp / plan.shard_name(number), shard, config, plan.settings.seed, progress)
+                    for _, _, info in shard.entries:
+                        weight_map[info.name] = plan.shard_name(number)
+                        total_size += info.nbytes
+            except BaseException:
+                cancel.set()  # the worker stops at its next chunk; the pool waits for it before cleanup
+                raise
+            copying.result()
+    for number, file in enumerate(plan.sources, 1):
+        for tensor, info in file.tensors.items():
+            if file.kind == "bin" and _IGNORED_SOURCE_TENSORS.search(tensor):
+                continue
+            weight_map[tensor] = plan.shard_name(number)
+            total_size += info.nbytes
+    linked, copied, rewritten = counts["linked"], counts["copied"], counts["rewritten"]
 
     index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
     (tmp / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2, sort_keys=False) + "\n")
@@ -788,6 +810,17 @@ def _write_into(plan: Plan, tmp: Path, echo, summary_lines: list[str]) -> Conver
         expert_files=len(plan.expert_shards),
         total_bytes=total_size,
     )
+
+
+class _LockedProgress:
+    """A progress bar shared by the copying thread and the expert writer."""
+
+    def __init__(self, bar, lock: threading.Lock):
+        self.bar, self.lock = bar, lock
+
+    def update(self, count: int) -> None:
+        with self.lock:
+            self.bar.update(count)
 
 
 def _human(num_bytes: float) -> str:
