@@ -1,8 +1,23 @@
-"""pesc: dense LLM -> sparse PESC Mixture-of-Experts, QLoRA instruction tuning, HF export."""
+"""pesc: dense LLM -> sparse PESC Mixture-of-Experts, QLoRA instruction tuning, HF export.
 
-from pesc.modeling import PescConfig, PescForCausalLM
-from pesc.upcycling import upcycle
+The heavy imports (torch, transformers) happen on first use of `pesc.upcycle` or the model
+classes, so `pesc --help` and the CLI's argument errors answer at once.
+"""
 
 __version__ = "0.1.0"
 
-__all__ = ["PescConfig", "PescForCausalLM", "upcycle", "__version__"]
+_LAZY = {
+    "PescConfig": "pesc.modeling",
+    "PescForCausalLM": "pesc.modeling",
+    "upcycle": "pesc.upcycling",
+}
+
+__all__ = [*_LAZY, "__version__"]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'pesc' has no attribute {name!r}")

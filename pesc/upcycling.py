@@ -55,8 +55,9 @@ def initial_expert_state(config: PescConfig, layer_idx: int, seed: int) -> dict[
     """
     from pesc.modeling import PescMoEAdapter
 
-    with torch.device("cpu"):
+    with torch.device("meta"):
         block = PescMoEAdapter(config)
+    block = block.to_empty(device="cpu")
     generator = layer_generator(seed, layer_idx)
     init_expert_weights(block.router, generator)
     for adapter in block.experts.values():
