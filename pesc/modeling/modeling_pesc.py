@@ -91,13 +91,60 @@ class PescAdapter(nn.Module):
         return self.adapter_up(hidden) * self.scaling
 
 
-class PescMoEAdapter(nn.Module):
-    """Router plus experts; sends each token's FFN output to its k experts only.
+class _GatherRows(torch.autograd.Function):
+    """rows[p] = x[source[p]]: each token's row repeated k times, in expert-sorted order.
 
-    Tokens are grouped by expert (one sort), each expert runs on its own rows, and the
-    weighted results are added back in place. Every expert runs, on zero rows if it got
-    no token, so its parameters always join the autograd graph (DDP and ZeRO-3 need that).
+    The backward is the adjoint `_CombineRows` (a gather plus a sum over k), so neither
+    direction scatters: no zero-filled buffers, no atomics, deterministic on every device.
     """
+
+    @staticmethod
+    def forward(ctx, x, source, inverse, top_k):
+        ctx.save_for_backward(source, inverse)
+        ctx.top_k = top_k
+        return x.index_select(0, source)
+
+    @staticmethod
+    def backward(ctx, grad):
+        source, inverse = ctx.saved_tensors
+        return _CombineRows.apply(grad, source, inverse, ctx.top_k), None, None, None
+
+
+class _CombineRows(torch.autograd.Function):
+    """out[t] = sum_j rows[inverse[t * k + j]]: expert-sorted rows summed back per token."""
+
+    @staticmethod
+    def forward(ctx, rows, source, inverse, top_k):
+        ctx.save_for_backward(source, inverse)
+        ctx.top_k = top_k
+        return rows.index_select(0, inverse).view(-1, top_k, rows.shape[-1]).sum(1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        source, inverse = ctx.saved_tensors
+        return _GatherRows.apply(grad, source, inverse, ctx.top_k), None, None, None
+
+
+class PescMoEAdapter(nn.Module):
+    """Router plus experts; adds each token's k weighted expert outputs to its FFN output.
+
+    Two dispatches compute the same sum (pick with `_dispatch`: "auto", "routed", "all"):
+
+    * routed: tokens are sorted by expert (one sort, one gather), each expert runs on its
+      own rows only, and the rows are summed back per token (a gather, no scatter).
+      Works for any expert module and any dropout.
+    * all: every expert on every token as two wide matmuls over the concatenated adapter
+      weights, with the routing weights (zero off the top-k) applied to the bottleneck.
+      (E/k)x the adapter FLOPs but a handful of kernels and no host sync, so it wins where
+      launches, not FLOPs, cost (CUDA, small bottlenecks). Only for `PescAdapter` experts
+      without active dropout (each expert must see its own dropout mask).
+
+    "auto" takes "all" where it measured faster (bench/moe_layer.py, docs/benchmarks.md).
+    Either way every expert's parameters join the autograd graph, even with no routed
+    token (DDP and ZeRO-3 need that), and a zero `adapter_up` adds exactly zero.
+    """
+
+    _dispatch = "auto"
 
     def __init__(self, config: PescConfig):
         super().__init__()
@@ -122,21 +169,66 @@ class PescMoEAdapter(nn.Module):
         if sink is not None:
             sink.append(router_logits)
         routing_weights, selected = self.router.route(router_logits)
+        if self._use_all_experts(ffn_rows):
+            mixed = self._all_experts_forward(ffn_rows, routing_weights, selected)
+        else:
+            mixed = self._routed_forward(ffn_rows, routing_weights, selected)
+        return mixed.to(ffn_output.dtype).reshape(shape)
 
+    def _use_all_experts(self, ffn_rows: torch.Tensor) -> bool:
+        experts = list(self.experts.values())
+        if not all(type(e) is PescAdapter and (e.dropout.p == 0 or not e.dropout.training) for e in experts):
+            return False
+        if self._dispatch != "auto":
+            return self._dispatch == "all"
+        extra_per_token = 4 * (self.num_experts - self.top_k) * experts[0].adapter_down.out_features
+        if ffn_rows.device.type != "cpu":
+            # GPU: the routed dispatch costs ~4-5 ms more per layer fwd+bwd in launches and its
+            # host sync (H100); the wide matmuls cost their (E - k) extra experts' FLOPs. Take
+            # "all" while those extra fwd+bwd FLOPs stay under what ~3 ms of matmul does at
+            # H100 speed (fp32 ~6e10 FLOP/ms, bf16/fp16 ~6e11): measured, docs/benchmarks.md.
+            per_ms = 6e10 if ffn_rows.dtype == torch.float32 else 6e11
+            return 3 * extra_per_token * ffn_rows.shape[-1] * ffn_rows.shape[0] <= 3 * per_ms
+        # CPU: FLOP-bound; take "all" only while the extra experts cost little next to the
+        # routed dispatch's per-token gathers (~ a few H per token).
+        return extra_per_token <= 2 * ffn_rows.shape[-1]
+
+    def _routed_forward(self, ffn_rows, routing_weights, selected):
         flat_experts = selected.reshape(-1)
         order = torch.argsort(flat_experts, stable=True)
-        rows = order // self.top_k
-        weights = routing_weights.reshape(-1)[order].unsqueeze(-1)
+        inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
+        source = order // self.top_k
         counts = torch.bincount(flat_experts, minlength=self.num_experts).tolist()
+        weights = routing_weights.reshape(-1)[order].unsqueeze(-1)
+        rows = _GatherRows.apply(ffn_rows, source, inverse, self.top_k)
+        outputs = []
+        for expert, expert_rows, expert_weights in zip(self.experts.values(), rows.split(counts), weights.split(counts)):
+            if type(expert) is PescAdapter:
+                # the routing weight scales the bottleneck (d wide) instead of the output (H wide)
+                hidden = expert_rows.to(expert.adapter_down.weight.dtype)
+                hidden = F.gelu(expert.adapter_down(expert.dropout(hidden)))
+                hidden = hidden * (expert_weights * expert.scaling).to(hidden.dtype)
+                outputs.append(expert.adapter_up(hidden))
+            else:
+                out = expert(expert_rows)
+                outputs.append(out * expert_weights.to(out.dtype))
+        return _CombineRows.apply(torch.cat(outputs), source, inverse, self.top_k)
 
-        mixed = torch.zeros_like(ffn_rows)
-        start = 0
-        for expert, count in zip(self.experts.values(), counts):
-            expert_rows = rows[start : start + count]
-            expert_out = expert(ffn_rows.index_select(0, expert_rows)) * weights[start : start + count]
-            mixed.index_add_(0, expert_rows, expert_out.to(mixed.dtype))
-            start += count
-        return mixed.reshape(shape)
+    def _all_experts_forward(self, ffn_rows, routing_weights, selected):
+        experts = list(self.experts.values())
+        down = torch.cat([e.adapter_down.weight for e in experts])  # [E*d, H]
+        up = torch.cat([e.adapter_up.weight for e in experts], dim=1)  # [H, E*d]
+        gates = torch.zeros(
+            ffn_rows.shape[0], self.num_experts, device=routing_weights.device, dtype=routing_weights.dtype
+        ).scatter(1, selected, routing_weights)
+        scalings = [e.scaling for e in experts]
+        if len(set(scalings)) == 1:
+            gates = gates * scalings[0]
+        else:
+            gates = gates * gates.new_tensor(scalings)
+        hidden = F.gelu(F.linear(ffn_rows.to(down.dtype), down))
+        hidden = hidden.view(ffn_rows.shape[0], self.num_experts, -1) * gates.to(hidden.dtype).unsqueeze(-1)
+        return F.linear(hidden.view(ffn_rows.shape[0], -1), up)
 
 
 class PescMLP(nn.Module):
