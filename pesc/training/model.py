@@ -43,6 +43,11 @@ def fsdp_enabled() -> bool:
     return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true")
 
 
+def sharded_training() -> bool:
+    """FSDP or ZeRO-3 flatten parameters together: they need one dtype, so no fp32 upcast of the experts."""
+    return fsdp_enabled() or deepspeed_zero3_enabled()
+
+
 def deepspeed_zero3_enabled() -> bool:
     try:
         from transformers.integrations import is_deepspeed_zero3_enabled
@@ -102,9 +107,9 @@ def quantization_config(config: dict):
     from transformers import BitsAndBytesConfig
 
     storage = config["bnb_4bit_quant_storage"]
-    if storage is None and fsdp_enabled():
-        storage = config["torch_dtype"]  # FSDP + QLoRA: 4-bit storage must be the dtype of the other params
-        logger.info("FSDP detected: bnb_4bit_quant_storage set to %s", storage)
+    if storage is None and sharded_training():
+        storage = config["torch_dtype"]  # FSDP / ZeRO-3 + QLoRA: 4-bit storage must be the dtype of the other params
+        logger.info("sharded training detected: bnb_4bit_quant_storage set to %s", storage)
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type=config["bnb_4bit_quant_type"],
@@ -177,7 +182,7 @@ def prepare_for_training(model: PescForCausalLM, config: dict):
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     gc_kwargs = {"use_reentrant": False}
-    if config["load_in_4bit"]:
+    if config["load_in_4bit"] and not sharded_training():
         model = prepare_model_for_kbit_training(
             model,
             use_gradient_checkpointing=config["gradient_checkpointing"],
@@ -206,16 +211,17 @@ def prepare_for_training(model: PescForCausalLM, config: dict):
         peft_model = get_peft_model(model, lora)
     except ValueError as error:
         raise PescError(f"lora_target_modules: {error}") from None
-    enable_expert_training(peft_model)
+    enable_expert_training(peft_model, upcast=not sharded_training())
     return peft_model
 
 
-def enable_expert_training(model: nn.Module) -> None:
-    """Routers and adapters train in full, in float32; everything else stays as peft left it."""
+def enable_expert_training(model: nn.Module, upcast: bool = True) -> None:
+    """Routers and adapters train in full, in float32 (unless `upcast` is False: FSDP / ZeRO-3 keep the
+    model dtype, see sharded_training); everything else stays as peft left it."""
     found = 0
     for name, param in model.named_parameters():
         if is_moe_parameter(name):
-            if param.dtype != torch.float32:
+            if upcast and param.dtype != torch.float32:
                 param.data = param.data.float()
             param.requires_grad_(True)
             found += 1

@@ -58,6 +58,8 @@ def training_arguments(config: dict, has_eval: bool):
         remove_unused_columns=False,
         label_names=["labels"],
         disable_tqdm=True,
+        # no GPU: accelerate only sets up multi-process CPU training (DDP over gloo) when told it is on the CPU
+        use_cpu=not torch.cuda.is_available(),
         # activation checkpointing is set up on the model (non-reentrant) before peft wraps it
     )
 
