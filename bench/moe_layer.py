@@ -177,6 +177,10 @@ def main(argv=None):
     print(f"; E={args.experts} k={args.top_k}; forward+backward, train mode, adapter dropout 0, "
           f"dense weights {'frozen' if args.frozen_dense else 'trainable'}; median ms")
 
+    header = (
+        "| device | dtype | hidden | interm. | tokens | adapter_dim | dense ms | pesc ms (path) | reference ms "
+        "| pesc/dense | ref/dense | ref/pesc | pesc routed ms | routed/dense |"
+    )
     rows = []
     for device_name, dtype_name, hidden, tokens, adapter_dim in itertools.product(
         devices, args.dtype, args.hidden, args.tokens, args.adapter_dim
@@ -210,25 +214,26 @@ def main(argv=None):
             layer, x, grad, warmup, repeats, inner,
         )
         times["path"] = path
-        rows.append((device_name, dtype_name, hidden, intermediate, tokens, adapter_dim, times))
+        rows.append(format_row(device_name, dtype_name, hidden, intermediate, tokens, adapter_dim, times))
+        print(f"row {rows[-1]}", flush=True)
         del layer, x, grad
         if on_cuda:
             torch.cuda.empty_cache()
 
-    header = (
-        "| device | dtype | hidden | interm. | tokens | adapter_dim | dense ms | pesc ms (path) | reference ms "
-        "| pesc/dense | ref/dense | ref/pesc | pesc routed ms | routed/dense |"
-    )
     print()
     print(header)
     print("|" + "---|" * (header.count("|") - 1))
-    for device_name, dtype_name, hidden, intermediate, tokens, adapter_dim, t in rows:
-        print(
-            f"| {device_name} | {dtype_name} | {hidden} | {intermediate} | {tokens} | {adapter_dim} "
-            f"| {t['dense']:.2f} | {t['pesc']:.2f} ({t['path']}) | {t['reference']:.2f} "
-            f"| {t['pesc'] / t['dense']:.3f} | {t['reference'] / t['dense']:.3f} | {t['reference'] / t['pesc']:.3f} "
-            f"| {t['pesc_routed']:.2f} | {t['pesc_routed'] / t['dense']:.3f} |"
-        )
+    for row in rows:
+        print(row)
+
+
+def format_row(device_name, dtype_name, hidden, intermediate, tokens, adapter_dim, t) -> str:
+    return (
+        f"| {device_name} | {dtype_name} | {hidden} | {intermediate} | {tokens} | {adapter_dim} "
+        f"| {t['dense']:.2f} | {t['pesc']:.2f} ({t['path']}) | {t['reference']:.2f} "
+        f"| {t['pesc'] / t['dense']:.3f} | {t['reference'] / t['dense']:.3f} | {t['reference'] / t['pesc']:.3f} "
+        f"| {t['pesc_routed']:.2f} | {t['pesc_routed'] / t['dense']:.3f} |"
+    )
 
 
 if __name__ == "__main__":

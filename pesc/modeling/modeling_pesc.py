@@ -189,9 +189,8 @@ class PescMoEAdapter(nn.Module):
             # H100 speed (fp32 ~6e10 FLOP/ms, bf16/fp16 ~6e11): measured, docs/benchmarks.md.
             per_ms = 6e10 if ffn_rows.dtype == torch.float32 else 6e11
             return 3 * extra_per_token * ffn_rows.shape[-1] * ffn_rows.shape[0] <= 3 * per_ms
-        # CPU: FLOP-bound; take "all" only while the extra experts cost little next to the
-        # routed dispatch's per-token gathers (~ a few H per token).
-        return extra_per_token <= 2 * ffn_rows.shape[-1]
+        # CPU: FLOP-bound, launches are cheap: routed measured faster even at adapter_dim 64.
+        return False
 
     def _routed_forward(self, ffn_rows, routing_weights, selected):
         flat_experts = selected.reshape(-1)
