@@ -125,6 +125,12 @@ class _CombineRows(torch.autograd.Function):
         return _GatherRows.apply(grad, source, inverse, ctx.top_k), None, None, None
 
 
+# Up to this many token rows without autograd, every expert runs on every row (decode steps).
+# On the CPU the extra experts' FLOPs show sooner than the routed path's overhead.
+_DECODE_ROWS = 64
+_DECODE_ROWS_CPU = 4
+
+
 class PescMoEAdapter(nn.Module):
     """Router plus experts; adds each token's k weighted expert outputs to its FFN output.
 
@@ -181,6 +187,11 @@ class PescMoEAdapter(nn.Module):
             return False
         if self._dispatch != "auto":
             return self._dispatch == "all"
+        decode_rows = _DECODE_ROWS_CPU if ffn_rows.device.type == "cpu" else _DECODE_ROWS
+        if not torch.is_grad_enabled() and ffn_rows.shape[0] <= decode_rows:
+            # Generation's decode steps: a handful of kernels on cached stacks and no host
+            # sync beat the routed path's sort and per-expert loop (bench/generate.py).
+            return True
         extra_per_token = 4 * (self.num_experts - self.top_k) * experts[0].adapter_down.out_features
         if ffn_rows.device.type != "cpu":
             # GPU: the routed dispatch costs ~4-5 ms more per layer fwd+bwd in launches and its
@@ -201,7 +212,12 @@ class PescMoEAdapter(nn.Module):
         weights = routing_weights.reshape(-1)[order].unsqueeze(-1)
         rows = _GatherRows.apply(ffn_rows, source, inverse, self.top_k)
         outputs = []
+        # Without autograd an expert with no token has nothing to do; with it, it must still run
+        # (on zero rows) so its parameters join the graph.
+        skip_idle = not torch.is_grad_enabled()
         for expert, expert_rows, expert_weights in zip(self.experts.values(), rows.split(counts), weights.split(counts)):
+            if skip_idle and expert_rows.shape[0] == 0:
+                continue
             if type(expert) is PescAdapter:
                 # the routing weight scales the bottleneck (d wide) instead of the output (H wide)
                 hidden = expert_rows.to(expert.adapter_down.weight.dtype)
@@ -213,10 +229,29 @@ class PescMoEAdapter(nn.Module):
                 outputs.append(out * expert_weights.to(out.dtype))
         return _CombineRows.apply(torch.cat(outputs), source, inverse, self.top_k)
 
+    def _stacked_adapter_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """All experts' adapter_down as one [E*d, H] matrix and adapter_up as one [H, E*d].
+
+        Without autograd (generation) the stacks are kept and rebuilt only when a weight
+        changes (its storage or in-place version), so decoding does not copy every
+        expert's weights at every step; the price is one extra copy of the adapters.
+        """
+        experts = list(self.experts.values())
+        weights = [e.adapter_down.weight for e in experts] + [e.adapter_up.weight for e in experts]
+        if torch.is_grad_enabled() and any(w.requires_grad for w in weights):
+            self._stack_cache = None
+            return torch.cat(weights[: len(experts)]), torch.cat(weights[len(experts) :], dim=1)
+        key = tuple((w.data_ptr(), w._version, w.dtype, w.device) for w in weights)
+        cache = getattr(self, "_stack_cache", None)
+        if cache is None or cache[0] != key:
+            with torch.no_grad():
+                stacks = torch.cat(weights[: len(experts)]), torch.cat(weights[len(experts) :], dim=1)
+            cache = self._stack_cache = (key, *stacks)
+        return cache[1], cache[2]
+
     def _all_experts_forward(self, ffn_rows, routing_weights, selected):
         experts = list(self.experts.values())
-        down = torch.cat([e.adapter_down.weight for e in experts])  # [E*d, H]
-        up = torch.cat([e.adapter_up.weight for e in experts], dim=1)  # [H, E*d]
+        down, up = self._stacked_adapter_weights()  # [E*d, H], [H, E*d]
         gates = torch.zeros(
             ffn_rows.shape[0], self.num_experts, device=routing_weights.device, dtype=routing_weights.dtype
         ).scatter(1, selected, routing_weights)
