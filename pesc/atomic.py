@@ -33,9 +33,18 @@ def is_pesc_model_dir(path: str | Path) -> bool:
     return any((Path(path) / marker).is_file() for marker in KNOWN_MARKERS)
 
 
-def check_output_dir(out: str | Path, force: bool, sources: tuple[str | Path, ...] = ()) -> Path:
+def check_output_dir(
+    out: str | Path,
+    force: bool,
+    sources: tuple[str | Path, ...] = (),
+    *,
+    allow_empty: bool = False,
+    has_force: bool = True,
+) -> Path:
     """Refuse an OUT that exists (unless --force and pesc wrote it) or that holds one of the inputs.
 
+    With `allow_empty`, an existing empty folder is accepted as if it did not exist; `has_force`
+    False words the refusal for a command without a --force flag.
     Call it before any heavy work, so that a bad OUT fails in a second.
     """
     out = Path(out)
@@ -47,9 +56,11 @@ def check_output_dir(out: str | Path, force: bool, sources: tuple[str | Path, ..
     if out.exists() or out.is_symlink():
         if not out.is_dir() or out.is_symlink():
             raise PescError(f"{out} exists and is not a folder: choose another output path")
-        if not force:
-            raise PescError(f"{out} already exists: choose another output folder, or pass --force to replace it")
-        if any(out.iterdir()) and not is_pesc_model_dir(out):
+        empty = not any(out.iterdir())
+        if not force and not (allow_empty and empty):
+            remedy = "pass --force to replace it" if has_force else "remove it first"
+            raise PescError(f"{out} already exists: choose another output folder, or {remedy}")
+        if not empty and not is_pesc_model_dir(out):
             raise PescError(
                 f"{out} exists and was not written by pesc, so --force will not replace it: "
                 "choose another output folder or remove it yourself"
@@ -60,14 +71,15 @@ def check_output_dir(out: str | Path, force: bool, sources: tuple[str | Path, ..
 
 
 @contextmanager
-def atomic_output_dir(out: str | Path, force: bool = False):
+def atomic_output_dir(out: str | Path, force: bool = False, *, allow_empty: bool = False, has_force: bool = True):
     """Yield an empty temporary folder beside `out`; on success it becomes `out`, on any error it is removed.
 
-    With `force`, an existing `out` (checked by `check_output_dir`) is replaced only after the
-    new folder is complete.
+    With `force` (or `allow_empty` for an empty folder), an existing `out` (checked by
+    `check_output_dir`) is replaced only after the new folder is complete. Any error, Ctrl-C
+    included, removes the temporary folder; a full disk or another OSError becomes a PescError.
     """
     out = Path(out)
-    check_output_dir(out, force)
+    check_output_dir(out, force, allow_empty=allow_empty, has_force=has_force)
     tmp = out.parent / f".{out.name}{_TMP_TAG}{os.getpid()}"
     try:
         if tmp.exists():
@@ -80,7 +92,11 @@ def atomic_output_dir(out: str | Path, force: bool = False):
         if out.exists():
             old = out.parent / f".{out.name}{_TMP_TAG}old-{os.getpid()}"
             out.rename(old)
-            tmp.rename(out)
+            try:
+                tmp.rename(out)
+            except OSError:
+                old.rename(out)  # put the folder being replaced back
+                raise
             shutil.rmtree(old, ignore_errors=True)
         else:
             tmp.rename(out)
@@ -88,7 +104,10 @@ def atomic_output_dir(out: str | Path, force: bool = False):
         shutil.rmtree(tmp, ignore_errors=True)
         if error.errno == errno.ENOSPC:
             raise PescError(f"disk full while writing {out}: nothing was left behind; free some space") from None
-        raise
+        raise PescError(
+            f"could not write {out} ({error.strerror or error}): nothing was left behind; check that {out.parent} "
+            "is writable"
+        ) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

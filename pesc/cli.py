@@ -47,7 +47,7 @@ def inspect(path, num_experts, top_k, adapter_dim, as_json):
 @click.option("--config", "recipe", type=click.Path(path_type=str), help="Recipe YAML; its moe: section (flags win).")
 @click.option("--max-shard-size", default="5GB", show_default=True, help="Largest new shard file (e.g. 5GB, 500MB).")
 @click.option("--link", is_flag=True, help="Hard-link the base shards instead of copying them (copy if impossible).")
-@click.option("--force", is_flag=True, help="Replace OUT if it is a folder pesc convert wrote (never another).")
+@click.option("--force", is_flag=True, help="Replace OUT if it is a folder pesc wrote (never another).")
 def convert(src, out, recipe, max_shard_size, link, force, **moe_flags):
     """Turn the dense checkpoint SRC (folder or Hub id) into a PESC checkpoint at OUT, in bounded memory."""
     from pesc.convert import convert as run_convert, resolve_settings
@@ -123,10 +123,15 @@ def train(config, overrides, resume):
 @click.option("--family", type=click.Choice(["llama", "mistral", "qwen2"]), default="llama", show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 def tiny_model(out, family, seed):
-    """Write a tiny random dense checkpoint (with a ChatML tokenizer) for quick experiments and configs/tiny.yaml."""
+    """Write a tiny random dense checkpoint (with a ChatML tokenizer) for quick experiments and configs/tiny.yaml.
+
+    OUT must not exist, or be an empty folder; it is written beside OUT and renamed into place."""
+    from pesc.atomic import atomic_output_dir
     from pesc.testing import save_tiny_dense
 
-    click.echo(f"wrote {save_tiny_dense(out, family, seed=seed)}")
+    with atomic_output_dir(out, allow_empty=True, has_force=False) as tmp:
+        save_tiny_dense(tmp, family, seed=seed)
+    click.echo(f"wrote {out}")
 
 
 @cli.command()

@@ -28,13 +28,13 @@ import re
 import shutil
 import struct
 import sys
-import tempfile
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
+from pesc.atomic import atomic_output_dir, check_output_dir, write_marker
 from pesc.errors import PescError
 
 MARKER_FILE = ".pesc-convert"
@@ -104,6 +104,10 @@ class ConvertSettings:
 
     def moe_fields(self) -> dict:
         return {k: v for k, v in asdict(self).items() if k != "max_shard_size"}
+
+    def config_fields(self) -> dict:
+        """The settings `pesc_config_from_dense` takes (all but the seed and the shard size)."""
+        return {k: v for k, v in self.moe_fields().items() if k != "seed"}
 
 
 def _is_int(value) -> bool:
@@ -366,6 +370,7 @@ class Plan:
     sources: list[SourceFile]
     expert_shards: list[ExpertShard]
     link: bool
+    force: bool = False  # OUT may be replaced (checked by pesc.atomic.check_output_dir)
 
     @property
     def num_files(self) -> int:
@@ -448,7 +453,7 @@ def plan_conversion(src: str, out: str | Path, settings: ConvertSettings, link: 
     dense_config = read_config(folder)
     if isinstance(dense_config, PescConfig):
         raise PescError(f"{src} is already a PESC checkpoint (model_type pesc): convert its dense base model instead")
-    _check_out(out, folder, force)
+    check_output_dir(out, force, (folder,))
     sources = find_weight_files(folder)
     for file in sources:
         moe_tensor = next((name for name in file.tensors if ".moe_adapter." in name), None)
@@ -463,16 +468,7 @@ def plan_conversion(src: str, out: str | Path, settings: ConvertSettings, link: 
         ffn = next((f.tensors[k] for f in sources for k in f.tensors if k.endswith("mlp.gate_proj.weight")), None)
         moe_dtype = _TORCH_DTYPE_NAMES[ffn.dtype] if ffn is not None else "float32"
     try:
-        config = pesc_config_from_dense(
-            dense_config,
-            num_experts=settings.num_experts,
-            top_k=settings.top_k,
-            adapter_dim=settings.adapter_dim,
-            moe_scaling=settings.moe_scaling,
-            adapter_dropout=settings.adapter_dropout,
-            router_aux_loss_coef=settings.router_aux_loss_coef,
-            moe_dtype=moe_dtype,
-        )
+        config = pesc_config_from_dense(dense_config, **settings.config_fields(), moe_dtype=moe_dtype)
     except ValueError as error:
         raise PescError(f"cannot convert {src}: {error}") from None
     if config.moe_dtype not in _TORCH_DTYPE_NAMES.values() or not config.moe_dtype.startswith(("float", "bfloat")):
@@ -493,24 +489,7 @@ def plan_conversion(src: str, out: str | Path, settings: ConvertSettings, link: 
             if shards[-1].entries and shards[-1].nbytes + info.nbytes > settings.max_shard_size:
                 shards.append(ExpertShard())
             shards[-1].entries.append((layer_idx, name, info))
-    return Plan(folder, hub_id, out, settings, config, sources, shards, link)
-
-
-def _check_out(out: Path, src: Path, force: bool) -> None:
-    if out.resolve() == src.resolve() or src.resolve().is_relative_to(out.resolve()):
-        raise PescError(f"OUT {out} is (or contains) the source folder: choose another OUT")
-    if not out.exists() and not out.is_symlink():
-        return
-    if not force:
-        raise PescError(
-            f"{out} already exists: pass --force to replace it (only a folder written by pesc convert) "
-            "or choose another OUT"
-        )
-    if out.is_symlink() or not out.is_dir() or not (out / MARKER_FILE).is_file():
-        raise PescError(
-            f"{out} exists and was not written by pesc convert: refusing to replace it even with --force; "
-            "remove it yourself or choose another OUT"
-        )
+    return Plan(folder, hub_id, out, settings, config, sources, shards, link, force)
 
 
 # --------------------------------------------------------------------------------------
@@ -610,67 +589,33 @@ def _rewrite_bin(src: Path, dst: Path, tensors: dict[str, TensorInfo], progress=
     write_safetensors(dst, [tensors[n] for n in names], (state.pop(n) for n in names), progress)
 
 
-def _model_card(plan: Plan, summary_lines: list[str]) -> str:
-    from huggingface_hub import ModelCard, ModelCardData
+def _model_card(plan: Plan):
+    """The shared PESC model card (pesc.model_card), for a converted model: no training section."""
+    from pesc.model_card import build_model_card
 
-    settings, config = plan.settings, plan.config
-    base = plan.hub_id
-    data = ModelCardData(
-        base_model=base,
-        base_model_relation="finetune" if base else None,
-        library_name="transformers",
-        pipeline_tag="text-generation",
-        tags=["moe", "pesc", "mixture-of-experts"],
-    )
+    settings, config, base = plan.settings, plan.config, plan.hub_id
     base_text = f"[{base}](https://huggingface.co/{base})" if base else f"a local checkpoint (`{plan.src.name}`)"
-    title = (base or plan.src.name).split("/")[-1]
-    rows = "\n".join(
-        f"| `{key}` | {value} |"
-        for key, value in (
-            ("base_model_type", config.base_model_type),
-            ("num_experts", settings.num_experts),
-            ("topk", settings.top_k),
-            ("adapter_dim", settings.adapter_dim),
-            ("moe_scaling", settings.moe_scaling),
-            ("adapter_dropout", settings.adapter_dropout),
-            ("router_aux_loss_coef", settings.router_aux_loss_coef),
-            ("moe_dtype", config.moe_dtype),
-            ("seed", settings.seed),
-        )
+    description = (
+        f"A sparse Mixture-of-Experts model upcycled from {base_text} with `pesc convert`, the Parameter-Efficient "
+        "Sparsity Crafting (PESC) way (arXiv 2401.02731): every expert shares the dense FFN, each expert owns a "
+        f"bottleneck adapter on the FFN output, and a top-{settings.top_k} router picks the experts of each token. "
+        "The adapters' up-projections start at zero, so this checkpoint computes exactly what the base model "
+        "computes until it is trained (`pesc train`).\n\n"
+        "The base tensors keep their dense names; each layer adds `model.layers.N.mlp.moe_adapter.router.weight` "
+        "and `model.layers.N.mlp.moe_adapter.experts.expert_J.adapter_{down,up}.weight`."
     )
-    summary = "\n".join(summary_lines)
-    body = f"""
-# {title} PESC ({settings.num_experts} experts, top-{settings.top_k})
-
-A sparse Mixture-of-Experts model upcycled from {base_text} with `pesc convert`, the
-Parameter-Efficient Sparsity Crafting (PESC) way: every expert shares the dense FFN, each
-expert owns a bottleneck adapter on the FFN output, and a top-{settings.top_k} router picks
-the experts of each token. The adapters' up-projections start at zero, so this checkpoint
-computes exactly what the base model computes until it is trained (`pesc train`).
-
-| setting | value |
-|---|---|
-{rows}
-
-```
-{summary}
-```
-
-## Usage
-
-```python
-from transformers import AutoModelForCausalLM, AutoTokenizer
-
-model = AutoModelForCausalLM.from_pretrained("path/to/this/folder", trust_remote_code=True)
-tokenizer = AutoTokenizer.from_pretrained("path/to/this/folder")
-```
-
-The model code (`configuration_pesc.py`, `modeling_pesc.py`) ships in this folder; the base
-tensors keep their dense names, and each layer adds
-`model.layers.N.mlp.moe_adapter.router.weight` and
-`model.layers.N.mlp.moe_adapter.experts.expert_J.adapter_{{down,up}}.weight`.
-"""
-    return str(ModelCard(f"---\n{data.to_yaml()}\n---\n{body}"))
+    return build_model_card(
+        config,
+        title=f"{(base or plan.src.name).split('/')[-1]} PESC ({settings.num_experts} experts, top-{settings.top_k})",
+        base_model=base or plan.src.name,
+        base_model_id=base,
+        description=description,
+        extra_settings={
+            "adapter dropout": settings.adapter_dropout,
+            "moe_dtype": config.moe_dtype,
+            "seed": settings.seed,
+        },
+    )
 
 
 def _carried_files(folder: Path) -> list[Path]:
@@ -688,10 +633,9 @@ class ConvertResult:
     total_bytes: int
 
 
-def write_conversion(plan: Plan, echo: Callable[[str], None] = print, summary_lines: list[str] | None = None) -> ConvertResult:
-    """Write the planned output into a temporary folder beside OUT, then rename it into place."""
+def write_conversion(plan: Plan, echo: Callable[[str], None] = print) -> ConvertResult:
+    """Write the planned output into a temporary folder beside OUT (pesc.atomic), then rename it into place."""
     out = plan.out
-    out.parent.mkdir(parents=True, exist_ok=True)
     needed = (0 if plan.link else plan.source_bytes) + plan.expert_bytes + 50_000_000
     free = shutil.disk_usage(out.parent).free
     if free < needed:
@@ -699,35 +643,13 @@ def write_conversion(plan: Plan, echo: Callable[[str], None] = print, summary_li
             f"not enough disk space in {out.parent}: the output needs about {_human(needed)}, "
             f"{_human(free)} is free; free some space{'' if plan.link else ' or pass --link'} and retry"
         )
-    try:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.pesc-tmp-", dir=out.parent))
-    except OSError as error:
-        raise PescError(f"cannot write into {out.parent} ({error.strerror}): choose another OUT") from None
-    try:
-        result = _write_into(plan, tmp, echo, summary_lines or [])
-        if out.exists():  # --force, checked in plan_conversion: swap, then delete the old folder
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.pesc-old-", dir=out.parent))
-            os.rename(out, old / out.name)
-            os.rename(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, out)
-    except OSError as error:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if error.errno == errno.ENOSPC:
-            raise PescError(
-                f"disk full while writing {out} (it needs about {_human(needed)}): nothing was left behind; "
-                "free some space and retry"
-            ) from None
-        raise PescError(f"could not write {out}: {error.strerror or error}; nothing was left behind") from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with atomic_output_dir(out, plan.force) as tmp:
+        result = _write_into(plan, tmp, echo)
     result.out = out
     return result
 
 
-def _write_into(plan: Plan, tmp: Path, echo, summary_lines: list[str]) -> ConvertResult:
+def _write_into(plan: Plan, tmp: Path, echo) -> ConvertResult:
     from tqdm.auto import tqdm
 
     from pesc import __version__
@@ -793,14 +715,14 @@ def _write_into(plan: Plan, tmp: Path, echo, summary_lines: list[str]) -> Conver
         shutil.copyfile(modeling_dir / code_file, tmp / code_file)
     for extra in _carried_files(plan.src):
         shutil.copyfile(extra, tmp / extra.name)
-    (tmp / "README.md").write_text(_model_card(plan, summary_lines))
+    _model_card(plan).save(tmp / "README.md")
     marker = {
         "written_by": "pesc convert",
         "pesc_version": __version__,
         "source": plan.hub_id or str(plan.src),
         "settings": plan.settings.moe_fields(),
     }
-    (tmp / MARKER_FILE).write_text(json.dumps(marker, indent=2) + "\n")
+    write_marker(tmp, MARKER_FILE, marker)
     return ConvertResult(
         out=tmp,
         files=sorted(p.name for p in tmp.iterdir()),
@@ -855,10 +777,9 @@ def convert(
         + ", ".join(f"{k} {v}" for k, v in settings.moe_fields().items())
         + f", moe_dtype {plan.config.moe_dtype}, max_shard_size {_human(settings.max_shard_size)}"
     )
-    summary_lines = summarize(plan.config).lines()
-    for line in summary_lines:
+    for line in summarize(plan.config).lines():
         echo(line)
-    result = write_conversion(plan, echo, summary_lines)
+    result = write_conversion(plan, echo)
     how = []
     if result.linked:
         how.append(f"{result.linked} base shard(s) hard-linked")

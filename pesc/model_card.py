@@ -119,10 +119,13 @@ def build_model_card(
     base_model_relation: str | None = "finetune",
     extra_tags: list[str] = (),
     description: str | None = None,
+    extra_settings: dict | None = None,
 ) -> ModelCard:
     """A model card for a PESC model folder: metadata block plus settings, parameter counts, training.
 
     `base_model` is shown in the text as given; `base_model_id` (a Hub id) goes in the metadata.
+    `extra_settings` adds rows to the settings table. Without `lora`, `datasets`, `data_files` and
+    `metrics` (a freshly converted, untrained model) the card has no Training section.
     """
     tags = list(dict.fromkeys([*BASE_TAGS, config.base_model_type, *extra_tags]))
     data = ModelCardData(
@@ -168,6 +171,7 @@ def build_model_card(
         f"| adapter dim | {config.adapter_dim} |",
         f"| moe_scaling | {config.moe_scaling} |",
         f"| router aux loss coef | {config.router_aux_loss_coef} |",
+        *(f"| {key} | {value} |" for key, value in (extra_settings or {}).items()),
         f"| total parameters | {summary.total_params:,} ({human_count(summary.total_params)}) |",
         f"| active parameters per token | {summary.active_params:,} ({human_count(summary.active_params)}) |",
         f"| expert + router parameters | {summary.trainable_params:,} ({human_count(summary.trainable_params)}) |",

@@ -198,8 +198,16 @@ def test_force_replaces_only_a_folder_pesc_convert_wrote(sources, tmp_path, caps
     foreign.mkdir()
     (foreign / "precious.txt").write_text("keep me")
     code, _, err = run_cli(capsys, "convert", src, foreign, "--force")
-    assert_clean_error(code, err, "not written by pesc convert")
+    assert_clean_error(code, err, "not written by pesc", "--force will not replace it")
     assert (foreign / "precious.txt").read_text() == "keep me"
+
+    # Any folder a pesc command wrote (its marker) may be replaced, e.g. a `pesc export` output.
+    exported = tmp_path / "exported"
+    exported.mkdir()
+    (exported / ".pesc-export").write_text("{}\n")
+    code, _, err = run_cli(capsys, "convert", src, exported, *SMALL, "--force")
+    assert code == 0, err
+    assert (exported / ".pesc-convert").is_file() and not (exported / ".pesc-export").exists()
 
 
 # --------------------------------------------------------------------------------------
@@ -468,3 +476,28 @@ def test_streaming_conversion_peak_memory_is_far_below_checkpoint_size(tmp_path)
     assert growth < size / 5, f"RSS grew by {growth / 1e6:.0f} MB converting a {size / 1e6:.0f} MB checkpoint"
     index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
     assert len(index["weight_map"]) == 8 * 9 + 3 + 8 * (1 + 8 * 2)
+
+
+# --------------------------------------------------------------------------------------
+# `pesc tiny-model OUT`: the same output-folder rules (pesc.atomic), without --force
+# --------------------------------------------------------------------------------------
+def test_tiny_model_writes_a_new_or_empty_folder(tmp_path, capsys):
+    code, _, err = run_cli(capsys, "tiny-model", tmp_path / "new")
+    assert code == 0, err
+    assert json.loads((tmp_path / "new" / "config.json").read_text())["model_type"] == "llama"
+    (tmp_path / "empty").mkdir()
+    code, _, err = run_cli(capsys, "tiny-model", tmp_path / "empty", "--family", "qwen2")
+    assert code == 0, err
+    assert json.loads((tmp_path / "empty" / "config.json").read_text())["model_type"] == "qwen2"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "new"]  # no temporary folder left
+
+
+def test_tiny_model_refuses_an_existing_folder(tmp_path, capsys):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    code, _, err = run_cli(capsys, "tiny-model", out)
+    assert_clean_error(code, err, "already exists", "remove it first")
+    assert "--force" not in err
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]
+    assert [p.name for p in tmp_path.iterdir()] == ["mine"]
