@@ -8,7 +8,7 @@ import torch
 from datasets import Dataset
 
 from pesc import upcycle
-from pesc.data import CHAT_TEMPLATES, DATASET_TYPES, load_training_data, make_collator
+from pesc.data import CHAT_TEMPLATES, DATASET_TYPES, check_dataset_entry, load_training_data, make_collator
 from pesc.errors import PescError
 from pesc.testing import build_tiny_dense, build_tiny_tokenizer
 
@@ -320,3 +320,111 @@ def test_packing_matches_unpacked_pesc(tok, packed_rows):
         for p in ups:  # adapter_up starts at zero: perturb it so the experts differ and matter
             p.normal_(0, 0.5)
     check_packed_equals_alone(model, tok, packed_rows)
+
+
+def test_alpaca_column_mapping(tmp_path, tok):
+    rows = [{"query": "What is 2 + 3?", "response": "2 + 3 = 5.", "sys": "Be brief.", "ctx": "Show your work."},
+            {"query": "And 4 + 4?", "response": "8.", "sys": None, "ctx": ""}]
+    path = write_jsonl(tmp_path / "meta.jsonl", rows)
+    entry = {"path": str(path), "type": "alpaca", "instruction_field": "query", "output_field": "response",
+             "input_field": "ctx", "system_field": "sys"}
+    train, _ = load_training_data([entry], tok, chat_template="chatml", sequence_len=512)
+    by_answer = {tok.decode(r["input_ids"]).split("assistant\n")[-1]: r for r in train}
+    first, second = by_answer["2 + 3 = 5.<|im_end|>\n"], by_answer["8.<|im_end|>\n"]
+    assert tok.decode(first["input_ids"]) == (
+        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nWhat is 2 + 3?\n\nShow your work.<|im_end|>\n"
+        "<|im_start|>assistant\n2 + 3 = 5.<|im_end|>\n"
+    )
+    assert tok.decode(second["input_ids"]) == (  # null system, empty input: neither is rendered
+        "<|im_start|>user\nAnd 4 + 4?<|im_end|>\n<|im_start|>assistant\n8.<|im_end|>\n"
+    )
+    assert trainable_spans(tok, first["input_ids"], first["labels"]) == ["2 + 3 = 5.<|im_end|>"]
+    assert trainable_spans(tok, second["input_ids"], second["labels"]) == ["8.<|im_end|>"]
+    # Magicoder's layout (instruction/response) with the reference prompt
+    code = write_jsonl(tmp_path / "code.jsonl", [{"instruction": "Reverse 'ab'.", "response": "'ba'"}])
+    entry = {"path": str(code), "type": "alpaca", "instruction_field": "instruction", "output_field": "response"}
+    (row,), _ = load_training_data([entry], tok, chat_template="camelidae", sequence_len=512)
+    assert tok.decode(row["input_ids"]) == "<|endoftext|>### Human:\nReverse 'ab'.\n### Assistant:\n'ba'<|im_end|>"
+    assert trainable_spans(tok, row["input_ids"], row["labels"]) == ["'ba'<|im_end|>"]
+
+
+def test_conversation_column_mapping(tmp_path, tok):
+    conv = [{"speaker": "human", "text": q} for q, _ in TURNS[:1]] + [{"speaker": "gpt", "text": TURNS[0][1]}]
+    path = write_jsonl(tmp_path / "s.jsonl", [{"dialog": conv}])
+    entry = {"path": str(path), "type": "sharegpt", "field": "dialog", "role_field": "speaker", "content_field": "text"}
+    (row,), _ = load_training_data([entry], tok, chat_template="chatml", sequence_len=512)
+    assert trainable_spans(tok, row["input_ids"], row["labels"]) == [TURNS[0][1] + "<|im_end|>"]
+    msgs = [{"who": "user", "says": "hi"}, {"who": "assistant", "says": "hello"}]
+    path = write_jsonl(tmp_path / "m.jsonl", [{"messages": msgs}])
+    entry = {"path": str(path), "type": "messages", "role_field": "who", "content_field": "says"}
+    (row,), _ = load_training_data([entry], tok, chat_template="chatml", sequence_len=512)
+    assert trainable_spans(tok, row["input_ids"], row["labels"]) == ["hello<|im_end|>"]
+    write_jsonl(path, [{"messages": msgs}, {"messages": [{"who": "user"}]}])
+    with pytest.raises(PescError, match=r"m\.jsonl: row 2: missing key 'says'"):
+        load_training_data([entry], tok, chat_template="chatml", sequence_len=512)
+
+
+@pytest.mark.parametrize("entry, row, message", [
+    ({"instruction_field": "query", "output_field": "response"}, {"instruction": "x", "response": "y"},
+     r"row 2: missing column 'query' \(set by instruction_field; the row has: instruction, response\)"),
+    ({"output_field": "response"}, {"instruction": "x", "output": "y"}, r"row 2: missing column 'response'"),
+    ({"input_field": "ctx"}, {"instruction": "x", "output": "y"}, r"row 2: missing column 'ctx' \(set by input_field"),
+    ({"system_field": "sys"}, {"instruction": "x", "output": "y"}, r"row 2: missing column 'sys' \(set by system_field"),
+    ({"output_field": "response"}, {"instruction": "x", "response": 3}, r"row 2: 'response' must be a string, got int"),
+    ({"instruction_field": "query"}, {"query": None, "output": "y"}, r"row 2: missing key 'query'"),
+])
+def test_missing_mapped_column_names_file_row_column(tmp_path, tok, entry, row, message):
+    good = {"instruction": "a", "query": "a", "output": "b", "response": "b", "ctx": "", "sys": ""}
+    path = write_jsonl(tmp_path / "mapped.jsonl", [good, row])
+    with pytest.raises(PescError, match=rf"mapped\.jsonl: {message}"):
+        load_training_data([{"path": str(path), "type": "alpaca", **entry}], tok, chat_template="chatml",
+                           sequence_len=64)
+
+
+def test_missing_mapped_column_parquet(tmp_path, tok):
+    Dataset.from_list([{"instruction": "x", "response": "y"}] * 2).to_parquet(tmp_path / "magic.parquet")
+    entry = {"path": str(tmp_path / "magic.parquet"), "type": "alpaca", "instruction_field": "query",
+             "output_field": "response"}
+    with pytest.raises(PescError, match=r"magic\.parquet: row 1: missing column 'query' \(set by instruction_field"):
+        load_training_data([entry], tok, chat_template="chatml", sequence_len=64)
+
+
+@pytest.mark.parametrize("extra, message", [
+    ({"instruction_feild": "q"}, r"datasets\[0\]: unknown key\(s\) instruction_feild \(valid keys: .*instruction_field"),
+    ({"type": "sharegpt", "output_field": "r"}, "output_field does not apply to sharegpt rows"),
+    ({"field": "chat"}, "field does not apply to alpaca rows"),
+    ({"type": "camelidae", "role_field": "r", "content_field": "c"}, "role_field, content_field do not apply to camelidae"),
+    ({"instruction_field": 3}, r"datasets\[0\]\.instruction_field must be a string, got int"),
+    ({"output_field": ""}, r"datasets\[0\]\.output_field must name a column"),
+])
+def test_column_mapping_entry_errors(tmp_path, tok, extra, message):
+    path = write_jsonl(tmp_path / "d.jsonl", [row_in("alpaca", TURNS[:1])])
+    entry = {"path": str(path), "type": "alpaca", **extra}
+    with pytest.raises(PescError, match=message):
+        load_training_data([entry], tok, chat_template="chatml", sequence_len=64)
+    with pytest.raises(PescError, match=message):  # the same check, without loading anything
+        check_dataset_entry(0, entry)
+
+
+def test_camelidae_recipe_datasets_validate():
+    from pathlib import Path
+
+    from pesc.training.config import load_config, validate
+
+    recipe = Path(__file__).resolve().parents[1] / "configs" / "camelidae-8x7b.yaml"
+    config = load_config(recipe)  # the whole config check, no I/O beyond the file
+    by_path = {entry["path"]: entry for entry in config["datasets"]}
+    assert by_path["ise-uiuc/Magicoder-Evol-Instruct-110K"] == {
+        "path": "ise-uiuc/Magicoder-Evol-Instruct-110K", "type": "alpaca",
+        "instruction_field": "instruction", "output_field": "response"}
+    assert by_path["meta-math/MetaMathQA"] == {
+        "path": "meta-math/MetaMathQA", "type": "alpaca", "instruction_field": "query", "output_field": "response"}
+    for i, entry in enumerate(config["datasets"]):
+        check_dataset_entry(i, entry)
+    raw = {**config, "datasets": [{**by_path["meta-math/MetaMathQA"], "instrucion_field": "query"}]}
+    typo = r"unknown config key 'datasets\[0\]\.instrucion_field' \(did you mean 'instruction_field'\?\)"
+    with pytest.raises(PescError, match=typo):
+        validate(raw)
+    raw = {**config, "datasets": [{"path": "Open-Orca/SlimOrca", "type": "sharegpt", "output_field": "response"}]}
+    with pytest.raises(PescError, match=r"datasets\[0\]: output_field does not apply to sharegpt rows"):
+        validate(raw)

@@ -5,7 +5,7 @@ One concept per module: `formats` (row -> messages), `templates` (named chat tem
 """
 
 from pesc.data.formats import DATASET_TYPES
-from pesc.data.loading import DATASET_KEYS, load_training_data
+from pesc.data.loading import DATASET_KEYS, check_dataset_entry, load_training_data
 from pesc.data.masking import tokenize_conversation
 from pesc.data.packing import make_collator
 from pesc.data.templates import CHAT_TEMPLATES, resolve_chat_template
@@ -14,6 +14,7 @@ __all__ = [
     "CHAT_TEMPLATES",
     "DATASET_KEYS",
     "DATASET_TYPES",
+    "check_dataset_entry",
     "load_training_data",
     "make_collator",
     "resolve_chat_template",

@@ -59,46 +59,53 @@ def _finish(messages: list[dict]) -> list[dict]:
     return messages[: last + 1]
 
 
-def convert_messages(row, field: str = "messages") -> list[dict]:
-    """OpenAI chat format: {"messages": [{"role": "user", "content": "..."}, ...]}."""
+def _conversation(row, field: str, role_field: str, content_field: str, roles: dict) -> list[dict]:
+    """Turns [{role_field: speaker, content_field: text}, ...] in column `field`, speakers mapped by `roles`."""
     row = _check_row(row)
     messages = []
     for i, turn in enumerate(_turns(row, field), start=1):
         if not isinstance(turn, dict):
-            raise RowError(f"'{field}'[{i}] must be an object with 'role' and 'content', got {type(turn).__name__}")
-        role = _get(turn, "role", str, f"'{field}'[{i}].role")
-        if role not in ROLES:
-            raise RowError(f"'{field}'[{i}] has unknown role {role!r} (valid: {', '.join(ROLES)})")
-        content = _get(turn, "content", str, f"'{field}'[{i}].content")
-        messages.append({"role": role, "content": content})
-    return _finish(messages)
-
-
-def convert_sharegpt(row, field: str = "conversations") -> list[dict]:
-    """ShareGPT: {"conversations": [{"from": "human", "value": "..."}, {"from": "gpt", ...}]}."""
-    row = _check_row(row)
-    messages = []
-    for i, turn in enumerate(_turns(row, field), start=1):
-        if not isinstance(turn, dict):
-            raise RowError(f"'{field}'[{i}] must be an object with 'from' and 'value', got {type(turn).__name__}")
-        speaker = _get(turn, "from", str, f"'{field}'[{i}].from")
-        if speaker not in _SHAREGPT_ROLES:
             raise RowError(
-                f"'{field}'[{i}] has unknown role {speaker!r} (valid: {', '.join(_SHAREGPT_ROLES)})"
+                f"'{field}'[{i}] must be an object with '{role_field}' and '{content_field}', got {type(turn).__name__}"
             )
-        value = _get(turn, "value", str, f"'{field}'[{i}].value")
-        messages.append({"role": _SHAREGPT_ROLES[speaker], "content": value})
+        speaker = _get(turn, role_field, str, f"'{field}'[{i}].{role_field}")
+        if speaker not in roles:
+            raise RowError(f"'{field}'[{i}] has unknown role {speaker!r} (valid: {', '.join(roles)})")
+        content = _get(turn, content_field, str, f"'{field}'[{i}].{content_field}")
+        messages.append({"role": roles[speaker], "content": content})
     return _finish(messages)
 
 
-def convert_alpaca(row, field: str | None = None) -> list[dict]:
-    """Alpaca: {"instruction": "...", "input": "..." (optional), "output": "..."}."""
+def convert_messages(
+    row, field: str = "messages", role_field: str = "role", content_field: str = "content"
+) -> list[dict]:
+    """OpenAI chat format: {"messages": [{"role": "user", "content": "..."}, ...]}."""
+    return _conversation(row, field, role_field, content_field, {role: role for role in ROLES})
+
+
+def convert_sharegpt(
+    row, field: str = "conversations", role_field: str = "from", content_field: str = "value"
+) -> list[dict]:
+    """ShareGPT: {"conversations": [{"from": "human", "value": "..."}, {"from": "gpt", ...}]}."""
+    return _conversation(row, field, role_field, content_field, _SHAREGPT_ROLES)
+
+
+def convert_alpaca(
+    row,
+    instruction_field: str = "instruction",
+    input_field: str = "input",
+    output_field: str = "output",
+    system_field: str | None = None,
+) -> list[dict]:
+    """Alpaca: {"instruction": "...", "input": "..." (optional), "output": "..."}; optional system column."""
     row = _check_row(row)
-    instruction = _get(row, "instruction", str, "'instruction'")
-    extra = _get(row, "input", str, "'input'", required=False)
-    output = _get(row, "output", str, "'output'")
+    system = _get(row, system_field, str, f"'{system_field}'", required=False) if system_field else None
+    instruction = _get(row, instruction_field, str, f"'{instruction_field}'")
+    extra = _get(row, input_field, str, f"'{input_field}'", required=False)
+    output = _get(row, output_field, str, f"'{output_field}'")
     prompt = f"{instruction}\n\n{extra}" if extra else instruction
-    return [{"role": "user", "content": prompt}, {"role": "assistant", "content": output}]
+    messages = [{"role": "system", "content": system}] if system else []
+    return messages + [{"role": "user", "content": prompt}, {"role": "assistant", "content": output}]
 
 
 def convert_camelidae(row, field: str = "conversation") -> list[dict]:
@@ -125,3 +132,36 @@ CONVERTERS: dict[str, Callable[..., list[dict]]] = {
 }
 
 DATASET_TYPES = tuple(CONVERTERS)
+
+# The column-mapping keys a dataset entry may set, per type, with their defaults (None: not read by default).
+# Keys naming a row's column are checked on every row when set; role_field/content_field name keys in each turn.
+COLUMN_KEYS: dict[str, dict[str, str | None]] = {
+    "messages": {"field": "messages", "role_field": "role", "content_field": "content"},
+    "sharegpt": {"field": "conversations", "role_field": "from", "content_field": "value"},
+    "alpaca": {
+        "instruction_field": "instruction", "input_field": "input", "output_field": "output", "system_field": None,
+    },
+    "camelidae": {"field": "conversation"},
+}
+_TURN_KEYS = ("role_field", "content_field")
+
+
+def make_converter(kind: str, columns: dict[str, str] | None = None) -> Callable[[object], list[dict]]:
+    """row -> messages for `kind`, with `columns` (a subset of COLUMN_KEYS[kind]) overriding the default names.
+
+    A column named in `columns` must be in every row (an optional one, input or system, may be null or empty):
+    a typo in the mapping is an error on the first row rather than an input silently left out.
+    """
+    convert = CONVERTERS[kind]
+    columns = dict(columns or {})
+    required = {key: name for key, name in columns.items() if key not in _TURN_KEYS}
+
+    def convert_row(row) -> list[dict]:
+        row = _check_row(row)
+        for key, name in required.items():
+            if name not in row:
+                have = ", ".join(map(str, list(row)[:12])) + (", ..." if len(row) > 12 else "")
+                raise RowError(f"missing column '{name}' (set by {key}; the row has: {have or 'no keys'})")
+        return convert(row, **columns)
+
+    return convert_row

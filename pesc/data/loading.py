@@ -11,38 +11,55 @@ from pathlib import Path
 import datasets as hf_datasets
 from datasets import Dataset, Features, List, Value, concatenate_datasets
 
-from pesc.data.formats import CONVERTERS, DATASET_TYPES, RowError
+from pesc.data.formats import COLUMN_KEYS, DATASET_TYPES, RowError, make_converter
 from pesc.data.masking import IGNORE_INDEX, ConversationTokenizer
 from pesc.data.templates import resolve_chat_template
 from pesc.errors import PescError
 
 logger = logging.getLogger(__name__)
 
-DATASET_KEYS = ("path", "type", "split", "name", "data_files", "field")
+_SOURCE_KEYS = ("path", "type", "split", "name", "data_files")
+_COLUMN_KEYS = tuple(dict.fromkeys(key for keys in COLUMN_KEYS.values() for key in keys))
+DATASET_KEYS = _SOURCE_KEYS + _COLUMN_KEYS
+"""Every key a dataset entry may have: where the data is, its format, and (per format) its column names."""
 _LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet")
 _MESSAGES = Features({"messages": List({"role": Value("string"), "content": Value("string")})})
 
 
-def _check_entry(index: int, entry) -> dict:
+def check_dataset_entry(index: int, entry) -> dict:
+    """One `datasets:` entry's keys and types (no I/O); returns it. Raises PescError naming `datasets[index]`."""
     where = f"datasets[{index}]"
     if not isinstance(entry, dict):
         raise PescError(f"{where} must be a mapping with at least 'path' and 'type', got {type(entry).__name__}")
-    unknown = sorted(set(entry) - set(DATASET_KEYS))
+    unknown = sorted(map(str, set(entry) - set(DATASET_KEYS)))
     if unknown:
         raise PescError(f"{where}: unknown key(s) {', '.join(unknown)} (valid keys: {', '.join(DATASET_KEYS)})")
     for key in ("path", "type"):
         if key not in entry:
             raise PescError(f"{where}: missing key '{key}'")
-    for key in ("path", "type", "split", "name", "field"):
+    for key in ("path", "type", "split", "name", *_COLUMN_KEYS):
         if key in entry and entry[key] is not None and not isinstance(entry[key], str):
             raise PescError(f"{where}.{key} must be a string, got {type(entry[key]).__name__}")
+    for key in _COLUMN_KEYS:
+        if entry.get(key) == "":
+            raise PescError(f"{where}.{key} must name a column, got an empty string")
     if entry.get("data_files") is not None and not isinstance(entry["data_files"], (str, list, dict)):
         raise PescError(f"{where}.data_files must be a string, a list or a mapping")
-    if entry["type"] not in DATASET_TYPES:
-        raise PescError(f"{where}: unknown type {entry['type']!r} (valid types: {', '.join(DATASET_TYPES)})")
-    if entry["type"] == "alpaca" and entry.get("field"):
-        raise PescError(f"{where}: 'field' does not apply to alpaca rows (instruction/input/output)")
+    kind = entry["type"]
+    if kind not in DATASET_TYPES:
+        raise PescError(f"{where}: unknown type {kind!r} (valid types: {', '.join(DATASET_TYPES)})")
+    foreign = [key for key in _COLUMN_KEYS if entry.get(key) is not None and key not in COLUMN_KEYS[kind]]
+    if foreign:
+        raise PescError(
+            f"{where}: {', '.join(foreign)} do{'es' if len(foreign) == 1 else ''} not apply to {kind} rows "
+            f"({kind} takes {', '.join(COLUMN_KEYS[kind])})"
+        )
     return entry
+
+
+def _columns(entry: dict) -> dict[str, str]:
+    """The entry's column mapping: the column keys it sets (to a name)."""
+    return {key: entry[key] for key in COLUMN_KEYS[entry["type"]] if entry.get(key) is not None}
 
 
 def _is_local(path: str) -> bool:
@@ -72,17 +89,17 @@ def _json_rows(path: Path):
             raise PescError(f"{path}: row {number}: invalid JSON: {exc}") from exc
 
 
-def _convert(where: str, number: int, row, convert, field) -> list[dict]:
+def _convert(where: str, number: int, row, convert) -> list[dict]:
     try:
-        return convert(row, field) if field else convert(row)
+        return convert(row)
     except RowError as exc:
         raise PescError(f"{where}: row {number}: {exc}") from None
 
 
 def _load_messages(entry: dict) -> tuple[Dataset, str]:
     """One dataset entry as a Dataset with a single `messages` column (validated, converted)."""
-    path, kind, field = entry["path"], entry["type"], entry.get("field")
-    convert = CONVERTERS[kind]
+    path = entry["path"]
+    convert = make_converter(entry["type"], _columns(entry))
     hub_kwargs = {k: entry[k] for k in ("name", "data_files") if entry.get(k) is not None}
     if _is_local(path):
         file = Path(path).expanduser()
@@ -92,7 +109,7 @@ def _load_messages(entry: dict) -> tuple[Dataset, str]:
             if entry.get("split") not in (None, "train") or hub_kwargs:
                 raise PescError(f"{path}: split/name/data_files apply to Hub datasets and folders, not to one file")
             if file.suffix in (".jsonl", ".json"):
-                messages = [_convert(path, n, row, convert, field) for n, row in _json_rows(file)]
+                messages = [_convert(path, n, row, convert) for n, row in _json_rows(file)]
                 if not messages:
                     raise PescError(f"{path}: the file has no rows")
                 return Dataset.from_dict({"messages": messages}, features=_MESSAGES), path
@@ -115,7 +132,7 @@ def _load_messages(entry: dict) -> tuple[Dataset, str]:
     def convert_batch(batch, indices):
         columns = list(batch)
         rows = (dict(zip(columns, values)) for values in zip(*(batch[c] for c in columns)))
-        return {"messages": [_convert(path, i + 1, row, convert, field) for i, row in zip(indices, rows)]}
+        return {"messages": [_convert(path, i + 1, row, convert) for i, row in zip(indices, rows)]}
 
     ds = raw.map(
         convert_batch, batched=True, with_indices=True, remove_columns=raw.column_names, features=_MESSAGES,
@@ -187,15 +204,17 @@ def load_training_data(
 
     Each entry of `datasets`: path (local .jsonl/.json/.parquet file or folder, or a Hub dataset id), type
     (messages, sharegpt, alpaca, camelidae), optional split (Hub/folder, default train), name, data_files,
-    field (the column holding the conversation). Rows are truncated to `sequence_len` tokens; rows left with
-    no trainable token are dropped (logged). All datasets are mixed and shuffled with `seed`; `val_set_size`
-    (a fraction in (0, 1) or a row count; 0 for none) rows go to the eval set.
+    and the type's column names (`field`: the conversation; `role_field`/`content_field`: the keys of a
+    messages/sharegpt turn; `instruction_field`/`input_field`/`output_field`/`system_field`: alpaca's
+    columns). Rows are truncated to `sequence_len` tokens; rows left with no trainable token are dropped
+    (logged). All datasets are mixed and shuffled with `seed`; `val_set_size` (a fraction in (0, 1) or a row
+    count; 0 for none) rows go to the eval set.
     """
     if not isinstance(datasets, list) or not datasets:
         raise PescError("datasets must be a non-empty list of {path, type, ...} entries")
     if isinstance(sequence_len, bool) or not isinstance(sequence_len, int) or sequence_len < 2:
         raise PescError(f"sequence_len must be an integer >= 2, got {sequence_len!r}")
-    entries = [_check_entry(i, entry) for i, entry in enumerate(datasets)]
+    entries = [check_dataset_entry(i, entry) for i, entry in enumerate(datasets)]
     template = resolve_chat_template(tokenizer, chat_template)
     tokenize = ConversationTokenizer(tokenizer, template)
 

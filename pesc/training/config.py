@@ -64,7 +64,7 @@ SCHEMA: dict[str, Key] = {
         "dense linears that get a LoRA (the shared FFN gets one shared LoRA)",
     ),
     # data
-    "datasets": Key((list,), None, "list of {path, type, split?, name?, data_files?, field?} (required)"),
+    "datasets": Key((list,), None, "list of {path, type, split?, name?, data_files?, field?, *_field?} (required)"),
     "chat_template": Key((str,), None, "camelidae, chatml, a Jinja string, or unset for the tokenizer's own"),
     "sequence_len": Key((int,), 2048, "maximum tokens per example (longer ones are truncated)"),
     "sample_packing": Key((bool,), False, "padding-free packed batches, no attention across packed examples"),
@@ -177,8 +177,8 @@ def validate(raw: dict) -> dict:
 
 
 def _check_datasets(entries: list) -> None:
-    """Entry keys and types (the data pipeline checks files and rows when it loads them)."""
-    from pesc.data import DATASET_KEYS, DATASET_TYPES
+    """Entry keys and types, column mappings included (the data pipeline checks files and rows on loading)."""
+    from pesc.data import DATASET_KEYS, DATASET_TYPES, check_dataset_entry
 
     for i, entry in enumerate(entries):
         where = f"datasets[{i}]"
@@ -192,6 +192,7 @@ def _check_datasets(entries: list) -> None:
                 raise PescError(f"{where}.{name} must be a non-empty string")
         if entry["type"] not in DATASET_TYPES:
             raise PescError(f"{where}.type must be one of {', '.join(DATASET_TYPES)}, got {entry['type']!r}")
+        check_dataset_entry(i, entry)  # value types, and column keys that do not apply to the entry's type
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:

@@ -34,6 +34,12 @@ QUANT_SKIP_MODULES = [".*moe_adapter", "lm_head"]
 _MOE_PARAM_MARK = ".moe_adapter."
 
 
+def first_line(error: BaseException) -> str:
+    """An exception's message cut to its first line (Hub errors add advice lines; PescError prints as one line)."""
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
+
+
 def is_moe_parameter(name: str) -> bool:
     return _MOE_PARAM_MARK in name and ".lora_" not in name
 
@@ -65,8 +71,8 @@ def resolve_pesc_config(config: dict):
 
     try:
         base_config = AutoConfig.from_pretrained(config["base_model"], trust_remote_code=config["trust_remote_code"])
-    except OSError as error:
-        raise PescError(f"base_model {config['base_model']!r}: {error}") from None
+    except OSError as error:  # Hub messages run over several lines: keep the first
+        raise PescError(f"base_model {config['base_model']!r}: {first_line(error)}") from None
     moe = config["moe"]
     if isinstance(base_config, PescConfig):
         if moe:
@@ -157,8 +163,8 @@ def load_base_model(config: dict) -> PescForCausalLM:
             kwargs["device_map"] = device_map
     try:
         model = PescForCausalLM.from_pretrained(config["base_model"], **kwargs)
-    except OSError as error:
-        raise PescError(f"base_model {config['base_model']!r}: {error}") from None
+    except OSError as error:  # Hub messages run over several lines: keep the first
+        raise PescError(f"base_model {config['base_model']!r}: {first_line(error)}") from None
     if from_dense:
         _reset_experts(model, config["moe"].get("seed", 0))
     check_experts_unquantized(model)

@@ -86,6 +86,7 @@ def train(config_path: str, overrides: list[str] = (), resume: bool = False) -> 
         load_base_model,
         prepare_for_training,
         register_deepspeed_leaf_modules,
+        first_line,
         resolve_pesc_config,
         trainable_summary,
     )
@@ -110,7 +111,7 @@ def train(config_path: str, overrides: list[str] = (), resume: bool = False) -> 
         tokenizer = AutoTokenizer.from_pretrained(config["tokenizer"] or config["base_model"],
                                                   trust_remote_code=config["trust_remote_code"])
     except OSError as error:
-        raise PescError(f"tokenizer of {config['tokenizer'] or config['base_model']!r}: {error}") from None
+        raise PescError(f"tokenizer of {config['tokenizer'] or config['base_model']!r}: {first_line(error)}") from None
     train_ds, eval_ds = load_training_data(
         config["datasets"],
         tokenizer,
