@@ -570,17 +570,27 @@ def link_or_copy(src: Path, dst: Path, progress=None, notice: Callable[[str], No
 
 
 def _write_expert_shard(path: Path, shard: ExpertShard, config, seed: int, progress=None) -> None:
-    """Draw each layer's routers and adapters as the writer reaches it, so one layer is in memory at a time."""
+    """Write each layer's routers and adapters while a worker already draws the next layer's.
+
+    At most two layers are in memory; every layer has its own seeded RNG, so drawing
+    ahead changes no value.
+    """
     from pesc.upcycling import initial_expert_state
 
-    def tensors():
-        layer_idx, state = None, None
-        for layer, name, _ in shard.entries:
-            if layer != layer_idx:
-                layer_idx, state = layer, initial_expert_state(config, layer, seed)
-            yield state.pop(name)
+    layers = list(dict.fromkeys(layer for layer, _, _ in shard.entries))
 
-    write_safetensors(path, [info for _, _, info in shard.entries], tensors(), progress)
+    def tensors(pool):
+        drawn = {}
+        for layer, name, _ in shard.entries:
+            if layer not in drawn:
+                drawn = {layer: drawn.get(layer) or pool.submit(initial_expert_state, config, layer, seed)}
+                following = layers.index(layer) + 1
+                if following < len(layers):
+                    drawn[layers[following]] = pool.submit(initial_expert_state, config, layers[following], seed)
+            yield drawn[layer].result().pop(name)
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="pesc-draw") as pool:
+        write_safetensors(path, [info for _, _, info in shard.entries], tensors(pool), progress)
 
 
 def _rewrite_bin(src: Path, dst: Path, tensors: dict[str, TensorInfo], progress=None) -> None:
