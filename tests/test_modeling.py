@@ -149,3 +149,23 @@ def test_model_built_from_config_starts_with_zero_adapter_up():
         for expert in layer.mlp.moe_adapter.experts.values():
             assert expert.adapter_up.weight.abs().sum() == 0
             assert expert.adapter_down.weight.abs().max() <= 1 / config.hidden_size**0.5
+
+
+def test_generation_cache_of_stacked_weights_follows_the_weights_and_is_dropped_for_training():
+    model = pesc.upcycle(build_tiny_dense("llama"), **SETTINGS).eval()
+    perturb_experts(model)
+    block = model.model.layers[0].mlp.moe_adapter
+    ids = torch.randint(0, model.config.vocab_size, (1, 5), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        first = model.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0)
+        assert block._stack_cache is not None
+        # An in-place update (what an optimizer step does) must invalidate the cache.
+        expert = next(iter(block.experts.values()))
+        expert.adapter_up.weight.mul_(3.0)
+        step = model(first[:, -1:]).logits
+        fresh = model.model.layers[0].mlp.moe_adapter._stacked_adapter_weights()
+        assert torch.equal(fresh[1][:, : expert.adapter_up.weight.shape[1]], expert.adapter_up.weight)
+    assert step.shape[-1] == model.config.vocab_size
+    model.train()
+    model(ids, labels=ids).loss.backward()
+    assert block._stack_cache is None

@@ -157,6 +157,7 @@ class PescMoEAdapter(nn.Module):
         self.num_experts = config.num_experts
         self.top_k = config.topk
         self.router = PescRouter(config.hidden_size, config.num_experts, config.topk)
+        self._stack_cache = None  # (weights' identity, stacked down, stacked up), generation only
         self.experts = nn.ModuleDict(
             {
                 f"expert_{i}": PescAdapter(
@@ -175,6 +176,8 @@ class PescMoEAdapter(nn.Module):
         if sink is not None:
             sink.append(router_logits)
         routing_weights, selected = self.router.route(router_logits)
+        if torch.is_grad_enabled():
+            self._stack_cache = None  # generation's cached stacks must not outlive it into training
         if self._use_all_experts(ffn_rows):
             mixed = self._all_experts_forward(ffn_rows, routing_weights, selected)
         else:
@@ -239,10 +242,9 @@ class PescMoEAdapter(nn.Module):
         experts = list(self.experts.values())
         weights = [e.adapter_down.weight for e in experts] + [e.adapter_up.weight for e in experts]
         if torch.is_grad_enabled() and any(w.requires_grad for w in weights):
-            self._stack_cache = None
             return torch.cat(weights[: len(experts)]), torch.cat(weights[len(experts) :], dim=1)
         key = tuple((w.data_ptr(), w._version, w.dtype, w.device) for w in weights)
-        cache = getattr(self, "_stack_cache", None)
+        cache = self._stack_cache
         if cache is None or cache[0] != key:
             with torch.no_grad():
                 stacks = torch.cat(weights[: len(experts)]), torch.cat(weights[len(experts) :], dim=1)
