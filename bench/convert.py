@@ -112,6 +112,11 @@ model.save_pretrained(sys.argv[2], max_shard_size="5GB")
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", type=int, default=22, help="decoder layers (22 = TinyLlama-1.1B shape)")
+    parser.add_argument("--hidden", type=int, default=2048, help="hidden size (4096 with --intermediate 11008 "
+                        "--heads 32 --kv-heads 32 --layers 32 = Llama-2-7B)")
+    parser.add_argument("--intermediate", type=int, default=5632)
+    parser.add_argument("--heads", type=int, default=32)
+    parser.add_argument("--kv-heads", type=int, default=4)
     parser.add_argument("--shard-size", type=int, default=500_000_000, help="source shard size in bytes")
     parser.add_argument("--workdir", default="/tmp", help="where the temporary checkpoints go")
     parser.add_argument("--repeat", type=int, default=2, help="runs of cp / convert (best is reported)")
@@ -119,17 +124,18 @@ def main():
     args = parser.parse_args()
 
     env_python = sys.executable
+    shape = (args.hidden, args.intermediate, args.heads, args.kv_heads)
     work = Path(tempfile.mkdtemp(prefix="pesc-bench-convert-", dir=args.workdir))
     try:
-        params = sum(torch.Size(s).numel() for g in llama_tensors(args.layers, 2048, 5632, 32, 4, 32000) for s in g.values())
+        params = sum(torch.Size(s).numel() for g in llama_tensors(args.layers, *shape, 32000) for s in g.values())
         free = shutil.disk_usage(work).free
         needed = 2 * params * 2 * 2.6
         if free < needed:
             raise SystemExit(f"need about {needed / 1e9:.1f} GB free in {args.workdir}, have {free / 1e9:.1f} GB")
         src = work / "dense"
-        params, nbytes = write_checkpoint(src, args.layers, args.shard_size)
+        params, nbytes = write_checkpoint(src, args.layers, args.shard_size, *shape)
         small = work / "dense-half"
-        small_params, small_bytes = write_checkpoint(small, args.layers // 2, args.shard_size)
+        small_params, small_bytes = write_checkpoint(small, args.layers // 2, args.shard_size, *shape)
         for folder in (src, small):  # page-cache the sources so every command reads them from memory
             for path in folder.iterdir():
                 with open(path, "rb") as handle:
