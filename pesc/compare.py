@@ -9,31 +9,22 @@ from pathlib import Path
 import torch
 
 from pesc.errors import PescError
-from pesc.generate import load_model
-
-
-def load_float32_model(path: str | Path) -> torch.nn.Module:
-    """The model alone (no tokenizer needed), in float32 on the CPU."""
-    from transformers import AutoModelForCausalLM
-
-    if not (Path(path) / "config.json").is_file():
-        raise PescError(f"{path} is not a model folder (no config.json)")
-    return AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True, dtype=torch.float32).eval()
+from pesc.generate import load_causal_lm
 
 DEFAULT_PROMPT = "The capital of France is Paris. The capital of Italy is"
 
 
 def max_logit_difference(path_a: str | Path, path_b: str | Path, prompt: str = DEFAULT_PROMPT) -> float:
     """Largest absolute difference between the two models' float32 logits on `prompt` (tokenized by A)."""
-    model_a, tokenizer = load_model(path_a, device="cpu")
-    model_b = load_float32_model(path_b)
+    from transformers import AutoTokenizer
+
+    model_a = load_causal_lm(path_a, dtype=torch.float32)
+    model_b = load_causal_lm(path_b, dtype=torch.float32)
     if model_a.config.vocab_size != model_b.config.vocab_size:
         raise PescError(
             f"the models have different vocabularies ({model_a.config.vocab_size} vs {model_b.config.vocab_size} "
             "tokens): they cannot compute the same function"
         )
-    ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+    ids = AutoTokenizer.from_pretrained(path_a)(prompt, return_tensors="pt")["input_ids"]
     with torch.no_grad():
-        logits_a = model_a.float()(ids).logits
-        logits_b = model_b.float()(ids).logits
-    return (logits_a - logits_b).abs().max().item()
+        return (model_a(ids).logits - model_b(ids).logits).abs().max().item()

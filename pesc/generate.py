@@ -19,23 +19,29 @@ def build_inputs(tokenizer, prompt: str, system: str | None = None, chat_templat
     return {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
 
 
-def load_model(path: str | Path, device: str | None = None):
-    """(model, tokenizer) of a model folder; PESC code comes from pesc itself or the folder's shipped files."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def load_causal_lm(path: str | Path, dtype="auto"):
+    """The model of a folder, in eval mode; PESC code comes from pesc itself or the folder's shipped files."""
+    from transformers import AutoModelForCausalLM
 
     import pesc.modeling  # noqa: F401 - registers the PESC classes with the Auto factories
 
     path = Path(path)
     if not (path / "config.json").is_file():
         raise PescError(f"{path} is not a model folder (no config.json): give an exported or converted model")
+    return AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True, dtype=dtype).eval()
+
+
+def load_model(path: str | Path, device: str | None = None):
+    """(model, tokenizer) of a model folder, on the GPU when there is one."""
+    import torch
+    from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # the terminal is for the generated tokens
+    model = load_causal_lm(path)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True, dtype="auto")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    return model.to(device).eval(), tokenizer
+    return model.to(device), tokenizer
 
 
 def generate(
