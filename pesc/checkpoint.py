@@ -5,16 +5,18 @@ from pathlib import Path
 
 from transformers import AutoConfig, PreTrainedConfig
 
-from pesc.errors import PescError
+from pesc.errors import PescError, first_line
 from pesc.modeling import PescConfig
 from pesc.upcycling import pesc_config_from_dense
 
 
-def read_config(path: str | Path) -> PreTrainedConfig:
-    """The config of a local model folder (only config.json is read)."""
-    path = Path(path)
+def read_config(path_or_id: str | Path, trust_remote_code: bool = False) -> PreTrainedConfig:
+    """The config of a local model folder (only config.json is read), or of a Hub model id."""
+    path = Path(path_or_id)
     if not path.exists():
-        raise PescError(f"{path} does not exist: give the folder of a Hugging Face model")
+        if str(path_or_id).startswith(("/", ".", "~")) or str(path_or_id).count("/") != 1:
+            raise PescError(f"{path} does not exist: give the folder of a Hugging Face model")
+        return _read_hub_config(str(path_or_id), trust_remote_code)
     config_file = path / "config.json" if path.is_dir() else path
     if not config_file.is_file():
         raise PescError(f"{path} is not a model folder: it has no config.json")
@@ -30,6 +32,14 @@ def read_config(path: str | Path) -> PreTrainedConfig:
         return AutoConfig.for_model(**raw)
     except ValueError as error:
         raise PescError(f"{config_file}: {error}") from None
+
+
+def _read_hub_config(repo_id: str, trust_remote_code: bool) -> PreTrainedConfig:
+    try:
+        config = AutoConfig.from_pretrained(repo_id, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as error:
+        raise PescError(f"{repo_id} is neither a local folder nor a reachable Hub model ({first_line(error)})") from None
+    return PescConfig.from_dict(config.to_dict()) if config.model_type == PescConfig.model_type else config
 
 
 def resolve_pesc_config(config: PreTrainedConfig, **settings) -> PescConfig:

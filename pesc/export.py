@@ -25,7 +25,7 @@ import torch
 
 from pesc import __version__
 from pesc.atomic import atomic_output_dir, check_output_dir, write_marker
-from pesc.errors import PescError
+from pesc.errors import PescError, first_line
 from pesc.modeling import PescConfig, PescForCausalLM
 from pesc.run_files import (
     EXPERTS_FILE,
@@ -94,21 +94,6 @@ def adapter_base(checkpoint: Path, base: str | Path | None = None) -> str:
     return str(name)
 
 
-def _base_config(base: str):
-    """The base's config (PescConfig or a dense family's), local or from the Hub cache."""
-    from pesc.checkpoint import read_config
-
-    if Path(base).exists():
-        return read_config(base)
-    from transformers import AutoConfig
-
-    try:
-        raw = AutoConfig.from_pretrained(base)
-    except (OSError, ValueError) as error:
-        raise PescError(f"cannot read the base model {base} ({error}); pass --base with its local folder") from None
-    return PescConfig.from_dict(raw.to_dict()) if raw.model_type == PescConfig.model_type else raw
-
-
 def _mismatch(base_config: PescConfig, trained: PescConfig, base: str, checkpoint: Path) -> PescError | None:
     diffs = [
         f"{field} is {getattr(base_config, field, None)} in the base but {getattr(trained, field, None)} "
@@ -128,7 +113,12 @@ def resolve_base_config(base: str, trained: PescConfig, checkpoint: Path) -> Pes
     """The PESC config the base loads with (a dense base's plus the trained settings), checked against the adapters."""
     from pesc.upcycling import pesc_config_from_dense
 
-    base_config = _base_config(base)
+    from pesc.checkpoint import read_config
+
+    try:
+        base_config = read_config(base)
+    except PescError as error:
+        raise PescError(f"cannot read the base model: {error}; pass --base with its local folder") from None
     if isinstance(base_config, PescConfig):
         config = base_config
     else:
@@ -166,7 +156,7 @@ def load_base_model(
     try:
         model = PescForCausalLM.from_pretrained(base, config=config, **kwargs)
     except (RuntimeError, ValueError) as error:
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        first = first_line(error)
         raise PescError(f"cannot load the base model {base} ({first})") from None
     finally:
         hf_logging.set_verbosity(verbosity)
@@ -227,7 +217,7 @@ def load_trained_model(
     try:
         peft_model = PeftModel.from_pretrained(model, checkpoint, is_trainable=False)
     except (RuntimeError, ValueError, KeyError) as error:
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        first = first_line(error)
         raise PescError(f"the base model {base} does not match the LoRA in {checkpoint}: {first}") from None
     return peft_model.eval(), checkpoint, base
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pesc.atomic import MARKER_PREFIX
-from pesc.errors import PescError
+from pesc.errors import PescError, first_line
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
 IGNORE_PATTERNS = [f"{MARKER_PREFIX}*", ".git/*", ".cache/*"]
@@ -70,7 +70,7 @@ def plan_upload(folder: str | Path) -> UploadPlan:
     try:
         card = ModelCard.load(readme, ignore_metadata_errors=False)
     except Exception as error:  # noqa: BLE001 - any parse failure of the card is a user-facing problem
-        raise PescError(f"{readme} is not a valid model card ({str(error).splitlines()[0]})") from None
+        raise PescError(f"{readme} is not a valid model card ({first_line(error)})") from None
     files = sorted(
         (path.relative_to(folder).as_posix(), path.stat().st_size)
         for path in folder.rglob("*")
@@ -147,7 +147,7 @@ def push(
 
         if not isinstance(error, (HfHubHTTPError, OSError, ValueError)):
             raise
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        first = first_line(error)
         raise PescError(f"push to {repo_id} failed: {first}") from None
     echo(f"pushed {len(plan.files)} files ({human_bytes(plan.total_bytes)}) to https://huggingface.co/{repo_id}")
     return plan

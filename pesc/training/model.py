@@ -24,7 +24,7 @@ import os
 import torch
 from torch import nn
 
-from pesc.errors import PescError
+from pesc.errors import PescError, first_line
 from pesc.modeling import PescConfig, PescForCausalLM, PescMoEAdapter
 from pesc.training.config import MOE_STRUCTURE_KEYS
 
@@ -32,12 +32,6 @@ logger = logging.getLogger(__name__)
 
 QUANT_SKIP_MODULES = [".*moe_adapter", "lm_head"]
 _MOE_PARAM_MARK = ".moe_adapter."
-
-
-def first_line(error: BaseException) -> str:
-    """An exception's message cut to its first line (Hub errors add advice lines; PescError prints as one line)."""
-    lines = str(error).strip().splitlines()
-    return lines[0] if lines else type(error).__name__
 
 
 def is_moe_parameter(name: str) -> bool:
@@ -65,14 +59,13 @@ def deepspeed_zero3_enabled() -> bool:
 
 def resolve_pesc_config(config: dict):
     """(PescConfig to build, whether the base is dense) from the base's config.json and the `moe:` section."""
-    from transformers import AutoConfig
-
+    from pesc.checkpoint import read_config
     from pesc.upcycling import pesc_config_from_dense
 
     try:
-        base_config = AutoConfig.from_pretrained(config["base_model"], trust_remote_code=config["trust_remote_code"])
-    except OSError as error:  # Hub messages run over several lines: keep the first
-        raise PescError(f"base_model {config['base_model']!r}: {first_line(error)}") from None
+        base_config = read_config(config["base_model"], trust_remote_code=config["trust_remote_code"])
+    except PescError as error:
+        raise PescError(f"base_model: {error}") from None
     moe = config["moe"]
     if isinstance(base_config, PescConfig):
         if moe:

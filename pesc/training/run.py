@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from pesc.errors import PescError
+from pesc.errors import PescError, first_line
 from pesc.run_files import FINAL_DIR, TRAIN_CONFIG_FILE, latest_checkpoint
 from pesc.training.config import dump_config, load_config
 
@@ -86,7 +86,6 @@ def train(config_path: str, overrides: list[str] = (), resume: bool = False) -> 
         load_base_model,
         prepare_for_training,
         register_deepspeed_leaf_modules,
-        first_line,
         resolve_pesc_config,
         trainable_summary,
     )
