@@ -63,8 +63,8 @@ class PescRouter(nn.Module):
 
     def route(self, router_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Top-k expert indices and their weights (softmax over the k logits, float32; Mixtral's rule)."""
-        top_logits, top_experts = torch.topk(router_logits.float(), self.top_k, dim=-1)
-        return torch.softmax(top_logits, dim=-1), top_experts
+        top_logits, top_experts = torch.topk(router_logits, self.top_k, dim=-1)
+        return torch.softmax(top_logits, dim=-1, dtype=torch.float32), top_experts
 
 
 class AdapterDownProjection(nn.Linear):
@@ -125,16 +125,20 @@ class _CombineRows(torch.autograd.Function):
         return _GatherRows.apply(grad, source, inverse, ctx.top_k), None, None, None
 
 
-# Up to this many token rows without autograd, every expert runs on every row (decode steps).
-# On the CPU the extra experts' FLOPs show sooner than the routed path's overhead.
+# Without autograd, small inputs are decode steps of generation (measured with
+# bench/generate.py and docs/benchmarks.md): on the CPU, while a step's k-of-E picks can
+# cover at most half the experts, "selected" (the host sync is free there, and the idle
+# experts' weights are never read); above that and up to _DECODE_ROWS_CPU rows, "all";
+# on CUDA up to _DECODE_ROWS rows, "all" (a fixed dozen kernels, no host sync).
 _DECODE_ROWS = 64
-_DECODE_ROWS_CPU = 4
+_DECODE_ROWS_CPU = 16
 
 
 class PescMoEAdapter(nn.Module):
     """Router plus experts; adds each token's k weighted expert outputs to its FFN output.
 
-    Two dispatches compute the same sum (pick with `_dispatch`: "auto", "routed", "all"):
+    Three dispatches compute the same sum (pick with `_dispatch`: "auto", "routed",
+    "all", "selected"):
 
     * routed: tokens are sorted by expert (one sort, one gather), each expert runs on its
       own rows only, and the rows are summed back per token (a gather, no scatter).
@@ -144,10 +148,13 @@ class PescMoEAdapter(nn.Module):
       (E/k)x the adapter FLOPs but a handful of kernels and no host sync, so it wins where
       launches, not FLOPs, cost (CUDA, small bottlenecks). Only for `PescAdapter` experts
       without active dropout (each expert must see its own dropout mask).
+    * selected: without autograd only, the picked experts are grouped on the host and each
+      runs on its rows; the idle ones are not touched at all. Any expert module.
 
-    "auto" takes "all" where it measured faster (bench/moe_layer.py, docs/benchmarks.md).
-    Either way every expert's parameters join the autograd graph, even with no routed
-    token (DDP and ZeRO-3 need that), and a zero `adapter_up` adds exactly zero.
+    "auto" takes what measured fastest (bench/moe_layer.py, bench/generate.py,
+    docs/benchmarks.md). With autograd every expert's parameters join the graph, even
+    with no routed token (DDP and ZeRO-3 need that), and a zero `adapter_up` adds exactly
+    zero.
     """
 
     _dispatch = "auto"
@@ -168,7 +175,7 @@ class PescMoEAdapter(nn.Module):
         )
 
     def forward(self, router_input: torch.Tensor, ffn_output: torch.Tensor) -> torch.Tensor:
-        """The routed sum of expert outputs, shaped like `ffn_output`."""
+        """`ffn_output` plus the routed sum of expert outputs."""
         shape = ffn_output.shape
         ffn_rows = ffn_output.reshape(-1, shape[-1])
         router_logits = self.router(router_input.reshape(-1, router_input.shape[-1]))
@@ -178,33 +185,51 @@ class PescMoEAdapter(nn.Module):
         routing_weights, selected = self.router.route(router_logits)
         if torch.is_grad_enabled():
             self._stack_cache = None  # generation's cached stacks must not outlive it into training
-        if self._use_all_experts(ffn_rows):
-            mixed = self._all_experts_forward(ffn_rows, routing_weights, selected)
-        else:
-            mixed = self._routed_forward(ffn_rows, routing_weights, selected)
-        return mixed.to(ffn_output.dtype).reshape(shape)
+        dispatch = self._choose_dispatch(ffn_rows)
+        if dispatch == "all":
+            return self._all_experts_forward(ffn_rows, routing_weights, selected).reshape(shape)
+        if dispatch == "selected":
+            return self._selected_experts_forward(ffn_rows, routing_weights, selected).reshape(shape)
+        mixed = self._routed_forward(ffn_rows, routing_weights, selected)
+        return ffn_output + mixed.to(ffn_output.dtype).reshape(shape)
 
-    def _use_all_experts(self, ffn_rows: torch.Tensor) -> bool:
+    def _choose_dispatch(self, ffn_rows: torch.Tensor) -> str:
         experts = list(self.experts.values())
-        if not all(type(e) is PescAdapter and (e.dropout.p == 0 or not e.dropout.training) for e in experts):
-            return False
+        widens = all(type(e) is PescAdapter and (e.dropout.p == 0 or not e.dropout.training) for e in experts)
         if self._dispatch != "auto":
-            return self._dispatch == "all"
-        decode_rows = _DECODE_ROWS_CPU if ffn_rows.device.type == "cpu" else _DECODE_ROWS
-        if not torch.is_grad_enabled() and ffn_rows.shape[0] <= decode_rows:
-            # Generation's decode steps: a handful of kernels on cached stacks and no host
-            # sync beat the routed path's sort and per-expert loop (bench/generate.py).
-            return True
+            if self._dispatch == "all" and not widens:
+                return "routed"
+            if self._dispatch == "selected" and torch.is_grad_enabled():
+                return "routed"
+            return self._dispatch
+        rows = ffn_rows.shape[0]
+        on_cpu = ffn_rows.device.type == "cpu"
+        if not torch.is_grad_enabled():
+            if on_cpu and 2 * rows * self.top_k <= self.num_experts:
+                return "selected"
+            if widens and rows <= (_DECODE_ROWS_CPU if on_cpu else _DECODE_ROWS):
+                return "all"
+        if not widens or on_cpu:
+            # CPU: FLOP-bound, launches are cheap: routed measured faster even at adapter_dim 64.
+            return "routed"
+        # GPU: the routed dispatch costs ~4-5 ms more per layer fwd+bwd in launches and its
+        # host sync (H100); the wide matmuls cost their (E - k) extra experts' FLOPs. Take
+        # "all" while those extra fwd+bwd FLOPs stay under what ~3 ms of matmul does at
+        # H100 speed (fp32 ~6e10 FLOP/ms, bf16/fp16 ~6e11): measured, docs/benchmarks.md.
         extra_per_token = 4 * (self.num_experts - self.top_k) * experts[0].adapter_down.out_features
-        if ffn_rows.device.type != "cpu":
-            # GPU: the routed dispatch costs ~4-5 ms more per layer fwd+bwd in launches and its
-            # host sync (H100); the wide matmuls cost their (E - k) extra experts' FLOPs. Take
-            # "all" while those extra fwd+bwd FLOPs stay under what ~3 ms of matmul does at
-            # H100 speed (fp32 ~6e10 FLOP/ms, bf16/fp16 ~6e11): measured, docs/benchmarks.md.
-            per_ms = 6e10 if ffn_rows.dtype == torch.float32 else 6e11
-            return 3 * extra_per_token * ffn_rows.shape[-1] * ffn_rows.shape[0] <= 3 * per_ms
-        # CPU: FLOP-bound, launches are cheap: routed measured faster even at adapter_dim 64.
-        return False
+        per_ms = 6e10 if ffn_rows.dtype == torch.float32 else 6e11
+        return "all" if 3 * extra_per_token * ffn_rows.shape[-1] * rows <= 3 * per_ms else "routed"
+
+    @staticmethod
+    def _weighted_expert_output(expert: nn.Module, rows: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """expert(rows) * weights ([rows, 1]); a `PescAdapter` scales its d-wide bottleneck instead of its H-wide output."""
+        if type(expert) is PescAdapter:
+            hidden = rows.to(expert.adapter_down.weight.dtype)
+            hidden = F.gelu(expert.adapter_down(expert.dropout(hidden)))
+            hidden = hidden * (weights * expert.scaling).to(hidden.dtype)
+            return expert.adapter_up(hidden)
+        out = expert(rows)
+        return out * weights.to(out.dtype)
 
     def _routed_forward(self, ffn_rows, routing_weights, selected):
         flat_experts = selected.reshape(-1)
@@ -221,19 +246,34 @@ class PescMoEAdapter(nn.Module):
         for expert, expert_rows, expert_weights in zip(self.experts.values(), rows.split(counts), weights.split(counts)):
             if skip_idle and expert_rows.shape[0] == 0:
                 continue
-            if type(expert) is PescAdapter:
-                # the routing weight scales the bottleneck (d wide) instead of the output (H wide)
-                hidden = expert_rows.to(expert.adapter_down.weight.dtype)
-                hidden = F.gelu(expert.adapter_down(expert.dropout(hidden)))
-                hidden = hidden * (expert_weights * expert.scaling).to(hidden.dtype)
-                outputs.append(expert.adapter_up(hidden))
-            else:
-                out = expert(expert_rows)
-                outputs.append(out * expert_weights.to(out.dtype))
+            outputs.append(self._weighted_expert_output(expert, expert_rows, expert_weights))
         return _CombineRows.apply(torch.cat(outputs), source, inverse, self.top_k)
 
+    def _selected_experts_forward(self, ffn_rows, routing_weights, selected):
+        """ffn_rows plus each picked expert on the rows that picked it, grouped on the host; no autograd."""
+        groups: dict[int, tuple[list[int], list[float]]] = {}
+        for row, (picks, weights) in enumerate(zip(selected.tolist(), routing_weights.tolist())):
+            for expert_index, weight in zip(picks, weights):
+                rows, row_weights = groups.setdefault(expert_index, ([], []))
+                rows.append(row)
+                row_weights.append(weight)
+        experts = list(self.experts.values())
+        out = ffn_rows
+        for expert_index in sorted(groups):
+            rows, row_weights = groups[expert_index]
+            weights = torch.tensor(row_weights, dtype=routing_weights.dtype, device=ffn_rows.device).unsqueeze(-1)
+            if len(rows) == ffn_rows.shape[0]:  # always so for a single token: no gather
+                out = out + self._weighted_expert_output(experts[expert_index], ffn_rows, weights).to(out.dtype)
+            else:
+                row_index = torch.tensor(rows, device=ffn_rows.device)
+                expert_out = self._weighted_expert_output(
+                    experts[expert_index], ffn_rows.index_select(0, row_index), weights
+                )
+                out = out.index_add(0, row_index, expert_out.to(out.dtype))
+        return out
+
     def _stacked_adapter_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """All experts' adapter_down as one [E*d, H] matrix and adapter_up as one [H, E*d].
+        """All experts' adapter_down as one [E*d, H] matrix, and their adapter_up transposed as another.
 
         Without autograd (generation) the stacks are kept and rebuilt only when a weight
         changes (its storage or in-place version), so decoding does not copy every
@@ -242,29 +282,32 @@ class PescMoEAdapter(nn.Module):
         experts = list(self.experts.values())
         weights = [e.adapter_down.weight for e in experts] + [e.adapter_up.weight for e in experts]
         if torch.is_grad_enabled() and any(w.requires_grad for w in weights):
-            return torch.cat(weights[: len(experts)]), torch.cat(weights[len(experts) :], dim=1)
+            return torch.cat(weights[: len(experts)]), torch.cat(weights[len(experts) :], dim=1).t()
         key = tuple((w.data_ptr(), w._version, w.dtype, w.device) for w in weights)
         cache = self._stack_cache
         if cache is None or cache[0] != key:
             with torch.no_grad():
-                stacks = torch.cat(weights[: len(experts)]), torch.cat(weights[len(experts) :], dim=1)
+                # adapter_up stacked as its transpose, contiguous, so that addmm reads it row-major
+                stacks = torch.cat(weights[: len(experts)]), torch.cat([w.t() for w in weights[len(experts) :]])
             cache = self._stack_cache = (key, *stacks)
         return cache[1], cache[2]
 
     def _all_experts_forward(self, ffn_rows, routing_weights, selected):
+        """ffn_rows plus every expert on every row, weighted by the (mostly zero) routing weights."""
         experts = list(self.experts.values())
-        down, up = self._stacked_adapter_weights()  # [E*d, H], [H, E*d]
-        gates = torch.zeros(
-            ffn_rows.shape[0], self.num_experts, device=routing_weights.device, dtype=routing_weights.dtype
-        ).scatter(1, selected, routing_weights)
+        down, up_t = self._stacked_adapter_weights()  # [E*d, H], [E*d, H]
         scalings = [e.scaling for e in experts]
-        if len(set(scalings)) == 1:
-            gates = gates * scalings[0]
-        else:
-            gates = gates * gates.new_tensor(scalings)
+        scaled = routing_weights * scalings[0] if len(set(scalings)) == 1 else routing_weights * selected.new_tensor(
+            scalings, dtype=routing_weights.dtype
+        ).gather(0, selected.reshape(-1)).view_as(routing_weights)
+        gates = torch.zeros(ffn_rows.shape[0], self.num_experts, device=ffn_rows.device, dtype=down.dtype).scatter_(
+            1, selected, scaled.to(down.dtype)
+        )
         hidden = F.gelu(F.linear(ffn_rows.to(down.dtype), down))
-        hidden = hidden.view(ffn_rows.shape[0], self.num_experts, -1) * gates.to(hidden.dtype).unsqueeze(-1)
-        return F.linear(hidden.view(ffn_rows.shape[0], -1), up)
+        hidden = (hidden.view(ffn_rows.shape[0], self.num_experts, -1) * gates.unsqueeze(-1)).view(ffn_rows.shape[0], -1)
+        if ffn_rows.dtype == up_t.dtype:
+            return torch.addmm(ffn_rows, hidden, up_t)  # the residual add fused into the matmul
+        return ffn_rows + (hidden @ up_t).to(ffn_rows.dtype)
 
 
 class PescMLP(nn.Module):
@@ -282,8 +325,7 @@ class PescMLP(nn.Module):
         return self.down_proj(self.act_fn(self.gate_proj(hidden_states)) * self.up_proj(hidden_states))
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        ffn_output = self.dense_forward(hidden_states)
-        return ffn_output + self.moe_adapter(hidden_states, ffn_output)
+        return self.moe_adapter(hidden_states, self.dense_forward(hidden_states))
 
 
 def load_balancing_loss(
