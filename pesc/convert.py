@@ -347,6 +347,41 @@ def _download(repo_id: str) -> Path:
 
 
 # --------------------------------------------------------------------------------------
+# Early start: what can be known before torch and transformers are imported
+# --------------------------------------------------------------------------------------
+@dataclass
+class EarlySources:
+    """The source folder and, where the cheap checks vouch for them, its weight files."""
+
+    folder: Path
+    hub_id: str | None
+    files: list[SourceFile] | None  # None: leave reading them (and their errors) to the plan
+
+
+def early_sources(src: str, out: Path, force: bool) -> EarlySources:
+    """Resolve SRC, check OUT and read the weight headers, all in plain Python (no torch).
+
+    The base shards can then start copying while the plan's checks import torch and
+    transformers (seconds). Anything unusual (no or unreadable config.json, an already
+    PESC config, a header error) yields `files=None`, so that the plan reports it
+    exactly as it would have.
+    """
+    folder, hub_id = resolve_source(src)
+    check_output_dir(out, force, (folder,))
+    try:
+        model_type = json.loads((folder / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return EarlySources(folder, hub_id, None)
+    if model_type in (None, "pesc"):
+        return EarlySources(folder, hub_id, None)
+    try:
+        files = find_weight_files(folder)
+    except PescError:
+        return EarlySources(folder, hub_id, None)
+    return EarlySources(folder, hub_id, files)
+
+
+# --------------------------------------------------------------------------------------
 # Planning
 # --------------------------------------------------------------------------------------
 @dataclass
@@ -442,19 +477,29 @@ def _check_weights(config, sources: list[SourceFile], folder: Path) -> None:
         )
 
 
-def plan_conversion(src: str, out: str | Path, settings: ConvertSettings, link: bool = False, force: bool = False) -> Plan:
-    """Read and check everything, write nothing: the plan of the output, or a PescError."""
+def plan_conversion(
+    src: str,
+    out: str | Path,
+    settings: ConvertSettings,
+    link: bool = False,
+    force: bool = False,
+    early: EarlySources | None = None,
+) -> Plan:
+    """Read and check everything, write nothing: the plan of the output, or a PescError.
+
+    `early` (from `early_sources`) saves resolving the source and reading its headers twice.
+    """
     from pesc.checkpoint import read_config
     from pesc.modeling import PescConfig
     from pesc.upcycling import pesc_config_from_dense
 
     out = Path(out).expanduser()
-    folder, hub_id = resolve_source(src)
+    folder, hub_id = (early.folder, early.hub_id) if early else resolve_source(src)
     dense_config = read_config(folder)
     if isinstance(dense_config, PescConfig):
         raise PescError(f"{src} is already a PESC checkpoint (model_type pesc): convert its dense base model instead")
     check_output_dir(out, force, (folder,))
-    sources = find_weight_files(folder)
+    sources = early.files if early and early.files is not None else find_weight_files(folder)
     for file in sources:
         moe_tensor = next((name for name in file.tensors if ".moe_adapter." in name), None)
         if moe_tensor:
@@ -643,116 +688,158 @@ class ConvertResult:
     total_bytes: int
 
 
-def write_conversion(plan: Plan, echo: Callable[[str], None] = print) -> ConvertResult:
-    """Write the planned output into a temporary folder beside OUT (pesc.atomic), then rename it into place."""
-    out = plan.out
-    needed = (0 if plan.link else plan.source_bytes) + plan.expert_bytes + 50_000_000
+class _Progress:
+    """One byte progress bar shared by the base-shard worker and the expert writer.
+
+    The worker may start counting before the bar can be shown (the plan's summary is
+    printed first): counts wait in `pending` until `show` opens the bar.
+    """
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.bar = None
+        self.pending = 0
+
+    def show(self, total: int) -> None:
+        from tqdm.auto import tqdm
+
+        with self.lock:
+            self.bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="pesc convert",
+                            disable=None, file=sys.stderr, dynamic_ncols=True)  # fmt: skip
+            self.bar.update(self.pending)
+
+    def update(self, count: int) -> None:
+        with self.lock:
+            if self.bar is None:
+                self.pending += count
+            else:
+                self.bar.update(count)
+
+    def notice(self, message: str) -> None:
+        from tqdm.auto import tqdm
+
+        with self.lock:
+            tqdm.write(message, file=sys.stderr)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+class _BaseShardWriter:
+    """Copies, links or re-writes the base shards into the output folder, in a worker thread.
+
+    Kernel copies overlap with the main thread's work: the plan's checks (which import
+    torch and transformers) and drawing the experts. The shards get provisional names
+    (`base-N.safetensors`) because their final names count the expert shards, which only
+    the plan knows; `finish` renames them.
+    """
+
+    def __init__(self, folder: Path, link: bool, progress: _Progress):
+        self.folder, self.link, self.progress = folder, link, progress
+        self.cancel = threading.Event()
+        self.counts = {"linked": 0, "copied": 0, "rewritten": 0}
+        self.sources: list[SourceFile] = []
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pesc-copy")
+        self._job = None
+
+    @property
+    def started(self) -> bool:
+        return self._job is not None
+
+    def start(self, sources: list[SourceFile]) -> None:
+        self.sources = sources
+        self._job = self._pool.submit(self._write_all)
+
+    def check(self) -> None:
+        """Raise the worker's error now, if it already failed."""
+        if self._job is not None and self._job.done():
+            self._job.result()
+
+    def _write_all(self) -> None:
+        for number, file in enumerate(self.sources, 1):
+            if self.cancel.is_set():
+                return
+            target = self.folder / f"base-{number:05d}.safetensors"
+            if file.kind == "bin":
+                _rewrite_bin(file.path, target, file.tensors, self.progress)
+                self.counts["rewritten"] += 1
+            elif self.link:
+                linked = link_or_copy(file.path, target, None, notice=self.progress.notice)
+                self.counts["linked" if linked else "copied"] += 1
+            else:
+                copy_file(file.path, target, self.progress, self.cancel)
+                self.counts["copied"] += 1
+
+    def finish(self, plan: Plan) -> None:
+        """Wait for the worker and give each base shard its final name."""
+        if self._job is not None:
+            self._job.result()
+        self._pool.shutdown()
+        for number in range(1, len(self.sources) + 1):
+            os.rename(self.folder / f"base-{number:05d}.safetensors", self.folder / plan.shard_name(number))
+
+    def abort(self) -> None:
+        """Stop the worker at its next chunk and wait for it, before the folder is removed."""
+        self.cancel.set()
+        self._pool.shutdown(wait=True)
+
+
+def _check_disk_space(out: Path, needed: int, link: bool) -> None:
+    """Refuse to start (or go on) writing `needed` more bytes beside OUT when they do not fit."""
+    needed += 50_000_000  # index, card, code, and the filesystem's own overhead
     free = shutil.disk_usage(out.parent).free
     if free < needed:
         raise PescError(
-            f"not enough disk space in {out.parent}: the output needs about {_human(needed)}, "
-            f"{_human(free)} is free; free some space{'' if plan.link else ' or pass --link'} and retry"
+            f"not enough disk space in {out.parent}: the output needs about {_human(needed)} more, "
+            f"{_human(free)} is free; free some space{'' if link else ' or pass --link'} and retry"
         )
-    with atomic_output_dir(out, plan.force) as tmp:
-        result = _write_into(plan, tmp, echo)
-    result.out = out
-    return result
 
 
-def _write_into(plan: Plan, tmp: Path, echo) -> ConvertResult:
-    from tqdm.auto import tqdm
-
+def _write_rest(plan: Plan, folder: Path, base: _BaseShardWriter, progress: _Progress) -> ConvertResult:
+    """The expert shards (while the base shards are still being written), then index, config, code, card."""
     from pesc import __version__
 
     config = plan.config
     weight_map: dict[str, str] = {}
     total_size = 0
-    counts = {"linked": 0, "copied": 0, "rewritten": 0}
-    total = (0 if plan.link else plan.source_bytes) + plan.expert_bytes
-    cancel = threading.Event()
-    lock = threading.Lock()
-
-    def notice(message: str) -> None:
-        with lock:
-            tqdm.write(message, file=sys.stderr)
-
-    with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="pesc convert", disable=None,
-              file=sys.stderr, dynamic_ncols=True) as bar:  # fmt: skip
-        progress = _LockedProgress(bar, lock)
-
-        def write_sources() -> None:
-            """Base shards, in a worker thread: kernel copies overlap with drawing the experts."""
-            for number, file in enumerate(plan.sources, 1):
-                if cancel.is_set():
-                    return
-                target = tmp / plan.shard_name(number)
-                if file.kind == "bin":
-                    _rewrite_bin(file.path, target, file.tensors, progress)
-                    counts["rewritten"] += 1
-                elif plan.link:
-                    counts["linked" if link_or_copy(file.path, target, None, notice=notice) else "copied"] += 1
-                else:
-                    copy_file(file.path, target, progress, cancel)
-                    counts["copied"] += 1
-
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="pesc-copy") as pool:
-            copying = pool.submit(write_sources)
-            try:
-                for number, shard in enumerate(plan.expert_shards, len(plan.sources) + 1):
-                    if copying.done():
-                        copying.result()  # a failed copy stops the conversion now
-                    _write_expert_shard(tmp / plan.shard_name(number), shard, config, plan.settings.seed, progress)
-                    for _, _, info in shard.entries:
-                        weight_map[info.name] = plan.shard_name(number)
-                        total_size += info.nbytes
-            except BaseException:
-                cancel.set()  # the worker stops at its next chunk; the pool waits for it before cleanup
-                raise
-            copying.result()
+    for number, shard in enumerate(plan.expert_shards, len(plan.sources) + 1):
+        base.check()  # a failed copy stops the conversion now
+        _write_expert_shard(folder / plan.shard_name(number), shard, config, plan.settings.seed, progress)
+        for _, _, info in shard.entries:
+            weight_map[info.name] = plan.shard_name(number)
+            total_size += info.nbytes
+    base.finish(plan)
     for number, file in enumerate(plan.sources, 1):
         for tensor, info in file.tensors.items():
             if file.kind == "bin" and _IGNORED_SOURCE_TENSORS.search(tensor):
                 continue
             weight_map[tensor] = plan.shard_name(number)
             total_size += info.nbytes
-    linked, copied, rewritten = counts["linked"], counts["copied"], counts["rewritten"]
 
     index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
-    (tmp / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2, sort_keys=False) + "\n")
-    config.to_json_file(tmp / "config.json", use_diff=True)
+    (folder / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2, sort_keys=False) + "\n")
+    config.to_json_file(folder / "config.json", use_diff=True)
     modeling_dir = Path(__file__).parent / "modeling"
     for code_file in MODEL_CODE_FILES:
-        shutil.copyfile(modeling_dir / code_file, tmp / code_file)
+        shutil.copyfile(modeling_dir / code_file, folder / code_file)
     for extra in _carried_files(plan.src):
-        shutil.copyfile(extra, tmp / extra.name)
-    _model_card(plan).save(tmp / "README.md")
+        shutil.copyfile(extra, folder / extra.name)
+    _model_card(plan).save(folder / "README.md")
     marker = {
         "written_by": "pesc convert",
         "pesc_version": __version__,
         "source": plan.hub_id or str(plan.src),
         "settings": plan.settings.moe_fields(),
     }
-    write_marker(tmp, MARKER_FILE, marker)
+    write_marker(folder, MARKER_FILE, marker)
     return ConvertResult(
-        out=tmp,
-        files=sorted(p.name for p in tmp.iterdir()),
-        linked=linked,
-        copied=copied,
-        rewritten=rewritten,
+        out=plan.out,
+        files=sorted(p.name for p in folder.iterdir()),
+        **base.counts,
         expert_files=len(plan.expert_shards),
         total_bytes=total_size,
     )
-
-
-class _LockedProgress:
-    """A progress bar shared by the copying thread and the expert writer."""
-
-    def __init__(self, bar, lock: threading.Lock):
-        self.bar, self.lock = bar, lock
-
-    def update(self, count: int) -> None:
-        with self.lock:
-            self.bar.update(count)
 
 
 def _human(num_bytes: float) -> str:
@@ -771,25 +858,50 @@ def convert(
     force: bool = False,
     echo: Callable[[str], None] = print,
 ) -> ConvertResult:
-    """Convert the dense checkpoint SRC (folder or Hub id) into a PESC checkpoint at OUT, in bounded memory."""
+    """Convert the dense checkpoint SRC (folder or Hub id) into a PESC checkpoint at OUT, in bounded memory.
+
+    Everything is written into a temporary folder beside OUT (pesc.atomic) and renamed at
+    the end. The safetensors base shards start copying into it before the plan's checks,
+    which would otherwise add the import of torch and transformers to the copy's time; a
+    failed check stops the copy and removes the folder, so nothing is left behind.
+    """
     from pesc.summary import summarize
 
     settings = settings or ConvertSettings()
-    plan = plan_conversion(str(src), out, settings, link=link, force=force)
-    kinds = {f.kind for f in plan.sources}
-    echo(
-        f"source    {plan.hub_id + ' (' + str(plan.src) + ')' if plan.hub_id else plan.src}: "
-        f"{plan.config.base_model_type}, {len(plan.sources)} {'/'.join(sorted(kinds))} file(s), "
-        f"{_human(sum(f.tensor_bytes for f in plan.sources))} of tensors"
-    )
-    echo(
-        "settings  "
-        + ", ".join(f"{k} {v}" for k, v in settings.moe_fields().items())
-        + f", moe_dtype {plan.config.moe_dtype}, max_shard_size {_human(settings.max_shard_size)}"
-    )
-    for line in summarize(plan.config).lines():
-        echo(line)
-    result = write_conversion(plan, echo)
+    out = Path(out).expanduser()
+    early = early_sources(str(src), out, force)
+    copy_early = early.files is not None and all(f.kind == "safetensors" for f in early.files)
+    progress = _Progress()
+    with atomic_output_dir(out, force) as folder:
+        base = _BaseShardWriter(folder, link, progress)
+        try:
+            if copy_early:
+                _check_disk_space(out, 0 if link else sum(f.size for f in early.files), link)
+                base.start(early.files)
+            plan = plan_conversion(str(src), out, settings, link=link, force=force, early=early)
+            kinds = {f.kind for f in plan.sources}
+            echo(
+                f"source    {plan.hub_id + ' (' + str(plan.src) + ')' if plan.hub_id else plan.src}: "
+                f"{plan.config.base_model_type}, {len(plan.sources)} {'/'.join(sorted(kinds))} file(s), "
+                f"{_human(sum(f.tensor_bytes for f in plan.sources))} of tensors"
+            )
+            echo(
+                "settings  "
+                + ", ".join(f"{k} {v}" for k, v in settings.moe_fields().items())
+                + f", moe_dtype {plan.config.moe_dtype}, max_shard_size {_human(settings.max_shard_size)}"
+            )
+            for line in summarize(plan.config).lines():
+                echo(line)
+            _check_disk_space(out, (0 if link else plan.source_bytes - progress.pending) + plan.expert_bytes, link)
+            progress.show((0 if link else plan.source_bytes) + plan.expert_bytes)
+            if not base.started:
+                base.start(plan.sources)
+            result = _write_rest(plan, folder, base, progress)
+        except BaseException:
+            base.abort()
+            raise
+        finally:
+            progress.close()
     how = []
     if result.linked:
         how.append(f"{result.linked} base shard(s) hard-linked")

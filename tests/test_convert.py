@@ -1,6 +1,7 @@
 """`pesc convert`: streaming dense -> PESC conversion, end to end through the CLI."""
 
 import errno
+import threading
 import json
 import os
 import shutil
@@ -358,6 +359,47 @@ def test_disk_full_mid_write_leaves_nothing(target, sources, tmp_path, capsys, m
     code, _, err = run_cli(capsys, "convert", sources["llama", "sharded"], tmp_path / "out", *SMALL)
     assert_clean_error(code, err, "disk full", "free some space")
     assert_nothing_left(tmp_path)
+
+
+@pytest.mark.parametrize("free_after_base", [True, False], ids=["experts-do-not-fit", "base-does-not-fit"])
+def test_too_little_disk_space_is_refused(free_after_base, sources, tmp_path, capsys, monkeypatch):
+    """Checked before the base shards start copying, and again (for the rest) once the plan knows the experts."""
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    answers = [10**12 if free_after_base else 1000, 1000]  # room for the base at the first check, or not
+    calls = []
+
+    def disk_usage(path):
+        calls.append(path)
+        return usage(10**12, 0, answers[len(calls) - 1])
+
+    monkeypatch.setattr(convert_module.shutil, "disk_usage", disk_usage)
+    code, _, err = run_cli(capsys, "convert", sources["llama", "sharded"], tmp_path / "out", *SMALL)
+    assert_clean_error(code, err, "not enough disk space", "free some space")
+    assert_nothing_left(tmp_path)
+    assert len(calls) == (2 if free_after_base else 1)
+
+
+def test_base_shards_start_copying_before_the_plan_checks(sources, tmp_path, capsys, monkeypatch):
+    """The copy overlaps the plan's torch/transformers imports and checks instead of following them."""
+    copying = threading.Event()
+    real_copy, real_plan = convert_module.copy_file, convert_module.plan_conversion
+
+    def copy_file(*args, **kwargs):
+        copying.set()
+        return real_copy(*args, **kwargs)
+
+    def plan_conversion(*args, **kwargs):
+        assert copying.wait(30), "the plan ran before any base shard started copying"
+        return real_plan(*args, **kwargs)
+
+    monkeypatch.setattr(convert_module, "copy_file", copy_file)
+    monkeypatch.setattr(convert_module, "plan_conversion", plan_conversion)
+    code, _, err = run_cli(capsys, "convert", sources["llama", "sharded"], tmp_path / "out", *SMALL)
+    assert code == 0, err
+    names = sorted(p.name for p in (tmp_path / "out").glob("*.safetensors"))
+    assert names and all(n.startswith("model-") for n in names)  # provisional base-N names were renamed
 
 
 def test_interrupt_mid_write_leaves_nothing(sources, tmp_path, capsys, monkeypatch):
