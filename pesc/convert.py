@@ -541,7 +541,11 @@ def plan_conversion(
 # Writing
 # --------------------------------------------------------------------------------------
 def write_safetensors(path: Path, infos: list[TensorInfo], tensors: Iterable, progress=None) -> None:
-    """Stream tensors into a safetensors file: the header comes from `infos`, each tensor is written and dropped."""
+    """Stream tensors into a safetensors file: the header comes from `infos`, each tensor is written and dropped.
+
+    An all-zero tensor (every fresh adapter_up: half the expert bytes) is skipped over rather
+    than written, leaving a hole that reads back as zeros: the same bytes, less disk I/O.
+    """
     header: dict = {"__metadata__": {"format": "pt"}}
     offset = 0
     for info in infos:
@@ -556,13 +560,17 @@ def write_safetensors(path: Path, infos: list[TensorInfo], tensors: Iterable, pr
         for info, tensor in zip(infos, tensors, strict=True):
             if tuple(tensor.shape) != info.shape or _safetensors_dtype(tensor.dtype) != info.dtype:
                 raise RuntimeError(f"internal error: {info.name} does not match its planned shape or dtype")
-            if info.nbytes:
-                handle.write(memoryview(tensor.detach().contiguous().reshape(-1).view(_byte_dtype()).numpy()))
+            data = tensor.detach().contiguous().reshape(-1).view(_byte_dtype())
+            if data.any():  # on the bytes, so that -0.0 is written, not left as a hole
+                handle.write(memoryview(data.numpy()))
+            else:
+                handle.seek(info.nbytes, os.SEEK_CUR)
             written += info.nbytes
             if progress is not None:
                 progress.update(info.nbytes)
         if written != offset:
             raise RuntimeError(f"internal error: wrote {written} of {offset} bytes to {path}")
+        handle.truncate()  # a trailing hole still counts in the file's size
 
 
 def _byte_dtype():

@@ -402,6 +402,26 @@ def test_base_shards_start_copying_before_the_plan_checks(sources, tmp_path, cap
     assert names and all(n.startswith("model-") for n in names)  # provisional base-N names were renamed
 
 
+def test_zero_tensors_are_left_as_holes_that_read_back_exactly(tmp_path):
+    tensors = {
+        "zeros_middle": torch.zeros(64, 64, dtype=torch.bfloat16),
+        "values": torch.randn(8, 8),
+        "negative_zeros": torch.full((4,), -0.0),  # all-zero as numbers, not as bytes: must be written
+        "zeros_last": torch.zeros(1000, dtype=torch.float16),
+    }
+    infos = [
+        convert_module.TensorInfo(name, convert_module._safetensors_dtype(t.dtype), tuple(t.shape))
+        for name, t in tensors.items()
+    ]
+    path = tmp_path / "experts.safetensors"
+    convert_module.write_safetensors(path, infos, tensors.values())
+    loaded = load_file(path)
+    for name, tensor in tensors.items():
+        assert loaded[name].view(torch.uint8).equal(tensor.view(torch.uint8)), name
+    header_bytes = 8 + int.from_bytes(path.read_bytes()[:8], "little")
+    assert path.stat().st_size == header_bytes + sum(t.numel() * t.element_size() for t in tensors.values())
+
+
 def test_interrupt_mid_write_leaves_nothing(sources, tmp_path, capsys, monkeypatch):
     real = convert_module.write_safetensors
     calls = []
