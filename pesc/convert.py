@@ -6,16 +6,17 @@ PESC leaves every base tensor unchanged, so the converter never loads the model:
    checks every tensor's name and shape against a PESC model built on the meta device;
 2. it copies (or hard-links) the source safetensors shards byte for byte, renamed to
    `model-0000N-of-0000M.safetensors` (pickle `.bin` shards are re-written as safetensors
-   one file and one tensor at a time, memory-mapped);
-3. it draws the routers and adapters one layer at a time (`initial_expert_state`, so the
-   same seed gives exactly what `pesc.upcycle` gives) and streams them into new shards
-   no larger than `max_shard_size`;
+   one file and one tensor at a time, memory-mapped); the copy of safetensors shards
+   starts before step 1's checks, which import torch and transformers, and overlaps them;
+3. it draws the routers and adapters layer by layer, a few layers ahead in worker threads
+   (`initial_expert_state`, so the same seed gives exactly what `pesc.upcycle` gives), and
+   streams them into new shards no larger than `max_shard_size`, all-zero tensors as holes;
 4. it writes the merged index, config.json (PescConfig + auto_map), the shipped model
    code, the tokenizer / chat template / generation config files, and a model card.
 
 Everything is written into a temporary folder beside OUT that is renamed at the end, so
-an error, a full disk or Ctrl-C never leaves a partial OUT. Peak memory is one layer's
-new tensors (or the largest tensor of a `.bin`), whatever the model's size.
+an error, a full disk or Ctrl-C never leaves a partial OUT. Peak memory is a few layers'
+new tensors (or the largest tensor of a `.bin`), whatever the model's depth.
 """
 
 from __future__ import annotations
@@ -60,6 +61,9 @@ _TORCH_DTYPE_NAMES = {
 }  # fmt: skip
 _MAX_HEADER_BYTES = 100_000_000
 _COPY_CHUNK = 64 * 1024 * 1024
+# Layers whose experts are drawn ahead of the one being written, each in its own thread
+# (torch's RNG and casts release the GIL).
+_DRAW_AHEAD = 2
 # Tensors that old checkpoints carry but no current model has (recomputed buffers): tolerated.
 _IGNORED_SOURCE_TENSORS = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
 # Top-level source files never carried over: weights, indexes, the config and card we rewrite, code.
@@ -623,10 +627,10 @@ def link_or_copy(src: Path, dst: Path, progress=None, notice: Callable[[str], No
 
 
 def _write_expert_shard(path: Path, shard: ExpertShard, config, seed: int, progress=None) -> None:
-    """Write each layer's routers and adapters while a worker already draws the next layer's.
+    """Write each layer's routers and adapters while workers already draw the next layers'.
 
-    At most two layers are in memory; every layer has its own seeded RNG, so drawing
-    ahead changes no value.
+    At most 1 + _DRAW_AHEAD layers are in memory; every layer has its own seeded RNG, so
+    drawing ahead, in any number of threads, changes no value.
     """
     from pesc.upcycling import initial_expert_state
 
@@ -636,13 +640,14 @@ def _write_expert_shard(path: Path, shard: ExpertShard, config, seed: int, progr
         drawn = {}
         for layer, name, _ in shard.entries:
             if layer not in drawn:
-                drawn = {layer: drawn.get(layer) or pool.submit(initial_expert_state, config, layer, seed)}
-                following = layers.index(layer) + 1
-                if following < len(layers):
-                    drawn[layers[following]] = pool.submit(initial_expert_state, config, layers[following], seed)
+                position = layers.index(layer)
+                drawn = {
+                    upcoming: drawn.get(upcoming) or pool.submit(initial_expert_state, config, upcoming, seed)
+                    for upcoming in layers[position : position + 1 + _DRAW_AHEAD]
+                }
             yield drawn[layer].result().pop(name)
 
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="pesc-draw") as pool:
+    with ThreadPoolExecutor(max_workers=_DRAW_AHEAD, thread_name_prefix="pesc-draw") as pool:
         write_safetensors(path, [info for _, _, info in shard.entries], tensors(pool), progress)
 
 

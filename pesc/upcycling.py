@@ -6,7 +6,15 @@ import torch
 from transformers import AutoModelForCausalLM, PreTrainedConfig, PreTrainedModel
 
 from pesc.modeling import PescConfig, PescForCausalLM, init_expert_weights
-from pesc.modeling.modeling_pesc import check_dense_equivalence
+from pesc.modeling.modeling_pesc import (
+    AdapterDownProjection,
+    AdapterUpProjection,
+    PescRouter,
+    check_dense_equivalence,
+)
+
+# The modules whose weights `init_expert_weights` draws, each on its own.
+_INITIALISED = (PescRouter, AdapterDownProjection, AdapterUpProjection)
 
 
 def pesc_config_from_dense(
@@ -51,19 +59,23 @@ def layer_generator(seed: int, layer_idx: int) -> torch.Generator:
 def initial_expert_state(config: PescConfig, layer_idx: int, seed: int) -> dict[str, torch.Tensor]:
     """Initial router and adapter tensors of one layer, keyed by their name inside `mlp.moe_adapter`.
 
-    Drawn in float32 on the CPU, then cast, so the values do not depend on device or dtype.
+    Each tensor is drawn in float32 on the CPU and cast at once, in module order, so the
+    values do not depend on device or dtype and only one float32 tensor exists at a time.
     """
     from pesc.modeling import PescMoEAdapter
 
     with torch.device("meta"):
         block = PescMoEAdapter(config)
-    block = block.to_empty(device="cpu")
     generator = layer_generator(seed, layer_idx)
-    init_expert_weights(block.router, generator)
-    for adapter in block.experts.values():
-        init_expert_weights(adapter, generator)
     dtype = getattr(torch, config.moe_dtype) if config.moe_dtype else torch.float32
-    return {name: tensor.detach().to(dtype) for name, tensor in block.state_dict().items()}
+    state = {}
+    for name, module in block.named_modules():
+        if isinstance(module, _INITIALISED):
+            module.to_empty(device="cpu")
+            init_expert_weights(module, generator)
+            state[f"{name}.weight"] = module.weight.detach().to(dtype)
+            module.to_empty(device="meta")  # drop the float32 draw before the next one
+    return state
 
 
 def upcycle(
