@@ -483,29 +483,17 @@ def _check_weights(config, sources: list[SourceFile], folder: Path) -> None:
         )
 
 
-def plan_conversion(
-    src: str,
-    out: str | Path,
-    settings: ConvertSettings,
-    link: bool = False,
-    force: bool = False,
-    early: EarlySources | None = None,
-) -> Plan:
-    """Read and check everything, write nothing: the plan of the output, or a PescError.
-
-    `early` (from `early_sources`) saves resolving the source and reading its headers twice.
-    """
+def plan_conversion(src: str, early: EarlySources, out: Path, settings: ConvertSettings, link: bool, force: bool) -> Plan:
+    """Check everything `early_sources` left out, write nothing: the plan of the output, or a PescError."""
     from pesc.checkpoint import read_config
     from pesc.modeling import PescConfig
     from pesc.upcycling import pesc_config_from_dense
 
-    out = Path(out).expanduser()
-    folder, hub_id = (early.folder, early.hub_id) if early else resolve_source(src)
+    folder, hub_id = early.folder, early.hub_id
     dense_config = read_config(folder)
     if isinstance(dense_config, PescConfig):
         raise PescError(f"{src} is already a PESC checkpoint (model_type pesc): convert its dense base model instead")
-    check_output_dir(out, force, (folder,))
-    sources = early.files if early and early.files is not None else find_weight_files(folder)
+    sources = early.files if early.files is not None else find_weight_files(folder)
     for file in sources:
         moe_tensor = next((name for name in file.tensors if ".moe_adapter." in name), None)
         if moe_tensor:
@@ -893,7 +881,7 @@ def convert(
             if copy_early:
                 _check_disk_space(out, 0 if link else sum(f.size for f in early.files), link)
                 base.start(early.files)
-            plan = plan_conversion(str(src), out, settings, link=link, force=force, early=early)
+            plan = plan_conversion(str(src), early, out, settings, link, force)
             kinds = {f.kind for f in plan.sources}
             echo(
                 f"source    {plan.hub_id + ' (' + str(plan.src) + ')' if plan.hub_id else plan.src}: "

@@ -108,3 +108,15 @@ def test_selected_and_all_fall_back_to_routed_where_they_cannot_apply():
     assert block._choose_dispatch(torch.zeros(4, HIDDEN)) == "routed"  # autograd on: host grouping has no backward
     with torch.no_grad():
         assert block._choose_dispatch(torch.zeros(4, HIDDEN)) == "selected"
+
+
+@pytest.mark.parametrize("dispatch", ["routed", "all", "selected"])
+def test_experts_with_their_own_scalings_follow_the_formula(dispatch):
+    block = build_block().eval()
+    for index, expert in enumerate(block.experts.values()):
+        expert.scaling = 2.0 ** -(index % 3)  # powers of two: exact in float32, as in float64
+    block._dispatch = dispatch
+    router_input, ffn_output = inputs(5)
+    with torch.no_grad():
+        got = block(router_input, ffn_output)
+    torch.testing.assert_close(got, reference(block, router_input, ffn_output), rtol=1e-12, atol=1e-12)

@@ -185,13 +185,12 @@ class PescMoEAdapter(nn.Module):
         routing_weights, selected = self.router.route(router_logits)
         if torch.is_grad_enabled():
             self._stack_cache = None  # generation's cached stacks must not outlive it into training
-        dispatch = self._choose_dispatch(ffn_rows)
-        if dispatch == "all":
-            return self._all_experts_forward(ffn_rows, routing_weights, selected).reshape(shape)
-        if dispatch == "selected":
-            return self._selected_experts_forward(ffn_rows, routing_weights, selected).reshape(shape)
-        mixed = self._routed_forward(ffn_rows, routing_weights, selected)
-        return ffn_output + mixed.to(ffn_output.dtype).reshape(shape)
+        dispatches = {
+            "all": self._all_experts_forward,
+            "selected": self._selected_experts_forward,
+            "routed": self._routed_forward,
+        }
+        return dispatches[self._choose_dispatch(ffn_rows)](ffn_rows, routing_weights, selected).reshape(shape)
 
     def _choose_dispatch(self, ffn_rows: torch.Tensor) -> str:
         experts = list(self.experts.values())
@@ -232,6 +231,7 @@ class PescMoEAdapter(nn.Module):
         return out * weights.to(out.dtype)
 
     def _routed_forward(self, ffn_rows, routing_weights, selected):
+        """ffn_rows plus each token's experts, computed in expert-sorted order."""
         flat_experts = selected.reshape(-1)
         order = torch.argsort(flat_experts, stable=True)
         inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
@@ -247,7 +247,8 @@ class PescMoEAdapter(nn.Module):
             if skip_idle and expert_rows.shape[0] == 0:
                 continue
             outputs.append(self._weighted_expert_output(expert, expert_rows, expert_weights))
-        return _CombineRows.apply(torch.cat(outputs), source, inverse, self.top_k)
+        mixed = _CombineRows.apply(torch.cat(outputs), source, inverse, self.top_k)
+        return ffn_rows + mixed.to(ffn_rows.dtype)
 
     def _selected_experts_forward(self, ffn_rows, routing_weights, selected):
         """ffn_rows plus each picked expert on the rows that picked it, grouped on the host; no autograd."""
@@ -296,10 +297,11 @@ class PescMoEAdapter(nn.Module):
         """ffn_rows plus every expert on every row, weighted by the (mostly zero) routing weights."""
         experts = list(self.experts.values())
         down, up_t = self._stacked_adapter_weights()  # [E*d, H], [E*d, H]
-        scalings = [e.scaling for e in experts]
-        scaled = routing_weights * scalings[0] if len(set(scalings)) == 1 else routing_weights * selected.new_tensor(
-            scalings, dtype=routing_weights.dtype
-        ).gather(0, selected.reshape(-1)).view_as(routing_weights)
+        scalings = {e.scaling for e in experts}
+        if len(scalings) == 1:  # always so for PescMoEAdapter's own experts: no per-step host-to-device copy
+            scaled = routing_weights * scalings.pop()
+        else:
+            scaled = routing_weights * routing_weights.new_tensor([e.scaling for e in experts])[selected]
         gates = torch.zeros(ffn_rows.shape[0], self.num_experts, device=ffn_rows.device, dtype=down.dtype).scatter_(
             1, selected, scaled.to(down.dtype)
         )
