@@ -10,6 +10,7 @@ Prints tokens/s of both and the ratio PESC / dense (target: >= 0.85).
     python bench/generate.py                              # CPU (and CUDA if present)
     python bench/generate.py --device cuda --hidden 2048 --layers 16 --dtype bfloat16
     python bench/generate.py --profile                    # + where the PESC decode step spends its time
+    python bench/generate.py --compile                    # + static cache, compiled decode steps (both models)
 """
 
 import argparse
@@ -62,7 +63,20 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def time_generate(model, input_ids, new_tokens: int) -> float:
+def compiled_settings() -> dict:
+    """`generate` arguments for transformers' compiled decoding: a static cache, decode steps compiled.
+
+    transformers compiles by itself on CUDA once the cache is static; `_compile_all_devices`
+    is its switch for doing the same on the CPU.
+    """
+    from transformers import CompileConfig
+
+    compile_config = CompileConfig()
+    compile_config._compile_all_devices = True
+    return {"cache_implementation": "static", "compile_config": compile_config}
+
+
+def time_generate(model, input_ids, new_tokens: int, **settings) -> float:
     sync(input_ids.device)
     start = time.perf_counter()
     with torch.no_grad():
@@ -73,6 +87,7 @@ def time_generate(model, input_ids, new_tokens: int) -> float:
             min_new_tokens=new_tokens,
             do_sample=False,
             pad_token_id=0,
+            **settings,
         )
     sync(input_ids.device)
     assert out.shape[1] == input_ids.shape[1] + new_tokens
@@ -89,42 +104,6 @@ def profile_decode(model, input_ids, new_tokens: int, label: str) -> None:
     print(f"\n--- profile: {label}, batch {input_ids.shape[0]}, {new_tokens} tokens ---")
     sort = "self_cuda_time_total" if input_ids.is_cuda else "self_cpu_time_total"
     print(prof.key_averages().table(sort_by=sort, row_limit=18))
-
-
-def patch_gathered_dispatch(max_rows: int = 64) -> None:
-    """WHAT-IF, not the shipped code: a sync-free decode dispatch, to measure what the expert loop costs.
-
-    For at most `max_rows` (token, slot) pairs, each pair's expert weights are gathered from
-    stacked [E, d, H] / [E, H, d] tensors and applied with two batched einsums: a fixed ~10 ops
-    per layer, no host sync (`bincount().tolist()`), no empty-expert calls. Larger inputs
-    (prefill) use the shipped loop. Inference only (no router-logit recording).
-    """
-    import torch.nn.functional as F
-
-    from pesc.modeling.modeling_pesc import PescMoEAdapter
-
-    shipped = PescMoEAdapter.forward
-
-    def forward(self, router_input, ffn_output):
-        rows = ffn_output.numel() // ffn_output.shape[-1]
-        if rows * self.top_k > max_rows or torch.is_grad_enabled():
-            return shipped(self, router_input, ffn_output)
-        if not hasattr(self, "_stacked"):
-            experts = list(self.experts.values())
-            self._stacked = (
-                torch.stack([e.adapter_down.weight for e in experts]),
-                torch.stack([e.adapter_up.weight for e in experts]),
-                experts[0].scaling,
-            )
-        down, up, scaling = self._stacked
-        shape = ffn_output.shape
-        x = ffn_output.reshape(-1, shape[-1])
-        weights, selected = self.router.route(self.router(router_input.reshape(-1, router_input.shape[-1])))
-        hidden = F.gelu(torch.einsum("th,tkdh->tkd", x.to(down.dtype), down[selected]))
-        y = torch.einsum("tkd,tkhd->tkh", hidden, up[selected]) * scaling
-        return (y * weights.unsqueeze(-1).to(y.dtype)).sum(1).to(x.dtype).reshape(shape)
-
-    PescMoEAdapter.forward = forward
 
 
 def main(argv=None):
@@ -146,8 +125,8 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--profile", action="store_true", help="profile one PESC and one dense generate per batch")
-    parser.add_argument("--what-if-gathered", action="store_true",
-                        help="also time a sync-free gathered decode dispatch (NOT the shipped code; see patch_gathered_dispatch)")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time both models with a static cache and compiled decode steps (transformers' own path)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -168,7 +147,7 @@ def main(argv=None):
             f"top-{args.top_k} adapter_dim {args.adapter_dim}; prompt {args.prompt_len} + {args.new_tokens} new tokens, "
             f"greedy, median of {args.repeats}; torch {torch.__version__}, {torch.get_num_threads()} CPU threads"
         )
-        print(f"{'device':7}{'dtype':10}{'batch':>6}{'dense tok/s':>13}{'pesc tok/s':>12}{'ratio':>8}")
+        print(f"{'device':7}{'dtype':10}{'decode':10}{'batch':>6}{'dense tok/s':>13}{'pesc tok/s':>12}{'ratio':>8}")
         for device_name in devices:
             device = torch.device(device_name)
             dtype = DTYPES[args.dtype or ("bfloat16" if device.type == "cuda" else "float32")]
@@ -178,35 +157,20 @@ def main(argv=None):
                 ids = torch.randint(
                     10, config.vocab_size, (batch, args.prompt_len), generator=torch.Generator().manual_seed(batch)
                 ).to(device)
-                for model in (dense, sparse):  # warm-up
-                    time_generate(model, ids, min(8, args.new_tokens))
-                times = {"dense": [], "pesc": []}
-                for _ in range(args.repeats):
-                    times["dense"].append(time_generate(dense, ids, args.new_tokens))
-                    times["pesc"].append(time_generate(sparse, ids, args.new_tokens))
-                rate = {k: batch * args.new_tokens / statistics.median(v) for k, v in times.items()}
-                print(
-                    f"{device_name:7}{str(dtype).removeprefix('torch.'):10}{batch:>6}{rate['dense']:>13.1f}"
-                    f"{rate['pesc']:>12.1f}{rate['pesc'] / rate['dense']:>8.3f}",
-                    flush=True,
-                )
-                if args.what_if_gathered:
-                    from pesc.modeling.modeling_pesc import PescMoEAdapter
-
-                    shipped = PescMoEAdapter.forward
-                    patch_gathered_dispatch()
-                    with torch.no_grad():
-                        logits = sparse(input_ids=ids[:, -1:]).logits
-                    time_generate(sparse, ids, min(8, args.new_tokens))
-                    gathered = [time_generate(sparse, ids, args.new_tokens) for _ in range(args.repeats)]
-                    dense_again = [time_generate(dense, ids, args.new_tokens) for _ in range(args.repeats)]
-                    PescMoEAdapter.forward = shipped
-                    with torch.no_grad():
-                        same = (sparse(input_ids=ids[:, -1:]).logits - logits).abs().max().item()
-                    g_rate = batch * args.new_tokens / statistics.median(gathered)
-                    d_rate = batch * args.new_tokens / statistics.median(dense_again)
-                    print(f"{'':23}what-if gathered dispatch: dense {d_rate:.1f}, pesc {g_rate:.1f} tok/s, "
-                          f"ratio {g_rate / d_rate:.3f} (max |logit diff| vs shipped {same:.1e})", flush=True)
+                modes = {"eager": {}} | ({"compiled": compiled_settings()} if args.compile else {})
+                for mode, settings in modes.items():
+                    for model in (dense, sparse):  # warm-up (compiling: the same lengths, or it compiles again)
+                        time_generate(model, ids, args.new_tokens if settings else min(8, args.new_tokens), **settings)
+                    times = {"dense": [], "pesc": []}
+                    for _ in range(args.repeats):
+                        times["dense"].append(time_generate(dense, ids, args.new_tokens, **settings))
+                        times["pesc"].append(time_generate(sparse, ids, args.new_tokens, **settings))
+                    rate = {k: batch * args.new_tokens / statistics.median(v) for k, v in times.items()}
+                    print(
+                        f"{device_name:7}{str(dtype).removeprefix('torch.'):10}{mode:10}{batch:>6}{rate['dense']:>13.1f}"
+                        f"{rate['pesc']:>12.1f}{rate['pesc'] / rate['dense']:>8.3f}",
+                        flush=True,
+                    )
                 if args.profile:
                     profile_decode(sparse, ids, args.new_tokens, "pesc")
                     profile_decode(dense, ids, args.new_tokens, "dense")

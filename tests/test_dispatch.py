@@ -120,3 +120,34 @@ def test_experts_with_their_own_scalings_follow_the_formula(dispatch):
     with torch.no_grad():
         got = block(router_input, ffn_output)
     torch.testing.assert_close(got, reference(block, router_input, ffn_output), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dispatch", ["auto", "all", "selected"])
+@pytest.mark.parametrize("tokens", [1, 3])
+def test_compiled_decode_dispatch_is_one_graph_and_equals_the_formula(dispatch, tokens):
+    """Inside torch.compile nothing may read the picks on the host or check the stacked copies."""
+    block = build_block().eval()
+    block._dispatch = dispatch
+    router_input, ffn_output = inputs(tokens)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        explanation = torch._dynamo.explain(block)(router_input, ffn_output)
+        got = torch.compile(block, backend="eager", fullgraph=True)(router_input, ffn_output)
+    assert explanation.graph_break_count == 0, [str(reason.reason)[:200] for reason in explanation.break_reasons]
+    torch.testing.assert_close(got, reference(block, router_input, ffn_output), rtol=1e-12, atol=1e-12)
+
+
+def test_all_is_not_used_when_a_projection_is_wrapped():
+    """"all" reads `.weight` directly; a wrapped projection (a peft LoRA layer, a quantized linear) must run as a module."""
+    block = build_block().eval()
+    expert = block.experts["expert_0"]
+    wrapped = torch.nn.Linear(ADAPTER_DIM, HIDDEN, bias=False, dtype=torch.float64)
+    with torch.no_grad():
+        wrapped.weight.copy_(expert.adapter_up.weight)
+    expert.adapter_up = wrapped
+    block._dispatch = "all"
+    router_input, ffn_output = inputs(3)
+    with torch.no_grad():
+        assert block._choose_dispatch(ffn_output.reshape(3, HIDDEN)) == "routed"
+        got = block(router_input, ffn_output)
+    torch.testing.assert_close(got, reference(block, router_input, ffn_output), rtol=1e-12, atol=1e-12)

@@ -35,7 +35,32 @@ from .configuration_pesc import PescConfig
 # PescForCausalLM opens a sink; a gradient-checkpointing recompute (outside it) records
 # nothing twice.
 # ---------------------------------------------------------------------------------------
-_ROUTER_LOGITS_SINK: ContextVar = ContextVar("pesc_router_logits", default=None)
+class _CompileSafeContextVar:
+    """A ContextVar (thread- and context-safe) whose value a compiled graph reads from a plain attribute.
+
+    Dynamo cannot trace `ContextVar.get` (transformers' own output capture makes the same
+    switch), so every `set` also stores the value where a graph can read it; that copy
+    alone is shared by threads.
+    """
+
+    def __init__(self, name: str):
+        self._context_var: ContextVar = ContextVar(name, default=None)
+        self._for_graphs = None
+
+    def get(self):
+        return self._for_graphs if torch.compiler.is_compiling() else self._context_var.get()
+
+    def set(self, value) -> tuple:
+        previous, self._for_graphs = self._for_graphs, value
+        return previous, None if torch.compiler.is_compiling() else self._context_var.set(value)
+
+    def reset(self, handle: tuple) -> None:
+        self._for_graphs, token = handle
+        if token is not None:
+            self._context_var.reset(token)
+
+
+_ROUTER_LOGITS_SINK = _CompileSafeContextVar("pesc_router_logits")
 
 
 @contextmanager
@@ -89,6 +114,15 @@ class PescAdapter(nn.Module):
         hidden_states = hidden_states.to(self.adapter_down.weight.dtype)
         hidden = F.gelu(self.adapter_down(self.dropout(hidden_states)))
         return self.adapter_up(hidden) * self.scaling
+
+
+def _is_plain_adapter(expert: nn.Module) -> bool:
+    """A `PescAdapter` whose projections are still plain linears (not wrapped by peft, not quantized)."""
+    return (
+        type(expert) is PescAdapter
+        and type(expert.adapter_down) is AdapterDownProjection
+        and type(expert.adapter_up) is AdapterUpProjection
+    )
 
 
 class _GatherRows(torch.autograd.Function):
@@ -194,17 +228,19 @@ class PescMoEAdapter(nn.Module):
 
     def _choose_dispatch(self, ffn_rows: torch.Tensor) -> str:
         experts = list(self.experts.values())
-        widens = all(type(e) is PescAdapter and (e.dropout.p == 0 or not e.dropout.training) for e in experts)
+        widens = all(_is_plain_adapter(e) and (e.dropout.p == 0 or not e.dropout.training) for e in experts)
+        # "selected" needs the picks on the host: not with autograd, nor inside a compiled graph.
+        can_select = not torch.is_grad_enabled() and not torch.compiler.is_compiling()
         if self._dispatch != "auto":
+            if self._dispatch == "selected" and not can_select:
+                return "all" if widens and not torch.is_grad_enabled() else "routed"
             if self._dispatch == "all" and not widens:
-                return "routed"
-            if self._dispatch == "selected" and torch.is_grad_enabled():
                 return "routed"
             return self._dispatch
         rows = ffn_rows.shape[0]
         on_cpu = ffn_rows.device.type == "cpu"
         if not torch.is_grad_enabled():
-            if on_cpu and 2 * rows * self.top_k <= self.num_experts:
+            if can_select and on_cpu and 2 * rows * self.top_k <= self.num_experts:
                 return "selected"
             if widens and rows <= (_DECODE_ROWS_CPU if on_cpu else _DECODE_ROWS):
                 return "all"
@@ -296,16 +332,26 @@ class PescMoEAdapter(nn.Module):
     def _all_experts_forward(self, ffn_rows, routing_weights, selected):
         """ffn_rows plus every expert on every row, weighted by the (mostly zero) routing weights."""
         experts = list(self.experts.values())
-        down, up_t = self._stacked_adapter_weights()  # [E*d, H], [E*d, H]
+        dtype = experts[0].adapter_down.weight.dtype
         scalings = {e.scaling for e in experts}
         if len(scalings) == 1:  # always so for PescMoEAdapter's own experts: no per-step host-to-device copy
             scaled = routing_weights * scalings.pop()
         else:
             scaled = routing_weights * routing_weights.new_tensor([e.scaling for e in experts])[selected]
-        gates = torch.zeros(ffn_rows.shape[0], self.num_experts, device=ffn_rows.device, dtype=down.dtype).scatter_(
-            1, selected, scaled.to(down.dtype)
+        gates = torch.zeros(ffn_rows.shape[0], self.num_experts, device=ffn_rows.device, dtype=dtype).scatter_(
+            1, selected, scaled.to(dtype)
         )
-        hidden = F.gelu(F.linear(ffn_rows.to(down.dtype), down))
+        if torch.compiler.is_compiling():
+            # A graph cannot keep the stacked copies (their staleness check reads storage
+            # pointers), and stacking inside it would copy every adapter at every step:
+            # one matmul pair per expert instead (launches are cheap in a compiled graph).
+            out = ffn_rows
+            for index, expert in enumerate(experts):
+                hidden = F.gelu(expert.adapter_down(ffn_rows.to(dtype))) * gates[:, index : index + 1]
+                out = out + expert.adapter_up(hidden).to(out.dtype)
+            return out
+        down, up_t = self._stacked_adapter_weights()  # [E*d, H], [E*d, H]
+        hidden = F.gelu(F.linear(ffn_rows.to(dtype), down))
         hidden = (hidden.view(ffn_rows.shape[0], self.num_experts, -1) * gates.unsqueeze(-1)).view(ffn_rows.shape[0], -1)
         if ffn_rows.dtype == up_t.dtype:
             return torch.addmm(ffn_rows, hidden, up_t)  # the residual add fused into the matmul
@@ -418,6 +464,7 @@ class PescPreTrainedModel(PreTrainedModel):
     _supports_flash_attn = True
     _supports_flex_attn = True
     _supports_attention_backend = True
+    _can_compile_fullgraph = True  # decode steps are one graph (tests/test_compile.py)
     _no_split_modules = ["PescMLP"]
 
     @torch.no_grad()
