@@ -11,6 +11,7 @@ Prints tokens/s of both and the ratio PESC / dense (target: >= 0.85).
     python bench/generate.py --device cuda --hidden 2048 --layers 16 --dtype bfloat16
     python bench/generate.py --profile                    # + where the PESC decode step spends its time
     python bench/generate.py --compile                    # + static cache, compiled decode steps (both models)
+    python bench/generate.py --per-step 300               # + per-step medians, dense and PESC alternating
 """
 
 import argparse
@@ -94,6 +95,28 @@ def time_generate(model, input_ids, new_tokens: int, **settings) -> float:
     return time.perf_counter() - start
 
 
+def per_step_ms(models: dict, input_ids, steps: int) -> dict:
+    """Median ms of one decode step on a fixed cache, the models alternating step by step.
+
+    Each model prefills `input_ids` once; every step then decodes one token and crops the
+    cache back, so all steps see the same length. Alternating single steps puts a slow spell
+    of a shared machine on every model alike, which whole-run timings cannot do.
+    """
+    with torch.no_grad():
+        caches = {name: model(input_ids=input_ids, use_cache=True).cache for name, model in models.items()}
+        times = {name: [] for name in models}
+        for step in range(steps + 10):
+            for name, model in models.items():
+                sync(input_ids.device)
+                start = time.perf_counter()
+                model(input_ids=input_ids[:, -1:], cache=caches[name], use_cache=True)
+                sync(input_ids.device)
+                if step >= 10:  # the first steps warm up
+                    times[name].append(time.perf_counter() - start)
+                caches[name].crop(-1)  # drop the decoded token again
+    return {name: 1e3 * statistics.median(values) for name, values in times.items()}
+
+
 def profile_decode(model, input_ids, new_tokens: int, label: str) -> None:
     from torch.profiler import ProfilerActivity, profile
 
@@ -125,6 +148,8 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--profile", action="store_true", help="profile one PESC and one dense generate per batch")
+    parser.add_argument("--per-step", type=int, default=0, metavar="STEPS",
+                        help="also time STEPS single decode steps per model, dense and PESC alternating (steadier)")
     parser.add_argument("--compile", action="store_true",
                         help="also time both models with a static cache and compiled decode steps (transformers' own path)")
     args = parser.parse_args(argv)
@@ -171,6 +196,10 @@ def main(argv=None):
                         f"{rate['pesc']:>12.1f}{rate['pesc'] / rate['dense']:>8.3f}",
                         flush=True,
                     )
+                if args.per_step:
+                    ms = per_step_ms({"dense": dense, "pesc": sparse}, ids, args.per_step)
+                    print(f"{'':23}per step (median of {args.per_step}): dense {ms['dense']:.2f} ms, "
+                          f"pesc {ms['pesc']:.2f} ms, ratio {ms['dense'] / ms['pesc']:.3f}", flush=True)
                 if args.profile:
                     profile_decode(sparse, ids, args.new_tokens, "pesc")
                     profile_decode(dense, ids, args.new_tokens, "dense")
