@@ -116,18 +116,33 @@ class PescAdapter(nn.Module):
         return self.adapter_up(hidden) * self.scaling
 
 
+# The decode paths below reach experts' parts through `_modules` / `_parameters` rather than
+# attribute access: nn.Module's `__getattr__` costs ~1.4 us a lookup on a slow host, and a
+# decode step makes dozens per layer, which eager decoding (bound by the host on a GPU)
+# pays in full.
+
+
 def _weights_usable_directly(expert: nn.Module) -> bool:
     """Whether the fast paths may apply the expert's weights themselves instead of calling it.
 
     True for a `PescAdapter` whose projections are still plain linears (not wrapped by
     peft, not quantized) and whose dropout is inactive (else each call needs its own mask).
     """
+    if type(expert) is not PescAdapter:
+        return False
+    parts = expert._modules
+    dropout = parts["dropout"]
     return (
-        type(expert) is PescAdapter
-        and type(expert.adapter_down) is AdapterDownProjection
-        and type(expert.adapter_up) is AdapterUpProjection
-        and (expert.dropout.p == 0 or not expert.dropout.training)
+        type(parts["adapter_down"]) is AdapterDownProjection
+        and type(parts["adapter_up"]) is AdapterUpProjection
+        and (dropout.p == 0 or not dropout.training)
     )
+
+
+def _projection_weights(expert: PescAdapter) -> tuple[torch.Tensor, torch.Tensor]:
+    """(adapter_down.weight, adapter_up.weight) of an expert that `_weights_usable_directly` accepts."""
+    parts = expert._modules
+    return parts["adapter_down"]._parameters["weight"], parts["adapter_up"]._parameters["weight"]
 
 
 class _GatherRows(torch.autograd.Function):
@@ -237,7 +252,7 @@ class PescMoEAdapter(nn.Module):
         rows = ffn_rows.shape[0]
         on_cpu = ffn_rows.device.type == "cpu"
         if self._dispatch == "auto" and can_select and on_cpu and 2 * rows * self.top_k <= self.num_experts:
-            return "selected"  # decided before the expert checks below, which cost ~35 us per layer on the CPU
+            return "selected"  # decided before the per-expert checks below, which it does not need
         experts = list(self.experts.values())
         widens = all(_weights_usable_directly(e) for e in experts)
         if self._dispatch != "auto":
@@ -303,14 +318,13 @@ class PescMoEAdapter(nn.Module):
         for expert_index in sorted(groups):
             rows, row_weights = groups[expert_index]
             expert = experts[expert_index]
-            fuses = _weights_usable_directly(expert) and (
-                expert.adapter_down.weight.dtype == expert.adapter_up.weight.dtype == out.dtype
-            )
-            if fuses and ffn_rows.shape[0] == 1:
-                # one token (batch-1 decoding): its weight, the scaling and the add ride on one addmm
-                hidden = F.gelu(F.linear(ffn_rows, expert.adapter_down.weight))
-                out = torch.addmm(out, hidden, expert.adapter_up.weight.t(), alpha=row_weights[0] * expert.scaling)
-                continue
+            if ffn_rows.shape[0] == 1 and _weights_usable_directly(expert):
+                down, up = _projection_weights(expert)
+                if down.dtype == up.dtype == out.dtype:
+                    # one token (batch-1 decoding): its weight, the scaling and the add ride on one addmm
+                    hidden = F.gelu(F.linear(ffn_rows, down))
+                    out = torch.addmm(out, hidden, up.t(), alpha=row_weights[0] * expert.scaling)
+                    continue
             weights = torch.tensor(row_weights, dtype=routing_weights.dtype, device=ffn_rows.device).unsqueeze(-1)
             if len(rows) == ffn_rows.shape[0]:  # every row picked this expert: no gather
                 out = out + self._weighted_expert_output(expert, ffn_rows, weights).to(out.dtype)
@@ -328,7 +342,8 @@ class PescMoEAdapter(nn.Module):
         expert's weights at every step; the price is one extra copy of the adapters.
         """
         experts = list(self.experts.values())
-        weights = [e.adapter_down.weight for e in experts] + [e.adapter_up.weight for e in experts]
+        pairs = [_projection_weights(e) for e in experts]
+        weights = [down for down, _ in pairs] + [up for _, up in pairs]
         if torch.is_grad_enabled() and any(w.requires_grad for w in weights):
             return torch.cat(weights[: len(experts)]), torch.cat(weights[len(experts) :], dim=1).t()
         key = tuple((w.data_ptr(), w._version, w.dtype, w.device) for w in weights)
@@ -343,7 +358,7 @@ class PescMoEAdapter(nn.Module):
     def _all_experts_forward(self, ffn_rows, routing_weights, selected):
         """ffn_rows plus every expert on every row, weighted by the (mostly zero) routing weights."""
         experts = list(self.experts.values())
-        dtype = experts[0].adapter_down.weight.dtype
+        dtype = _projection_weights(experts[0])[0].dtype
         scalings = {e.scaling for e in experts}
         if len(scalings) == 1:  # always so for PescMoEAdapter's own experts: no per-step host-to-device copy
             scaled = routing_weights * scalings.pop()
