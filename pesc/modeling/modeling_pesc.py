@@ -201,7 +201,9 @@ class PescMoEAdapter(nn.Module):
       weights, with the routing weights (zero off the top-k) applied to the bottleneck.
       (E/k)x the adapter FLOPs but a handful of kernels and no host sync, so it wins where
       launches, not FLOPs, cost (CUDA, small bottlenecks). Only for `PescAdapter` experts
-      without active dropout (each expert must see its own dropout mask).
+      with plain linear projections (it reads their weights) and without active dropout
+      (each expert must see its own dropout mask). Inside a compiled graph it runs expert
+      by expert on the weights themselves, without the stacked copies.
     * selected: without autograd only, the picked experts are grouped on the host and each
       runs on its rows; the idle ones are not touched at all. Any expert module.
 
@@ -371,9 +373,9 @@ class PescMoEAdapter(nn.Module):
             # A graph cannot keep the stacked copies (their staleness check reads storage
             # pointers), and stacking inside it would copy every adapter at every step:
             # one matmul pair per expert instead (launches are cheap in a compiled graph).
-            out = ffn_rows
+            out, rows = ffn_rows, ffn_rows.to(dtype)
             for index, expert in enumerate(experts):
-                hidden = F.gelu(expert.adapter_down(ffn_rows.to(dtype))) * gates[:, index : index + 1]
+                hidden = F.gelu(expert.adapter_down(rows)) * gates[:, index : index + 1]
                 out = out + expert.adapter_up(hidden).to(out.dtype)
             return out
         down, up_t = self._stacked_adapter_weights()  # [E*d, H], [E*d, H]
