@@ -15,10 +15,10 @@ from pathlib import Path
 from pesc.errors import PescError
 
 _TMP_TAG = ".pesc-tmp-"
-# A small JSON file pesc leaves in every folder it writes (`.pesc-export`, `.pesc-convert`):
+# A small JSON file pesc leaves in every folder it writes (`.pesc-export`, `.pesc-convert`, `.pesc-from-gguf`):
 # the proof that `--force` may replace the folder. `pesc push` does not upload it.
 MARKER_PREFIX = ".pesc-"
-KNOWN_MARKERS = (".pesc-export", ".pesc-convert")
+KNOWN_MARKERS = (".pesc-export", ".pesc-convert", ".pesc-from-gguf")
 
 
 def write_marker(folder: str | Path, name: str, info: dict) -> None:
@@ -65,9 +65,37 @@ def check_output_dir(
                 f"{out} exists and was not written by pesc, so --force will not replace it: "
                 "choose another output folder or remove it yourself"
             )
-    if not out.parent.exists():
-        raise PescError(f"the parent folder of {out} does not exist: create it first")
+    ancestor = nearest_existing(out.parent)
+    if not ancestor.is_dir():
+        raise PescError(f"{ancestor} is a file, so {out} cannot be created under it: choose another output folder")
     return out
+
+
+def nearest_existing(path: Path) -> Path:
+    """`path` itself if it exists, else its closest ancestor that does."""
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def make_parent_folders(out: str | Path) -> list[Path]:
+    """Create OUT's missing parent folders (like `mkdir -p`); return them, deepest first, for `remove_if_empty`."""
+    created = []
+    parent = Path(out).parent
+    while not parent.exists():
+        created.append(parent)
+        parent = parent.parent
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    return created
+
+
+def remove_if_empty(folders: list[Path]) -> None:
+    """Undo `make_parent_folders` after a failure, leaving any folder something else wrote into."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            return
 
 
 @contextmanager
@@ -77,15 +105,19 @@ def atomic_output_dir(out: str | Path, force: bool = False, *, allow_empty: bool
     With `force` (or `allow_empty` for an empty folder), an existing `out` (checked by
     `check_output_dir`) is replaced only after the new folder is complete. Any error, Ctrl-C
     included, removes the temporary folder; a full disk or another OSError becomes a PescError.
+    Missing parent folders of `out` are created, and removed again if the command fails.
     """
     out = Path(out)
     check_output_dir(out, force, allow_empty=allow_empty, has_force=has_force)
     tmp = out.parent / f".{out.name}{_TMP_TAG}{os.getpid()}"
+    parents: list[Path] = []
     try:
+        parents = make_parent_folders(out)
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir()
     except OSError as error:
+        remove_if_empty(parents)
         raise PescError(f"cannot write into {out.parent} ({error.strerror or error}): choose another OUT") from None
     try:
         yield tmp
@@ -102,6 +134,7 @@ def atomic_output_dir(out: str | Path, force: bool = False, *, allow_empty: bool
             tmp.rename(out)
     except OSError as error:
         shutil.rmtree(tmp, ignore_errors=True)
+        remove_if_empty(parents)
         if error.errno == errno.ENOSPC:
             raise PescError(f"disk full while writing {out}: nothing was left behind; free some space") from None
         raise PescError(
@@ -110,4 +143,5 @@ def atomic_output_dir(out: str | Path, force: bool = False, *, allow_empty: bool
         ) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        remove_if_empty(parents)
         raise

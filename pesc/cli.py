@@ -49,7 +49,10 @@ def inspect(path, num_experts, top_k, adapter_dim, as_json):
 @click.option("--link", is_flag=True, help="Hard-link the base shards instead of copying them (copy if impossible).")
 @click.option("--force", is_flag=True, help="Replace OUT if it is a folder pesc wrote (never another).")
 def convert(src, out, recipe, max_shard_size, link, force, **moe_flags):
-    """Turn the dense checkpoint SRC (folder or Hub id) into a PESC checkpoint at OUT, in bounded memory."""
+    """Turn the dense checkpoint SRC (folder, Hub id or .gguf file) into a PESC checkpoint at OUT, in bounded memory.
+
+    A .gguf SRC is first dequantized through transformers (needs `pip install gguf`; the whole model is
+    loaded once, so the memory bound does not hold for it)."""
     from pesc.convert import convert as run_convert, resolve_settings
 
     settings = resolve_settings({**moe_flags, "max_shard_size": max_shard_size}, recipe)
@@ -125,13 +128,29 @@ def train(config, overrides, resume):
 def tiny_model(out, family, seed):
     """Write a tiny random dense checkpoint (with a ChatML tokenizer) for quick experiments and configs/tiny.yaml.
 
-    OUT must not exist, or be an empty folder; it is written beside OUT and renamed into place."""
+    OUT must not exist, or be an empty folder; missing parent folders are created. It is written beside OUT
+    and renamed into place."""
     from pesc.atomic import atomic_output_dir
     from pesc.testing import save_tiny_dense
 
     with atomic_output_dir(out, allow_empty=True, has_force=False) as tmp:
         save_tiny_dense(tmp, family, seed=seed)
     click.echo(f"wrote {out}")
+
+
+@cli.command("from-gguf")
+@click.argument("gguf_file", type=click.Path(path_type=str))
+@click.argument("out", type=click.Path(path_type=str))
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True,
+              help="Dtype of the written weights (float32 keeps the dequantized values exactly).")
+@click.option("--force", is_flag=True, help="Replace OUT if it is a folder pesc wrote (never another).")
+def from_gguf(gguf_file, out, dtype, force):
+    """Dequantize a GGUF model file into a dense Hugging Face checkpoint (safetensors + tokenizer) at OUT.
+
+    Needs the gguf package (pip install gguf). `pesc convert` also takes a .gguf SRC directly."""
+    from pesc.gguf import save_dense_from_gguf
+
+    save_dense_from_gguf(gguf_file, out, dtype=dtype, echo=click.echo, force=force)
 
 
 @cli.command()

@@ -29,14 +29,16 @@ import re
 import shutil
 import struct
 import sys
+import tempfile
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
-from pesc.atomic import atomic_output_dir, check_output_dir, write_marker
+from pesc.atomic import atomic_output_dir, check_output_dir, nearest_existing, write_marker
 from pesc.errors import PescError
+from pesc.gguf import is_gguf_file, save_dense_from_gguf
 
 MARKER_FILE = ".pesc-convert"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -319,7 +321,7 @@ def resolve_source(src: str) -> tuple[Path, str | None]:
     path = Path(src).expanduser()
     if path.exists():
         if not path.is_dir():
-            raise PescError(f"{src} is a file, not a model folder: give the folder that holds config.json")
+            raise PescError(f"{src} is neither a model folder nor a GGUF file: give the folder that holds config.json")
         return path, _hub_id_from_cache_path(path)
     if _HUB_ID.fullmatch(src) and not src.startswith((".", "~")):
         return _download(src), src
@@ -412,6 +414,12 @@ class Plan:
     expert_shards: list[ExpertShard]
     link: bool
     force: bool = False  # OUT may be replaced (checked by pesc.atomic.check_output_dir)
+    origin: str | None = None  # what the user gave when `src` was made from it (a GGUF file)
+
+    @property
+    def source_label(self) -> str:
+        """The source as the user knows it: Hub id, GGUF file or folder."""
+        return self.hub_id or self.origin or str(self.src)
 
     @property
     def num_files(self) -> int:
@@ -832,7 +840,7 @@ def _write_rest(plan: Plan, folder: Path, base: _BaseShardWriter, progress: _Pro
     marker = {
         "written_by": "pesc convert",
         "pesc_version": __version__,
-        "source": plan.hub_id or str(plan.src),
+        "source": plan.source_label,
         "settings": plan.settings.moe_fields(),
     }
     write_marker(folder, MARKER_FILE, marker)
@@ -843,6 +851,15 @@ def _write_rest(plan: Plan, folder: Path, base: _BaseShardWriter, progress: _Pro
         expert_files=len(plan.expert_shards),
         total_bytes=total_size,
     )
+
+
+def _convert_gguf(gguf_file: Path, out: Path, settings: ConvertSettings, force: bool, echo) -> ConvertResult:
+    """Dequantize a GGUF file into a dense checkpoint beside OUT, convert that with hard links, then remove it."""
+    check_output_dir(out, force)
+    with tempfile.TemporaryDirectory(prefix=f".{out.name}.pesc-gguf-", dir=nearest_existing(out.parent)) as tmp:
+        dense = Path(tmp) / gguf_file.name  # the model card names the base after this folder
+        save_dense_from_gguf(gguf_file, dense, echo=echo)
+        return convert(dense, out, settings, link=True, force=force, echo=echo, origin=str(gguf_file))
 
 
 def _human(num_bytes: float) -> str:
@@ -860,18 +877,23 @@ def convert(
     link: bool = False,
     force: bool = False,
     echo: Callable[[str], None] = print,
+    origin: str | None = None,
 ) -> ConvertResult:
-    """Convert the dense checkpoint SRC (folder or Hub id) into a PESC checkpoint at OUT, in bounded memory.
+    """Convert the dense checkpoint SRC (folder, Hub id or GGUF file) into a PESC checkpoint at OUT, in bounded memory.
 
     Everything is written into a temporary folder beside OUT (pesc.atomic) and renamed at
     the end. The safetensors base shards start copying into it before the plan's checks,
     which would otherwise add the import of torch and transformers to the copy's time; a
     failed check stops the copy and removes the folder, so nothing is left behind.
+    A GGUF file is first dequantized into a dense checkpoint (`_convert_gguf`), which
+    is not bounded in memory: the whole model is loaded once.
     """
     from pesc.summary import summarize
 
     settings = settings or ConvertSettings()
     out = Path(out).expanduser()
+    if is_gguf_file(src):
+        return _convert_gguf(Path(src).expanduser(), out, settings, force, echo)
     early = early_sources(str(src), out, force)
     copy_early = early.files is not None and all(f.kind == "safetensors" for f in early.files)
     progress = _Progress()
@@ -882,9 +904,10 @@ def convert(
                 _check_disk_space(out, 0 if link else sum(f.size for f in early.files), link)
                 base.start(early.files)
             plan = plan_conversion(str(src), early, out, settings, link, force)
+            plan.origin = origin
             kinds = {f.kind for f in plan.sources}
             echo(
-                f"source    {plan.hub_id + ' (' + str(plan.src) + ')' if plan.hub_id else plan.src}: "
+                f"source    {plan.hub_id + ' (' + str(plan.src) + ')' if plan.hub_id else plan.source_label}: "
                 f"{plan.config.base_model_type}, {len(plan.sources)} {'/'.join(sorted(kinds))} file(s), "
                 f"{_human(sum(f.tensor_bytes for f in plan.sources))} of tensors"
             )

