@@ -4,6 +4,7 @@ import sys
 from pathlib import Path
 
 from pesc.errors import PescError
+from pesc.weights import check_model_weights
 
 
 def build_inputs(tokenizer, prompt: str, system: str | None = None, chat_template: bool = True) -> dict:
@@ -28,6 +29,7 @@ def load_causal_lm(path: str | Path, dtype="auto"):
     path = Path(path)
     if not (path / "config.json").is_file():
         raise PescError(f"{path} is not a model folder (no config.json): give an exported or converted model")
+    check_model_weights(path)
     return AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True, dtype=dtype).eval()
 
 
