@@ -7,6 +7,8 @@ the wrong place); see docs/training.md and docs/export.md for the rules they che
 import json
 import logging
 import shutil
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -20,21 +22,17 @@ from pesc.testing.trained_run import save_fake_trained_run
 INTERRUPTED = "Interrupted; nothing was left half-written."
 
 
-def run_cli(capsys, *args) -> tuple[int, str, str]:
-    """`pesc ARGS` in process: (exit code, stdout, stderr)."""
+def exit_of(capsys, *args) -> tuple[int, str]:
+    """`pesc ARGS` in process, expected to exit: (exit code, stderr)."""
     capsys.readouterr()
-    try:
+    with pytest.raises(SystemExit) as exit_info:
         main([str(a) for a in args])
-        code = 0
-    except SystemExit as exit_:
-        code = exit_.code
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
+    return exit_info.value.code, capsys.readouterr().err
 
 
 def one_line_error(capsys, *args) -> str:
     """Run a command that must fail cleanly; returns its one error line."""
-    code, _, err = run_cli(capsys, *args)
+    code, err = exit_of(capsys, *args)
     lines = err.strip().splitlines()
     assert code == 1 and len(lines) == 1 and lines[0].startswith("Error: "), (code, err)
     assert "Traceback" not in err
@@ -97,11 +95,25 @@ def write_config(tmp_path: Path, base, data, **overrides) -> Path:
 # ---------------------------------------------------------------- unreadable weights, every command
 
 
-def test_generate_and_compare_refuse_a_truncated_safetensors(dense_copy, tiny_llama_dir, capsys):
+def test_generate_refuses_a_truncated_safetensors_in_one_line(dense_copy):
+    """In a real process: the whole of stderr is the error line (no traceback, no load progress bar)."""
     truncate(dense_copy / "model.safetensors")
-    for args in (["generate", dense_copy, "--prompt", "Hi"], ["compare", tiny_llama_dir, dense_copy]):
-        error = one_line_error(capsys, *args)
-        assert str(dense_copy / "model.safetensors") in error and "truncated or corrupt" in error
+    result = subprocess.run([sys.executable, "-m", "pesc.cli", "generate", str(dense_copy), "--prompt", "Hi"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1 and result.stdout == ""
+    error = f"Error: {dense_copy / 'model.safetensors'} is truncated or corrupt (the header describes "
+    assert result.stderr.startswith(error) and result.stderr.count("\n") == 1
+    assert result.stderr.endswith("): download or save the checkpoint again\n")
+
+
+def test_compare_checks_both_models_before_loading_either(dense_copy, tiny_llama_dir, capsys, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("no model may load when one of them is damaged")
+
+    monkeypatch.setattr("pesc.compare.load_causal_lm", refuse)
+    truncate(dense_copy / "model.safetensors")
+    error = one_line_error(capsys, "compare", tiny_llama_dir, dense_copy)
+    assert str(dense_copy / "model.safetensors") in error and "truncated or corrupt" in error
 
 
 def test_a_bad_index_or_a_corrupt_bin_is_one_line(dense_copy, capsys):
@@ -200,7 +212,7 @@ def test_ctrl_c_says_nothing_was_left(tmp_path, capsys, monkeypatch):
         raise KeyboardInterrupt
 
     monkeypatch.setattr("pesc.testing.save_tiny_dense", interrupted)
-    code, _, err = run_cli(capsys, "tiny-model", tmp_path / "tiny")
+    code, err = exit_of(capsys, "tiny-model", tmp_path / "tiny")
     assert code == 130 and err.strip() == INTERRUPTED
     assert list(tmp_path.iterdir()) == []
 
