@@ -62,7 +62,8 @@ def load_trained_config(directory: str | Path) -> PescConfig:
 
 def numbered_checkpoints(run_dir: str | Path) -> list[Path]:
     """The run's checkpoint-N folders, in step order."""
-    steps = [(int(p.name.split("-")[1]), p) for p in Path(run_dir).glob("checkpoint-*") if p.name.split("-")[1].isdigit()]
+    folders = Path(run_dir).glob("checkpoint-*")
+    steps = [(int(p.name.split("-")[1]), p) for p in folders if p.name.split("-")[1].isdigit()]
     return [p for _, p in sorted(steps)]
 
 

@@ -168,7 +168,8 @@ def test_train_output_dir_a_file_or_under_one(where, tiny_llama_dir, data_file, 
     blocker = tmp_path / "taken"
     blocker.write_text("a file")
     output_dir = blocker if where == "file" else blocker / "sub" / "run"
-    error = one_line_error(capsys, "train", write_config(tmp_path, tiny_llama_dir, data_file, output_dir=str(output_dir)))
+    config = write_config(tmp_path, tiny_llama_dir, data_file, output_dir=str(output_dir))
+    error = one_line_error(capsys, "train", config)
     assert "output_dir" in error and str(output_dir) in error
     assert blocker.read_text() == "a file"
 

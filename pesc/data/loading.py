@@ -220,8 +220,9 @@ def load_training_data(
     and the type's column names (`field`: the conversation; `role_field`/`content_field`: the keys of a
     messages/sharegpt turn; `instruction_field`/`input_field`/`output_field`/`system_field`: alpaca's
     columns). Rows are truncated to `sequence_len` tokens; rows left with no trainable token are dropped,
-    reported at the end (a warning), and refused when more than `max_dropped_fraction` of all rows. All datasets are mixed and shuffled with `seed`; `val_set_size` (a fraction in (0, 1) or a row
-    count; 0 for none) rows go to the eval set.
+    reported at the end (a warning), and refused when more than `max_dropped_fraction` of all rows. All
+    datasets are mixed and shuffled with `seed`; `val_set_size` (a fraction in (0, 1) or a row count; 0 for
+    none) rows go to the eval set.
     """
     if not isinstance(datasets, list) or not datasets:
         raise PescError("datasets must be a non-empty list of {path, type, ...} entries")

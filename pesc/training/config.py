@@ -205,7 +205,8 @@ def _check_transformers_names(config: dict) -> None:
     try:
         get_reporting_integration_callbacks(config["report_to"])
     except ValueError:
-        raise PescError(f"report_to: unknown integration in {config['report_to']!r} (e.g. tensorboard, wandb, none)") from None
+        known = "e.g. tensorboard, wandb, none"
+        raise PescError(f"report_to: unknown integration in {config['report_to']!r} ({known})") from None
 
 
 def _unknown_value(name: str, value: str, valid: list[str]) -> PescError:

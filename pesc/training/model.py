@@ -225,7 +225,9 @@ def prepare_for_training(model: PescForCausalLM, config: dict):
     try:
         with warnings.catch_warnings():
             # peft reads transformers' deprecated `is_gradient_checkpointing` alias: its warning, not ours
-            warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+            warnings.filterwarnings(
+                "ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning
+            )
             peft_model = get_peft_model(model, lora)
     except ValueError as error:
         raise PescError(f"lora_target_modules: {error}") from None

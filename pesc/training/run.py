@@ -98,7 +98,8 @@ def check_run_folder(output_dir: Path) -> None:
 def resume_checkpoint(output_dir: Path) -> Path:
     """The newest complete checkpoint-N of the run; newer incomplete ones (an interrupted save) are skipped, by name."""
     if (output_dir / FINAL_DIR / EXPERTS_FILE).is_file():
-        raise PescError(f"--resume: {output_dir} holds no checkpoint-N to resume from (the run already finished: see final/)")
+        raise PescError(f"--resume: {output_dir} holds no checkpoint-N to resume from (the run already finished: "
+                        "see final/)")
     for checkpoint in reversed(numbered_checkpoints(output_dir)):
         missing = [name for name in RESUME_FILES if not (checkpoint / name).is_file()]
         if not missing:
