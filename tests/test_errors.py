@@ -200,6 +200,17 @@ def test_config_values_are_checked_before_the_model(overrides, message, tiny_lla
     assert not (tmp_path / "run").exists()  # no pesc_train_config.yaml, no folder
 
 
+def test_report_to_an_integration_that_is_not_installed(tiny_llama_dir, data_file, tmp_path, capsys, no_model_load):
+    from transformers.integrations import get_available_reporting_integrations
+    from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
+
+    absent = next(name for name in INTEGRATION_TO_CALLBACK if name not in get_available_reporting_integrations())
+    config = write_config(tmp_path, tiny_llama_dir, data_file, report_to=[absent])
+    error = one_line_error(capsys, "train", config)
+    assert error == f"Error: report_to: {absent} is not installed: install it, or set report_to: none"
+    assert not (tmp_path / "run").exists()
+
+
 def test_yaml_syntax_error_is_one_line(tmp_path, capsys):
     path = tmp_path / "config.yaml"
     path.write_text("base_model: m\noutput_dir: [unclosed\nlora_r: 4\n")

@@ -202,11 +202,17 @@ def _check_transformers_names(config: dict) -> None:
         valid = [member.value for member in names]
         if config[name] not in valid:
             raise _unknown_value(name, config[name], valid)
+    report_to = config["report_to"]
     try:
-        get_reporting_integration_callbacks(config["report_to"])
+        get_reporting_integration_callbacks([name for name in to_list(report_to) if name not in ("none", "all")])
     except ValueError:
         known = "e.g. tensorboard, wandb, none"
-        raise PescError(f"report_to: unknown integration in {config['report_to']!r} ({known})") from None
+        raise PescError(f"report_to: unknown integration in {report_to!r} ({known})") from None
+
+
+def to_list(value: str | list[str]) -> list[str]:
+    """A setting that takes one name or a list of names, as a list."""
+    return [value] if isinstance(value, str) else list(value)
 
 
 def _unknown_value(name: str, value: str, valid: list[str]) -> PescError:

@@ -13,7 +13,7 @@ import torch
 
 from pesc.errors import PescError, first_line
 from pesc.run_files import EXPERTS_FILE, FINAL_DIR, PESC_CONFIG_FILE, TRAIN_CONFIG_FILE, numbered_checkpoints
-from pesc.training.config import dump_config, load_config
+from pesc.training.config import dump_config, load_config, to_list
 from pesc.weights import check_checkpoint_files, check_model_weights
 
 logger = logging.getLogger("pesc.train")
@@ -95,6 +95,16 @@ def check_run_folder(output_dir: Path) -> None:
         raise PescError(f"output_dir {output_dir} is not writable: give a folder you can write to")
 
 
+def check_reporting_installed(report_to: str | list[str]) -> None:
+    """Every report_to integration is installed (the Trainer would say so only after the model has loaded)."""
+    from transformers.integrations import get_available_reporting_integrations
+
+    available = get_available_reporting_integrations()
+    for name in to_list(report_to):
+        if name not in ("none", "all") and name not in available:
+            raise PescError(f"report_to: {name} is not installed: install it, or set report_to: none")
+
+
 def resume_checkpoint(output_dir: Path) -> Path:
     """The newest complete checkpoint-N of the run; newer incomplete ones (an interrupted save) are skipped, by name."""
     if (output_dir / FINAL_DIR / EXPERTS_FILE).is_file():
@@ -129,6 +139,7 @@ def train(config_path: str, overrides: list[str] = (), resume: bool = False) -> 
     config = load_config(config_path, overrides)
     output_dir = Path(config["output_dir"])
     check_run_folder(output_dir)
+    check_reporting_installed(config["report_to"])
     checkpoint = None
     if resume:
         checkpoint = resume_checkpoint(output_dir)
