@@ -245,6 +245,8 @@ def test_a_real_run_creates_output_dir_parents_quietly(tiny_llama_dir, data_file
     output_dir = tmp_path / "new" / "nested" / "run"
     records = _Records()
     transformers_logger = logging.getLogger("transformers")
+    level = transformers_logger.level
+    transformers_logger.setLevel(logging.WARNING)  # what a user sees, whatever an earlier test left
     transformers_logger.addHandler(records)
     try:
         with warnings.catch_warnings(record=True) as caught:
@@ -252,6 +254,7 @@ def test_a_real_run_creates_output_dir_parents_quietly(tiny_llama_dir, data_file
             final = train(str(write_config(tmp_path, tiny_llama_dir, data_file, output_dir=str(output_dir))))
     finally:
         transformers_logger.removeHandler(records)
+        transformers_logger.setLevel(level)
     assert final == output_dir / "final" and (final / "pesc_experts.safetensors").is_file()
     assert (output_dir / "checkpoint-1" / "trainer_state.json").is_file()
     noise = [m for m in records.messages if "to instantiate a model of type" in m or "MISSING" in m]
