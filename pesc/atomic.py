@@ -41,7 +41,7 @@ def check_output_dir(
     allow_empty: bool = False,
     has_force: bool = True,
 ) -> Path:
-    """Refuse an OUT that exists (unless --force and pesc wrote it) or that holds one of the inputs.
+    """Refuse an OUT that exists (unless --force and pesc wrote it), that holds one of the inputs or lies inside one.
 
     With `allow_empty`, an existing empty folder is accepted as if it did not exist; `has_force`
     False words the refusal for a command without a --force flag.
@@ -53,6 +53,8 @@ def check_output_dir(
         source = Path(source).resolve()
         if resolved == source or resolved in source.parents:
             raise PescError(f"{out} holds the input {source}: choose an output folder outside it")
+        if source in resolved.parents:
+            raise PescError(f"{out} is inside the input {source}: choose an output folder outside it")
     if out.exists() or out.is_symlink():
         if not out.is_dir() or out.is_symlink():
             raise PescError(f"{out} exists and is not a folder: choose another output path")

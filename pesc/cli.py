@@ -172,11 +172,10 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point: user errors become one line on stderr and exit status 1 (PESC_DEBUG=1 shows tracebacks)."""
     try:
         cli.main(args=argv, prog_name="pesc", standalone_mode=False)
-    except click.exceptions.Abort:
-        click.echo("Aborted.", err=True)
-        sys.exit(130)
-    except KeyboardInterrupt:
-        click.echo("Interrupted; nothing was left half-written.", err=True)
+    except (click.exceptions.Abort, KeyboardInterrupt) as error:
+        # click turns Ctrl-C into Abort (after printing a newline to end the ^C line)
+        interrupted = isinstance(error, KeyboardInterrupt) or isinstance(error.__context__, KeyboardInterrupt)
+        click.echo("Interrupted; nothing was left half-written." if interrupted else "Aborted.", err=True)
         sys.exit(130)
     except click.ClickException as error:
         error.show()

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from pesc.errors import PescError
-from pesc.generate import load_causal_lm
+from pesc.generate import check_model_folder, load_causal_lm
 
 DEFAULT_PROMPT = "The capital of France is Paris. The capital of Italy is"
 
@@ -18,6 +18,8 @@ def max_logit_difference(path_a: str | Path, path_b: str | Path, prompt: str = D
     """Largest absolute difference between the two models' float32 logits on `prompt` (tokenized by A)."""
     from transformers import AutoTokenizer
 
+    for path in (path_a, path_b):  # both, before either loads
+        check_model_folder(path)
     model_a = load_causal_lm(path_a, dtype=torch.float32)
     model_b = load_causal_lm(path_b, dtype=torch.float32)
     if model_a.config.vocab_size != model_b.config.vocab_size:

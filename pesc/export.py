@@ -34,6 +34,7 @@ from pesc.run_files import (
     load_expert_state,
     load_trained_config,
 )
+from pesc.weights import check_checkpoint_files, check_model_weights
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 ADAPTER_CONFIG = "adapter_config.json"
@@ -74,6 +75,7 @@ def find_checkpoint(path: str | Path) -> tuple[Path, Path | None]:
     for name in (ADAPTER_CONFIG, EXPERTS_FILE):
         if not (checkpoint / name).is_file():
             raise PescError(f"{checkpoint} holds no {name}: it is not a complete PESC training checkpoint")
+    check_checkpoint_files(checkpoint)
     return checkpoint, run_dir
 
 
@@ -340,6 +342,7 @@ def export(
     check_output_dir(out, force, tuple(sources))
     trained = load_trained_config(checkpoint)
     resolve_base_config(base, trained, checkpoint)  # a base that does not match fails here, in a second
+    check_model_weights(base)
     tokenizer = _load_tokenizer(checkpoint, run_dir, base)
 
     log(f"export: checkpoint {checkpoint}")

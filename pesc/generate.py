@@ -4,6 +4,7 @@ import sys
 from pathlib import Path
 
 from pesc.errors import PescError
+from pesc.weights import check_model_weights
 
 
 def build_inputs(tokenizer, prompt: str, system: str | None = None, chat_template: bool = True) -> dict:
@@ -19,15 +20,21 @@ def build_inputs(tokenizer, prompt: str, system: str | None = None, chat_templat
     return {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
 
 
+def check_model_folder(path: str | Path) -> None:
+    """A folder with config.json and complete weight files (headers read, nothing loaded)."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise PescError(f"{path} is not a model folder (no config.json): give an exported or converted model")
+    check_model_weights(path)
+
+
 def load_causal_lm(path: str | Path, dtype="auto"):
     """The model of a folder, in eval mode; PESC code comes from pesc itself or the folder's shipped files."""
+    check_model_folder(path)  # before the imports: a damaged folder is reported in a fraction of a second
     from transformers import AutoModelForCausalLM
 
     import pesc.modeling  # noqa: F401 - registers the PESC classes with the Auto factories
 
-    path = Path(path)
-    if not (path / "config.json").is_file():
-        raise PescError(f"{path} is not a model folder (no config.json): give an exported or converted model")
     return AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True, dtype=dtype).eval()
 
 
@@ -56,13 +63,14 @@ def generate(
     stream=None,
 ) -> str:
     """Generate a reply to `prompt`, streaming it to `stream` (stdout); returns the generated text."""
-    import torch
-    from transformers import TextStreamer
-
     if max_new_tokens <= 0:
         raise PescError(f"--max-new-tokens must be positive, got {max_new_tokens}")
     if temperature < 0:
         raise PescError(f"--temperature must be >= 0, got {temperature}")
+    check_model_folder(path)  # before torch and transformers import: bad input fails at once
+    import torch
+    from transformers import TextStreamer
+
     model, tokenizer = load_model(path)
     inputs = {k: v.to(model.device) for k, v in build_inputs(tokenizer, prompt, system, chat_template).items()}
 

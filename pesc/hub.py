@@ -7,7 +7,6 @@ factory argument, so tests pass a fake and nothing reaches the network.
 
 import json
 import os
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +14,6 @@ from pathlib import Path
 from pesc.atomic import MARKER_PREFIX
 from pesc.errors import PescError, first_line
 
-_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
 IGNORE_PATTERNS = [f"{MARKER_PREFIX}*", ".git/*", ".cache/*"]
 _LOGIN_HINT = "log in with `hf auth login`, set HF_TOKEN, or pass --token"
 
@@ -79,6 +77,18 @@ def plan_upload(folder: str | Path) -> UploadPlan:
     return UploadPlan(folder=folder, files=files, card=str(card))
 
 
+def check_repo_id(repo_id: str) -> None:
+    """USER/NAME, and a name the Hub accepts (huggingface_hub's own rules: no `..`, no `.git` end, length...)."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if (repo_id or "").count("/") != 1:
+        raise PescError(f"--repo-id must look like USER/NAME, got {repo_id!r}")
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as error:
+        raise PescError(f"--repo-id is not a valid Hub repository id ({first_line(error)})") from None
+
+
 def resolve_token(token: str | None) -> str:
     """--token, else HF_TOKEN, else the huggingface_hub login cache; a one-line error if none."""
     if token:
@@ -112,8 +122,7 @@ def push(
     echo: Callable[[str], None] = print,
 ) -> UploadPlan:
     """Create the repo (if needed) and upload the folder in one commit; `dry_run` only prints the plan."""
-    if not _REPO_ID.match(repo_id or ""):
-        raise PescError(f"--repo-id must look like USER/NAME, got {repo_id!r}")
+    check_repo_id(repo_id)
     plan = plan_upload(folder)
     target = f"{repo_id}" + (f" (revision {revision})" if revision else "")
     if dry_run:

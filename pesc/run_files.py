@@ -60,14 +60,17 @@ def load_trained_config(directory: str | Path) -> PescConfig:
     return PescConfig.from_dict(json.loads(path.read_text()))
 
 
+def numbered_checkpoints(run_dir: str | Path) -> list[Path]:
+    """The run's checkpoint-N folders, in step order."""
+    folders = Path(run_dir).glob("checkpoint-*")
+    steps = [(int(p.name.split("-")[1]), p) for p in folders if p.name.split("-")[1].isdigit()]
+    return [p for _, p in sorted(steps)]
+
+
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
     """The run's final folder if training finished, else its highest-numbered checkpoint-N, else None."""
     run_dir = Path(run_dir)
     if (run_dir / FINAL_DIR / EXPERTS_FILE).is_file():
         return run_dir / FINAL_DIR
-    steps = [
-        (int(p.name.split("-")[1]), p)
-        for p in run_dir.glob("checkpoint-*")
-        if p.name.split("-")[1].isdigit() and (p / EXPERTS_FILE).is_file()
-    ]
-    return max(steps)[1] if steps else None
+    steps = [p for p in numbered_checkpoints(run_dir) if (p / EXPERTS_FILE).is_file()]
+    return steps[-1] if steps else None

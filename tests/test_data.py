@@ -127,13 +127,43 @@ def test_truncation_and_dropped_rows(tmp_path, tok, caplog):
                       if label != -100)
     assert prompt_len > cut_len  # so the long prompt row loses its answer entirely
     with caplog.at_level(logging.WARNING, logger="pesc.data"):
-        cut = load(tok, path, "messages", sequence_len=cut_len)
-    assert "dropped 1 of 2 rows" in caplog.text
+        cut = load(tok, path, "messages", sequence_len=cut_len, max_dropped_fraction=0.5)
+    assert f"sequence_len={cut_len} drops 1 of 2 rows (50%; {path}: 1 of 2) whose prompt alone fills it" in caplog.text
     assert len(cut) == 1
     assert cut[0]["input_ids"] == whole["input_ids"][:cut_len] and cut[0]["labels"] == whole["labels"][:cut_len]
     assert sum(label != -100 for label in cut[0]["labels"]) == 3
-    with pytest.raises(PescError, match="no training rows left"):
-        load(tok, write_jsonl(tmp_path / "long.jsonl", [long_prompt]), "messages", sequence_len=cut_len)
+    with pytest.raises(PescError, match="drops 1 of 2 rows .* more than max_dropped_fraction=0.1: raise sequence_len"):
+        load(tok, path, "messages", sequence_len=cut_len)  # the default allows 10%
+    with pytest.raises(PescError, match="no training rows left: sequence_len=.* drops 1 of 1 rows"):
+        load(tok, write_jsonl(tmp_path / "long.jsonl", [long_prompt]), "messages", sequence_len=cut_len,
+             max_dropped_fraction=1)
+
+
+def test_dropped_rows_are_reported_once_at_the_end_over_all_datasets(tmp_path, tok, caplog):
+    long_prompt = {"messages": [{"role": "user", "content": "word " * 40}, {"role": "assistant", "content": "ok"}]}
+    first = write_jsonl(tmp_path / "a.jsonl", rows_of(9) + [long_prompt])
+    second = write_jsonl(tmp_path / "b.jsonl", rows_of(10))
+    entries = [{"path": str(first), "type": "messages"}, {"path": str(second), "type": "messages"}]
+    with caplog.at_level(logging.INFO, logger="pesc.data"):
+        train, _ = load_training_data(entries, tok, chat_template="chatml", sequence_len=24)
+    assert len(train) == 19  # 1 of 20 rows dropped: 5%, under the default 10%
+    last = caplog.records[-1]
+    assert last.levelno == logging.WARNING
+    assert last.getMessage() == (f"sequence_len=24 drops 1 of 20 rows (5%; {first}: 1 of 10) whose prompt alone "
+                                 "fills it, leaving no answer token; raise sequence_len to keep them")
+
+
+@pytest.mark.parametrize("kind", DATASET_TYPES)
+def test_a_row_with_only_empty_answers_is_refused_by_name(tmp_path, tok, kind):
+    empty = row_in(kind, [("What is 2 + 3?", " ")] if kind == "alpaca" else [("Hi", ""), ("Still there?", "\n")])
+    path = write_jsonl(tmp_path / "d.jsonl", [row_in(kind, TURNS[:1]), empty])
+    with pytest.raises(PescError) as error:
+        load(tok, path, kind)
+    assert str(error.value) == (f"{path}: row 2: every assistant answer is empty, so only the end-of-turn token "
+                                "would train: fill the answer in or remove the row")
+    one_empty = row_in("messages", [("Hi", ""), ("Still there?", "Yes.")])  # something to learn: kept
+    kept = load(tok, write_jsonl(tmp_path / "one.jsonl", [one_empty]), "messages")
+    assert trainable_spans(tok, kept[0]["input_ids"], kept[0]["labels"]) == [tok.eos_token, "Yes." + tok.eos_token]
 
 
 def rows_of(n, tag="q"):

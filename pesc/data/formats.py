@@ -150,7 +150,8 @@ def make_converter(kind: str, columns: dict[str, str] | None = None) -> Callable
     """row -> messages for `kind`, with `columns` (a subset of COLUMN_KEYS[kind]) overriding the default names.
 
     A column named in `columns` must be in every row (an optional one, input or system, may be null or empty):
-    a typo in the mapping is an error on the first row rather than an input silently left out.
+    a typo in the mapping is an error on the first row rather than an input silently left out. A row whose
+    answers are all empty is an error too (nothing to learn but when to stop).
     """
     convert = CONVERTERS[kind]
     columns = dict(columns or {})
@@ -162,6 +163,14 @@ def make_converter(kind: str, columns: dict[str, str] | None = None) -> Callable
             if name not in row:
                 have = ", ".join(map(str, list(row)[:12])) + (", ..." if len(row) > 12 else "")
                 raise RowError(f"missing column '{name}' (set by {key}; the row has: {have or 'no keys'})")
-        return convert(row, **columns)
+        return _check_answers(convert(row, **columns))
 
     return convert_row
+
+
+def _check_answers(messages: list[dict]) -> list[dict]:
+    """Refuse a row whose every assistant answer is blank: it would train only on the end-of-turn token."""
+    if all(not m["content"].strip() for m in messages if m["role"] == "assistant"):
+        raise RowError("every assistant answer is empty, so only the end-of-turn token would train: "
+                       "fill the answer in or remove the row")
+    return messages

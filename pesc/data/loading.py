@@ -144,6 +144,7 @@ def _load_messages(entry: dict) -> tuple[Dataset, str]:
 
 
 def _tokenize(ds: Dataset, name: str, tokenize: ConversationTokenizer, sequence_len: int, num_proc) -> Dataset:
+    """The rows tokenized and truncated; rows left with no trainable token are dropped (see `_check_dropped`)."""
     def tokenize_batch(batch, indices):
         try:
             ids, labels = tokenize(batch["messages"], sequence_len)
@@ -163,13 +164,24 @@ def _tokenize(ds: Dataset, name: str, tokenize: ConversationTokenizer, sequence_
         desc=f"Tokenizing {name}",
     )
     kept = out.filter(lambda n: [x > 0 for x in n], input_columns="_trainable", batched=True)
-    dropped = len(out) - len(kept)
-    if dropped:
-        logger.warning(
-            "%s: dropped %d of %d rows with no trainable token after truncation to sequence_len=%d",
-            name, dropped, len(out), sequence_len,
-        )
     return kept.remove_columns("_trainable")
+
+
+def _check_dropped(counts: list[tuple[str, int, int]], sequence_len: int, max_dropped_fraction: float) -> None:
+    """Report the rows truncation dropped, per dataset (name, rows, rows kept); refuse more than the allowed share."""
+    total = sum(rows for _, rows, _ in counts)
+    dropped = total - sum(kept for _, _, kept in counts)
+    if not dropped:
+        return
+    per_dataset = "; ".join(f"{name}: {rows - kept} of {rows}" for name, rows, kept in counts if kept < rows)
+    what = (f"sequence_len={sequence_len} drops {dropped} of {total} rows ({dropped / total:.0%}; {per_dataset}) "
+            "whose prompt alone fills it, leaving no answer token")
+    if dropped == total:
+        raise PescError(f"no training rows left: {what}: raise sequence_len")
+    if dropped > max_dropped_fraction * total:
+        raise PescError(f"{what}, more than max_dropped_fraction={max_dropped_fraction:g}: raise sequence_len, "
+                        "or max_dropped_fraction (1 allows any)")
+    logger.warning("%s; raise sequence_len to keep them", what)
 
 
 def _val_rows(val_set_size, total: int) -> int:
@@ -199,6 +211,7 @@ def load_training_data(
     val_set_size: float | int = 0.0,
     seed: int = 0,
     num_proc: int | None = None,
+    max_dropped_fraction: float = 0.1,
 ) -> tuple[Dataset, Dataset | None]:
     """Load, convert, tokenize, mask; returns (train, eval) with columns input_ids, labels (lists of int).
 
@@ -206,9 +219,10 @@ def load_training_data(
     (messages, sharegpt, alpaca, camelidae), optional split (Hub/folder, default train), name, data_files,
     and the type's column names (`field`: the conversation; `role_field`/`content_field`: the keys of a
     messages/sharegpt turn; `instruction_field`/`input_field`/`output_field`/`system_field`: alpaca's
-    columns). Rows are truncated to `sequence_len` tokens; rows left with no trainable token are dropped
-    (logged). All datasets are mixed and shuffled with `seed`; `val_set_size` (a fraction in (0, 1) or a row
-    count; 0 for none) rows go to the eval set.
+    columns). Rows are truncated to `sequence_len` tokens; rows left with no trainable token are dropped,
+    reported at the end (a warning), and refused when more than `max_dropped_fraction` of all rows. All
+    datasets are mixed and shuffled with `seed`; `val_set_size` (a fraction in (0, 1) or a row count; 0 for
+    none) rows go to the eval set.
     """
     if not isinstance(datasets, list) or not datasets:
         raise PescError("datasets must be a non-empty list of {path, type, ...} entries")
@@ -218,14 +232,14 @@ def load_training_data(
     template = resolve_chat_template(tokenizer, chat_template)
     tokenize = ConversationTokenizer(tokenizer, template)
 
-    parts = []
+    parts, counts = [], []
     for entry in entries:
         messages, name = _load_messages(entry)
         parts.append(_tokenize(messages, name, tokenize, sequence_len, num_proc))
+        counts.append((name, len(messages), len(parts[-1])))
         logger.info("%s: %d rows (%s format)", name, len(parts[-1]), entry["type"])
+    _check_dropped(counts, sequence_len, max_dropped_fraction)
     mixed = parts[0] if len(parts) == 1 else concatenate_datasets(parts)
-    if len(mixed) == 0:
-        raise PescError("no training rows left: every row lost its trainable tokens to truncation")
     mixed = mixed.shuffle(seed=seed).flatten_indices()
 
     n_val = _val_rows(val_set_size, len(mixed))

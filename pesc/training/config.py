@@ -1,12 +1,14 @@
 """The training config: one YAML file in the axolotl style, checked in full before anything loads.
 
-Every key is declared below with its type and default; an unknown key (a typo) or a value of the
-wrong type is a PescError naming the key, so a misspelt setting can never be silently ignored.
+Every key is declared below with its type, default and range; an unknown key (a typo), a value of the
+wrong type or out of range (a negative or NaN learning rate) is a PescError naming the key, so a misspelt
+setting is never silently ignored and nothing the model does not need to know fails after it has loaded.
 `--set a.b=value` overrides are parsed as YAML scalars and checked the same way.
 """
 
 import copy
 import difflib
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,22 +22,34 @@ _ANY_NUMBER = (int, float)
 
 @dataclass(frozen=True)
 class Key:
-    """One setting: accepted types (a tuple), default, and a line of help."""
+    """One setting: accepted types (a tuple), default, a line of help, and its range (a name in BOUNDS)."""
 
     types: tuple
     default: Any
     help: str
     choices: tuple | None = None
+    bounds: str | None = None
+
+
+# Ranges a number may be declared to lie in: (test, how the error words it).
+BOUNDS = {
+    "positive": (lambda v: v > 0, "positive"),
+    "non-negative": (lambda v: v >= 0, ">= 0"),
+    "fraction": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "share": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "seed": (lambda v: 0 <= v < 2**32, "in [0, 2**32)"),
+}
 
 
 MOE_SCHEMA: dict[str, Key] = {
-    "num_experts": Key((int,), 8, "experts per layer"),
-    "top_k": Key((int,), 2, "experts routed per token"),
-    "adapter_dim": Key((int,), 512, "bottleneck width of each expert adapter"),
-    "moe_scaling": Key(_ANY_NUMBER, 0.25, "scale of every adapter's output"),
-    "router_aux_loss_coef": Key(_ANY_NUMBER, 0.01, "weight of the load-balancing loss"),
-    "adapter_dropout": Key(_ANY_NUMBER, 0.1, "dropout on each adapter's input"),
-    "seed": Key((int,), 0, "seed of the initial routers and adapters (same seed = same experts as `pesc convert`)"),
+    "num_experts": Key((int,), 8, "experts per layer", bounds="positive"),
+    "top_k": Key((int,), 2, "experts routed per token", bounds="positive"),
+    "adapter_dim": Key((int,), 512, "bottleneck width of each expert adapter", bounds="positive"),
+    "moe_scaling": Key(_ANY_NUMBER, 0.25, "scale of every adapter's output", bounds="positive"),
+    "router_aux_loss_coef": Key(_ANY_NUMBER, 0.01, "weight of the load-balancing loss", bounds="non-negative"),
+    "adapter_dropout": Key(_ANY_NUMBER, 0.1, "dropout on each adapter's input", bounds="fraction"),
+    "seed": Key((int,), 0, "seed of the initial routers and adapters (same seed = same experts as `pesc convert`)",
+                bounds="seed"),
 }
 
 # MoE settings that fix the shape or the function of a PESC checkpoint: they must match when the base is PESC.
@@ -55,9 +69,9 @@ SCHEMA: dict[str, Key] = {
     "torch_dtype": Key((str,), "bfloat16", "dtype of the non-quantized base weights", ("bfloat16", "float16", "float32")),
     "attn_implementation": Key((str,), "sdpa", "attention kernel (sdpa, eager, flash_attention_2, ...)"),
     # LoRA
-    "lora_r": Key((int,), 64, "LoRA rank"),
-    "lora_alpha": Key(_ANY_NUMBER, 16, "LoRA alpha"),
-    "lora_dropout": Key(_ANY_NUMBER, 0.1, "LoRA dropout"),
+    "lora_r": Key((int,), 64, "LoRA rank", bounds="positive"),
+    "lora_alpha": Key(_ANY_NUMBER, 16, "LoRA alpha", bounds="positive"),
+    "lora_dropout": Key(_ANY_NUMBER, 0.1, "LoRA dropout", bounds="fraction"),
     "lora_target_modules": Key(
         (list,),
         ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
@@ -66,33 +80,39 @@ SCHEMA: dict[str, Key] = {
     # data
     "datasets": Key((list,), None, "list of {path, type, split?, name?, data_files?, field?, *_field?} (required)"),
     "chat_template": Key((str,), None, "camelidae, chatml, a Jinja string, or unset for the tokenizer's own"),
-    "sequence_len": Key((int,), 2048, "maximum tokens per example (longer ones are truncated)"),
+    "sequence_len": Key((int,), 2048, "maximum tokens per example (longer ones are truncated)", bounds="positive"),
+    "max_dropped_fraction": Key(
+        _ANY_NUMBER, 0.1, "largest share of rows sequence_len may drop (their prompt fills it); 1 allows any",
+        bounds="share",
+    ),
     "sample_packing": Key((bool,), False, "padding-free packed batches, no attention across packed examples"),
-    "val_set_size": Key(_ANY_NUMBER, 0.0, "held-out rows: a fraction in (0, 1) or a row count; 0 for none"),
-    "dataset_num_proc": Key((int,), None, "processes for tokenization"),
+    "val_set_size": Key(_ANY_NUMBER, 0.0, "held-out rows: a fraction in (0, 1) or a row count; 0 for none",
+                        bounds="non-negative"),
+    "dataset_num_proc": Key((int,), None, "processes for tokenization", bounds="positive"),
     # optimisation
-    "micro_batch_size": Key((int,), 1, "examples per device per forward pass"),
-    "gradient_accumulation_steps": Key((int,), 1, "micro batches per optimizer step"),
-    "num_epochs": Key(_ANY_NUMBER, 1, "passes over the data (max_steps wins when set)"),
-    "max_steps": Key((int,), None, "stop after this many optimizer steps"),
-    "learning_rate": Key(_ANY_NUMBER, 2e-4, "peak learning rate"),
+    "micro_batch_size": Key((int,), 1, "examples per device per forward pass", bounds="positive"),
+    "gradient_accumulation_steps": Key((int,), 1, "micro batches per optimizer step", bounds="positive"),
+    "num_epochs": Key(_ANY_NUMBER, 1, "passes over the data (max_steps wins when set)", bounds="positive"),
+    "max_steps": Key((int,), None, "stop after this many optimizer steps", bounds="positive"),
+    "learning_rate": Key(_ANY_NUMBER, 2e-4, "peak learning rate", bounds="positive"),
     "lr_scheduler": Key((str,), "constant_with_warmup", "transformers scheduler name (constant_with_warmup, cosine, linear...)"),
-    "warmup_ratio": Key(_ANY_NUMBER, 0.03, "fraction of the steps spent warming up"),
+    "warmup_ratio": Key(_ANY_NUMBER, 0.03, "fraction of the steps spent warming up", bounds="fraction"),
     "optimizer": Key((str,), "adamw_torch", "transformers optim name (adamw_torch, paged_adamw_32bit, ...)"),
-    "weight_decay": Key(_ANY_NUMBER, 0.0, "weight decay"),
-    "max_grad_norm": Key(_ANY_NUMBER, 0.3, "gradient clipping norm"),
+    "weight_decay": Key(_ANY_NUMBER, 0.0, "weight decay", bounds="non-negative"),
+    "max_grad_norm": Key(_ANY_NUMBER, 0.3, "gradient clipping norm (0: no clipping)", bounds="non-negative"),
     "gradient_checkpointing": Key((bool,), True, "recompute activations in backward (always non-reentrant)"),
     "bf16": Key((bool, str), "auto", "bf16 autocast: true, false or auto (on when the GPU supports it)"),
     # run
     "output_dir": Key((str,), None, "run folder: checkpoints, final/, logs, resolved config (required)"),
-    "seed": Key((int,), 0, "seed of data order, dropout and LoRA init"),
-    "logging_steps": Key((int,), 10, "log loss, aux loss, lr and expert load every N steps"),
-    "eval_steps": Key((int,), None, "evaluate every N steps (needs val_set_size; default: at each save)"),
-    "save_steps": Key((int,), 500, "checkpoint every N steps"),
-    "save_total_limit": Key((int,), None, "keep at most N checkpoints"),
+    "seed": Key((int,), 0, "seed of data order, dropout and LoRA init", bounds="seed"),
+    "logging_steps": Key((int,), 10, "log loss, aux loss, lr and expert load every N steps", bounds="positive"),
+    "eval_steps": Key((int,), None, "evaluate every N steps (needs val_set_size; default: at each save)",
+                      bounds="positive"),
+    "save_steps": Key((int,), 500, "checkpoint every N steps", bounds="positive"),
+    "save_total_limit": Key((int,), None, "keep at most N checkpoints", bounds="positive"),
     "report_to": Key((str, list), "none", "tensorboard, wandb, ... or none"),
     "ddp_find_unused_parameters": Key((bool,), False, "DDP: every expert runs on every step, so false is right"),
-    "dataloader_num_workers": Key((int,), 0, "data loader worker processes"),
+    "dataloader_num_workers": Key((int,), 0, "data loader worker processes", bounds="non-negative"),
 }
 
 REQUIRED = ("base_model", "datasets", "output_dir")
@@ -118,8 +138,16 @@ def _check_value(where: str, value, key: Key):
         raise PescError(f"{where} must be {_type_name(key.types)}, got {value!r} ({type(value).__name__})")
     if key.types == _ANY_NUMBER:
         value = float(value) if isinstance(value, float) else value
+    if isinstance(value, float) and not math.isfinite(value):
+        raise PescError(f"{where} must be a finite number, got {value!r}")
     if key.choices and value not in key.choices:
         raise PescError(f"{where} must be one of {', '.join(key.choices)}, got {value!r}")
+    if key.bounds is not None:
+        within, wording = BOUNDS[key.bounds]
+        if not within(value):
+            if key.bounds == "positive" and key.types == (int,):
+                wording = "a positive integer"
+            raise PescError(f"{where} must be {wording}, got {value!r}")
     return value
 
 
@@ -153,27 +181,44 @@ def validate(raw: dict) -> dict:
             moe[name] = _check_value(f"moe.{name}", value, MOE_SCHEMA[name])
         config["moe"] = {k: v for k, v in moe.items() if v is not None}
 
-    for name in ("lora_r", "micro_batch_size", "gradient_accumulation_steps", "sequence_len", "logging_steps", "save_steps"):
-        if config[name] <= 0:
-            raise PescError(f"{name} must be a positive integer, got {config[name]}")
-    for name in ("max_steps", "eval_steps", "save_total_limit", "dataset_num_proc"):
-        if config[name] is not None and config[name] <= 0:
-            raise PescError(f"{name} must be a positive integer, got {config[name]}")
-    if config["num_epochs"] <= 0:
-        raise PescError(f"num_epochs must be positive, got {config['num_epochs']}")
-    if not 0 <= config["warmup_ratio"] < 1:
-        raise PescError(f"warmup_ratio must be in [0, 1), got {config['warmup_ratio']}")
-    for name in ("lora_dropout",):
-        if not 0 <= config[name] < 1:
-            raise PescError(f"{name} must be in [0, 1), got {config[name]}")
     if not all(isinstance(m, str) and m for m in config["lora_target_modules"]) or not config["lora_target_modules"]:
         raise PescError("lora_target_modules must be a non-empty list of module names")
     if config["bf16"] not in (True, False, "auto"):
         raise PescError(f"bf16 must be true, false or auto, got {config['bf16']!r}")
     if isinstance(config["report_to"], list) and not all(isinstance(r, str) for r in config["report_to"]):
         raise PescError("report_to must be a string or a list of strings")
+    _check_transformers_names(config)
     _check_datasets(config["datasets"])
     return config
+
+
+def _check_transformers_names(config: dict) -> None:
+    """lr_scheduler, optimizer and report_to name things transformers has (it would say so only later)."""
+    from transformers.integrations import get_reporting_integration_callbacks
+    from transformers.trainer_utils import SchedulerType
+    from transformers.training_args import OptimizerNames
+
+    for name, names in (("lr_scheduler", SchedulerType), ("optimizer", OptimizerNames)):
+        valid = [member.value for member in names]
+        if config[name] not in valid:
+            raise _unknown_value(name, config[name], valid)
+    report_to = config["report_to"]
+    try:
+        get_reporting_integration_callbacks([name for name in to_list(report_to) if name not in ("none", "all")])
+    except ValueError:
+        known = "e.g. tensorboard, wandb, none"
+        raise PescError(f"report_to: unknown integration in {report_to!r} ({known})") from None
+
+
+def to_list(value: str | list[str]) -> list[str]:
+    """A setting that takes one name or a list of names, as a list."""
+    return [value] if isinstance(value, str) else list(value)
+
+
+def _unknown_value(name: str, value: str, valid: list[str]) -> PescError:
+    close = difflib.get_close_matches(value, valid, n=1)
+    hint = f"did you mean '{close[0]}'?" if close else f"valid: {', '.join(valid)}"
+    return PescError(f"{name} {value!r} is not one transformers knows ({hint})")
 
 
 def _check_datasets(entries: list) -> None:
@@ -205,7 +250,7 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
         try:
             value = yaml.safe_load(text) if text.strip() else None
         except yaml.YAMLError as error:
-            raise PescError(f"--set {dotted}: cannot parse {text!r} as a YAML value ({error})") from None
+            raise PescError(f"--set {dotted}: cannot parse {text!r} as a YAML value ({_yaml_problem(error)})") from None
         parts = dotted.strip().split(".")
         node = raw
         for part in parts[:-1]:
@@ -225,9 +270,17 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> dict:
         raise PescError(f"training config {path} does not exist")
     try:
         raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as error:
-        raise PescError(f"{path} is not valid YAML: {error}") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as error:
+        raise PescError(f"{path} is not valid YAML: {_yaml_problem(error)}") from None
     return validate(apply_overrides(raw, list(overrides)))
+
+
+def _yaml_problem(error: Exception) -> str:
+    """One line for a YAML error: the problem and where (PyYAML's own message runs over several lines)."""
+    mark = getattr(error, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    problem = getattr(error, "problem", None) or str(error)
+    return " ".join(f"{problem}{where}".split())
 
 
 def dump_config(config: dict) -> str:

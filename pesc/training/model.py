@@ -18,8 +18,11 @@ Order of operations (each step checked on the real bitsandbytes path):
    adapter parameter (not `modules_to_save`, which would copy them).
 """
 
+import functools
 import logging
 import os
+import warnings
+from contextlib import contextmanager, nullcontext
 
 import torch
 from torch import nn
@@ -155,13 +158,26 @@ def load_base_model(config: dict) -> PescForCausalLM:
         if device_map is not None:
             kwargs["device_map"] = device_map
     try:
-        model = PescForCausalLM.from_pretrained(config["base_model"], **kwargs)
+        with _experts_expected_missing() if from_dense else nullcontext():
+            model = PescForCausalLM.from_pretrained(config["base_model"], **kwargs)
     except OSError as error:  # Hub messages run over several lines: keep the first
         raise PescError(f"base_model {config['base_model']!r}: {first_line(error)}") from None
     if from_dense:
         _reset_experts(model, config["moe"].get("seed", 0))
     check_experts_unquantized(model)
     return model
+
+
+@contextmanager
+def _experts_expected_missing():
+    """A dense checkpoint has no routers or adapters (`_reset_experts` draws them next): transformers is told
+    so, and its load report no longer lists them as MISSING, while still naming any other missing tensor."""
+    previous = PescForCausalLM._keys_to_ignore_on_load_missing
+    PescForCausalLM._keys_to_ignore_on_load_missing = [r"\.moe_adapter\."]
+    try:
+        yield
+    finally:
+        PescForCausalLM._keys_to_ignore_on_load_missing = previous
 
 
 def check_experts_unquantized(model: nn.Module) -> None:
@@ -207,9 +223,17 @@ def prepare_for_training(model: PescForCausalLM, config: dict):
         task_type="CAUSAL_LM",
     )
     try:
-        peft_model = get_peft_model(model, lora)
+        with warnings.catch_warnings():
+            # peft reads transformers' deprecated `is_gradient_checkpointing` alias: its warning, not ours
+            warnings.filterwarnings(
+                "ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning
+            )
+            peft_model = get_peft_model(model, lora)
     except ValueError as error:
         raise PescError(f"lora_target_modules: {error}") from None
+    # LoRA never touches the embeddings; peft's "auto" would re-read the base's config.json at every save to
+    # compare vocabularies (a dense llama config read as PESC: a transformers warning per checkpoint)
+    peft_model.save_pretrained = functools.partial(peft_model.save_pretrained, save_embedding_layers=False)
     enable_expert_training(peft_model, upcast=not sharded_training())
     return peft_model
 

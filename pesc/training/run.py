@@ -1,7 +1,8 @@
 """`pesc train`: config -> data -> model -> Trainer -> run folder.
 
-Everything that can be wrong with the user's input (config keys and types, the base model's config,
-dataset files and rows) is checked before the model's weights load and before any step runs.
+Everything that can be wrong with the user's input (config keys, types and ranges, output_dir, the base
+model's config and weight files, the checkpoint to resume, dataset files and rows) is checked before the
+model's weights load and before any step runs.
 """
 
 import logging
@@ -11,10 +12,16 @@ from pathlib import Path
 import torch
 
 from pesc.errors import PescError, first_line
-from pesc.run_files import FINAL_DIR, TRAIN_CONFIG_FILE, latest_checkpoint
-from pesc.training.config import dump_config, load_config
+from pesc.run_files import EXPERTS_FILE, FINAL_DIR, PESC_CONFIG_FILE, TRAIN_CONFIG_FILE, numbered_checkpoints
+from pesc.training.config import dump_config, load_config, to_list
+from pesc.weights import check_checkpoint_files, check_model_weights
 
 logger = logging.getLogger("pesc.train")
+
+# What a checkpoint-N needs to be resumed; transformers writes trainer_state.json last, so a save that was
+# interrupted leaves a folder without it.
+RESUME_FILES = ("trainer_state.json", "adapter_config.json", "adapter_model.safetensors", EXPERTS_FILE,
+                PESC_CONFIG_FILE)
 
 
 def _bf16(config: dict) -> bool:
@@ -77,6 +84,44 @@ def saved_pesc_config(model_config):
     return config
 
 
+def check_run_folder(output_dir: Path) -> None:
+    """output_dir is a folder, or can become one: the missing folders are created when training starts."""
+    if output_dir.exists() and not output_dir.is_dir():
+        raise PescError(f"output_dir {output_dir} is a file: give the path of a folder")
+    existing = next(folder for folder in output_dir.absolute().parents if folder.exists())
+    if not output_dir.exists() and not existing.is_dir():
+        raise PescError(f"output_dir {output_dir} cannot be created: {existing} is a file; give another path")
+    if not os.access(output_dir if output_dir.exists() else existing, os.W_OK | os.X_OK):
+        raise PescError(f"output_dir {output_dir} is not writable: give a folder you can write to")
+
+
+def check_reporting_installed(report_to: str | list[str]) -> None:
+    """Every report_to integration is installed (the Trainer would say so only after the model has loaded)."""
+    from transformers.integrations import get_available_reporting_integrations
+
+    available = get_available_reporting_integrations()
+    for name in to_list(report_to):
+        if name not in ("none", "all") and name not in available:
+            raise PescError(f"report_to: {name} is not installed: install it, or set report_to: none")
+
+
+def resume_checkpoint(output_dir: Path) -> Path:
+    """The newest complete checkpoint-N of the run; newer incomplete ones (an interrupted save) are skipped, by name."""
+    if (output_dir / FINAL_DIR / EXPERTS_FILE).is_file():
+        raise PescError(f"--resume: {output_dir} holds no checkpoint-N to resume from (the run already finished: "
+                        "see final/)")
+    for checkpoint in reversed(numbered_checkpoints(output_dir)):
+        missing = [name for name in RESUME_FILES if not (checkpoint / name).is_file()]
+        if not missing:
+            try:
+                check_checkpoint_files(checkpoint)
+            except PescError as error:
+                raise PescError(f"--resume: {error} (or remove {checkpoint} to resume from the one before)") from None
+            return checkpoint
+        logger.warning("--resume: skipping %s: it has no %s (its save was interrupted)", checkpoint, missing[0])
+    raise PescError(f"--resume: {output_dir} holds no complete checkpoint-N to resume from")
+
+
 def train(config_path: str, overrides: list[str] = (), resume: bool = False) -> Path:
     """Run (or resume) a training run; returns the run's final/ folder."""
     from transformers import AutoTokenizer, set_seed
@@ -93,18 +138,19 @@ def train(config_path: str, overrides: list[str] = (), resume: bool = False) -> 
 
     config = load_config(config_path, overrides)
     output_dir = Path(config["output_dir"])
+    check_run_folder(output_dir)
+    check_reporting_installed(config["report_to"])
     checkpoint = None
     if resume:
-        checkpoint = latest_checkpoint(output_dir)
-        if checkpoint is None or checkpoint.name == FINAL_DIR:
-            raise PescError(
-                f"--resume: {output_dir} holds no checkpoint-N to resume from"
-                + (" (the run already finished: see final/)" if checkpoint is not None else "")
-            )
+        checkpoint = resume_checkpoint(output_dir)
     elif output_dir.exists() and any(output_dir.glob("checkpoint-*")):
         raise PescError(f"{output_dir} already holds checkpoints: pass --resume to continue, or choose another output_dir")
 
     resolve_pesc_config(config)  # the base's config.json and the moe section, before any data or weights load
+    try:
+        check_model_weights(config["base_model"])
+    except PescError as error:
+        raise PescError(f"base_model: {error}") from None
     set_seed(config["seed"])
     try:
         tokenizer = AutoTokenizer.from_pretrained(config["tokenizer"] or config["base_model"],
@@ -119,6 +165,7 @@ def train(config_path: str, overrides: list[str] = (), resume: bool = False) -> 
         val_set_size=config["val_set_size"],
         seed=config["seed"],
         num_proc=config["dataset_num_proc"],
+        max_dropped_fraction=config["max_dropped_fraction"],
     )
     args = training_arguments(config, has_eval=eval_ds is not None)  # sets up torch.distributed when launched
 
