@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from pesc.atomic import nearest_existing
 from pesc.errors import PescError, first_line
 from pesc.run_files import EXPERTS_FILE, FINAL_DIR, PESC_CONFIG_FILE, TRAIN_CONFIG_FILE, numbered_checkpoints
 from pesc.training.config import dump_config, load_config, to_list
@@ -88,7 +89,7 @@ def check_run_folder(output_dir: Path) -> None:
     """output_dir is a folder, or can become one: the missing folders are created when training starts."""
     if output_dir.exists() and not output_dir.is_dir():
         raise PescError(f"output_dir {output_dir} is a file: give the path of a folder")
-    existing = next(folder for folder in output_dir.absolute().parents if folder.exists())
+    existing = nearest_existing(output_dir.absolute())
     if not output_dir.exists() and not existing.is_dir():
         raise PescError(f"output_dir {output_dir} cannot be created: {existing} is a file; give another path")
     if not os.access(output_dir if output_dir.exists() else existing, os.W_OK | os.X_OK):
