@@ -48,3 +48,41 @@ def test_gradient_reaches_the_router_logits():
     logits = SKEWED.clone().requires_grad_(True)
     load_balancing_loss((logits,), 4, 2).backward()
     assert logits.grad.abs().sum() > 0
+
+
+def _balance_loss_by_hand(router_logits, keep, num_experts, top_k) -> float:
+    """DESIGN §3 in float64, token by token: E * sum_i f_i * P_i over the kept tokens, averaged over layers."""
+    layers = []
+    for logits in router_logits:
+        tokens = [row for row, kept in zip(logits.double(), keep) if kept]
+        routed, probability = [0.0] * num_experts, [0.0] * num_experts
+        for row in tokens:
+            for i in sorted(range(num_experts), key=lambda i: -row[i].item())[:top_k]:
+                routed[i] += 1.0 / (len(tokens) * top_k)
+            for i, p in enumerate(torch.softmax(row, dim=-1).tolist()):
+                probability[i] += p / len(tokens)
+        layers.append(num_experts * sum(f * p for f, p in zip(routed, probability)))
+    return sum(layers) / len(layers)
+
+
+def test_model_leaves_padding_out_of_the_balance_loss():
+    """A batch with left and right padding: the model's aux_loss is the formula over the real tokens only.
+
+    Tolerance 1e-6: the model sums in float32 (values of order 1), the reference in float64.
+    """
+    import pesc
+    from pesc.testing import build_tiny_dense
+
+    model = pesc.upcycle(build_tiny_dense("llama"), num_experts=4, top_k=2, adapter_dim=8, seed=0).eval()
+    ids = torch.randint(5, 200, (2, 10), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[0, 7:] = 0  # right padding
+    mask[1, :4] = 0  # left padding
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100),
+                    output_router_logits=True)
+    keep = mask.reshape(-1).bool().tolist()
+    expected = _balance_loss_by_hand(out.router_logits, keep, 4, 2)
+    assert abs(out.aux_loss.item() - expected) <= 1e-6
+    # the padded rows route differently: counting them would change the loss far beyond the tolerance
+    assert abs(_balance_loss_by_hand(out.router_logits, [True] * len(keep), 4, 2) - expected) > 1e-3

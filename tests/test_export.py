@@ -1,8 +1,14 @@
 """`pesc export`: the merged checkpoint computes what the trained model computes, in the §4 layout.
 
+The reference is built here from the run's files with plain torch, not with pesc's loaders (which
+export itself uses): the dense base's tensors, W + (lora_alpha / r) * B @ A for each LoRA target, and the
+routers and adapters of `pesc_experts.safetensors`.
+
 Tolerances (float32, tiny llama, logits of order 0.6, std 0.15):
-- exported vs trained model on an unquantized base: max |Δlogit| <= 1e-5 (measured ~3e-7; the
-  only difference is the order of float32 operations, W + BA merged vs Wx + B(Ax) unmerged);
+- exported tensors vs the reference: bit-equal (the same float32 W + s * (B @ A) as peft's merge);
+- exported model loaded without pesc vs a model holding the reference tensors: bit-equal logits;
+- exported vs the in-memory trained model (`fake_trained_model`, LoRA unmerged): max |Δlogit| <= 1e-5
+  (measured ~3e-7: only the order of float32 operations differs, (W + BA)x merged vs Wx + B(Ax));
 - exported vs the trained model on its 4-bit NF4 base (as QLoRA trains it): the difference is
   the NF4 rounding of the base weights, so it is bounded by the rounding error of the base
   itself: max and mean |Δlogit| <= 2x those of dense-fp32 vs dense-NF4 on the same input
@@ -17,11 +23,12 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
+from safetensors.torch import load_file
 
 from pesc.cli import main
 from pesc.export import export, load_trained_model
 from pesc.testing.isolated import run_without_pesc
-from pesc.testing.trained_run import save_fake_trained_run
+from pesc.testing.trained_run import LORA_TARGETS, fake_trained_model, save_fake_trained_run
 
 NUM_EXPERTS, TOP_K, ADAPTER_DIM = 4, 2, 16
 INPUT_IDS = torch.randint(4, 200, (2, 16), generator=torch.Generator().manual_seed(0))
@@ -42,10 +49,37 @@ def exported(trained_run, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def trained_logits(trained_run):
-    model, _, _ = load_trained_model(trained_run, dtype=torch.float32)
+def expected_state(trained_run, tiny_llama_dir):
+    """What export must write, computed with plain torch from the dense base and the checkpoint's files."""
+    checkpoint = trained_run / "checkpoint-2"
+    lora_config = json.loads((checkpoint / "adapter_config.json").read_text())
+    scaling = lora_config["lora_alpha"] / lora_config["r"]
+    state = {}
+    for shard in sorted(Path(tiny_llama_dir).glob("*.safetensors")):
+        state.update(load_file(shard))
+    lora = load_file(checkpoint / "adapter_model.safetensors")
+    for name, lora_a in lora.items():
+        if ".lora_A." in name:
+            target = name.removeprefix("base_model.model.").replace(".lora_A.weight", ".weight")
+            state[target] = state[target] + scaling * (lora[name.replace(".lora_A.", ".lora_B.")] @ lora_a)
+    experts = load_file(checkpoint / "pesc_experts.safetensors")
+    assert experts and not set(experts) & set(state)
+    return {**state, **experts}
+
+
+def _logits(model) -> torch.Tensor:
     with torch.no_grad():
-        return model(input_ids=INPUT_IDS).logits
+        return model.eval()(input_ids=INPUT_IDS).logits
+
+
+@pytest.fixture(scope="module")
+def reference_logits(trained_run, expected_state):
+    from pesc.modeling import PescConfig, PescForCausalLM
+
+    config = PescConfig.from_dict(json.loads((trained_run / "checkpoint-2" / "pesc_config.json").read_text()))
+    model = PescForCausalLM(config)
+    model.load_state_dict(expected_state, strict=True)
+    return _logits(model)
 
 
 def _isolated_logits(folder: Path) -> torch.Tensor:
@@ -54,6 +88,7 @@ def _isolated_logits(folder: Path) -> torch.Tensor:
         import torch
         from transformers import AutoModelForCausalLM
         model = AutoModelForCausalLM.from_pretrained({str(folder)!r}, trust_remote_code=True).eval()
+        torch.set_num_threads(2)  # as conftest sets it for the reference: the same kernels, bit for bit
         ids = torch.tensor({INPUT_IDS.tolist()})
         with torch.no_grad():
             logits = model(input_ids=ids).logits
@@ -65,10 +100,29 @@ def _isolated_logits(folder: Path) -> torch.Tensor:
     return torch.tensor(result["logits"])
 
 
-def test_exported_model_matches_trained_model_without_pesc(exported, trained_logits):
+def test_exported_tensors_are_base_plus_lora_and_the_trained_experts(exported, expected_state, tiny_llama_dir):
+    written = {}
+    for shard in sorted(exported.glob("*.safetensors")):
+        written.update(load_file(shard))
+    assert written.keys() == expected_state.keys()
+    for name, tensor in expected_state.items():
+        assert written[name].dtype == torch.float32 and torch.equal(written[name], tensor), name
+    # not the dense model: every LoRA target moved, the rest is the base's bit for bit
+    dense = load_file(Path(tiny_llama_dir) / "model.safetensors")
+    lora_targets = {n for n in dense if n.rsplit(".", 2)[-2] in LORA_TARGETS}
+    assert len(lora_targets) == 7 * 2
+    assert {n for n in dense if not torch.equal(written[n], dense[n])} == lora_targets
+
+
+def test_exported_model_matches_trained_model_without_pesc(exported, reference_logits, tiny_llama_dir):
+    from transformers import AutoModelForCausalLM
+
     logits = _isolated_logits(exported)
-    assert logits.shape == trained_logits.shape
-    assert (logits - trained_logits).abs().max().item() <= 1e-5
+    assert torch.equal(logits, reference_logits)
+    trained = fake_trained_model(tiny_llama_dir, num_experts=NUM_EXPERTS, top_k=TOP_K, adapter_dim=ADAPTER_DIM)
+    assert (logits - _logits(trained)).abs().max() <= 1e-5
+    dense_logits = _logits(AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32))
+    assert (logits - dense_logits).abs().max() > 0.1  # trained, not dense: logits of order 0.6 moved by 0.83
 
 
 def test_exported_model_agrees_with_4bit_training_model(trained_run, tiny_llama_dir, exported):

@@ -3,6 +3,8 @@
 import io
 
 import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from pesc.cli import main
 from pesc.export import export
@@ -18,19 +20,52 @@ def exported(tmp_path_factory, tiny_llama_dir):
     return export(root / "run", root / "pesc-tiny", dtype="float32", log=lambda message: None)
 
 
-def test_generate_streams_the_reply(exported, capsys):
+def _greedy_reply(folder, input_ids, max_new_tokens):
+    """Independent reference: argmax of the full forward, one token at a time (no cache, no generate())."""
+    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, dtype=torch.float32).eval()
+    ids = input_ids
+    with torch.no_grad():
+        for _ in range(max_new_tokens):
+            ids = torch.cat([ids, model(input_ids=ids).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    new = ids[0, input_ids.shape[1] :]
+    return AutoTokenizer.from_pretrained(folder).decode(new, skip_special_tokens=True), new
+
+
+def test_generate_streams_the_greedy_reply_of_the_exported_model(exported, capsys):
+    tokenizer = AutoTokenizer.from_pretrained(exported)
+    chat = tokenizer.apply_chat_template([{"role": "user", "content": "What is two plus two?"}],
+                                         add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    expected, tokens = _greedy_reply(exported, chat["input_ids"], 8)
+    plain = tokenizer("What is two plus two?", return_tensors="pt")["input_ids"]
+    assert not torch.equal(_greedy_reply(exported, plain, 8)[1], tokens)  # so the test sees the template applied
     stream = io.StringIO()
-    text = generate(exported, "What is two plus two?", max_new_tokens=8, stream=stream)
-    assert text and stream.getvalue() == text + "\n"
+    assert generate(exported, "What is two plus two?", max_new_tokens=8, stream=stream) == expected
+    assert stream.getvalue() == expected + "\n"
     capsys.readouterr()
     main(["generate", str(exported), "--prompt", "What is two plus two?", "--max-new-tokens", "8"])
-    assert capsys.readouterr().out == text + "\n"  # greedy: the same tokens, printed to the terminal
+    assert capsys.readouterr().out == expected + "\n"
 
 
 def test_generate_plain_prompt_and_dense_model(tiny_llama_dir, capsys):
-    main(["generate", str(tiny_llama_dir), "--prompt", "Hello", "--max-new-tokens", "4", "--no-chat-template",
+    ids = AutoTokenizer.from_pretrained(tiny_llama_dir)("Hello", return_tensors="pt")["input_ids"]
+    expected, _ = _greedy_reply(tiny_llama_dir, ids, 4)
+    main(["generate", str(tiny_llama_dir), "--prompt", "Hello", "--max-new-tokens", "4", "--no-chat-template"])
+    assert capsys.readouterr().out == expected + "\n"
+
+
+def test_generate_samples_with_the_temperature_and_seed(tiny_llama_dir, capsys):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
+    inputs = tokenizer("Hello", return_tensors="pt")
+    torch.manual_seed(0)  # pesc generate's default --seed
+    sampled = model.generate(**inputs, max_new_tokens=6, do_sample=True, temperature=0.7,
+                             pad_token_id=tokenizer.pad_token_id)[0, inputs["input_ids"].shape[1] :]
+    greedy, _ = _greedy_reply(tiny_llama_dir, inputs["input_ids"], 6)
+    expected = tokenizer.decode(sampled, skip_special_tokens=True)
+    assert expected != greedy  # else this test could not tell sampling from greedy decoding
+    main(["generate", str(tiny_llama_dir), "--prompt", "Hello", "--max-new-tokens", "6", "--no-chat-template",
           "--temperature", "0.7"])
-    assert capsys.readouterr().out.strip()
+    assert capsys.readouterr().out == expected + "\n"
 
 
 def test_chat_template_is_applied():

@@ -82,11 +82,14 @@ def test_inspect_reads_a_pesc_checkpoint(tmp_path):
     assert summary["num_experts"] == 4 and summary["adapter_dim"] == 8
 
 
-def test_bad_paths_give_one_line_errors(tmp_path):
+def test_bad_paths_give_one_line_errors(tmp_path, capsys):
     from pesc.cli import main
     import pytest
 
     for path, message in [(tmp_path / "missing", "does not exist"), (tmp_path, "no config.json")]:
+        capsys.readouterr()
         with pytest.raises(SystemExit) as exit_info:
             main(["inspect", str(path)])
         assert exit_info.value.code == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"Error: {path} ") and message in err[0], err

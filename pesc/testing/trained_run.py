@@ -14,25 +14,15 @@ import torch
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def save_fake_trained_run(
-    run_dir: str | Path,
-    dense_dir: str | Path,
-    *,
-    num_experts: int = 4,
-    top_k: int = 2,
-    adapter_dim: int = 16,
-    step: int = 2,
-    seed: int = 0,
-    final: bool = False,
-) -> Path:
-    """Write `run_dir/checkpoint-{step}` (or `run_dir/final`); returns the checkpoint folder."""
+def fake_trained_model(
+    dense_dir: str | Path, *, num_experts: int = 4, top_k: int = 2, adapter_dim: int = 16, seed: int = 0
+):
+    """The in-memory "trained" peft model (float32, LoRA unmerged); the same arguments give the same model."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from pesc.run_files import TRAIN_CONFIG_FILE, save_trained_state
     from pesc.upcycling import upcycle
 
-    run_dir = Path(run_dir)
     dense = AutoModelForCausalLM.from_pretrained(dense_dir, dtype=torch.float32)
     model = upcycle(dense, num_experts=num_experts, top_k=top_k, adapter_dim=adapter_dim, seed=seed)
     torch.manual_seed(seed)
@@ -45,9 +35,28 @@ def save_fake_trained_run(
                 param.add_(0.05 * torch.randn(param.shape, generator=generator))
             elif "lora_B" in name:
                 param.mul_(0.5)
+    return peft_model
+
+
+def save_fake_trained_run(
+    run_dir: str | Path,
+    dense_dir: str | Path,
+    *,
+    num_experts: int = 4,
+    top_k: int = 2,
+    adapter_dim: int = 16,
+    step: int = 2,
+    seed: int = 0,
+    final: bool = False,
+) -> Path:
+    """Write `run_dir/checkpoint-{step}` (or `run_dir/final`) of `fake_trained_model`; returns the checkpoint folder."""
+    from pesc.run_files import TRAIN_CONFIG_FILE, save_trained_state
+
+    run_dir = Path(run_dir)
+    peft_model = fake_trained_model(dense_dir, num_experts=num_experts, top_k=top_k, adapter_dim=adapter_dim, seed=seed)
     checkpoint = run_dir / ("final" if final else f"checkpoint-{step}")
     peft_model.save_pretrained(checkpoint)
-    save_trained_state(peft_model, model.config, checkpoint)
+    save_trained_state(peft_model, peft_model.get_base_model().config, checkpoint)
     (run_dir / TRAIN_CONFIG_FILE).write_text(
         f"base_model: {dense_dir}\n"
         "moe:\n"
