@@ -8,6 +8,7 @@ import click
 
 from pesc import __version__
 from pesc.errors import PescError
+from pesc.quiet import silence_bitsandbytes_cpu_kernel_notice
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -170,6 +171,7 @@ def compare(model_a, model_b, prompt, atol):
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: user errors become one line on stderr and exit status 1 (PESC_DEBUG=1 shows tracebacks)."""
+    silence_bitsandbytes_cpu_kernel_notice()
     try:
         cli.main(args=argv, prog_name="pesc", standalone_mode=False)
     except (click.exceptions.Abort, KeyboardInterrupt) as error:

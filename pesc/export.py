@@ -27,6 +27,7 @@ from pesc import __version__
 from pesc.atomic import atomic_output_dir, check_output_dir, write_marker
 from pesc.errors import PescError, first_line
 from pesc.modeling import PescConfig, PescForCausalLM
+from pesc.quiet import peft_deprecation_warnings_silenced
 from pesc.run_files import (
     EXPERTS_FILE,
     TRAIN_CONFIG_FILE,
@@ -217,7 +218,8 @@ def load_trained_model(
     model = load_base_model(base, trained, checkpoint, dtype, quantization_config)
     load_experts(model, load_expert_state(checkpoint), base, checkpoint, expert_dtype)
     try:
-        peft_model = PeftModel.from_pretrained(model, checkpoint, is_trainable=False)
+        with peft_deprecation_warnings_silenced():
+            peft_model = PeftModel.from_pretrained(model, checkpoint, is_trainable=False)
     except (RuntimeError, ValueError, KeyError) as error:
         first = first_line(error)
         raise PescError(f"the base model {base} does not match the LoRA in {checkpoint}: {first}") from None

@@ -264,6 +264,26 @@ def test_a_real_run_creates_output_dir_parents_quietly(tiny_llama_dir, data_file
     assert deprecations == []
 
 
+def test_export_says_nothing_about_peft_internals(fake_run, tmp_path):
+    from pesc.export import export
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        export(str(fake_run), tmp_path / "export", dtype="float32", log=lambda message: None)
+    assert [str(w.message) for w in caught if "is_gradient_checkpointing" in str(w.message)] == []
+
+
+def test_bitsandbytes_cpu_kernel_notice_is_dropped_and_nothing_else(caplog):
+    from pesc.quiet import silence_bitsandbytes_cpu_kernel_notice
+
+    silence_bitsandbytes_cpu_kernel_notice()
+    logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    with caplog.at_level(logging.WARNING, logger=logger.name):
+        logger.warning("Failed to load CPU gemm_4bit_forward from kernels-community: No module named 'kernels'.")
+        logger.warning("another bitsandbytes warning")
+    assert [record.getMessage() for record in caplog.records] == ["another bitsandbytes warning"]
+
+
 # ---------------------------------------------------------------- silent successes
 
 

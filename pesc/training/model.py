@@ -21,7 +21,6 @@ Order of operations (each step checked on the real bitsandbytes path):
 import functools
 import logging
 import os
-import warnings
 from contextlib import contextmanager, nullcontext
 
 import torch
@@ -29,6 +28,7 @@ from torch import nn
 
 from pesc.errors import PescError, first_line
 from pesc.modeling import PescConfig, PescForCausalLM, PescMoEAdapter
+from pesc.quiet import peft_deprecation_warnings_silenced
 from pesc.training.config import MOE_STRUCTURE_KEYS
 
 logger = logging.getLogger(__name__)
@@ -223,11 +223,7 @@ def prepare_for_training(model: PescForCausalLM, config: dict):
         task_type="CAUSAL_LM",
     )
     try:
-        with warnings.catch_warnings():
-            # peft reads transformers' deprecated `is_gradient_checkpointing` alias: its warning, not ours
-            warnings.filterwarnings(
-                "ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning
-            )
+        with peft_deprecation_warnings_silenced():
             peft_model = get_peft_model(model, lora)
     except ValueError as error:
         raise PescError(f"lora_target_modules: {error}") from None
