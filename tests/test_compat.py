@@ -7,7 +7,8 @@ must give, against references computed here with this environment's (newest) tra
 - the converted models: exactly the dense model's logits;
 - the exported model: the trained (unmerged LoRA) model's logits within 1e-5 (the merge
   reorders float32 operations: see tests/test_export.py);
-- all three: exactly the same greedy tokens, generated with the cache, as here.
+- all three: exactly the same greedy tokens, generated with the cache, as here, and
+  `logits_to_keep=1` (4.x names it num_logits_to_keep) gives the last position's logits only.
 An environment that cannot be built skips the test on a developer's machine and fails it in CI.
 """
 
@@ -45,11 +46,14 @@ results = {"transformers": transformers.__version__}
 for name, folder in spec["checkpoints"].items():
     model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
     with torch.no_grad():
-        logits = model(input_ids=ids, attention_mask=mask).logits[mask.bool()]
+        full = model(input_ids=ids, attention_mask=mask).logits
+        kept = model(input_ids=ids, attention_mask=mask, logits_to_keep=1).logits
+        logits = full[mask.bool()]
         generated = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=spec["new_tokens"],
                                    do_sample=False, use_cache=True, pad_token_id=spec["pad"])
     results[name] = {"module": type(model).__module__, "logits": logits.tolist(),
-                     "generated": generated[:, ids.shape[1]:].tolist()}
+                     "generated": generated[:, ids.shape[1]:].tolist(), "kept_shape": list(kept.shape),
+                     "kept_is_last": torch.equal(kept[:, -1], full[:, -1])}
 emit(results)
 """
 
@@ -170,3 +174,4 @@ def test_checkpoints_run_exactly_on_transformers(version, probes, checkpoints):
         else:
             assert (logits - expected).abs().max().item() <= 1e-5, name
         assert got["generated"] == checkpoints["generated"][name], name
+        assert got["kept_shape"][1] == 1 and got["kept_is_last"], name  # logits_to_keep=1: the last position's only
