@@ -53,7 +53,7 @@ for name, folder in spec["checkpoints"].items():
                                    do_sample=False, use_cache=True, pad_token_id=spec["pad"])
     results[name] = {"module": type(model).__module__, "logits": logits.tolist(),
                      "generated": generated[:, ids.shape[1]:].tolist(), "kept_shape": list(kept.shape),
-                     "kept_is_last": torch.equal(kept[:, -1], full[:, -1])}
+                     "kept_vs_last": (kept[:, -1] - full[:, -1]).abs().max().item()}
 emit(results)
 """
 
@@ -174,4 +174,5 @@ def test_checkpoints_run_exactly_on_transformers(version, probes, checkpoints):
         else:
             assert (logits - expected).abs().max().item() <= 1e-5, name
         assert got["generated"] == checkpoints["generated"][name], name
-        assert got["kept_shape"][1] == 1 and got["kept_is_last"], name  # logits_to_keep=1: the last position's only
+        # logits_to_keep=1: the last position only (lm_head on one row vs all rows: float32 blocking may differ)
+        assert got["kept_shape"][1] == 1 and got["kept_vs_last"] <= 1e-5, (name, got["kept_shape"], got["kept_vs_last"])
