@@ -84,6 +84,7 @@ def checkpoints(tmp_path_factory):
     dense = {
         "llama": save_tiny_dense(root / "dense-llama", "llama", rope_parameters=LLAMA3_ROPE),
         "qwen2": save_tiny_dense(root / "dense-qwen2", "qwen2"),
+        "gemma": save_tiny_dense(root / "dense-gemma", "gemma", head_dim=16),
     }
     # A config from an old release: the converted one must record the release that made it instead.
     config = json.loads((dense["llama"] / "config.json").read_text())
