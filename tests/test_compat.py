@@ -2,12 +2,13 @@
 
 In a cached environment per release (pesc.testing.compat_envs) where pesc cannot be
 imported, a converted Llama (llama3 rope, which transformers 4.x spells differently), a
-converted Qwen2 and an exported trained Llama are loaded with `trust_remote_code=True` and
-must give, against references computed here with this environment's (newest) transformers:
+converted Qwen2, a converted Gemma (tied embeddings, an init that calls super()) and an
+exported trained Llama are loaded with `trust_remote_code=True` and must give, against
+references computed here with this environment's (newest) transformers:
 - the converted models: exactly the dense model's logits;
 - the exported model: the trained (unmerged LoRA) model's logits within 1e-5 (the merge
   reorders float32 operations: see tests/test_export.py);
-- all three: exactly the same greedy tokens, generated with the cache, as here, and
+- all: exactly the same greedy tokens, generated with the cache, as here, and
   `logits_to_keep=1` (4.x names it num_logits_to_keep) gives the last position's logits only.
 An environment that cannot be built skips the test on a developer's machine and fails it in CI.
 """
