@@ -582,6 +582,15 @@ class PescForCausalLM(PescPreTrainedModel, GenerationMixin):
     def get_output_embeddings(self):
         return self.lm_head
 
+    def tie_weights(self, *args, **kwargs):
+        """The usual tying, and where loading left a tied `lm_head` unset (still on the meta device:
+        transformers 5.3 skips the tie for remote code), the input embedding that `tie_word_embeddings` asks for."""
+        result = super().tie_weights(*args, **kwargs)
+        embedding = self.get_input_embeddings().weight
+        if getattr(self.config, "tie_word_embeddings", False) and self.lm_head.weight.is_meta and not embedding.is_meta:
+            self.lm_head.weight = embedding
+        return result
+
     def set_output_embeddings(self, new_embeddings):
         self.lm_head = new_embeddings
 
