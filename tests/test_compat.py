@@ -8,7 +8,7 @@ references computed here with this environment's (newest) transformers:
 - the converted models: exactly the dense model's logits;
 - the exported model: the trained (unmerged LoRA) model's logits within 1e-5 (the merge
   reorders float32 operations: see tests/test_export.py);
-- all: exactly the same greedy tokens, generated with the cache, as here, and
+- all: exactly the same logits and greedy tokens (generated with the cache) as here, and
   `logits_to_keep=1` (4.x names it num_logits_to_keep) gives the last position's logits only.
 An environment that cannot be built skips the test on a developer's machine and fails it in CI.
 """
@@ -72,11 +72,12 @@ def _logits(model) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _greedy(folder) -> list:
+def _pesc_reference(folder) -> tuple[torch.Tensor, list]:
+    """The checkpoint's logits and greedy tokens here (newest transformers)."""
     model = PescForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     inputs = _inputs()
     out = model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False, use_cache=True, pad_token_id=PAD)
-    return out[:, len(INPUT_IDS[0]) :].tolist()
+    return _logits(model), out[:, len(INPUT_IDS[0]) :].tolist()
 
 
 @pytest.fixture(scope="module")
@@ -108,8 +109,8 @@ def checkpoints(tmp_path_factory):
         for family, folder in dense.items()
     }
     logits["exported-llama"] = _logits(load_trained_model(run, dtype=torch.float32)[0])
-    generated = {name: _greedy(folder) for name, folder in folders.items()}
-    return {"folders": folders, "logits": logits, "generated": generated}
+    here = {name: _pesc_reference(folder) for name, folder in folders.items()}
+    return {"folders": folders, "logits": logits, "here": here}
 
 
 @pytest.fixture(scope="module")
@@ -177,6 +178,8 @@ def test_checkpoints_run_exactly_on_transformers(version, probes, checkpoints):
             assert torch.equal(logits, expected), (name, (logits - expected).abs().max().item())
         else:
             assert (logits - expected).abs().max().item() <= 1e-5, name
-        assert got["generated"] == checkpoints["generated"][name], name
+        here_logits, here_generated = checkpoints["here"][name]
+        assert torch.equal(logits, here_logits), (name, (logits - here_logits).abs().max().item())
+        assert got["generated"] == here_generated, name
         # logits_to_keep=1: the last position only (lm_head on one row vs all rows: float32 blocking may differ)
         assert got["kept_shape"][1] == 1 and got["kept_vs_last"] <= 1e-5, (name, got["kept_shape"], got["kept_vs_last"])
