@@ -1,7 +1,7 @@
 """Configuration of a PESC sparse model.
 
 Shipped inside every exported checkpoint: imports only transformers. It runs on
-transformers 4.46 and later: where the API differs between releases, it asks what the
+transformers 4.46.3 and later: where the API differs between releases, it asks what the
 installed release has (a name, an attribute), never which version it is.
 
 The config is *flat*, like the published Camelidae checkpoints: every field of the

@@ -1,7 +1,7 @@
 """The PESC sparse model: a dense decoder whose gated FFN is shared by top-k routed adapter experts.
 
 Shipped inside every exported checkpoint, so it imports only torch, transformers and
-its sibling configuration file, and runs on transformers 4.46 and later: where the API
+its sibling configuration file, and runs on transformers 4.46.3 and later: where the API
 differs between releases it asks what the installed release has (a signature, a field
 name), never which version it is. The pieces are separate so that other recipes can
 reuse them: `PescRouter` (which experts, with what weights), `PescAdapter` (one
