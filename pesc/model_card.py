@@ -9,6 +9,7 @@ import json
 import re
 from pathlib import Path
 
+import transformers
 import yaml
 from huggingface_hub import ModelCard, ModelCardData
 
@@ -16,6 +17,10 @@ from pesc.modeling import PescConfig
 from pesc.summary import human_count, summarize
 
 BASE_TAGS = ["moe", "pesc", "mixture-of-experts", "sparse", "adapter-experts"]
+# The transformers releases the shipped model code is checked on, oldest first (tests/test_compat.py
+# loads converted and exported checkpoints under each): it runs on the first and every later one.
+# 5.3.0 skips tying the embeddings of remote-code models, which the model code makes up for.
+TESTED_TRANSFORMERS = ("4.46.3", "5.0.0", "5.3.0", "5.12.0", "5.24.0")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -158,6 +163,10 @@ def build_model_card(
         'tokenizer = AutoTokenizer.from_pretrained("PATH_OR_REPO_ID")',
         'model = AutoModelForCausalLM.from_pretrained("PATH_OR_REPO_ID", trust_remote_code=True)',
         "```",
+        "",
+        f"The model code runs on transformers {TESTED_TRANSFORMERS[0]} or newer, 4.x and 5.x alike (checked on "
+        f"{', '.join(TESTED_TRANSFORMERS)}, the logits and greedy generation exactly the same on each). This "
+        f"checkpoint was made with transformers {transformers.__version__}.",
         "",
         "## Architecture",
         "",

@@ -1,7 +1,9 @@
 """The PESC sparse model: a dense decoder whose gated FFN is shared by top-k routed adapter experts.
 
 Shipped inside every exported checkpoint, so it imports only torch, transformers and
-its sibling configuration file. The pieces are separate so that other recipes can
+its sibling configuration file, and runs on transformers 4.46.3 and later: where the API
+differs between releases it asks what the installed release has (a signature, a field
+name), never which version it is. The pieces are separate so that other recipes can
 reuse them: `PescRouter` (which experts, with what weights), `PescAdapter` (one
 expert), `PescMoEAdapter` (dispatch of tokens to experts), `load_balancing_loss`
 (the auxiliary loss), and `PescMLP` (the dense FFN plus the MoE adapter).
@@ -13,6 +15,8 @@ with the k weights a float32 softmax over the top-k router logits. `up_i` starts
 zero, so a freshly upcycled model computes exactly the dense model.
 """
 
+import dataclasses
+import inspect
 import math
 import warnings
 from contextlib import contextmanager
@@ -20,12 +24,9 @@ from contextvars import ContextVar
 
 import torch
 import torch.nn.functional as F
-import transformers
 from torch import nn
-from transformers import GenerationMixin, PreTrainedModel
+from transformers import CONFIG_MAPPING, MODEL_FOR_CAUSAL_LM_MAPPING, MODEL_MAPPING, GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast
-from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_MAPPING_NAMES
-from transformers.utils.generic import can_return_tuple
 
 from .configuration_pesc import PescConfig
 
@@ -179,8 +180,8 @@ class _CombineRows(torch.autograd.Function):
         return _GatherRows.apply(grad, source, inverse, ctx.top_k), None, None, None
 
 
-# Without autograd, small inputs are decode steps of generation (measured with
-# bench/generate.py and docs/benchmarks.md): on the CPU, while a step's k-of-E picks can
+# Without autograd, small inputs are decode steps of generation (measured by pesc's
+# generation benchmark on a CPU host and an H100): on the CPU, while a step's k-of-E picks can
 # cover at most half the experts, "selected" (the host sync is free there, and the idle
 # experts' weights are never read); above that and up to _DECODE_ROWS_CPU rows, "all";
 # on CUDA up to _DECODE_ROWS rows, "all" (a fixed dozen kernels, no host sync).
@@ -207,8 +208,8 @@ class PescMoEAdapter(nn.Module):
     * selected: without autograd only, the picked experts are grouped on the host and each
       runs on its rows; the idle ones are not touched at all. Any expert module.
 
-    "auto" takes what measured fastest (bench/moe_layer.py, bench/generate.py,
-    docs/benchmarks.md). With autograd every expert's parameters join the graph, even
+    "auto" takes what measured fastest in pesc's layer and generation benchmarks (CPU
+    and H100). With autograd every expert's parameters join the graph, even
     with no routed token (DDP and ZeRO-3 need that), and a zero `adapter_up` adds exactly
     zero.
     """
@@ -271,7 +272,7 @@ class PescMoEAdapter(nn.Module):
         # GPU: the routed dispatch costs ~4-5 ms more per layer fwd+bwd in launches and its
         # host sync (H100); the wide matmuls cost their (E - k) extra experts' FLOPs. Take
         # "all" while those extra fwd+bwd FLOPs stay under what ~3 ms of matmul does at
-        # H100 speed (fp32 ~6e10 FLOP/ms, bf16/fp16 ~6e11): measured, docs/benchmarks.md.
+        # H100 speed (fp32 ~6e10 FLOP/ms, bf16/fp16 ~6e11), as measured on an H100.
         extra_per_token = 4 * (self.num_experts - self.top_k) * experts[0].adapter_down.out_features
         per_ms = 6e10 if ffn_rows.dtype == torch.float32 else 6e11
         return "all" if 3 * extra_per_token * ffn_rows.shape[-1] * rows <= 3 * per_ms else "routed"
@@ -444,14 +445,17 @@ def load_balancing_loss(
 
 
 def dense_family_classes(base_model_type: str) -> tuple[type, type]:
-    """The dense family's backbone class and causal-LM class, or a clear error."""
-    backbone_name = MODEL_MAPPING_NAMES.get(base_model_type)
-    causal_lm_name = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(base_model_type)
-    if backbone_name is None or causal_lm_name is None:
+    """The dense family's backbone class and causal-LM class (as the Auto* factories pick them), or a clear error."""
+    family_config_class = CONFIG_MAPPING[base_model_type]
+    if family_config_class not in MODEL_MAPPING or family_config_class not in MODEL_FOR_CAUSAL_LM_MAPPING:
         raise ValueError(
             f"PESC cannot wrap model family {base_model_type!r}: transformers has no decoder-only causal LM for it"
         )
-    return getattr(transformers, backbone_name), getattr(transformers, causal_lm_name)
+    return MODEL_MAPPING[family_config_class], MODEL_FOR_CAUSAL_LM_MAPPING[family_config_class]
+
+
+# The output field that carries the cache: `cache` since transformers 5.24, `past_key_values` before.
+_CACHE_FIELD = "cache" if "cache" in {f.name for f in dataclasses.fields(MoeCausalLMOutputWithPast)} else "past_key_values"
 
 
 def check_gated_mlp(mlp: nn.Module, base_model_type: str) -> None:
@@ -477,7 +481,10 @@ def check_dense_equivalence(dense_mlp: nn.Module, pesc_mlp: PescMLP, base_model_
     if weight.device.type == "meta":
         return
     probe = torch.randn(2, 3, weight.shape[1], generator=torch.Generator().manual_seed(0)).to(weight)
-    if not torch.equal(dense_mlp(probe), pesc_mlp.dense_forward(probe)):
+    dense_output = dense_mlp(probe)
+    if not torch.isfinite(dense_output).all():
+        return  # the weights are not loaded yet (uninitialised memory, as transformers 4.x leaves them): nothing to prove
+    if not torch.equal(dense_output, pesc_mlp.dense_forward(probe)):
         raise ValueError(
             f"PESC cannot wrap model family {base_model_type!r}: its FFN ({type(dense_mlp).__name__}) computes "
             "something other than down(act(gate(x)) * up(x))"
@@ -492,7 +499,13 @@ class PescPreTrainedModel(PreTrainedModel):
     _supports_flash_attn = True
     _supports_flex_attn = True
     _supports_attention_backend = True
-    _can_compile_fullgraph = True  # decode steps are one graph (tests/test_compile.py)
+    # What transformers 4.x asks instead (read there, unknown to 5.x): caches are Cache objects,
+    # static and quantized caches work, and FlashAttention 2 is named so.
+    _supports_cache_class = True
+    _supports_static_cache = True
+    _supports_quantized_cache = True
+    _supports_flash_attn_2 = True
+    _can_compile_fullgraph = True  # a decode step (static cache) compiles to one graph
     _no_split_modules = ["PescMLP"]
 
     @torch.no_grad()
@@ -501,14 +514,14 @@ class PescPreTrainedModel(PreTrainedModel):
         if isinstance(module, (PescRouter, AdapterDownProjection, AdapterUpProjection)):
             init_expert_weights(module)
         elif not isinstance(module, (PescMoEAdapter, PescAdapter)):
-            _, causal_lm_class = dense_family_classes(self.config.base_model_type)
-            causal_lm_class._init_weights(self, module)
+            self._family_init_weights(module)
 
 
 def init_expert_weights(module: nn.Module, generator: torch.Generator | None = None) -> None:
-    """Initialise a router, an adapter or one of its projections as DESIGN §3 says.
+    """Initialise a router, an adapter or one of its projections as PESC does (arXiv 2401.02731).
 
-    Router and adapter_down: nn.Linear's default (kaiming uniform, a=sqrt 5); adapter_up: zero.
+    Router and adapter_down: nn.Linear's default (kaiming uniform, a=sqrt 5); adapter_up: zero,
+    so a freshly upcycled model computes exactly the dense model.
     A seeded `generator` makes the draw reproducible independently of the global RNG.
     """
     if isinstance(module, PescAdapter):
@@ -534,6 +547,7 @@ class PescForCausalLM(PescPreTrainedModel, GenerationMixin):
         super().__init__(config)
         backbone_class, causal_lm_class = dense_family_classes(config.base_model_type)
         self._dense_forward = causal_lm_class.forward
+        self._dense_forward_params = inspect.signature(causal_lm_class.forward).parameters
         self.model = backbone_class(config)
         self.vocab_size = config.vocab_size
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
@@ -552,7 +566,10 @@ class PescForCausalLM(PescPreTrainedModel, GenerationMixin):
             layer.mlp = PescMLP(dense_mlp, config)
         check_dense_equivalence(dense_mlp, layers[-1].mlp, config.base_model_type)
         # The backbone is a PreTrainedModel of its own, so transformers initialises its
-        # children (our experts included) with the backbone's `_init_weights`: route it to ours.
+        # children (our experts included) with the backbone's `_init_weights`: route it to
+        # ours, which hands the family's modules to the family's own init, bound to the
+        # backbone (an instance of the family's class, as that init may require).
+        self._family_init_weights = self.model._init_weights
         self.model._init_weights = self._init_weights
         self.post_init()
 
@@ -565,10 +582,18 @@ class PescForCausalLM(PescPreTrainedModel, GenerationMixin):
     def get_output_embeddings(self):
         return self.lm_head
 
+    def tie_weights(self, *args, **kwargs):
+        """The usual tying, and where loading left a tied `lm_head` unset (still on the meta device:
+        transformers 5.3 skips the tie for remote code), the input embedding that `tie_word_embeddings` asks for."""
+        result = super().tie_weights(*args, **kwargs)
+        embedding = self.get_input_embeddings().weight
+        if getattr(self.config, "tie_word_embeddings", False) and self.lm_head.weight.is_meta and not embedding.is_meta:
+            self.lm_head.weight = embedding
+        return result
+
     def set_output_embeddings(self, new_embeddings):
         self.lm_head = new_embeddings
 
-    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -579,10 +604,18 @@ class PescForCausalLM(PescPreTrainedModel, GenerationMixin):
         use_cache: bool | None = None,
         output_router_logits: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        return_dict: bool | None = None,
         **kwargs,
-    ) -> MoeCausalLMOutputWithPast:
+    ) -> MoeCausalLMOutputWithPast | tuple:
         if output_router_logits is None:
             output_router_logits = self.config.output_router_logits
+        if return_dict is None:
+            return_dict = self.config.return_dict
+        # What the family's forward takes: transformers 4.x names `num_logits_to_keep` and `return_dict`.
+        params = self._dense_forward_params
+        dense_kwargs = {"logits_to_keep" if "logits_to_keep" in params else "num_logits_to_keep": logits_to_keep}
+        if "return_dict" in params:
+            dense_kwargs["return_dict"] = True
         with record_router_logits() as router_logits:
             outputs = self._dense_forward(
                 self,
@@ -592,7 +625,7 @@ class PescForCausalLM(PescPreTrainedModel, GenerationMixin):
                 inputs_embeds=inputs_embeds,
                 labels=labels,
                 use_cache=use_cache,
-                logits_to_keep=logits_to_keep,
+                **dense_kwargs,
                 **kwargs,
             )
         router_logits = tuple(router_logits)
@@ -603,15 +636,16 @@ class PescForCausalLM(PescPreTrainedModel, GenerationMixin):
                 self._warn_if_router_gradient_lost(router_logits)
             if loss is not None:
                 loss = loss + self.config.router_aux_loss_coef * aux_loss.to(loss.device)
-        return MoeCausalLMOutputWithPast(
+        output = MoeCausalLMOutputWithPast(
             loss=loss,
             aux_loss=aux_loss,
             logits=outputs.logits,
-            cache=getattr(outputs, "cache", None),
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             router_logits=router_logits if output_router_logits else None,
+            **{_CACHE_FIELD: getattr(outputs, _CACHE_FIELD, None)},
         )
+        return output if return_dict else output.to_tuple()
 
     def _warn_if_router_gradient_lost(self, router_logits: tuple[torch.Tensor, ...]) -> None:
         """Reentrant gradient checkpointing runs layers under no_grad: the balance loss would silently stop training."""

@@ -2,7 +2,8 @@
 
 Proves that a saved checkpoint loads with plain transformers and its shipped model code:
 `-I -S` skips site processing (and so the editable-install finder of pesc), and only the
-environment's site-packages folder is put back on the path.
+environment's site-packages folder is put back on the path (or the folders given: another
+interpreter with another transformers, see `pesc.testing.compat_envs`).
 """
 
 import json
@@ -16,21 +17,25 @@ _PRELUDE = """
 import importlib.util, json, sys
 def emit(result):
     print("\\n" + {marker!r} + json.dumps(result), flush=True)
-sys.path.append({site_packages!r})
+sys.path.extend({paths!r})
 assert importlib.util.find_spec("pesc") is None, "pesc is importable in the isolated interpreter"
 """
 
 
-def run_without_pesc(code: str, timeout: float = 300, env: dict | None = None) -> dict:
-    """Execute `code` (which reports by calling `emit(obj)` once with a JSON-able object) without pesc; return that object."""
+def run_without_pesc(
+    code: str,
+    timeout: float = 300,
+    env: dict | None = None,
+    python: str = sys.executable,
+    paths: list[str] | None = None,
+) -> dict:
+    """Execute `code` (which reports by calling `emit(obj)` once with a JSON-able object) without pesc; return that object.
+
+    By default in this interpreter with this environment's packages; else in `python` with only `paths` importable.
+    """
+    paths = [sysconfig.get_paths()["purelib"]] if paths is None else [str(p) for p in paths]
     completed = subprocess.run(
-        [
-            sys.executable,
-            "-I",
-            "-S",
-            "-c",
-            _PRELUDE.format(site_packages=sysconfig.get_paths()["purelib"], marker=_RESULT_MARKER) + textwrap.dedent(code),
-        ],
+        [python, "-I", "-S", "-c", _PRELUDE.format(paths=paths, marker=_RESULT_MARKER) + textwrap.dedent(code)],
         capture_output=True,
         text=True,
         timeout=timeout,

@@ -1,0 +1,186 @@
+"""The shipped model code runs on every transformers release a user may have (pesc.model_card.TESTED_TRANSFORMERS).
+
+In a cached environment per release (pesc.testing.compat_envs) where pesc cannot be
+imported, a converted Llama (llama3 rope, which transformers 4.x spells differently), a
+converted Qwen2, a converted Gemma (tied embeddings, an init that calls super()) and an
+exported trained Llama are loaded with `trust_remote_code=True` and must give, against
+references computed here with this environment's (newest) transformers:
+- the converted models: exactly the dense model's logits;
+- the exported model: the trained (unmerged LoRA) model's logits within 1e-5 (the merge
+  reorders float32 operations: see tests/test_export.py);
+- all: exactly the same logits and greedy tokens (generated with the cache) as here, and
+  `logits_to_keep=1` (4.x names it num_logits_to_keep) gives the last position's logits only.
+An environment that cannot be built skips the test on a developer's machine and fails it in CI.
+"""
+
+import json
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+import transformers
+
+from pesc.convert import ConvertSettings, convert
+from pesc.export import export, load_trained_model
+from pesc.model_card import TESTED_TRANSFORMERS
+from pesc.modeling import PescForCausalLM
+from pesc.testing import save_tiny_dense
+from pesc.testing.compat_envs import EnvBuildError, ensure_envs
+from pesc.testing.isolated import run_without_pesc
+from pesc.testing.trained_run import save_fake_trained_run
+
+# Llama 3's rope: transformers 5 writes it as `rope_parameters`, 4.x reads `rope_theta` / `rope_scaling`.
+LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 64}  # fmt: skip
+PAD = 3  # the tiny tokenizer's <pad>
+INPUT_IDS = [[PAD, PAD, 17, 42, 99, 5, 130, 61], [8, 200, 33, 71, 12, 150, 9, 27]]
+ATTENTION_MASK = [[0, 0, 1, 1, 1, 1, 1, 1], [1] * 8]
+NEW_TOKENS = 8
+# The releases checked; PESC_COMPAT_TRANSFORMERS="5.1.0,5.2.0,..." checks others (a sweep by hand).
+VERSIONS = tuple(filter(None, os.environ.get("PESC_COMPAT_TRANSFORMERS", ",".join(TESTED_TRANSFORMERS)).split(",")))
+
+PROBE = """
+import json, torch, transformers
+from transformers import AutoModelForCausalLM
+spec = json.loads(@SPEC@)
+ids, mask = torch.tensor(spec["input_ids"]), torch.tensor(spec["attention_mask"])
+results = {"transformers": transformers.__version__}
+for name, folder in spec["checkpoints"].items():
+    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
+    with torch.no_grad():
+        full = model(input_ids=ids, attention_mask=mask).logits
+        kept = model(input_ids=ids, attention_mask=mask, logits_to_keep=1).logits
+        logits = full[mask.bool()]
+        generated = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=spec["new_tokens"],
+                                   do_sample=False, use_cache=True, pad_token_id=spec["pad"])
+    results[name] = {"module": type(model).__module__, "logits": logits.tolist(),
+                     "generated": generated[:, ids.shape[1]:].tolist(), "kept_shape": list(kept.shape),
+                     "kept_vs_last": (kept[:, -1] - full[:, -1]).abs().max().item()}
+emit(results)
+"""
+
+
+def _inputs() -> dict:
+    return {"input_ids": torch.tensor(INPUT_IDS), "attention_mask": torch.tensor(ATTENTION_MASK)}
+
+
+@torch.no_grad()
+def _logits(model) -> torch.Tensor:
+    inputs = _inputs()
+    return model(**inputs).logits[inputs["attention_mask"].bool()]
+
+
+@torch.no_grad()
+def _pesc_reference(folder) -> tuple[torch.Tensor, list]:
+    """The checkpoint's logits and greedy tokens here (newest transformers)."""
+    model = PescForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    inputs = _inputs()
+    out = model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False, use_cache=True, pad_token_id=PAD)
+    return _logits(model), out[:, len(INPUT_IDS[0]) :].tolist()
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """{name: folder} of the checkpoints to load, and this environment's reference logits and tokens."""
+    root = tmp_path_factory.mktemp("compat")
+    settings = ConvertSettings(num_experts=4, top_k=2, adapter_dim=16)
+    dense = {
+        "llama": save_tiny_dense(root / "dense-llama", "llama", rope_parameters=LLAMA3_ROPE),
+        "qwen2": save_tiny_dense(root / "dense-qwen2", "qwen2"),
+        "gemma": save_tiny_dense(root / "dense-gemma", "gemma", head_dim=16),
+    }
+    # A config from an old release: the converted one must record the release that made it instead.
+    config = json.loads((dense["llama"] / "config.json").read_text())
+    (dense["llama"] / "config.json").write_text(json.dumps({**config, "transformers_version": "4.31.0"}))
+    folders = {}
+    for family, folder in dense.items():
+        folders[f"converted-{family}"] = root / f"converted-{family}"
+        convert(folder, folders[f"converted-{family}"], settings, echo=lambda message: None)
+    run = root / "run"
+    save_fake_trained_run(run, dense["llama"], num_experts=4, top_k=2, adapter_dim=16, final=True)
+    folders["exported-llama"] = root / "exported-llama"
+    export(run, folders["exported-llama"], dtype="float32", log=lambda message: None)
+
+    from transformers import AutoModelForCausalLM
+
+    logits = {
+        f"converted-{family}": _logits(AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval())
+        for family, folder in dense.items()
+    }
+    logits["exported-llama"] = _logits(load_trained_model(run, dtype=torch.float32)[0])
+    here = {name: _pesc_reference(folder) for name, folder in folders.items()}
+    return {"folders": folders, "logits": logits, "here": here}
+
+
+@pytest.fixture(scope="module")
+def envs():
+    try:
+        return ensure_envs(list(VERSIONS))
+    except EnvBuildError as error:
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail(f"cannot build the transformers environments in CI: {error}")
+        pytest.skip(f"cannot build the transformers environments here (no package registry?): {error}")
+
+
+def _probe(env, checkpoints, modules_cache) -> dict:
+    """The probe's report from `env`, or {"error": ...} (reported by the release's own test)."""
+    spec = {
+        "checkpoints": {name: str(folder) for name, folder in checkpoints["folders"].items()},
+        "input_ids": INPUT_IDS,
+        "attention_mask": ATTENTION_MASK,
+        "new_tokens": NEW_TOKENS,
+        "pad": PAD,
+    }
+    environ = {
+        "PATH": os.environ.get("PATH", ""),
+        "HOME": os.environ.get("HOME", ""),
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "HF_MODULES_CACHE": str(modules_cache),  # the shipped code of this run, not a stale copy
+        "OMP_NUM_THREADS": "1",
+    }
+    try:
+        return run_without_pesc(
+            PROBE.replace("@SPEC@", repr(json.dumps(spec))), env=environ, python=env.python, paths=list(env.paths)
+        )
+    except RuntimeError as error:
+        return {"error": str(error)}
+
+
+@pytest.fixture(scope="module")
+def probes(envs, checkpoints, tmp_path_factory):
+    """{release: probe report}, two releases at a time (each probe is mostly imports, ~10 s)."""
+    root = tmp_path_factory.mktemp("modules")
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        futures = {v: pool.submit(_probe, env, checkpoints, root / v) for v, env in envs.items()}
+        return {v: future.result() for v, future in futures.items()}
+
+
+def test_checkpoints_record_the_transformers_that_made_them(checkpoints):
+    for name, folder in checkpoints["folders"].items():
+        assert json.loads((folder / "config.json").read_text())["transformers_version"] == transformers.__version__, name
+        card = (folder / "README.md").read_text()
+        assert f"runs on transformers {TESTED_TRANSFORMERS[0]} or newer" in card, name
+        assert f"made with transformers {transformers.__version__}." in card, name
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("version", VERSIONS)
+def test_checkpoints_run_exactly_on_transformers(version, probes, checkpoints):
+    result = probes[version]
+    assert "error" not in result, result.get("error")
+    assert result["transformers"] == version
+    for name in checkpoints["folders"]:
+        got = result[name]
+        assert got["module"].startswith("transformers_modules."), (name, got["module"])  # the shipped code ran
+        logits, expected = torch.tensor(got["logits"]), checkpoints["logits"][name]
+        if name.startswith("converted"):
+            assert torch.equal(logits, expected), (name, (logits - expected).abs().max().item())
+        else:
+            assert (logits - expected).abs().max().item() <= 1e-5, name
+        here_logits, here_generated = checkpoints["here"][name]
+        assert torch.equal(logits, here_logits), (name, (logits - here_logits).abs().max().item())
+        assert got["generated"] == here_generated, name
+        # logits_to_keep=1: the last position only (lm_head on one row vs all rows: float32 blocking may differ)
+        assert got["kept_shape"][1] == 1 and got["kept_vs_last"] <= 1e-5, (name, got["kept_shape"], got["kept_vs_last"])
