@@ -171,3 +171,20 @@ def test_generation_cache_of_stacked_weights_follows_the_weights_and_is_dropped_
     model.train()
     model(ids, labels=ids).loss.backward()
     assert block._stack_cache is None
+
+
+def test_model_deep_copies_and_pickles():
+    """Trainers copy models (TRL's reference model, EMA, DeepSpeed's init): a copy computes the same logits."""
+    import copy
+    import io
+
+    model = pesc.upcycle(build_tiny_dense("llama"), num_experts=4, top_k=2, adapter_dim=8, seed=0).eval()
+    with torch.no_grad():
+        model.model.layers[0].mlp.moe_adapter.experts.expert_1.adapter_up.weight.normal_()
+    ids = torch.tensor([[5, 17, 42, 99]])
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    for clone in (copy.deepcopy(model), torch.load(buffer, weights_only=False)):
+        with torch.no_grad():
+            assert torch.equal(clone(input_ids=ids).logits, model(input_ids=ids).logits)

@@ -547,7 +547,8 @@ class PescForCausalLM(PescPreTrainedModel, GenerationMixin):
         super().__init__(config)
         backbone_class, causal_lm_class = dense_family_classes(config.base_model_type)
         self._dense_forward = causal_lm_class.forward
-        self._dense_forward_params = inspect.signature(causal_lm_class.forward).parameters
+        # names only: a signature's mappingproxy would make the model impossible to deepcopy or pickle
+        self._dense_forward_params = frozenset(inspect.signature(causal_lm_class.forward).parameters)
         self.model = backbone_class(config)
         self.vocab_size = config.vocab_size
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
