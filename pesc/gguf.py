@@ -40,13 +40,21 @@ def packaged_gguf(package: str) -> Path | None:
     return next(iter(sorted(Path(spec.origin).parent.glob("*.gguf"))), None)
 
 
-def load_gguf(gguf_file: str | Path, dtype: str = "float32"):
-    """(model, tokenizer) dequantized from a GGUF file, as plain (unquantized) transformers objects."""
+def check_gguf_source(gguf_file: str | Path) -> Path:
+    """The GGUF file, once it is known to exist, to be GGUF and to be readable here (else a PescError)."""
     gguf_file = Path(gguf_file).expanduser()
+    if not gguf_file.exists():
+        raise PescError(f"{gguf_file} does not exist: give the path of a .gguf model file")
     if not is_gguf_file(gguf_file):
         raise PescError(f"{gguf_file} is not a GGUF file (it does not start with 'GGUF'): give a .gguf model file")
     if importlib.util.find_spec("gguf") is None:
         raise PescError("reading GGUF files needs the gguf package: pip install gguf")
+    return gguf_file
+
+
+def load_gguf(gguf_file: str | Path, dtype: str = "float32"):
+    """(model, tokenizer) dequantized from a GGUF file, as plain (unquantized) transformers objects."""
+    gguf_file = check_gguf_source(gguf_file)
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -83,6 +91,7 @@ def save_dense_from_gguf(
     `output_rules` (force, allow_empty, has_force) are those of `pesc.atomic.atomic_output_dir`.
     """
     out = Path(out).expanduser()
+    gguf_file = check_gguf_source(gguf_file)
     with atomic_output_dir(out, **output_rules) as tmp:
         echo(f"reading   {gguf_file} (dequantizing to {dtype})")
         model, tokenizer = load_gguf(gguf_file, dtype)

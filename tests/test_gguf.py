@@ -62,6 +62,12 @@ def test_convert_takes_a_gguf_source_and_is_exact_at_init(tiny_gguf, reference, 
     assert torch.equal(_logits(converted, ids), _logits(reference[0], ids))
 
 
+def test_missing_gguf_file_is_one_line_error(tmp_path, capsys):
+    code, stdout, err = run_cli(capsys, "from-gguf", tmp_path / "nope.gguf", tmp_path / "a" / "out")
+    assert_clean_error(code, err, "nope.gguf does not exist")
+    assert stdout == "" and sorted(tmp_path.iterdir()) == []
+
+
 def test_not_a_gguf_file_is_one_line_error(tmp_path, capsys):
     fake = tmp_path / "model.gguf"
     fake.write_text("not a model")
@@ -69,7 +75,14 @@ def test_not_a_gguf_file_is_one_line_error(tmp_path, capsys):
     assert_clean_error(code, err, "is not a GGUF file")
     assert not (tmp_path / "out").exists()
     code, _, err = run_cli(capsys, "convert", fake, tmp_path / "out")
+    assert_clean_error(code, err, "is not a GGUF file")
+    code, _, err = run_cli(capsys, "convert", tmp_path / "missing.gguf", tmp_path / "out")
+    assert_clean_error(code, err, "missing.gguf does not exist")
+    other = tmp_path / "weights.txt"
+    other.write_text("")
+    code, _, err = run_cli(capsys, "convert", other, tmp_path / "out")
     assert_clean_error(code, err, "neither a model folder nor a GGUF file")
+    assert not (tmp_path / "out").exists()
 
 
 def test_missing_gguf_package_is_named(tiny_gguf, tmp_path, capsys, monkeypatch):
