@@ -858,7 +858,7 @@ def _convert_gguf(gguf_file: Path, out: Path, settings: ConvertSettings, force: 
     check_gguf_source(gguf_file)
     check_output_dir(out, force)
     with tempfile.TemporaryDirectory(prefix=f".{out.name}.pesc-gguf-", dir=nearest_existing(out.parent)) as tmp:
-        dense = Path(tmp) / gguf_file.name  # the model card names the base after this folder
+        dense = Path(tmp) / gguf_file.stem  # the model card names the base after this folder
         save_dense_from_gguf(gguf_file, dense, echo=echo)
         return convert(dense, out, settings, link=True, force=force, echo=echo, origin=str(gguf_file))
 
