@@ -42,6 +42,7 @@ pesc generate "$WORK/pesc" --prompt "$PROMPT" --max-new-tokens 32
 step "5. QLoRA instruction tuning (4-bit base, LoRA + routers and experts in full), a few steps: $WORK/run"
 pesc train configs/quickstart.yaml --set base_model="$WORK/pesc" --set output_dir="$WORK/run"
 shows "aux_loss is the load-balancing loss (1.0 when the load is even); expert_load_max the busiest expert's share x E"
+shows "the same curves as a picture: $WORK/run/curves.png"
 
 step "6. export a sparse Hugging Face checkpoint: $WORK/export"
 pesc export "$WORK/run" "$WORK/export" --dtype float32

@@ -257,6 +257,41 @@ class _Crash(Exception):
     pass
 
 
+def assert_curves_picture(path, panels):
+    """A PNG of the size `plot_training_curves` draws for `panels` panels, and not blank."""
+    import numpy as np
+    from matplotlib.image import imread
+
+    image = imread(path)
+    assert image.shape[:2] == (350, 450 * panels), image.shape
+    assert np.asarray(image).std() > 0.05  # lines and text, not one flat colour
+
+
+def test_training_curves_draw_exactly_the_logged_values(tmp_path):
+    from pesc.training.curves import plot_training_curves
+
+    history = [
+        {"loss": 2.0, "aux_loss": 1.2, "expert_load_max": 2.5, "step": 1},
+        {"loss": 1.5, "aux_loss": 1.1, "expert_load_max": 2.0, "step": 2},
+        {"eval_loss": 1.7, "step": 2},
+        {"loss": 1.0, "lbc_loss": 0.3, "expert_load_max": 1.5, "step": 3},  # a second named aux loss
+        {"train_loss": 1.5, "step": 3},
+    ]
+    figure = plot_training_curves(history, tmp_path / "curves.png")
+    drawn = {line.get_label(): (list(line.get_xdata()), list(line.get_ydata())) for axes in figure.axes
+             for line in axes.get_lines() if not line.get_label().startswith("even")}
+    assert drawn == {
+        "loss": ([1, 2, 3], [2.0, 1.5, 1.0]),
+        "eval_loss": ([2], [1.7]),
+        "aux_loss": ([1, 2], [1.2, 1.1]),
+        "lbc_loss": ([3], [0.3]),
+        "expert_load_max": ([1, 2, 3], [2.5, 2.0, 1.5]),
+    }
+    assert [axes.get_title() for axes in figure.axes][:3] == ["loss and eval_loss", "aux_loss", "lbc_loss"]
+    assert_curves_picture(tmp_path / "curves.png", panels=4)
+    assert plot_training_curves([{"train_runtime": 1.0, "step": 0}], tmp_path / "none.png") is None
+
+
 def test_train_resume_equals_uninterrupted(tmp_path, tiny_llama_dir, data_file, monkeypatch):
     from transformers import TrainerCallback
 
@@ -285,6 +320,7 @@ def test_train_resume_equals_uninterrupted(tmp_path, tiny_llama_dir, data_file, 
     load = [json.loads(line) for line in (run / "expert_load.jsonl").read_text().splitlines()]
     assert len(load) == 6 and len(load[0]["expert_load"]) == 2  # one row per layer
     assert all(abs(sum(row) - 1) < 1e-3 and len(row) == 4 for row in load[0]["expert_load"])
+    assert_curves_picture(run / "curves.png", panels=3)  # loss + eval loss, aux_loss, expert_load_max
 
     # the same run, crashed right after checkpoint-3 was written, then resumed
     class CrashAfterFirstSave(TrainerCallback):
@@ -308,7 +344,11 @@ def test_train_resume_equals_uninterrupted(tmp_path, tiny_llama_dir, data_file, 
     assert not (part_dir / "run" / "final").exists()
     with pytest.raises(PescError, match="already holds checkpoints"):
         train(config)
+    assert_curves_picture(part_dir / "run" / "curves.png", panels=3)  # drawn at the save before the crash
+    first_drawing = (part_dir / "run" / "curves.png").read_bytes()
     train(config, resume=True)
+    assert_curves_picture(part_dir / "run" / "curves.png", panels=3)
+    assert (part_dir / "run" / "curves.png").read_bytes() != first_drawing  # redrawn with the resumed steps
 
     full, resumed = _trained_state(run), _trained_state(part_dir / "run")
     assert full.keys() == resumed.keys() and any("router" in k for k in full)

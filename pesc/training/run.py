@@ -15,6 +15,7 @@ from pesc.atomic import nearest_existing
 from pesc.errors import PescError, first_line
 from pesc.run_files import EXPERTS_FILE, FINAL_DIR, PESC_CONFIG_FILE, TRAIN_CONFIG_FILE, numbered_checkpoints
 from pesc.training.config import dump_config, load_config, to_list
+from pesc.training.curves import TrainingCurvesCallback
 from pesc.weights import check_checkpoint_files, check_model_weights
 
 logger = logging.getLogger("pesc.train")
@@ -192,6 +193,7 @@ def train(config_path: str, overrides: list[str] = (), resume: bool = False) -> 
         data_collator=make_collator(tokenizer, sample_packing=config["sample_packing"]),
         processing_class=tokenizer,
         pesc_config=saved_pesc_config(model.get_base_model().config),
+        callbacks=[TrainingCurvesCallback()],
     )
     trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     final = output_dir / FINAL_DIR
