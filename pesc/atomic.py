@@ -18,7 +18,7 @@ _TMP_TAG = ".pesc-tmp-"
 # A small JSON file pesc leaves in every folder it writes (`.pesc-export`, `.pesc-convert`, `.pesc-from-gguf`):
 # the proof that `--force` may replace the folder. `pesc push` does not upload it.
 MARKER_PREFIX = ".pesc-"
-KNOWN_MARKERS = (".pesc-export", ".pesc-convert", ".pesc-from-gguf")
+KNOWN_MARKERS = (".pesc-export", ".pesc-convert", ".pesc-from-gguf", ".pesc-import")
 
 
 def write_marker(folder: str | Path, name: str, info: dict) -> None:

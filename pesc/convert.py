@@ -452,8 +452,11 @@ def expert_key(layer_idx: int, name: str) -> str:
     return f"model.layers.{layer_idx}.mlp.moe_adapter.{name}"
 
 
-def _check_weights(config, sources: list[SourceFile], folder: Path) -> None:
-    """Every source tensor must be one the PESC model has, with its shape; every required one present."""
+def check_weights(config, sources: list[SourceFile], folder: Path, with_experts: bool = False) -> None:
+    """Every source tensor must be one the PESC model has, with its shape; every required one present.
+
+    A dense source has no experts (`with_experts` False); an already-MoE source (an import) has them all.
+    """
     import torch
 
     from pesc.modeling import PescForCausalLM
@@ -463,7 +466,9 @@ def _check_weights(config, sources: list[SourceFile], folder: Path) -> None:
             model = PescForCausalLM(config)
     except ValueError as error:
         raise PescError(f"unsupported architecture: {error}") from None
-    expected = {name: tuple(t.shape) for name, t in model.state_dict().items() if ".moe_adapter." not in name}
+    expected = {
+        name: tuple(t.shape) for name, t in model.state_dict().items() if with_experts or ".moe_adapter." not in name
+    }
     optional = set(getattr(model, "all_tied_weights_keys", None) or {}) if config.tie_word_embeddings else set()
     found: set[str] = set()
     for file in sources:
@@ -525,7 +530,7 @@ def plan_conversion(src: str, early: EarlySources, out: Path, settings: ConvertS
     if getattr(config, "dtype", None) is None:  # as save_pretrained records it: the dtype of the weights
         dense_dtype = getattr(dense_config, "dtype", None)
         config.dtype = str(dense_dtype).removeprefix("torch.") if dense_dtype is not None else config.moe_dtype
-    _check_weights(config, sources, folder)
+    check_weights(config, sources, folder)
 
     layout = _expert_layout(config)
     st_dtype = _safetensors_dtype(config.moe_dtype)
@@ -699,7 +704,7 @@ class ConvertResult:
     total_bytes: int
 
 
-class _Progress:
+class Progress:
     """One byte progress bar shared by the base-shard worker and the expert writer.
 
     The worker may start counting before the bar can be shown (the plan's summary is
@@ -737,7 +742,7 @@ class _Progress:
             self.bar.close()
 
 
-class _BaseShardWriter:
+class BaseShardWriter:
     """Copies, links or re-writes the base shards into the output folder, in a worker thread.
 
     Kernel copies overlap with the main thread's work: the plan's checks (which import
@@ -746,7 +751,7 @@ class _BaseShardWriter:
     the plan knows; `finish` renames them.
     """
 
-    def __init__(self, folder: Path, link: bool, progress: _Progress):
+    def __init__(self, folder: Path, link: bool, progress: Progress):
         self.folder, self.link, self.progress = folder, link, progress
         self.cancel = threading.Event()
         self.counts = {"linked": 0, "copied": 0, "rewritten": 0}
@@ -807,8 +812,18 @@ def _check_disk_space(out: Path, needed: int, link: bool) -> None:
         )
 
 
-def _write_rest(plan: Plan, folder: Path, base: _BaseShardWriter, progress: _Progress) -> ConvertResult:
-    """The expert shards (while the base shards are still being written), then index, config, code, card."""
+def write_rest(
+    plan: Plan,
+    folder: Path,
+    base: BaseShardWriter,
+    progress: Progress,
+    card=None,
+    marker_file: str = MARKER_FILE,
+    written_by: str = "pesc convert",
+) -> ConvertResult:
+    """The expert shards (while the base shards are still being written), then index, config, code, card.
+
+    `card` (default: the converted model's) and the marker let an import reuse the same writer."""
     from pesc import __version__
 
     config = plan.config
@@ -836,14 +851,14 @@ def _write_rest(plan: Plan, folder: Path, base: _BaseShardWriter, progress: _Pro
         shutil.copyfile(modeling_dir / code_file, folder / code_file)
     for extra in _carried_files(plan.src):
         shutil.copyfile(extra, folder / extra.name)
-    _model_card(plan).save(folder / "README.md")
+    (card or _model_card(plan)).save(folder / "README.md")
     marker = {
-        "written_by": "pesc convert",
+        "written_by": written_by,
         "pesc_version": __version__,
         "source": plan.source_label,
         "settings": plan.settings.moe_fields(),
     }
-    write_marker(folder, MARKER_FILE, marker)
+    write_marker(folder, marker_file, marker)
     return ConvertResult(
         out=plan.out,
         files=sorted(p.name for p in folder.iterdir()),
@@ -897,9 +912,9 @@ def convert(
         return _convert_gguf(Path(src).expanduser(), out, settings, force, echo)
     early = early_sources(str(src), out, force)
     copy_early = early.files is not None and all(f.kind == "safetensors" for f in early.files)
-    progress = _Progress()
+    progress = Progress()
     with atomic_output_dir(out, force) as folder:
-        base = _BaseShardWriter(folder, link, progress)
+        base = BaseShardWriter(folder, link, progress)
         try:
             if copy_early:
                 _check_disk_space(out, 0 if link else sum(f.size for f in early.files), link)
@@ -923,7 +938,7 @@ def convert(
             progress.show((0 if link else plan.source_bytes) + plan.expert_bytes)
             if not base.started:
                 base.start(plan.sources)
-            result = _write_rest(plan, folder, base, progress)
+            result = write_rest(plan, folder, base, progress)
         except BaseException:
             base.abort()
             raise
