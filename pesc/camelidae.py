@@ -93,8 +93,8 @@ def _model_card(plan: Plan, model_type: str):
     base_text = f"[{plan.hub_id}](https://huggingface.co/{plan.hub_id})" if plan.hub_id else f"`{plan.src.name}`"
     description = (
         f"{base_text}, a published {model_type.capitalize()} checkpoint (Parameter-Efficient Sparsity Crafting, "
-        "arXiv 2401.02731), imported by `pesc import camelidae`: the same tensors, now with pesc's model code, which runs on current "
-        "transformers, trains further with `pesc train` and exports with `pesc export`."
+        "arXiv 2401.02731), imported by `pesc import camelidae`: the same tensors, now with pesc's model code, "
+        "which runs on current transformers, trains further with `pesc train` and exports with `pesc export`."
     )
     return build_model_card(
         plan.config,
