@@ -9,6 +9,9 @@ dropout 0 so that every variant does the same work):
              (repeat_interleave), a Python loop over experts with boolean masks
              `y[flat == i] = expert_i(h_rep[flat == i])`, then a weighted sum over k
 
+A fourth timing, `pesc dropout`, is our layer with adapter dropout on (`--dropout`, default 0.1, the
+training default): the path a real training step takes, since dropout rules out the "all" dispatch.
+
 Each row: warm-up iterations, then the median of `--repeats` timings of one
 forward+backward (or `--inner` of them on CUDA, divided). Before timing, the bench
 checks once that pesc and the reference compute the same output and input gradient.
@@ -127,6 +130,22 @@ def routed_only(layer):
     return forward
 
 
+def with_dropout(layer, p: float):
+    """Our layer with every expert's adapter dropout set to `p` for the call (as in training)."""
+
+    def forward(hidden_states):
+        experts = list(layer.moe_adapter.experts.values())
+        for expert in experts:
+            expert.dropout.p = p
+        try:
+            return layer(hidden_states)
+        finally:
+            for expert in experts:
+                expert.dropout.p = 0.0
+
+    return forward
+
+
 def check_same(layer, x, grad, dtype) -> str:
     """pesc (auto path and routed path) vs reference: same output and input gradient (dtype tolerance)."""
     results = []
@@ -165,6 +184,7 @@ def main(argv=None):
     parser.add_argument("--inner", type=int, default=None, help="iterations per repeat (default: cpu 1, cuda 10)")
     parser.add_argument("--frozen-dense", action="store_true", help="gate/up/down frozen (only adapters+router train)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--dropout", type=float, default=0.1, help="adapter dropout of the 'pesc dropout' timing")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 
@@ -179,7 +199,8 @@ def main(argv=None):
 
     header = (
         "| device | dtype | hidden | interm. | tokens | adapter_dim | dense ms | pesc ms (path) | reference ms "
-        "| pesc/dense | ref/dense | ref/pesc | pesc routed ms | routed/dense |"
+        "| pesc/dense | ref/dense | ref/pesc | pesc routed ms | routed/dense "
+        f"| pesc dropout {args.dropout:g} ms | dropout/dense |"
     )
     rows = []
     for device_name, dtype_name, hidden, tokens, adapter_dim in itertools.product(
@@ -203,12 +224,13 @@ def main(argv=None):
         label = f"{device_name} {dtype_name} H={hidden} I={intermediate} T={tokens} d={adapter_dim}"
         print(f"check {label}: {check_same(layer, x, grad, dtype)}", flush=True)
         moe = layer.moe_adapter
-        path = "all" if moe._use_all_experts(x.reshape(-1, hidden)) else "routed"
+        path = moe._choose_dispatch(x.reshape(-1, hidden))
         times = time_fwd_bwd(
             {
                 "dense": layer.dense_forward,
                 "pesc": layer,
                 "pesc_routed": routed_only(layer),
+                "pesc_dropout": with_dropout(layer, args.dropout),
                 "reference": lambda t: reference_forward(layer, t),
             },
             layer, x, grad, warmup, repeats, inner,
@@ -232,7 +254,8 @@ def format_row(device_name, dtype_name, hidden, intermediate, tokens, adapter_di
         f"| {device_name} | {dtype_name} | {hidden} | {intermediate} | {tokens} | {adapter_dim} "
         f"| {t['dense']:.2f} | {t['pesc']:.2f} ({t['path']}) | {t['reference']:.2f} "
         f"| {t['pesc'] / t['dense']:.3f} | {t['reference'] / t['dense']:.3f} | {t['reference'] / t['pesc']:.3f} "
-        f"| {t['pesc_routed']:.2f} | {t['pesc_routed'] / t['dense']:.3f} |"
+        f"| {t['pesc_routed']:.2f} | {t['pesc_routed'] / t['dense']:.3f} "
+        f"| {t['pesc_dropout']:.2f} | {t['pesc_dropout'] / t['dense']:.3f} |"
     )
 
 
