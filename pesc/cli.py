@@ -169,6 +169,32 @@ def compare(model_a, model_b, prompt, atol):
         raise PescError(f"the models differ by {difference:.3g}, more than --atol {atol:g}")
 
 
+@cli.command("eval")
+@click.argument("model", type=click.Path(path_type=str))
+@click.option("--tasks", help="lm-eval task or group names, comma-separated (e.g. hellaswag,arc_easy).")
+@click.option("--suite", type=click.Choice(["camelidae", "loramoe-knowledge"]),
+              help="A paper's benchmark list with its few-shot settings (instead of --tasks); see docs/eval.md.")
+@click.option("--num-fewshot", type=int, help="Few-shot examples for every --tasks task (default: each task's own).")
+@click.option("--limit", type=int, help="Evaluate only the first N examples of each task (a quick check).")
+@click.option("--batch-size", type=int, default=1, show_default=True)
+@click.option("--out", type=click.Path(path_type=str), help="Results folder (default: eval-results/NAME of MODEL).")
+@click.option("--include-path", type=click.Path(path_type=str), help="A folder of your own lm-eval task YAML files.")
+@click.option("--compare", type=click.Path(path_type=str), help="A baseline (e.g. the dense model) evaluated on the same "
+              "tasks; one side-by-side table.")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True)
+@click.option("--load-in-4bit", is_flag=True, help="A training run: load its base in 4-bit, as it was trained.")
+@click.option("--confirm-run-unsafe-code", is_flag=True,
+              help="Allow code-execution tasks (humaneval, mbpp): they RUN the model's generated code on this machine.")
+def eval_command(model, out, **options):
+    """Benchmark MODEL (exported or converted PESC folder, dense folder, or a training run / checkpoint) with
+    lm-evaluation-harness; writes results.json and a Markdown table (results.md) and prints the table."""
+    from pathlib import Path
+
+    from pesc.evaluation.run import run_eval
+
+    run_eval(model, out or Path("eval-results") / Path(model).resolve().name, echo=click.echo, **options)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: user errors become one line on stderr and exit status 1 (PESC_DEBUG=1 shows tracebacks)."""
     silence_bitsandbytes_cpu_kernel_notice()

@@ -1,0 +1,87 @@
+"""What `pesc eval` writes: lm-eval's results as JSON (plus what was evaluated) and Markdown tables."""
+
+import json
+import os
+from pathlib import Path
+
+from pesc.errors import PescError
+
+RESULTS_FILE = "results.json"
+TABLE_FILE = "results.md"
+COMPARE_FILE = "compare.json"
+_NOT_METRICS = ("alias", "name", "sample_len", "sample_count")
+
+
+def results_table(results: dict) -> str:
+    """lm-eval's own Markdown table (and its groups table when groups ran)."""
+    from lm_eval.utils import make_table
+
+    table = make_table(results)
+    return table + ("\n" + make_table(results, "groups") if results.get("groups") else "")
+
+
+def metric_values(results: dict) -> dict[tuple[str, str, str], float | str]:
+    """{(task, metric, filter): value} of a results dict, standard errors left out."""
+    values = {}
+    for task, entries in {**results.get("results", {}), **results.get("groups", {})}.items():
+        for key, value in entries.items():
+            if key in _NOT_METRICS or "," not in key or "_stderr," in key:
+                continue
+            metric, filter_name = key.split(",", 1)
+            values[(task, metric, filter_name)] = value
+    return values
+
+
+def _cell(value) -> str:
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+def comparison_table(results: dict, baseline: dict, name: str, baseline_name: str) -> str:
+    """One Markdown table, a row per (task, metric, filter): the baseline, the model, and model - baseline."""
+    mine, theirs = metric_values(results), metric_values(baseline)
+    shots = {**baseline.get("n-shot", {}), **results.get("n-shot", {})}
+    lines = [
+        f"| Task | n-shot | Metric | Filter | {baseline_name} | {name} | Δ |",
+        "|---|--:|---|---|--:|--:|--:|",
+    ]
+    for task, metric, filter_name in sorted(set(mine) | set(theirs)):
+        a, b = theirs.get((task, metric, filter_name), "—"), mine.get((task, metric, filter_name), "—")
+        delta = f"{b - a:+.4f}" if isinstance(a, float | int) and isinstance(b, float | int) else "—"
+        lines.append(
+            f"| {task} | {shots.get(task, '')} | {metric} | {filter_name} | {_cell(a)} | {_cell(b)} | {delta} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _write_text(path: Path, text: str) -> None:
+    """Write beside and rename: a results file is whole or absent."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def results_json(results: dict, description: dict) -> str:
+    from lm_eval.utils import handle_non_serializable
+
+    return json.dumps({**results, "pesc": description}, indent=2, default=handle_non_serializable)
+
+
+def write_report(out: Path, files: dict[str, str]) -> None:
+    """Write {file name: text} into OUT (created if missing)."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise PescError(f"cannot create the results folder {out} ({error.strerror})") from None
+    for name, text in files.items():
+        _write_text(out / name, text)
+
+
+def read_results(path: str | Path) -> dict:
+    """A results.json written by `pesc eval`."""
+    try:
+        results = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as error:
+        raise PescError(f"cannot read the eval results {path} ({error})") from None
+    if not isinstance(results, dict) or "results" not in results:
+        raise PescError(f"{path} is not a results file of pesc eval (no 'results'): give its results.json")
+    return results
