@@ -190,3 +190,18 @@ def test_missing_model_and_include_path(tmp_path, exported, capsys):
     assert "holds no training checkpoint" in err
     err = _fails(["eval", str(exported), "--tasks", "tiny_mc", "--include-path", str(tmp_path / "x")], capsys)
     assert "--include-path" in err and "is not a folder" in err
+
+
+def test_a_run_loads_in_4bit_as_trained_only_on_request(trained_run, exported):
+    import bitsandbytes as bnb
+
+    from pesc.evaluation.loading import load_eval_model
+
+    def four_bit_layers(eval_model):
+        return sum(isinstance(module, bnb.nn.Linear4bit) for module in eval_model.model.modules())
+
+    quantized = load_eval_model(trained_run, load_in_4bit=True)
+    assert four_bit_layers(quantized) == 7 * 2 and quantized.description["load_in_4bit"] is True  # 7 linears x 2 layers
+    assert four_bit_layers(load_eval_model(trained_run)) == 0
+    with pytest.raises(ValueError, match="--load-in-4bit is for training runs"):
+        load_eval_model(exported, load_in_4bit=True)
