@@ -36,20 +36,24 @@ def _cell(value) -> str:
     return f"{value:.4f}" if isinstance(value, float) else str(value)
 
 
-def comparison_table(results: dict, baseline: dict, name: str, baseline_name: str) -> str:
-    """One Markdown table, a row per (task, metric, filter): the baseline, the model, and model - baseline."""
-    mine, theirs = metric_values(results), metric_values(baseline)
-    shots = {**baseline.get("n-shot", {}), **results.get("n-shot", {})}
+def metrics_table(columns: list[tuple[str, dict]]) -> str:
+    """A Markdown table, a row per (task, metric, filter) and a column per (name, results); with two
+    columns (baseline first) a third, second - first. Needs no lm-eval (model cards are built without it)."""
+    values = [metric_values(results) for _, results in columns]
+    shots = {task: n for _, results in columns for task, n in results.get("n-shot", {}).items()}
+    names = " | ".join(name for name, _ in columns)
+    delta = len(columns) == 2
     lines = [
-        f"| Task | n-shot | Metric | Filter | {baseline_name} | {name} | Δ |",
-        "|---|--:|---|---|--:|--:|--:|",
+        f"| Task | n-shot | Metric | Filter | {names} |" + (" Δ |" if delta else ""),
+        "|---|--:|---|---|" + "--:|" * (len(columns) + delta),
     ]
-    for task, metric, filter_name in sorted(set(mine) | set(theirs)):
-        a, b = theirs.get((task, metric, filter_name), "—"), mine.get((task, metric, filter_name), "—")
-        delta = f"{b - a:+.4f}" if isinstance(a, float | int) and isinstance(b, float | int) else "—"
-        lines.append(
-            f"| {task} | {shots.get(task, '')} | {metric} | {filter_name} | {_cell(a)} | {_cell(b)} | {delta} |"
-        )
+    for key in sorted(set().union(*values)):
+        cells = [column.get(key, "—") for column in values]
+        row = f"| {key[0]} | {shots.get(key[0], '')} | {key[1]} | {key[2]} | " + " | ".join(map(_cell, cells)) + " |"
+        if delta:
+            numbers = all(isinstance(cell, float | int) for cell in cells)
+            row += f" {cells[1] - cells[0]:+.4f} |" if numbers else " — |"
+        lines.append(row)
     return "\n".join(lines) + "\n"
 
 

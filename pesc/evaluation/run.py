@@ -11,7 +11,7 @@ from pesc.evaluation.report import (
     COMPARE_FILE,
     RESULTS_FILE,
     TABLE_FILE,
-    comparison_table,
+    metrics_table,
     results_json,
     results_table,
     write_report,
@@ -66,7 +66,7 @@ def run_eval(
     if compare:
         baseline, baseline_description = _evaluate_one(compare, specs, settings, {**load, "load_in_4bit": False})
         files[COMPARE_FILE] = results_json(baseline, baseline_description)
-        table = comparison_table(results, baseline, Path(model).name, Path(compare).name)
+        table = metrics_table([(Path(compare).name, baseline), (Path(model).name, results)])
     else:
         table = results_table(results)
     files[TABLE_FILE] = table
