@@ -69,12 +69,14 @@ def convert(src, out, recipe, max_shard_size, link, force, **moe_flags):
 @click.option("--base", type=click.Path(path_type=str), help="The LoRA's base model, if it moved since training.")
 @click.option("--base-model-id", help="Hub id of the base model for the card's metadata (default: from the base).")
 @click.option("--force", is_flag=True, help="Replace OUT if it is a folder pesc wrote (never another).")
-def export(source, out, dtype, max_shard_size, base, base_model_id, force):
+@click.option("--eval", "eval_results", type=click.Path(path_type=str),
+              help="A `pesc eval` results.json: its scores go into the model card.")
+def export(source, out, dtype, max_shard_size, base, base_model_id, force, eval_results):
     """Merge a training run (RUN_DIR or one of its checkpoints) into a sparse Hugging Face checkpoint at OUT."""
     from pesc.export import export as run_export
 
     run_export(source, out, dtype=dtype, max_shard_size=max_shard_size, force=force, base=base,
-               base_model_id=base_model_id, log=lambda message: click.echo(message, err=True))
+               base_model_id=base_model_id, eval_results=eval_results, log=lambda message: click.echo(message, err=True))
 
 
 @cli.command()

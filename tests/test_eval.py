@@ -205,3 +205,20 @@ def test_a_run_loads_in_4bit_as_trained_only_on_request(trained_run, exported):
     assert four_bit_layers(load_eval_model(trained_run)) == 0
     with pytest.raises(ValueError, match="--load-in-4bit is for training runs"):
         load_eval_model(exported, load_in_4bit=True)
+
+
+def test_export_puts_eval_results_into_the_model_card(trained_run, tasks_dir, tmp_path, capsys):
+    results = _pesc_eval(trained_run, tasks_dir, tmp_path / "eval", "--limit", "3")
+    main(["export", str(trained_run), str(tmp_path / "model"), "--eval", str(tmp_path / "eval" / "results.json")])
+    card = (tmp_path / "model" / "README.md").read_text()
+    section = card[card.index("## Evaluation"):]
+    assert f"`pesc eval` of `{trained_run}` (training checkpoint, float32), at most 3 examples per task" in section
+    rows = [line for line in section.splitlines() if line.startswith("| tiny_")]
+    expected = {key: value for key, value in metric_values(results).items()}
+    assert len(rows) == len(expected) == 5
+    for (task, metric, filter_name), value in expected.items():
+        assert f"| {task} | 0 | {metric} | {filter_name} | {value:.4f} |" in rows
+
+    (tmp_path / "bad.json").write_text('{"not": "results"}')
+    err = _fails(["export", str(trained_run), str(tmp_path / "other"), "--eval", str(tmp_path / "bad.json")], capsys)
+    assert "is not a results file of pesc eval" in err and not (tmp_path / "other").exists()

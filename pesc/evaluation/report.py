@@ -57,6 +57,17 @@ def metrics_table(columns: list[tuple[str, dict]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def evaluation_section(results: dict) -> str:
+    """The model card's Evaluation text: the scores and what produced them."""
+    about = results.get("pesc", {})
+    source = f"`pesc eval` of `{about['model']}` ({about.get('kind')}, {about.get('dtype')})" if "model" in about else "pesc eval"
+    limit = f", at most {about['limit']} examples per task" if about.get("limit") else ""
+    return (
+        f"lm-evaluation-harness {results.get('lm_eval_version', '')}, {source}{limit}:\n\n"
+        + metrics_table([("value", results)])
+    )
+
+
 def _write_text(path: Path, text: str) -> None:
     """Write beside and rename: a results file is whole or absent."""
     tmp = path.with_name(f".{path.name}.tmp")
