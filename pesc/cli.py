@@ -76,7 +76,8 @@ def export(source, out, dtype, max_shard_size, base, base_model_id, force, eval_
     from pesc.export import export as run_export
 
     run_export(source, out, dtype=dtype, max_shard_size=max_shard_size, force=force, base=base,
-               base_model_id=base_model_id, eval_results=eval_results, log=lambda message: click.echo(message, err=True))
+               base_model_id=base_model_id, eval_results=eval_results,
+               log=lambda message: click.echo(message, err=True))
 
 
 @cli.command()

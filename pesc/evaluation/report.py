@@ -60,7 +60,9 @@ def metrics_table(columns: list[tuple[str, dict]]) -> str:
 def evaluation_section(results: dict) -> str:
     """The model card's Evaluation text: the scores and what produced them."""
     about = results.get("pesc", {})
-    source = f"`pesc eval` of `{about['model']}` ({about.get('kind')}, {about.get('dtype')})" if "model" in about else "pesc eval"
+    source = "pesc eval"
+    if "model" in about:
+        source = f"`pesc eval` of `{about['model']}` ({about.get('kind')}, {about.get('dtype')})"
     limit = f", at most {about['limit']} examples per task" if about.get("limit") else ""
     return (
         f"lm-evaluation-harness {results.get('lm_eval_version', '')}, {source}{limit}:\n\n"
