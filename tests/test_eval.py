@@ -214,7 +214,7 @@ def test_export_puts_eval_results_into_the_model_card(trained_run, tasks_dir, tm
     section = card[card.index("## Evaluation"):]
     assert f"`pesc eval` of `{trained_run}` (training checkpoint, float32), at most 3 examples per task" in section
     rows = [line for line in section.splitlines() if line.startswith("| tiny_")]
-    expected = {key: value for key, value in metric_values(results).items()}
+    expected = metric_values(results)
     assert len(rows) == len(expected) == 5
     for (task, metric, filter_name), value in expected.items():
         assert f"| {task} | 0 | {metric} | {filter_name} | {value:.4f} |" in rows
