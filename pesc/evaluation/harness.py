@@ -1,5 +1,6 @@
 """Running lm-evaluation-harness on a model object: task checks before any weight loads, one run per shot count."""
 
+import logging
 from functools import lru_cache
 from pathlib import Path
 
@@ -59,7 +60,13 @@ def evaluate(
     import lm_eval
     from lm_eval.models.huggingface import HFLM
 
-    lm = HFLM(pretrained=eval_model.model, tokenizer=eval_model.tokenizer, batch_size=batch_size, backend="causal")
+    hf_logger = logging.getLogger("lm_eval.models.huggingface")
+    level = hf_logger.level
+    hf_logger.setLevel(logging.ERROR)  # its warnings about a model object passed in are for launcher scripts, not us
+    try:
+        lm = HFLM(pretrained=eval_model.model, tokenizer=eval_model.tokenizer, batch_size=batch_size, backend="causal")
+    finally:
+        hf_logger.setLevel(level)
     merged: dict = {}
     for shots in dict.fromkeys(spec.num_fewshot for spec in tasks):
         names = [spec.task for spec in tasks if spec.num_fewshot == shots]
