@@ -69,12 +69,15 @@ def convert(src, out, recipe, max_shard_size, link, force, **moe_flags):
 @click.option("--base", type=click.Path(path_type=str), help="The LoRA's base model, if it moved since training.")
 @click.option("--base-model-id", help="Hub id of the base model for the card's metadata (default: from the base).")
 @click.option("--force", is_flag=True, help="Replace OUT if it is a folder pesc wrote (never another).")
-def export(source, out, dtype, max_shard_size, base, base_model_id, force):
+@click.option("--eval", "eval_results", type=click.Path(path_type=str),
+              help="A `pesc eval` results.json: its scores go into the model card.")
+def export(source, out, dtype, max_shard_size, base, base_model_id, force, eval_results):
     """Merge a training run (RUN_DIR or one of its checkpoints) into a sparse Hugging Face checkpoint at OUT."""
     from pesc.export import export as run_export
 
     run_export(source, out, dtype=dtype, max_shard_size=max_shard_size, force=force, base=base,
-               base_model_id=base_model_id, log=lambda message: click.echo(message, err=True))
+               base_model_id=base_model_id, eval_results=eval_results,
+               log=lambda message: click.echo(message, err=True))
 
 
 @cli.command()
@@ -185,6 +188,32 @@ def compare(model_a, model_b, prompt, atol):
     click.echo(f"max |logits({model_a}) - logits({model_b})| = {difference:.3g}")
     if atol is not None and difference > atol:
         raise PescError(f"the models differ by {difference:.3g}, more than --atol {atol:g}")
+
+
+@cli.command("eval")
+@click.argument("model", type=click.Path(path_type=str))
+@click.option("--tasks", help="lm-eval task or group names, comma-separated (e.g. hellaswag,arc_easy).")
+@click.option("--suite", type=click.Choice(["camelidae", "loramoe-knowledge"]),
+              help="A paper's benchmark list with its few-shot settings (instead of --tasks); see docs/eval.md.")
+@click.option("--num-fewshot", type=int, help="Few-shot examples for every --tasks task (default: each task's own).")
+@click.option("--limit", type=int, help="Evaluate only the first N examples of each task (a quick check).")
+@click.option("--batch-size", type=int, default=1, show_default=True)
+@click.option("--out", type=click.Path(path_type=str), help="Results folder (default: eval-results/NAME of MODEL).")
+@click.option("--include-path", type=click.Path(path_type=str), help="A folder of your own lm-eval task YAML files.")
+@click.option("--compare", type=click.Path(path_type=str), help="A baseline (e.g. the dense model) evaluated on the same "
+              "tasks; one side-by-side table.")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True)
+@click.option("--load-in-4bit", is_flag=True, help="A training run: load its base in 4-bit, as it was trained.")
+@click.option("--confirm-run-unsafe-code", is_flag=True,
+              help="Allow code-execution tasks (humaneval, mbpp): they RUN the model's generated code on this machine.")
+def eval_command(model, out, **options):
+    """Benchmark MODEL (exported or converted PESC folder, dense folder, or a training run / checkpoint) with
+    lm-evaluation-harness; writes results.json and a Markdown table (results.md) and prints the table."""
+    from pathlib import Path
+
+    from pesc.evaluation.run import run_eval
+
+    run_eval(model, out or Path("eval-results") / Path(model).resolve().name, echo=click.echo, **options)
 
 
 def main(argv: list[str] | None = None) -> None:

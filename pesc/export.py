@@ -327,9 +327,12 @@ def export(
     force: bool = False,
     base: str | Path | None = None,
     base_model_id: str | None = None,
+    eval_results: str | Path | None = None,
     log=None,
 ) -> Path:
-    """Export a run folder (or checkpoint folder) to OUT; returns OUT."""
+    """Export a run folder (or checkpoint folder) to OUT; returns OUT. `eval_results` (a `pesc eval`
+    results.json) puts its scores into the model card."""
+    from pesc.evaluation.report import evaluation_section, read_results
     from pesc.model_card import build_model_card, datasets_from_train_config, read_trainer_metrics
 
     log = log or (lambda message: print(message, file=sys.stderr))
@@ -346,6 +349,7 @@ def export(
     resolve_base_config(base, trained, checkpoint)  # a base that does not match fails here, in a second
     check_model_weights(base)
     tokenizer = _load_tokenizer(checkpoint, run_dir, base)
+    evaluation = evaluation_section(read_results(eval_results)) if eval_results is not None else None
 
     log(f"export: checkpoint {checkpoint}")
     log(f"export: loading the base {base} unquantized ({dtype})")
@@ -385,6 +389,7 @@ def export(
         data_files=data_files,
         lora={key: adapter_config.get(key) for key in ("r", "lora_alpha", "lora_dropout", "target_modules")},
         metrics=read_trainer_metrics(*metrics_folders),
+        evaluation=evaluation,
     )
 
     with atomic_output_dir(out, force) as tmp:

@@ -125,12 +125,14 @@ def build_model_card(
     extra_tags: list[str] = (),
     description: str | None = None,
     extra_settings: dict | None = None,
+    evaluation: str | None = None,
 ) -> ModelCard:
     """A model card for a PESC model folder: metadata block plus settings, parameter counts, training.
 
     `base_model` is shown in the text as given; `base_model_id` (a Hub id) goes in the metadata.
     `extra_settings` adds rows to the settings table. Without `lora`, `datasets`, `data_files` and
-    `metrics` (a freshly converted, untrained model) the card has no Training section.
+    `metrics` (a freshly converted, untrained model) the card has no Training section. `evaluation`
+    (Markdown, from `pesc eval` results) becomes an Evaluation section.
     """
     tags = list(dict.fromkeys([*BASE_TAGS, config.base_model_type, *extra_tags]))
     data = ModelCardData(
@@ -208,5 +210,7 @@ def build_model_card(
             lines += ["", "| metric | value |", "|---|---|"]
             lines += [f"| {key} | {_format_metric(value)} |" for key, value in metrics.items()]
         lines.append("")
+    if evaluation:
+        lines += ["## Evaluation", "", evaluation.strip(), ""]
     content = f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines)
     return ModelCard(content, ignore_metadata_errors=True)

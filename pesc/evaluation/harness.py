@@ -1,0 +1,87 @@
+"""Running lm-evaluation-harness on a model object: task checks before any weight loads, one run per shot count."""
+
+import logging
+from functools import lru_cache
+from pathlib import Path
+
+from pesc.errors import PescError
+from pesc.evaluation.suites import SuiteTask
+
+# The result keys that hold one entry per task (merged across the runs of different shot counts).
+_PER_TASK_KEYS = ("results", "groups", "group_subtasks", "configs", "versions", "n-shot", "higher_is_better", "n-samples")
+
+
+def _require_lm_eval() -> None:
+    try:
+        import lm_eval  # noqa: F401
+    except ImportError:
+        raise PescError("pesc eval needs lm-evaluation-harness: pip install 'pesc-moe[eval]'") from None
+
+
+@lru_cache(maxsize=4)
+def task_manager(include_path: str | None):
+    """lm-eval's task index (its own tasks, plus the YAML tasks under include_path); indexing takes seconds."""
+    _require_lm_eval()
+    from lm_eval.tasks import TaskManager
+
+    if include_path is not None and not Path(include_path).is_dir():
+        raise PescError(f"--include-path {include_path} is not a folder: give the folder of your task YAML files")
+    return TaskManager(include_path=include_path)
+
+
+def check_tasks(tasks: list[SuiteTask], include_path: str | None, confirm_run_unsafe_code: bool) -> None:
+    """Every task is known to lm-eval, and code-running tasks are confirmed: before any weight loads."""
+    manager = task_manager(include_path)
+    known = set(manager.all_tasks)
+    unknown = [spec.task for spec in tasks if spec.task not in known]
+    if unknown:
+        raise PescError(
+            f"unknown lm-eval task {', '.join(unknown)}: see `lm-eval ls tasks`, or pass --include-path with your task YAML"
+        )
+    unsafe = [spec.task for spec in tasks if manager.task_index[spec.task].cfg.get("unsafe_code")]
+    if unsafe and not confirm_run_unsafe_code:
+        raise PescError(
+            f"{', '.join(unsafe)} run the model's generated code on this machine: "
+            "pass --confirm-run-unsafe-code to allow it (lm-eval's own opt-in)"
+        )
+
+
+def evaluate(
+    eval_model,
+    tasks: list[SuiteTask],
+    *,
+    include_path: str | None = None,
+    limit: int | None = None,
+    batch_size: int = 1,
+    confirm_run_unsafe_code: bool = False,
+) -> dict:
+    """lm-eval's results for the model (lm-eval shows a progress bar per request type); one
+    `simple_evaluate` per distinct shot count, merged into one results dict."""
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+
+    hf_logger = logging.getLogger("lm_eval.models.huggingface")
+    level = hf_logger.level
+    hf_logger.setLevel(logging.ERROR)  # its warnings about a model object passed in are for launcher scripts, not us
+    try:
+        lm = HFLM(pretrained=eval_model.model, tokenizer=eval_model.tokenizer, batch_size=batch_size, backend="causal")
+    finally:
+        hf_logger.setLevel(level)
+    merged: dict = {}
+    for shots in dict.fromkeys(spec.num_fewshot for spec in tasks):
+        names = [spec.task for spec in tasks if spec.num_fewshot == shots]
+        result = lm_eval.simple_evaluate(
+            model=lm,
+            tasks=names,
+            num_fewshot=shots,
+            limit=limit,
+            task_manager=task_manager(include_path),
+            log_samples=False,
+            confirm_run_unsafe_code=confirm_run_unsafe_code,
+        )
+        for key, value in result.items():
+            if key in _PER_TASK_KEYS:
+                merged.setdefault(key, {}).update(value)
+            else:
+                merged.setdefault(key, value)
+    return merged

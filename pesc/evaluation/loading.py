@@ -1,0 +1,81 @@
+"""The model object `pesc eval` hands to lm-eval: from a model folder, or from a training run as it was trained.
+
+A run (or checkpoint) loads as `pesc export` would merge it, but unmerged: base + trained experts + LoRA
+(peft), so a run is evaluated without exporting first; `load_in_4bit` loads the base in 4-bit as training did.
+"""
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from pesc.errors import PescError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class EvalModel:
+    model: torch.nn.Module
+    tokenizer: object
+    description: dict  # what was evaluated, for the results JSON
+
+
+def check_eval_source(path: str | Path) -> str:
+    """'folder' or 'run' for PATH, checked from its files alone (nothing loaded)."""
+    from pesc.export import adapter_base, find_checkpoint, resolve_base_config
+    from pesc.generate import check_model_folder
+    from pesc.run_files import load_trained_config
+    from pesc.weights import check_model_weights
+
+    path = Path(path)
+    if not path.exists():
+        raise PescError(f"{path} does not exist: give a model folder, a training run folder or one of its checkpoints")
+    if (path / "config.json").is_file():
+        check_model_folder(path)
+        return "folder"
+    checkpoint, _ = find_checkpoint(path)
+    base = adapter_base(checkpoint)
+    resolve_base_config(base, load_trained_config(checkpoint), checkpoint)
+    check_model_weights(base)
+    return "run"
+
+
+def _run_quantization_config(run_dir: Path | None, checkpoint: Path):
+    """The 4-bit settings the run was trained with (its pesc_train_config.yaml)."""
+    from pesc.run_files import TRAIN_CONFIG_FILE
+    from pesc.training.config import load_config
+    from pesc.training.model import quantization_config
+
+    if run_dir is None:
+        raise PescError(f"{checkpoint} is not inside a run folder with {TRAIN_CONFIG_FILE}: its 4-bit settings are "
+                        "unknown; drop --load-in-4bit")
+    return quantization_config(load_config(run_dir / TRAIN_CONFIG_FILE))
+
+
+def load_eval_model(path: str | Path, *, dtype: str = "float32", load_in_4bit: bool = False) -> EvalModel:
+    """The model of PATH in eval mode, on the GPU when there is one, with its tokenizer."""
+    from transformers import AutoTokenizer
+
+    from pesc.export import _load_tokenizer, find_checkpoint, load_trained_model
+    from pesc.generate import load_causal_lm
+
+    kind = check_eval_source(path)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    description = {"model": str(path), "dtype": dtype}
+    if kind == "folder":
+        if load_in_4bit:
+            raise PescError("--load-in-4bit is for training runs (their base as trained); a model folder loads as saved")
+        model = load_causal_lm(path, dtype=DTYPES[dtype]).to(device)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        description["kind"] = "model folder"
+        return EvalModel(model, tokenizer, description)
+    checkpoint, run_dir = find_checkpoint(path)
+    quantization = _run_quantization_config(run_dir, checkpoint) if load_in_4bit else None
+    model, checkpoint, base = load_trained_model(
+        checkpoint, dtype=DTYPES[dtype], quantization_config=quantization, expert_dtype=DTYPES[dtype]
+    )
+    model = model.to(device)
+    tokenizer = _load_tokenizer(checkpoint, run_dir, base)
+    description.update(kind="training checkpoint", checkpoint=str(checkpoint), base=base, load_in_4bit=load_in_4bit)
+    return EvalModel(model, tokenizer, description)
