@@ -286,7 +286,7 @@ def _tokenizer_source(folders: list[str | Path | None]) -> str | None:
     return None
 
 
-def _load_tokenizer(checkpoint: Path, run_dir: Path | None, base: str):
+def load_run_tokenizer(checkpoint: Path, run_dir: Path | None, base: str):
     from transformers import AutoTokenizer
 
     source = _tokenizer_source([checkpoint, run_dir, base if Path(base).exists() else None])
@@ -348,7 +348,7 @@ def export(
     trained = load_trained_config(checkpoint)
     resolve_base_config(base, trained, checkpoint)  # a base that does not match fails here, in a second
     check_model_weights(base)
-    tokenizer = _load_tokenizer(checkpoint, run_dir, base)
+    tokenizer = load_run_tokenizer(checkpoint, run_dir, base)
     evaluation = evaluation_section(read_results(eval_results)) if eval_results is not None else None
 
     log(f"export: checkpoint {checkpoint}")

@@ -57,7 +57,7 @@ def load_eval_model(path: str | Path, *, dtype: str = "float32", load_in_4bit: b
     """The model of PATH in eval mode, on the GPU when there is one, with its tokenizer."""
     from transformers import AutoTokenizer
 
-    from pesc.export import _load_tokenizer, find_checkpoint, load_trained_model
+    from pesc.export import load_run_tokenizer, find_checkpoint, load_trained_model
     from pesc.generate import load_causal_lm
 
     kind = check_eval_source(path)
@@ -76,6 +76,6 @@ def load_eval_model(path: str | Path, *, dtype: str = "float32", load_in_4bit: b
         checkpoint, dtype=DTYPES[dtype], quantization_config=quantization, expert_dtype=DTYPES[dtype]
     )
     model = model.to(device)
-    tokenizer = _load_tokenizer(checkpoint, run_dir, base)
+    tokenizer = load_run_tokenizer(checkpoint, run_dir, base)
     description.update(kind="training checkpoint", checkpoint=str(checkpoint), base=base, load_in_4bit=load_in_4bit)
     return EvalModel(model, tokenizer, description)
