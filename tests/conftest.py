@@ -11,6 +11,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from pesc.testing import TINY_FAMILIES, save_tiny_dense  # noqa: E402
+from pesc.testing.trained_run import save_fake_trained_run  # noqa: E402
 
 torch.set_num_threads(2)
 
@@ -25,3 +26,21 @@ def tiny_dense_dirs(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_llama_dir(tiny_dense_dirs):
     return tiny_dense_dirs["llama"]
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory, tiny_llama_dir):
+    """A run folder as training leaves it (4 experts, top-2, adapter_dim 16, non-zero LoRA and experts)."""
+    run = tmp_path_factory.mktemp("run") / "run"
+    save_fake_trained_run(run, tiny_llama_dir)
+    return run
+
+
+@pytest.fixture(scope="module")
+def exported(trained_run, tmp_path_factory):
+    """`trained_run` exported in float32."""
+    from pesc.export import export
+
+    out = tmp_path_factory.mktemp("export") / "pesc-tiny"
+    export(trained_run, out, dtype="float32", log=lambda message: None)
+    return out

@@ -13,8 +13,6 @@ from pesc.cli import main
 from pesc.evaluation import harness
 from pesc.evaluation.report import metric_values
 from pesc.evaluation.suites import SUITES
-from pesc.export import export
-from pesc.testing.trained_run import save_fake_trained_run
 
 lm_eval = pytest.importorskip("lm_eval")
 
@@ -55,20 +53,6 @@ def tasks_dir(tmp_path_factory):
         "metric_list:\n  - metric: word_perplexity\n"
     )))
     return folder
-
-
-@pytest.fixture(scope="module")
-def trained_run(tmp_path_factory, tiny_llama_dir):
-    run = tmp_path_factory.mktemp("run") / "run"
-    save_fake_trained_run(run, tiny_llama_dir)
-    return run
-
-
-@pytest.fixture(scope="module")
-def exported(trained_run, tmp_path_factory):
-    out = tmp_path_factory.mktemp("export") / "pesc-tiny"
-    export(trained_run, out, dtype="float32", log=lambda message: None)
-    return out
 
 
 def _pesc_eval(model, tasks_dir, out, *extra) -> dict:

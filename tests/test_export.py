@@ -28,24 +28,10 @@ from safetensors.torch import load_file
 from pesc.cli import main
 from pesc.export import export, load_trained_model
 from pesc.testing.isolated import run_without_pesc
-from pesc.testing.trained_run import LORA_TARGETS, fake_trained_model, save_fake_trained_run
+from pesc.testing.trained_run import LORA_TARGETS, fake_trained_model
 
-NUM_EXPERTS, TOP_K, ADAPTER_DIM = 4, 2, 16
+NUM_EXPERTS, TOP_K, ADAPTER_DIM = 4, 2, 16  # the shape of the `trained_run` fixture (conftest.py)
 INPUT_IDS = torch.randint(4, 200, (2, 16), generator=torch.Generator().manual_seed(0))
-
-
-@pytest.fixture(scope="module")
-def trained_run(tmp_path_factory, tiny_llama_dir):
-    run = tmp_path_factory.mktemp("run") / "run"
-    save_fake_trained_run(run, tiny_llama_dir, num_experts=NUM_EXPERTS, top_k=TOP_K, adapter_dim=ADAPTER_DIM)
-    return run
-
-
-@pytest.fixture(scope="module")
-def exported(trained_run, tmp_path_factory):
-    out = tmp_path_factory.mktemp("export") / "pesc-tiny"
-    export(trained_run, out, dtype="float32", log=lambda message: None)
-    return out
 
 
 @pytest.fixture(scope="module")

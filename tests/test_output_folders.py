@@ -2,17 +2,7 @@
 
 import json
 
-import pytest
-
-from pesc.testing.trained_run import save_fake_trained_run
 from test_convert import SMALL, assert_clean_error, run_cli
-
-
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory, tiny_llama_dir):
-    run = tmp_path_factory.mktemp("run")
-    save_fake_trained_run(run, tiny_llama_dir)
-    return run
 
 
 def test_tiny_model_creates_missing_parents(tmp_path, capsys):
@@ -29,9 +19,9 @@ def test_convert_creates_missing_parents(tiny_llama_dir, tmp_path, capsys):
     assert json.loads((out / "config.json").read_text())["model_type"] == "pesc"
 
 
-def test_export_creates_missing_parents(run_dir, tmp_path, capsys):
+def test_export_creates_missing_parents(trained_run, tmp_path, capsys):
     out = tmp_path / "a" / "b" / "export"
-    code, _, err = run_cli(capsys, "export", run_dir, out)
+    code, _, err = run_cli(capsys, "export", trained_run, out)
     assert code == 0, err
     assert (out / "modeling_pesc.py").is_file()
 
