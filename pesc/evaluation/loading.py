@@ -57,7 +57,7 @@ def load_eval_model(path: str | Path, *, dtype: str = "float32", load_in_4bit: b
     """The model of PATH in eval mode, on the GPU when there is one, with its tokenizer."""
     from transformers import AutoTokenizer
 
-    from pesc.export import load_run_tokenizer, find_checkpoint, load_trained_model
+    from pesc.export import find_checkpoint, load_run_tokenizer, load_trained_model
     from pesc.generate import load_causal_lm
 
     kind = check_eval_source(path)
