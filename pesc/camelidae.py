@@ -56,8 +56,8 @@ def _published_config(folder: Path, src: str) -> dict:
     return raw
 
 
-def plan_import(src: str, out: Path, link: bool, force: bool) -> Plan:
-    """Check the published checkpoint against a PESC model of its config, write nothing."""
+def plan_import(src: str, out: Path, link: bool, force: bool) -> tuple[Plan, str]:
+    """Check the published checkpoint against a PESC model of its config, write nothing: (plan, its model_type)."""
     from transformers import AutoConfig
 
     from pesc.upcycling import pesc_config_from_dense
@@ -83,7 +83,7 @@ def plan_import(src: str, out: Path, link: bool, force: bool) -> Plan:
     config.auto_map = dict(AUTO_MAP)
     sources = find_weight_files(folder)
     check_weights(config, sources, folder, with_experts=True)
-    return Plan(folder, hub_id, out, settings, config, sources, [], link, force)
+    return Plan(folder, hub_id, out, settings, config, sources, [], link, force), raw["model_type"]
 
 
 def _model_card(plan: Plan, model_type: str):
@@ -115,8 +115,7 @@ def import_camelidae(
     with atomic_output_dir(out, force) as folder:
         base = BaseShardWriter(folder, link, progress)
         try:
-            plan = plan_import(str(src), out, link, force)
-            model_type = _published_config(plan.src, str(src))["model_type"]
+            plan, model_type = plan_import(str(src), out, link, force)
             settings = plan.settings
             echo(
                 f"source    {plan.source_label}: {model_type} ({plan.config.base_model_type} layers), "

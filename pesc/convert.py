@@ -38,7 +38,7 @@ from typing import Callable, Iterable
 
 from pesc.atomic import atomic_output_dir, check_output_dir, nearest_existing, write_marker
 from pesc.errors import PescError
-from pesc.gguf import check_gguf_source, is_gguf_file, save_dense_from_gguf
+from pesc.gguf import is_gguf_file, save_dense_from_gguf
 
 MARKER_FILE = ".pesc-convert"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -870,7 +870,6 @@ def write_rest(
 
 def _convert_gguf(gguf_file: Path, out: Path, settings: ConvertSettings, force: bool, echo) -> ConvertResult:
     """Dequantize a GGUF file into a dense checkpoint beside OUT, convert that with hard links, then remove it."""
-    check_gguf_source(gguf_file)
     check_output_dir(out, force)
     with tempfile.TemporaryDirectory(prefix=f".{out.name}.pesc-gguf-", dir=nearest_existing(out.parent)) as tmp:
         dense = Path(tmp) / gguf_file.stem  # the model card names the base after this folder

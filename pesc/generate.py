@@ -29,8 +29,9 @@ def check_model_folder(path: str | Path) -> None:
 
 
 def load_causal_lm(path: str | Path, dtype="auto"):
-    """The model of a folder, in eval mode; PESC code comes from pesc itself or the folder's shipped files."""
-    check_model_folder(path)  # before the imports: a damaged folder is reported in a fraction of a second
+    """The model of a folder, in eval mode; PESC code comes from pesc itself or the folder's shipped files.
+
+    Commands check the folder first (`check_model_folder`), before torch and transformers import."""
     from transformers import AutoModelForCausalLM
 
     import pesc.modeling  # noqa: F401 - registers the PESC classes with the Auto factories

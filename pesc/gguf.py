@@ -52,9 +52,8 @@ def check_gguf_source(gguf_file: str | Path) -> Path:
     return gguf_file
 
 
-def load_gguf(gguf_file: str | Path, dtype: str = "float32"):
-    """(model, tokenizer) dequantized from a GGUF file, as plain (unquantized) transformers objects."""
-    gguf_file = check_gguf_source(gguf_file)
+def _load_gguf(gguf_file: Path, dtype: str):
+    """(model, tokenizer) dequantized from a checked GGUF file, as plain (unquantized) transformers objects."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -94,7 +93,7 @@ def save_dense_from_gguf(
     gguf_file = check_gguf_source(gguf_file)
     with atomic_output_dir(out, **output_rules) as tmp:
         echo(f"reading   {gguf_file} (dequantizing to {dtype})")
-        model, tokenizer = load_gguf(gguf_file, dtype)
+        model, tokenizer = _load_gguf(gguf_file, dtype)
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         write_marker(tmp, ".pesc-from-gguf", {"written_by": "pesc from-gguf", "source": str(gguf_file), "dtype": dtype})

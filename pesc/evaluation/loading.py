@@ -21,8 +21,13 @@ class EvalModel:
     description: dict  # what was evaluated, for the results JSON
 
 
-def check_eval_source(path: str | Path) -> str:
-    """'folder' or 'run' for PATH, checked from its files alone (nothing loaded)."""
+def source_kind(path: str | Path) -> str:
+    """'folder' for a model folder (it has config.json), else 'run' (a training run or one of its checkpoints)."""
+    return "folder" if (Path(path) / "config.json").is_file() else "run"
+
+
+def check_eval_source(path: str | Path) -> None:
+    """PATH, a model folder or a run, is complete as far as its files tell (nothing loaded)."""
     from pesc.export import adapter_base, find_checkpoint, resolve_base_config
     from pesc.generate import check_model_folder
     from pesc.run_files import load_trained_config
@@ -31,14 +36,13 @@ def check_eval_source(path: str | Path) -> str:
     path = Path(path)
     if not path.exists():
         raise PescError(f"{path} does not exist: give a model folder, a training run folder or one of its checkpoints")
-    if (path / "config.json").is_file():
+    if source_kind(path) == "folder":
         check_model_folder(path)
-        return "folder"
+        return
     checkpoint, _ = find_checkpoint(path)
     base = adapter_base(checkpoint)
     resolve_base_config(base, load_trained_config(checkpoint), checkpoint)
     check_model_weights(base)
-    return "run"
 
 
 def _run_quantization_config(run_dir: Path | None, checkpoint: Path):
@@ -60,7 +64,7 @@ def load_eval_model(path: str | Path, *, dtype: str = "float32", load_in_4bit: b
     from pesc.export import find_checkpoint, load_run_tokenizer, load_trained_model
     from pesc.generate import load_causal_lm
 
-    kind = check_eval_source(path)
+    kind = source_kind(path)  # run_eval checked PATH already (check_eval_source)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     description = {"model": str(path), "dtype": dtype}
     if kind == "folder":
