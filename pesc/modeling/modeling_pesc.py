@@ -146,23 +146,42 @@ def _projection_weights(expert: PescAdapter) -> tuple[torch.Tensor, torch.Tensor
     return parts["adapter_down"]._parameters["weight"], parts["adapter_up"]._parameters["weight"]
 
 
+def adapter_dropout_mask(shape: torch.Size, p: float, device: torch.device) -> tuple[torch.Tensor, float]:
+    """(drop, keep scale): a boolean mask that drops each element with probability p, and 1 / (1 - p).
+
+    The draw is 32 random bits an element, compared with round(p * 2**32): the probability is p
+    to within 2**-33 (as float32 uniforms give it), at a fraction of the cost of `bernoulli_`
+    on the CPU, and the mask is stored as bytes, not as the float noise `F.dropout` keeps.
+    """
+    numel = math.prod(shape)
+    bits = torch.empty((numel + 1) // 2, dtype=torch.int64, device=device).random_(-(2**63), None)
+    threshold = round(p * 2**32)
+    drop = bits.view(torch.int32)[:numel].view(shape) < threshold - 2**31
+    return drop, 2**32 / (2**32 - threshold)
+
+
 class _GatherRows(torch.autograd.Function):
-    """rows[p] = x[source[p]]: each token's row repeated k times, in expert-sorted order.
+    """rows[p] = x[source[p]]: each token's row repeated k times, in expert-sorted order,
+    with the elements of an optional `drop` mask zeroed (the adapters' input dropout, one
+    mask for every (token, expert) pair, applied in the same pass; the keep scale is the caller's).
 
     The backward is the adjoint `_CombineRows` (a gather plus a sum over k), so neither
     direction scatters: no zero-filled buffers, no atomics, deterministic on every device.
     """
 
     @staticmethod
-    def forward(ctx, x, source, inverse, top_k):
-        ctx.save_for_backward(source, inverse)
+    def forward(ctx, x, source, inverse, top_k, drop=None):
+        ctx.save_for_backward(source, inverse, drop)
         ctx.top_k = top_k
-        return x.index_select(0, source)
+        rows = x.index_select(0, source)
+        return rows if drop is None else rows.masked_fill_(drop, 0)
 
     @staticmethod
     def backward(ctx, grad):
-        source, inverse = ctx.saved_tensors
-        return _CombineRows.apply(grad, source, inverse, ctx.top_k), None, None, None
+        source, inverse, drop = ctx.saved_tensors
+        if drop is not None:
+            grad = grad.masked_fill(drop, 0)
+        return _CombineRows.apply(grad, source, inverse, ctx.top_k), None, None, None, None
 
 
 class _CombineRows(torch.autograd.Function):
@@ -177,7 +196,7 @@ class _CombineRows(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         source, inverse = ctx.saved_tensors
-        return _GatherRows.apply(grad, source, inverse, ctx.top_k), None, None, None
+        return _GatherRows.apply(grad, source, inverse, ctx.top_k, None), None, None, None
 
 
 # Without autograd, small inputs are decode steps of generation (measured by pesc's
@@ -278,11 +297,21 @@ class PescMoEAdapter(nn.Module):
         return "all" if 3 * extra_per_token * ffn_rows.shape[-1] * rows <= 3 * per_ms else "routed"
 
     @staticmethod
-    def _weighted_expert_output(expert: nn.Module, rows: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """expert(rows) * weights ([rows, 1]); a `PescAdapter` scales its d-wide bottleneck instead of its H-wide output."""
+    def _weighted_expert_output(
+        expert: nn.Module, rows: torch.Tensor, weights: torch.Tensor, keep_scale: float | None = None
+    ) -> torch.Tensor:
+        """expert(rows) * weights ([rows, 1]); a `PescAdapter` scales its d-wide bottleneck instead of its H-wide output.
+
+        `keep_scale`: the rows already had the adapter's dropout mask applied; its 1 / (1 - p)
+        then scales the d-wide bottleneck rather than the H-wide rows (the same value: the
+        projection is linear).
+        """
         if type(expert) is PescAdapter:
             hidden = rows.to(expert.adapter_down.weight.dtype)
-            hidden = F.gelu(expert.adapter_down(expert.dropout(hidden)))
+            if keep_scale is None:
+                hidden = F.gelu(expert.adapter_down(expert.dropout(hidden)))
+            else:
+                hidden = F.gelu(expert.adapter_down(hidden) * keep_scale)
             hidden = hidden * (weights * expert.scaling).to(hidden.dtype)
             return expert.adapter_up(hidden)
         out = expert(rows)
@@ -296,7 +325,11 @@ class PescMoEAdapter(nn.Module):
         source = order // self.top_k
         counts = torch.bincount(flat_experts, minlength=self.num_experts).tolist()
         weights = routing_weights.reshape(-1)[order].unsqueeze(-1)
-        rows = _GatherRows.apply(ffn_rows, source, inverse, self.top_k)
+        dropout = self._shared_active_dropout()
+        drop, keep_scale = (None, None) if dropout is None else adapter_dropout_mask(
+            (source.shape[0], ffn_rows.shape[-1]), dropout, ffn_rows.device
+        )
+        rows = _GatherRows.apply(ffn_rows, source, inverse, self.top_k, drop)
         outputs = []
         # Without autograd an expert with no token has nothing to do; with it, it must still run
         # (on zero rows) so its parameters join the graph.
@@ -304,9 +337,25 @@ class PescMoEAdapter(nn.Module):
         for expert, expert_rows, expert_weights in zip(self.experts.values(), rows.split(counts), weights.split(counts)):
             if skip_idle and expert_rows.shape[0] == 0:
                 continue
-            outputs.append(self._weighted_expert_output(expert, expert_rows, expert_weights))
+            outputs.append(self._weighted_expert_output(expert, expert_rows, expert_weights, keep_scale))
         mixed = _CombineRows.apply(torch.cat(outputs), source, inverse, self.top_k)
         return ffn_rows + mixed.to(ffn_rows.dtype)
+
+    def _shared_active_dropout(self) -> float | None:
+        """The adapters' dropout p where the routed dispatch applies it to all experts' rows at once.
+
+        That is when every expert is a `PescAdapter` whose dropout is active with one shared p
+        (always so for the experts this class builds, in training); otherwise None, and each
+        expert applies its own dropout module.
+        """
+        experts = list(self.experts.values())
+        if not all(type(e) is PescAdapter for e in experts):
+            return None
+        dropouts = {(e._modules["dropout"].p, e._modules["dropout"].training) for e in experts}
+        if len(dropouts) != 1:
+            return None
+        p, training = dropouts.pop()
+        return p if training and p > 0 else None
 
     def _selected_experts_forward(self, ffn_rows, routing_weights, selected):
         """ffn_rows plus each picked expert on the rows that picked it, grouped on the host; no autograd."""
