@@ -127,10 +127,14 @@ def test_experts_with_their_own_scalings_follow_the_formula(dispatch):
     torch.testing.assert_close(got, reference(block, router_input, ffn_output), rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("stack_inside_graph", [False, True], ids=["expert by expert (cpu)", "stacked (cuda)"])
 @pytest.mark.parametrize("dispatch", ["auto", "all", "selected"])
 @pytest.mark.parametrize("tokens", [1, 3])
-def test_compiled_decode_dispatch_is_one_graph_and_equals_the_formula(dispatch, tokens):
+def test_compiled_decode_dispatch_is_one_graph_and_equals_the_formula(dispatch, tokens, stack_inside_graph, monkeypatch):
     """Inside torch.compile nothing may read the picks on the host or check the stacked copies."""
+    from pesc.modeling import modeling_pesc
+
+    monkeypatch.setattr(modeling_pesc, "_stack_inside_graph", lambda device: stack_inside_graph)
     block = build_block().eval()
     block._dispatch = dispatch
     router_input, ffn_output = inputs(tokens)
