@@ -8,37 +8,12 @@ setting is never silently ignored and nothing the model does not need to know fa
 
 import copy
 import difflib
-import math
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import yaml
 
 from pesc.errors import PescError
-
-_ANY_NUMBER = (int, float)
-
-
-@dataclass(frozen=True)
-class Key:
-    """One setting: accepted types (a tuple), default, a line of help, and its range (a name in BOUNDS)."""
-
-    types: tuple
-    default: Any
-    help: str
-    choices: tuple | None = None
-    bounds: str | None = None
-
-
-# Ranges a number may be declared to lie in: (test, how the error words it).
-BOUNDS = {
-    "positive": (lambda v: v > 0, "positive"),
-    "non-negative": (lambda v: v >= 0, ">= 0"),
-    "fraction": (lambda v: 0 <= v < 1, "in [0, 1)"),
-    "share": (lambda v: 0 <= v <= 1, "in [0, 1]"),
-    "seed": (lambda v: 0 <= v < 2**32, "in [0, 2**32)"),
-}
+from pesc.settings import ANY_NUMBER as _ANY_NUMBER, Key, check_value as _check_value, unknown_key as _unknown
 
 
 MOE_SCHEMA: dict[str, Key] = {
@@ -116,45 +91,6 @@ SCHEMA: dict[str, Key] = {
 }
 
 REQUIRED = ("base_model", "datasets", "output_dir")
-
-
-def _type_name(types: tuple) -> str:
-    names = {int: "an integer", float: "a number", str: "a string", bool: "true/false", list: "a list", dict: "a mapping"}
-    if types == _ANY_NUMBER:
-        return "a number"
-    return " or ".join(names.get(t, t.__name__) for t in types)
-
-
-def _check_value(where: str, value, key: Key):
-    if value is None:
-        return None
-    if float in key.types and isinstance(value, str):
-        try:  # YAML 1.1 reads `2e-4` (no dot) as a string
-            value = float(value)
-        except ValueError:
-            pass
-    ok = isinstance(value, key.types) and not (isinstance(value, bool) and bool not in key.types)
-    if not ok:
-        raise PescError(f"{where} must be {_type_name(key.types)}, got {value!r} ({type(value).__name__})")
-    if key.types == _ANY_NUMBER:
-        value = float(value) if isinstance(value, float) else value
-    if isinstance(value, float) and not math.isfinite(value):
-        raise PescError(f"{where} must be a finite number, got {value!r}")
-    if key.choices and value not in key.choices:
-        raise PescError(f"{where} must be one of {', '.join(key.choices)}, got {value!r}")
-    if key.bounds is not None:
-        within, wording = BOUNDS[key.bounds]
-        if not within(value):
-            if key.bounds == "positive" and key.types == (int,):
-                wording = "a positive integer"
-            raise PescError(f"{where} must be {wording}, got {value!r}")
-    return value
-
-
-def _unknown(where: str, name: str, known) -> PescError:
-    close = difflib.get_close_matches(name, list(known), n=1)
-    hint = f" (did you mean '{close[0]}'?)" if close else ""
-    return PescError(f"unknown config key '{where}{name}'{hint}")
 
 
 def validate(raw: dict) -> dict:
