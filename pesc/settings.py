@@ -29,6 +29,7 @@ class Key:
 # Ranges a number may be declared to lie in: (test, how the error words it).
 BOUNDS = {
     "positive": (lambda v: v > 0, "positive"),
+    "positive-number": (lambda v: v > 0, "a positive number"),
     "non-negative": (lambda v: v >= 0, ">= 0"),
     "fraction": (lambda v: 0 <= v < 1, "in [0, 1)"),
     "share": (lambda v: 0 <= v <= 1, "in [0, 1]"),

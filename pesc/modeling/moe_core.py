@@ -71,11 +71,14 @@ class FlatMoEConfig(PreTrainedConfig):
     dataclass fields, which older releases do not know.
     """
 
-    # The method's fields with their defaults (base_model_type included); everything else belongs to the family.
-    method_defaults = {"base_model_type": "llama"}
+    # The method's fields with their defaults; everything else belongs to the family.
+    method_defaults = {}
+    # Fields every method's config has: the dense family, the dtype of the added modules, and whether the
+    # forward returns the router logits and named aux losses by default.
+    common_defaults = {"base_model_type": "llama", "moe_dtype": None, "output_router_logits": False}
 
     def __init__(self, **kwargs):
-        for name, default in self.method_defaults.items():
+        for name, default in {**self.common_defaults, **self.method_defaults}.items():
             setattr(self, name, kwargs.pop(name, default))
         if self.base_model_type not in CONFIG_MAPPING:
             raise ValueError(
@@ -99,9 +102,8 @@ class FlatMoEConfig(PreTrainedConfig):
 
     def base_config(self) -> PreTrainedConfig:
         """The dense family's own config, rebuilt from our flat fields."""
-        fields = {
-            k: v for k, v in self.to_dict().items() if k not in self.method_defaults and k not in _NOT_BASE_FIELDS
-        }
+        own = {**self.common_defaults, **self.method_defaults}
+        fields = {k: v for k, v in self.to_dict().items() if k not in own and k not in _NOT_BASE_FIELDS}
         family_config_class = CONFIG_MAPPING[self.base_model_type]
         return family_config_class(**_rope_fields_for(family_config_class, fields))
 

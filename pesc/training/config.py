@@ -15,25 +15,11 @@ import yaml
 from pesc.errors import PescError
 from pesc.settings import ANY_NUMBER as _ANY_NUMBER, Key, check_value as _check_value, unknown_key as _unknown
 
-
-MOE_SCHEMA: dict[str, Key] = {
-    "num_experts": Key((int,), 8, "experts per layer", bounds="positive"),
-    "top_k": Key((int,), 2, "experts routed per token", bounds="positive"),
-    "adapter_dim": Key((int,), 512, "bottleneck width of each expert adapter", bounds="positive"),
-    "moe_scaling": Key(_ANY_NUMBER, 0.25, "scale of every adapter's output", bounds="positive"),
-    "router_aux_loss_coef": Key(_ANY_NUMBER, 0.01, "weight of the load-balancing loss", bounds="non-negative"),
-    "adapter_dropout": Key(_ANY_NUMBER, 0.1, "dropout on each adapter's input", bounds="fraction"),
-    "seed": Key((int,), 0, "seed of the initial routers and adapters (same seed = same experts as `pesc convert`)",
-                bounds="seed"),
-}
-
-# MoE settings that fix the shape or the function of a PESC checkpoint: they must match when the base is PESC.
-MOE_STRUCTURE_KEYS = ("num_experts", "top_k", "adapter_dim", "moe_scaling")
-
 SCHEMA: dict[str, Key] = {
     # model
-    "base_model": Key((str,), None, "local folder or Hub id of a dense or PESC causal LM (required)"),
-    "moe": Key((dict,), None, "MoE settings used to upcycle a dense base_model in memory"),
+    "base_model": Key((str,), None, "local folder or Hub id of a dense causal LM or a method's checkpoint (required)"),
+    "method": Key((str,), None, "the method a dense base_model becomes (default pesc; `pesc methods` lists them)"),
+    "moe": Key((dict,), None, "the method's settings, used to upcycle a dense base_model in memory"),
     "tokenizer": Key((str,), None, "tokenizer folder or Hub id (default: base_model)"),
     "trust_remote_code": Key((bool,), False, "allow model code from the Hub"),
     "load_in_4bit": Key((bool,), True, "QLoRA: load the base in 4-bit NF4"),
@@ -48,9 +34,7 @@ SCHEMA: dict[str, Key] = {
     "lora_alpha": Key(_ANY_NUMBER, 16, "LoRA alpha", bounds="positive"),
     "lora_dropout": Key(_ANY_NUMBER, 0.1, "LoRA dropout", bounds="fraction"),
     "lora_target_modules": Key(
-        (list,),
-        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-        "dense linears that get a LoRA (the shared FFN gets one shared LoRA)",
+        (list,), None, "dense linears that get a LoRA (default: the method's; PESC: every attention and FFN linear)",
     ),
     # data
     "datasets": Key((list,), None, "list of {path, type, split?, name?, data_files?, field?, *_field?} (required)"),
@@ -109,15 +93,23 @@ def validate(raw: dict) -> dict:
         if config[name] in (None, "", []):
             raise PescError(f"the config needs '{name}'")
 
+    from pesc.methods import get_method
+
+    method = get_method(config["method"])
+    config["method"] = method.name
     if config["moe"] is not None:
+        settings = {s.name: s for s in method.all_settings()}
         moe = {}
         for name, value in config["moe"].items():
-            if name not in MOE_SCHEMA:
-                raise _unknown("moe.", str(name), MOE_SCHEMA)
-            moe[name] = _check_value(f"moe.{name}", value, MOE_SCHEMA[name])
+            if name not in settings:
+                raise _unknown("moe.", str(name), settings)
+            moe[name] = settings[name].check(f"moe.{name}", value)
         config["moe"] = {k: v for k, v in moe.items() if v is not None}
+        method.check_settings(method.resolve_settings(config["moe"]))
 
-    if not all(isinstance(m, str) and m for m in config["lora_target_modules"]) or not config["lora_target_modules"]:
+    if raw.get("lora_target_modules") is None:
+        config["lora_target_modules"] = method.default_lora_targets(None)
+    elif not config["lora_target_modules"] or not all(isinstance(m, str) and m for m in config["lora_target_modules"]):
         raise PescError("lora_target_modules must be a non-empty list of module names")
     if config["bf16"] not in (True, False, "auto"):
         raise PescError(f"bf16 must be true, false or auto, got {config['bf16']!r}")
