@@ -116,7 +116,7 @@ def validate(raw: dict) -> dict:
     if isinstance(config["report_to"], list) and not all(isinstance(r, str) for r in config["report_to"]):
         raise PescError("report_to must be a string or a list of strings")
     _check_transformers_names(config)
-    _check_datasets(config["datasets"])
+    _check_datasets(config["datasets"], method.sample_fields)
     return config
 
 
@@ -149,7 +149,7 @@ def _unknown_value(name: str, value: str, valid: list[str]) -> PescError:
     return PescError(f"{name} {value!r} is not one transformers knows ({hint})")
 
 
-def _check_datasets(entries: list) -> None:
+def _check_datasets(entries: list, sample_fields=()) -> None:
     """Entry keys and types, column mappings included (the data pipeline checks files and rows on loading)."""
     from pesc.data import DATASET_KEYS, DATASET_TYPES, check_dataset_entry
 
@@ -157,15 +157,16 @@ def _check_datasets(entries: list) -> None:
         where = f"datasets[{i}]"
         if not isinstance(entry, dict):
             raise PescError(f"{where} must be a mapping with 'path' and 'type', got {entry!r}")
+        known = (*DATASET_KEYS, *(field.name for field in sample_fields))
         for name in entry:
-            if name not in DATASET_KEYS:
-                raise _unknown(f"{where}.", str(name), DATASET_KEYS)
+            if name not in known:
+                raise _unknown(f"{where}.", str(name), known)
         for name in ("path", "type"):
             if not isinstance(entry.get(name), str) or not entry[name]:
                 raise PescError(f"{where}.{name} must be a non-empty string")
         if entry["type"] not in DATASET_TYPES:
             raise PescError(f"{where}.type must be one of {', '.join(DATASET_TYPES)}, got {entry['type']!r}")
-        check_dataset_entry(i, entry)  # value types, and column keys that do not apply to the entry's type
+        check_dataset_entry(i, entry, sample_fields)  # value types, and column keys that do not apply to the entry's type
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:

@@ -177,6 +177,7 @@ def train(config_path: str, overrides: list[str] = (), resume: bool = False) -> 
         seed=config["seed"],
         num_proc=config["dataset_num_proc"],
         max_dropped_fraction=config["max_dropped_fraction"],
+        sample_fields=method.sample_fields,
     )
     args = training_arguments(config, has_eval=eval_ds is not None)  # sets up torch.distributed when launched
 
@@ -199,7 +200,8 @@ def train(config_path: str, overrides: list[str] = (), resume: bool = False) -> 
         args=args,
         train_dataset=train_ds,
         eval_dataset=eval_ds,
-        data_collator=make_collator(tokenizer, sample_packing=config["sample_packing"]),
+        data_collator=make_collator(tokenizer, sample_packing=config["sample_packing"],
+                                    sample_fields=tuple(field.name for field in method.sample_fields)),
         processing_class=tokenizer,
         model_config=saved_model_config(model.get_base_model().config),
         callbacks=[TrainingCurvesCallback()],
