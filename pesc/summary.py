@@ -7,8 +7,24 @@ import torch
 from pesc.modeling import PescConfig, PescForCausalLM
 
 
+class _Counts:
+    """What every summary shows: total, active per token, trainable and dense-base parameter counts."""
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    def count_lines(self, trainable: str, what: str = "") -> list[str]:
+        """The count lines; `trainable` labels the trainable count, `what` says what it holds."""
+        return [
+            f"total params      {self.total_params:,} ({human_count(self.total_params)})",
+            f"active per token  {self.active_params:,} ({human_count(self.active_params)})",
+            f"{trainable:<18}{self.trainable_params:,} ({human_count(self.trainable_params)}{what})",
+            f"dense base        {self.dense_params:,} ({human_count(self.dense_params)})",
+        ]
+
+
 @dataclass(frozen=True)
-class ParameterSummary:
+class ParameterSummary(_Counts):
     base_model_type: str
     num_layers: int
     hidden_size: int
@@ -23,19 +39,13 @@ class ParameterSummary:
     active_params: int
     trainable_params: int
 
-    def as_dict(self) -> dict:
-        return asdict(self)
-
     def lines(self) -> list[str]:
         """Human-readable summary, one fact per line."""
         return [
             f"architecture      PESC over {self.base_model_type}: {self.num_layers} layers, hidden {self.hidden_size}",
             f"experts           {self.num_experts} per layer, top-{self.top_k}, adapter_dim {self.adapter_dim}, "
             f"moe_scaling {self.moe_scaling}",
-            f"total params      {self.total_params:,} ({human_count(self.total_params)})",
-            f"active per token  {self.active_params:,} ({human_count(self.active_params)})",
-            f"trainable (MoE)   {self.trainable_params:,} ({human_count(self.trainable_params)}: adapters + routers)",
-            f"dense base        {self.dense_params:,} ({human_count(self.dense_params)})",
+            *self.count_lines("trainable (MoE)", ": adapters + routers"),
         ]
 
 
@@ -74,7 +84,7 @@ def summarize(config: PescConfig) -> ParameterSummary:
 
 
 @dataclass(frozen=True)
-class MethodSummary:
+class MethodSummary(_Counts):
     """Any method's counts: its settings, and total / active per token / trainable (added) parameters."""
 
     method: str
@@ -87,19 +97,13 @@ class MethodSummary:
     active_params: int
     trainable_params: int
 
-    def as_dict(self) -> dict:
-        return asdict(self)
-
     def lines(self) -> list[str]:
         settings = ", ".join(f"{k} {v}" for k, v in self.settings.items())
         return [
             f"architecture      {self.method} over {self.base_model_type}: {self.num_layers} layers, "
             f"hidden {self.hidden_size}",
             f"settings          {settings}",
-            f"total params      {self.total_params:,} ({human_count(self.total_params)})",
-            f"active per token  {self.active_params:,} ({human_count(self.active_params)})",
-            f"trainable (added) {self.trainable_params:,} ({human_count(self.trainable_params)})",
-            f"dense base        {self.dense_params:,} ({human_count(self.dense_params)})",
+            *self.count_lines("trainable (added)"),
         ]
 
 
