@@ -95,8 +95,7 @@ def validate(raw: dict) -> dict:
 
     from pesc.methods import get_method
 
-    method = get_method(config["method"])
-    config["method"] = method.name
+    method = get_method(config["method"])  # unset: pesc, or the method of a method's checkpoint given as base
     if config["moe"] is not None:
         settings = {s.name: s for s in method.all_settings()}
         moe = {}
