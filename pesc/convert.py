@@ -364,7 +364,7 @@ def early_sources(src: str, out: Path, force: bool) -> EarlySources:
         model_type = json.loads((folder / "config.json").read_text()).get("model_type")
     except (OSError, ValueError, AttributeError):
         return EarlySources(folder, hub_id, None)
-    if model_type in (None, "pesc"):
+    if model_type is None or str(model_type).split("_")[0] == "pesc":  # methods' model_types: pesc, pesc_<m>
         return EarlySources(folder, hub_id, None)
     try:
         files = find_weight_files(folder)
