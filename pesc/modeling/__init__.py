@@ -17,7 +17,7 @@ from .modeling_pesc import (
     PescRouter,
     init_expert_weights,
 )
-from .moe_core import RoutingRecord, load_balancing_loss, attach_sibling, emit_routing_record, record_routing
+from .moe_core import RoutingRecord, attach_sibling, emit_routing_record, load_balancing_loss, record_routing
 
 AutoConfig.register(PescConfig.model_type, PescConfig, exist_ok=True)
 AutoModelForCausalLM.register(PescConfig, PescForCausalLM, exist_ok=True)
