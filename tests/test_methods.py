@@ -11,6 +11,7 @@ a temporary package; the toolkit learns of it through one `register_method` call
 import importlib
 import json
 import shutil
+import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -317,3 +318,19 @@ def test_methods_lists_every_registered_method(toyvec, capsys):
     lines = capsys.readouterr().out.splitlines()
     assert any(line.startswith("pesc ") and "2401.02731" in line for line in lines)
     assert any(line.startswith("toyvec ") and "task_loss" in line for line in lines)
+
+
+def test_the_method_flags_are_listed_without_importing_torch():
+    """`pesc convert --help` and flag errors stay instant: listing the methods' settings loads no model code."""
+    code = textwrap.dedent("""
+        import sys
+        from pesc.cli import cli
+        try:
+            cli.main(["convert", "--help"], standalone_mode=False)
+        except SystemExit:
+            pass
+        print(sorted(name for name in ("torch", "transformers") if name in sys.modules))
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "--num-experts" in out and "--method" in out
+    assert out.strip().endswith("[]")

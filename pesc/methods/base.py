@@ -3,15 +3,16 @@
 A method is its shipped model code (a config class and a causal-LM class built on
 pesc/modeling/moe_core.py) plus one `Method` object here. Convert, train, export, inspect, the
 model card and the CLI ask the method; none of them names one. `docs/methods.md` walks through
-adding one.
+adding one. Importing this package imports neither torch nor transformers (the CLI lists every
+method's flags before it decides what to load), so a method imports its classes where they are used.
 """
+
+from __future__ import annotations
 
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-import torch
 
 from pesc.errors import PescError
 from pesc.settings import Key, check_value, unknown_key

@@ -9,7 +9,6 @@ from pathlib import Path
 
 from pesc.errors import PescError
 from pesc.methods.base import Method, Setting
-from pesc.modeling import PescConfig, PescForCausalLM, PescMoEAdapter
 
 
 class Pesc(Method):
@@ -30,13 +29,29 @@ class Pesc(Method):
         Setting("router_aux_loss_coef", (int, float), 0.01, "weight of the load-balancing loss", bounds="non-negative"),
         Setting("adapter_dropout", (int, float), 0.1, "dropout on each adapter's input", bounds="fraction"),
     )
-    config_class = PescConfig
-    model_class = PescForCausalLM
     modeling_dir = Path(__file__).resolve().parent.parent / "modeling"
     modeling_files = ("moe_core.py", "configuration_pesc.py", "modeling_pesc.py")
     prefix = "moe_adapter"
     card_tags = ("pesc", "adapter-experts")
-    zero3_leaf_modules = (PescMoEAdapter,)
+
+    # The classes are imported on first use: listing the methods (the CLI's flags) must not import torch.
+    @property
+    def config_class(self):
+        from pesc.modeling import PescConfig
+
+        return PescConfig
+
+    @property
+    def model_class(self):
+        from pesc.modeling import PescForCausalLM
+
+        return PescForCausalLM
+
+    @property
+    def zero3_leaf_modules(self):
+        from pesc.modeling import PescMoEAdapter
+
+        return (PescMoEAdapter,)
 
 
     def check_settings(self, values: dict) -> None:
