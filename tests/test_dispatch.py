@@ -168,7 +168,7 @@ def test_routed_dropout_applies_one_mask_per_token_and_expert_with_the_keep_scal
     The mask is replaced by one that drops the same hidden columns in every row, so the
     per-token reference can apply it without knowing the dispatch's row order.
     """
-    from pesc.modeling import modeling_pesc
+    from pesc.modeling import moe_core
 
     dropped_columns = torch.tensor([0, 5, 6, 17])
     keep_scale = 1 / (1 - 0.25)  # a power-of-two ratio away from 1: exact in float64
@@ -179,7 +179,7 @@ def test_routed_dropout_applies_one_mask_per_token_and_expert_with_the_keep_scal
         drop[:, dropped_columns] = True
         return drop, keep_scale
 
-    monkeypatch.setattr(modeling_pesc, "adapter_dropout_mask", column_mask)
+    monkeypatch.setattr(moe_core, "dropout_mask", column_mask)
     block = build_block(dropout=0.25).train()
     router_input, ffn_output = inputs(9)
     ffn_output.requires_grad_(True)
@@ -194,19 +194,19 @@ def test_routed_dropout_applies_one_mask_per_token_and_expert_with_the_keep_scal
 
 
 @pytest.mark.parametrize("p", [0.05, 0.5])
-def test_adapter_dropout_mask_drops_at_rate_p_independently(p):
-    from pesc.modeling.modeling_pesc import adapter_dropout_mask
+def test_dropout_mask_drops_at_rate_p_independently(p):
+    from pesc.modeling.moe_core import dropout_mask
 
     torch.manual_seed(0)
     shape = (1000, 1001)  # an odd count: the last 32-bit draw is half used
-    drop, keep_scale = adapter_dropout_mask(torch.Size(shape), p, torch.device("cpu"))
+    drop, keep_scale = dropout_mask(shape, p, torch.device("cpu"))
     assert drop.shape == shape and drop.dtype == torch.bool
     assert keep_scale == pytest.approx(1 / (1 - p), rel=1e-9)
     sigma = (p * (1 - p) / drop.numel()) ** 0.5
     assert abs(drop.float().mean().item() - p) < 6 * sigma
     rows = drop.float().mean(1)  # rows are not copies of each other
     assert rows.std().item() > 0.5 * (p * (1 - p) / shape[1]) ** 0.5
-    again, _ = adapter_dropout_mask(torch.Size(shape), p, torch.device("cpu"))
+    again, _ = dropout_mask(shape, p, torch.device("cpu"))
     assert not torch.equal(drop, again)
 
 

@@ -250,7 +250,7 @@ def _trained_state(run_dir: Path):
     from safetensors.torch import load_file
 
     final = run_dir / "final"
-    return {**load_file(final / "adapter_model.safetensors"), **load_file(final / "pesc_experts.safetensors")}
+    return {**load_file(final / "adapter_model.safetensors"), **load_file(final / "experts.safetensors")}
 
 
 class _Crash(Exception):
@@ -293,11 +293,8 @@ def test_training_curves_draw_exactly_the_logged_values(tmp_path):
 
 
 def test_train_resume_equals_uninterrupted(tmp_path, tiny_llama_dir, data_file, monkeypatch):
-    from transformers import TrainerCallback
-
     from pesc.run_files import load_trained_config
     from pesc.training import train
-    from pesc.training import trainer as trainer_module
 
     full_dir = tmp_path / "full"
     full_dir.mkdir()
@@ -305,7 +302,7 @@ def test_train_resume_equals_uninterrupted(tmp_path, tiny_llama_dir, data_file, 
     run = full_dir / "run"
     assert final == run / "final"
     for folder in (run / "checkpoint-3", run / "checkpoint-6", final):
-        for name in ("adapter_model.safetensors", "adapter_config.json", "pesc_experts.safetensors", "pesc_config.json"):
+        for name in ("adapter_model.safetensors", "adapter_config.json", "experts.safetensors", "pesc_config.json"):
             assert (folder / name).is_file(), folder / name
     for name in ("optimizer.pt", "scheduler.pt", "rng_state.pth"):
         assert (run / "checkpoint-3" / name).is_file()
@@ -323,24 +320,10 @@ def test_train_resume_equals_uninterrupted(tmp_path, tiny_llama_dir, data_file, 
     assert_curves_picture(run / "curves.png", panels=3)  # loss + eval loss, aux_loss, expert_load_max
 
     # the same run, crashed right after checkpoint-3 was written, then resumed
-    class CrashAfterFirstSave(TrainerCallback):
-        def on_save(self, args, state, control, **kwargs):
-            if state.global_step == 3:
-                raise _Crash()
-
-    original_init = trainer_module.PescTrainer.__init__
-
-    def init_with_crash(self, *args, **kwargs):
-        original_init(self, *args, **kwargs)
-        self.add_callback(CrashAfterFirstSave())
-
     part_dir = tmp_path / "part"
     part_dir.mkdir()
     config = str(make_config(part_dir, tiny_llama_dir, data_file))
-    monkeypatch.setattr(trainer_module.PescTrainer, "__init__", init_with_crash)
-    with pytest.raises(_Crash):
-        train(config)
-    monkeypatch.undo()
+    _run_with_crash_at(3, config, monkeypatch)
     assert not (part_dir / "run" / "final").exists()
     with pytest.raises(PescError, match="already holds checkpoints"):
         train(config)
@@ -356,8 +339,76 @@ def test_train_resume_equals_uninterrupted(tmp_path, tiny_llama_dir, data_file, 
         torch.testing.assert_close(resumed[name], full[name], rtol=0, atol=0, msg=name)
 
 
+def _run_with_crash_at(step: int, config: str, monkeypatch):
+    """Train `config`, crashing right after checkpoint-`step` is written (as a killed job would)."""
+    from transformers import TrainerCallback
+
+    from pesc.training import train
+    from pesc.training import trainer as trainer_module
+
+    class CrashAfterSave(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            if state.global_step == step:
+                raise _Crash()
+
+    original_init = trainer_module.MoETrainer.__init__
+
+    def init_with_crash(self, *args, **kwargs):
+        original_init(self, *args, **kwargs)
+        self.add_callback(CrashAfterSave())
+
+    monkeypatch.setattr(trainer_module.MoETrainer, "__init__", init_with_crash)
+    with pytest.raises(_Crash):
+        train(config)
+    monkeypatch.undo()
+
+
+def test_a_run_without_lora_trains_saves_resumes_and_exports_only_the_added_modules(tmp_path, tiny_llama_dir, data_file,
+                                                                                     monkeypatch):
+    """`lora_target_modules: []`: no peft at all; checkpoints hold the experts file and no model weights; resume
+    equals the uninterrupted run; export writes the base tensors untouched and the trained experts."""
+    from safetensors.torch import load_file
+
+    from pesc.export import export
+    from pesc.training import train
+
+    def config_in(folder):
+        folder.mkdir()
+        return str(make_config(folder, tiny_llama_dir, data_file, lora_target_modules=[]))
+
+    final = train(config_in(tmp_path / "full"))
+    for folder in (final.parent / "checkpoint-3", final):
+        names = {p.name for p in folder.iterdir()}
+        assert {"experts.safetensors", "pesc_config.json", "tokenizer.json", "training_args.bin"} <= names, names
+        assert not names & {"adapter_config.json", "adapter_model.safetensors", "model.safetensors"}, names
+    trained = load_file(final / "experts.safetensors")
+    history = json.loads((final.parent / "trainer_state.json").read_text())["log_history"]
+    losses = [h["loss"] for h in history if "loss" in h]
+    assert len(losses) == 6 and losses[-1] < losses[0], losses
+
+    part = config_in(tmp_path / "part")
+    _run_with_crash_at(3, part, monkeypatch)
+    resumed = load_file(train(part, resume=True) / "experts.safetensors")
+    assert trained.keys() == resumed.keys() and any("router" in k for k in trained)
+    for name in trained:
+        torch.testing.assert_close(resumed[name], trained[name], rtol=0, atol=0, msg=name)
+
+    out = export(final.parent, tmp_path / "export", dtype="float32", log=lambda message: None)
+    exported = {}
+    for shard in out.glob("*.safetensors"):
+        exported.update(load_file(shard))
+    base = load_file(tiny_llama_dir / "model.safetensors")
+    assert {k for k in exported if ".moe_adapter." not in k} == set(base) - {"lm_head.weight"} or \
+        {k for k in exported if ".moe_adapter." not in k} == set(base)
+    for name, tensor in base.items():
+        if name in exported:
+            assert torch.equal(exported[name], tensor.float()), name  # no LoRA merged: the base as it was
+    for name, tensor in trained.items():
+        assert torch.equal(exported[name], tensor), name
+
+
 def test_resume_restores_experts(tmp_path, tiny_llama_dir, data_file):
-    """The experts come back from pesc_experts.safetensors, not from the seeded init."""
+    """The experts come back from experts.safetensors, not from the seeded init."""
     from safetensors.torch import load_file
 
     from pesc.training.model import load_base_model, prepare_for_training
@@ -373,7 +424,7 @@ def test_resume_restores_experts(tmp_path, tiny_llama_dir, data_file):
                 param.add_(1.0)
     save_trained_state(model, model.get_base_model().config, tmp_path / "ckpt")
     fresh = prepare_for_training(load_base_model(config), config)
-    assert load_experts_into(fresh, tmp_path / "ckpt") == len(load_file(tmp_path / "ckpt" / "pesc_experts.safetensors"))
+    assert load_experts_into(fresh, tmp_path / "ckpt") == len(load_file(tmp_path / "ckpt" / "experts.safetensors"))
     ours = dict(model.named_parameters())
     for name, param in fresh.named_parameters():
         if ".moe_adapter." in name:
@@ -400,7 +451,7 @@ def test_gradient_accumulation_gives_coef_times_mean_aux_over_micro_batches(tmp_
     import pesc
     from pesc.testing import build_tiny_dense
     from pesc.testing.training_probe import TrainingProbe
-    from pesc.training.trainer import PescTrainer
+    from pesc.training.trainer import MoETrainer
 
     coef = 0.01
     model = pesc.upcycle(build_tiny_dense("llama"), num_experts=4, top_k=2, adapter_dim=8, adapter_dropout=0.0,
@@ -419,7 +470,7 @@ def test_gradient_accumulation_gives_coef_times_mean_aux_over_micro_batches(tmp_
         learning_rate=0.0, max_grad_norm=0.0, train_sampling_strategy="sequential", use_cpu=True, report_to="none",
         save_strategy="no", logging_strategy="no", disable_tqdm=True, remove_unused_columns=False,
     )
-    trainer = PescTrainer(model=model, args=args, train_dataset=rows, data_collator=default_data_collator)
+    trainer = MoETrainer(model=model, args=args, train_dataset=rows, data_collator=default_data_collator)
     TrainingProbe(trainer, tmp_path / "probe.pt")
     trainer.train()
     trained = torch.load(tmp_path / "probe.pt")["gradients"][0]
