@@ -69,13 +69,16 @@ def plot_layer_balance(site: str, stats: SiteStats, index: int, path: Path) -> N
 
 def plot_entropy(stats: dict[str, SiteStats], path: Path) -> None:
     """Router entropy per layer, a line per task, with ln(E) (a uniform router) dotted; a panel per site."""
+    from matplotlib.ticker import MaxNLocator
+
     figure = _figure(1 + 5 * len(stats), 4)
     for axes, (site, site_stats) in zip(figure.subplots(1, len(stats), squeeze=False)[0], stats.items()):
         for task, values in site_stats.entropy.items():
             axes.plot(site_stats.layers, values, marker="o", markersize=3, label=task)
         axes.axhline(math.log(site_stats.num_experts), color="grey", linestyle=":", linewidth=1,
                      label=f"uniform (ln {site_stats.num_experts})")
-        axes.set_ylim(bottom=0)
+        axes.set_ylim(0, 1.05 * math.log(site_stats.num_experts))
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
         axes.set_xlabel("layer")
         axes.set_ylabel("router entropy (nats)")
         axes.set_title(f"router entropy: {site}")
