@@ -230,6 +230,7 @@ def _fails(args, capsys) -> str:
     ("missing data", "data file not found"),
     ("invalid JSON", "row 2: invalid JSON"),
     ("wrong format", "row 1: missing key 'messages'"),
+    ("binary data", "(not UTF-8 text): give a readable data file"),
     ("out exists", "already exists"),
     ("bad group", "write NAME=INDICES"),
     ("overlapping groups", "expert 1 is in both groups 'x' and 'y'"),
@@ -254,6 +255,9 @@ def test_bad_input_is_one_line_before_the_weights_load(case, message, exported, 
         data = tmp_path / "bad.jsonl"
     elif case == "wrong format":
         data = tmp_path / "alpaca.jsonl"
+    elif case == "binary data":
+        data = tmp_path / "binary.jsonl"
+        data.write_bytes(b"\xff\xfe\x00garbage")
     elif case == "out exists":
         out = tmp_path / "exists"
     elif case == "bad group":

@@ -46,8 +46,9 @@ def load_tasks(
         try:
             rows, _ = load_training_data([{"path": path, "type": data_type}], tokenizer, chat_template=chat_template,
                                          sequence_len=sequence_len, max_dropped_fraction=1.0)
-        except OSError as error:
-            raise PescError(f"cannot read {path} ({error.strerror or error}): give a readable data file") from None
+        except (OSError, UnicodeDecodeError) as error:
+            reason = error.strerror if isinstance(error, OSError) else "not UTF-8 text"
+            raise PescError(f"cannot read {path} ({reason or error}): give a readable data file") from None
         if limit is not None:
             rows = rows.select(range(min(limit, len(rows))))
         tasks.setdefault(task, TaskData(task, [], [])).files.append(path)
