@@ -236,6 +236,7 @@ def _fails(args, capsys) -> str:
     ("overlapping groups", "expert 1 is in both groups 'x' and 'y'"),
     ("batch size", "--batch-size must be >= 1"),
     ("empty task", "give FILE or TASK=FILE"),
+    ("empty range", "the range 3-1 is empty"),
 ])
 def test_bad_input_is_one_line_before_the_weights_load(case, message, exported, data_dir, tmp_path, capsys,
                                                        monkeypatch):
@@ -266,11 +267,22 @@ def test_bad_input_is_one_line_before_the_weights_load(case, message, exported, 
         extra = ["--expert-group", "x=0,1", "--expert-group", "y=1-2"]
     elif case == "batch size":
         extra = ["--batch-size", "0"]
+    elif case == "empty range":
+        extra = ["--expert-group", "x=3-1"]
     elif case == "empty task":
         data = f"={data}"
     err = _fails(["routes", model, "--data", data, "--out", out, *extra], capsys)
     assert message in err
     assert not out.exists() or case == "out exists"
+
+
+def test_a_model_without_routers_is_one_line(tiny_llama_dir, data_dir, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["routes", str(tiny_llama_dir), "--data", str(data_dir / "b.jsonl"), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 1 and "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith("Error: the model has no routers (a dense model?)")
+    assert not (tmp_path / "out").exists()
 
 
 def test_an_expert_group_beyond_the_experts_fails_and_writes_nothing(exported, data_dir, tmp_path, capsys):
@@ -282,5 +294,6 @@ def test_an_expert_group_beyond_the_experts_fails_and_writes_nothing(exported, d
               "--expert-group", "x=2-4"])
     err = capsys.readouterr().err
     assert exit_info.value.code == 1 and "Traceback" not in err
-    assert err.strip().splitlines()[-1] == "Error: expert group 'x': expert 4 does not exist (mlp routes 4 experts, 0 to 3)"
+    last = err.strip().splitlines()[-1]
+    assert last == "Error: expert group 'x': expert 4 does not exist (mlp routes 4 experts, 0 to 3)"
     assert not out.exists()

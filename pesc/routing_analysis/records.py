@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
+from pesc.errors import PescError
+
 PESC_SITE = "mlp"
 
 
@@ -26,6 +28,8 @@ class RoutingRecord:
 def routing_records(model, batch: dict) -> list[RoutingRecord]:
     """Run `batch` (input_ids, attention_mask) through `model`; one record per routed site and layer."""
     outputs = model(**batch, output_router_logits=True, use_cache=False)
+    if getattr(outputs, "router_logits", None) is None:
+        raise PescError("the model has no routers (a dense model?): give a PESC model folder, export or training run")
     keep = batch["attention_mask"].reshape(-1).bool()
     top_k = model.config.topk
     records = []

@@ -21,7 +21,8 @@ def max_load_ratio(row: list[float]) -> float:
     return max(row) * len(row)
 
 
-def routes_json(stats: dict[str, SiteStats], shares: dict | None, expert_groups: dict | None, description: dict) -> dict:
+def routes_json(stats: dict[str, SiteStats], shares: dict | None, expert_groups: dict | None,
+                description: dict) -> dict:
     sites = {}
     for site, s in stats.items():
         tasks = {

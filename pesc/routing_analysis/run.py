@@ -32,11 +32,14 @@ def parse_expert_groups(values: list[str]) -> dict[str, list[int]]:
         experts = []
         for part in spec.split(","):
             first, _, last = part.partition("-")
+            if int(last or first) < int(first):
+                raise PescError(f"--expert-group {value!r}: the range {part} is empty; write it low-high")
             experts += list(range(int(first), int(last or first) + 1))
         for other, taken in groups.items():
             both = sorted(set(experts) & set(taken))
             if both:
-                raise PescError(f"expert {both[0]} is in both groups {other!r} and {name!r}: give each expert to one group")
+                raise PescError(f"expert {both[0]} is in both groups {other!r} and {name!r}: "
+                                "give each expert to one group")
         groups[name] = experts
     return groups
 
