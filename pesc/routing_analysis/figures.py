@@ -27,6 +27,11 @@ def _figure(width: float, height: float):
     return figure
 
 
+def expert_ticks(num_experts: int) -> range:
+    """Every expert labelled up to 16, else every n-th (64 labels would overlap)."""
+    return range(0, num_experts, max(1, num_experts // 16))
+
+
 def load_label(stats: SiteStats) -> str:
     return "load (mean router probability)" if stats.top_k is None else f"load (share of top-{stats.top_k} assignments)"
 
@@ -41,7 +46,7 @@ def plot_heatmap(site: str, stats: SiteStats, vmax: float, path: Path) -> None:
                             interpolation="nearest")
         axes.set_title(f"{task} ({stats.tokens[task]} tokens)", fontsize="medium")
         axes.set_xlabel("expert")
-        axes.set_xticks(range(stats.num_experts))
+        axes.set_xticks(expert_ticks(stats.num_experts))
         axes.set_yticks(range(len(stats.layers)), [str(layer) for layer in stats.layers])
     panels[0].set_ylabel("layer")
     figure.colorbar(image, ax=list(panels), label=load_label(stats))
@@ -59,7 +64,7 @@ def plot_layer_balance(site: str, stats: SiteStats, index: int, path: Path) -> N
         positions = [e - 0.4 + width * (t + 0.5) for e in range(stats.num_experts)]
         axes.bar(positions, stats.load[task][index], width=width, label=task)
     axes.axhline(1 / stats.num_experts, color="grey", linestyle="--", linewidth=1, label="even share")
-    axes.set_xticks(range(stats.num_experts))
+    axes.set_xticks(expert_ticks(stats.num_experts))
     axes.set_xlabel("expert")
     axes.set_ylabel(load_label(stats))
     axes.set_title(f"load balance: {site}, layer {stats.layers[index]}")
