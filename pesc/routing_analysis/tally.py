@@ -14,17 +14,8 @@ from dataclasses import dataclass, field
 import torch
 
 from pesc.errors import PescError
-from pesc.routing_analysis.records import RoutingRecord
-
-
-def load_sum(record: RoutingRecord) -> torch.Tensor:
-    """Per expert, float64 [E]: the number of assignments (top-k router) or the summed probability (dense router).
-
-    Divided by tokens * k (top-k) or tokens (dense), it is the load.
-    """
-    if record.selected is None:
-        return torch.softmax(record.logits.double(), dim=-1).sum(dim=0)
-    return torch.bincount(record.selected.reshape(-1), minlength=record.logits.shape[-1]).double()
+from pesc.modeling.moe_core import RoutingRecord
+from pesc.training.trainer import routing_load
 
 
 def entropy_sum(record: RoutingRecord) -> float:
@@ -66,7 +57,7 @@ class RoutingTally:
                 raise ValueError(f"site {record.site!r} has (experts, top-k) {kind}, before {self._kinds[record.site]}")
             sums = self._sums[(task, record.site, record.layer)]
             sums.tokens += record.logits.shape[0]
-            load = load_sum(record)
+            load = routing_load(record, None)  # training's count: assignments (top-k) or summed probability (dense)
             sums.load = load if sums.load is None else sums.load + load
             sums.entropy += entropy_sum(record)
 
@@ -80,7 +71,7 @@ class RoutingTally:
             for task in tasks:
                 rows = [self._sums[(task, site, layer)] for layer in stats.layers]
                 stats.tokens[task] = rows[0].tokens
-                assignments = top_k or 1  # per token
+                assignments = top_k or 1  # per token: the load sum of a token is k (top-k) or 1 (dense)
                 stats.load[task] = [(row.load / max(row.tokens * assignments, 1)).tolist() for row in rows]
                 stats.entropy[task] = [row.entropy / max(row.tokens, 1) for row in rows]
             result[site] = stats
