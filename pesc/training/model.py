@@ -137,9 +137,20 @@ def _reset_experts(model: PescForCausalLM, seed: int) -> None:
     for layer_idx, layer in enumerate(model.model.layers):
         block = layer.mlp.moe_adapter
         state = initial_expert_state(model.config, layer_idx, seed)
-        for name, param in block.named_parameters():
-            # the draw in the config's moe_dtype, exactly what `pesc convert` writes (upcast to fp32 later)
-            param.data = state[name].to(param.device)
+        with _gathered(list(block.parameters())):
+            for name, param in block.named_parameters():
+                # the draw in the config's moe_dtype, exactly what `pesc convert` writes (upcast to fp32 later)
+                param.data = state[name].to(param.device)
+
+
+def _gathered(params: list[nn.Parameter]):
+    """ZeRO-3 partitions parameters as the model is built: a write must go to the whole (gathered) tensor, which
+    DeepSpeed then partitions again; elsewhere parameters are whole already."""
+    if not deepspeed_zero3_enabled():
+        return nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=0)
 
 
 def load_base_model(config: dict) -> PescForCausalLM:

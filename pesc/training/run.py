@@ -32,6 +32,16 @@ def _bf16(config: dict) -> bool:
     return bool(config["bf16"])
 
 
+def _device_arguments() -> dict:
+    """Without a GPU, accelerate sets up multi-process training (DDP over gloo) only when told it is on the CPU,
+    and then ignores DeepSpeed: a DeepSpeed launch is left on DeepSpeed's own CPU accelerator, over gloo."""
+    if torch.cuda.is_available():
+        return {}
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        return {"use_cpu": False, "ddp_backend": "gloo"}
+    return {"use_cpu": True}
+
+
 def training_arguments(config: dict, has_eval: bool):
     """The transformers 5 TrainingArguments for a resolved config."""
     from transformers import TrainingArguments
@@ -67,8 +77,7 @@ def training_arguments(config: dict, has_eval: bool):
         remove_unused_columns=False,
         label_names=["labels"],
         disable_tqdm=True,
-        # no GPU: accelerate only sets up multi-process CPU training (DDP over gloo) when told it is on the CPU
-        use_cpu=not torch.cuda.is_available(),
+        **_device_arguments(),
         # activation checkpointing is set up on the model (non-reentrant) before peft wraps it
     )
 
