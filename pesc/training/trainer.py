@@ -8,7 +8,8 @@
   rescaled here so that its gradient is exactly `coef * mean(aux_loss)` over micro batches and ranks.
 - Logging: every `logging_steps`, the mean aux loss and the per-layer expert load (share of the top-k
   assignments each expert got, from the router logits) are added to the logs; the full per-layer
-  table also goes to `OUTPUT_DIR/expert_load.jsonl`.
+  table also goes to `OUTPUT_DIR/expert_load.jsonl`. Both are over the global batch: summed across
+  ranks (DDP, FSDP, ZeRO-3), equal to what one process computes on the same micro batches.
 """
 
 import json
@@ -112,11 +113,25 @@ class PescTrainer(Trainer):
         counts = torch.stack(counts)
         self._load_counts = counts if self._load_counts is None else self._load_counts + counts
 
+    def _stats_over_ranks(self):
+        """(aux sum, aux count, expert load counts) summed over every rank's micro batches since the last log:
+        each rank routed its own share of the global batch. Every rank logs at the same steps (the Trainer
+        gathers the loss there), so the reduction is a collective they all join."""
+        sums = torch.tensor([self._aux_sum, self._aux_count], dtype=torch.float64)
+        counts = self._load_counts
+        if self.accelerator.num_processes > 1:
+            device = self.accelerator.device
+            sums = self.accelerator.reduce(sums.to(device), reduction="sum").cpu()
+            if counts is not None:
+                counts = self.accelerator.reduce(counts.to(device), reduction="sum").cpu()
+        return float(sums[0]), float(sums[1]), counts
+
     def log(self, logs, start_time=None):
         if "loss" in logs and self._aux_count:
-            logs["aux_loss"] = round(self._aux_sum / self._aux_count, 6)
-            if self._load_counts is not None:
-                load = self._load_counts / self._load_counts.sum(dim=1, keepdim=True).clamp_min(1)
+            aux_sum, aux_count, load_counts = self._stats_over_ranks()
+            logs["aux_loss"] = round(aux_sum / aux_count, 6)
+            if load_counts is not None:
+                load = load_counts / load_counts.sum(dim=1, keepdim=True).clamp_min(1)
                 # 1.0 = perfectly even; E = every token to one expert (max share x experts, worst layer)
                 logs["expert_load_max"] = round(float(load.max()) * load.shape[1], 4)
                 if self.args.should_save:
