@@ -14,7 +14,8 @@ random draw instead of pesc's seeded one differ by 0.25.
 4-bit: bitsandbytes NF4 on the CPU, with the storage-dtype rule (4-bit weights stored in torch_dtype so that
 ZeRO-3 / FSDP partition one dtype), checked on the live model.
 
-A method is one more entry in METHODS (its `moe`/method settings for the tiny run).
+A method is one more entry in METHODS: its settings for the tiny run, and the class of its routed block
+(which ZeRO-3 must gather whole).
 """
 
 import shutil
@@ -28,7 +29,7 @@ from pesc.testing.launch import BACKENDS, assert_same_routing_logs, launch_train
 from test_train import data_file, make_config  # noqa: F401  (the same tiny config and data fixture)
 from test_train_ddp import SETTINGS
 
-METHODS = {"pesc": {}}
+METHODS = {"pesc": {"settings": {}, "routed_block": "PescMoEAdapter"}}
 STEPS, CUT = 3, 2
 SHARDED = dict(SETTINGS, max_steps=STEPS, save_steps=CUT, torch_dtype="float32")
 TOL = dict(rtol=1e-5, atol=2e-6)
@@ -46,7 +47,7 @@ def reference_runs(tmp_path_factory, tiny_llama_dir, data_file):
         if (method, load_in_4bit) not in runs:
             folder = tmp_path_factory.mktemp(f"single-{method}-{load_in_4bit}")
             config = make_config(folder, tiny_llama_dir, data_file, gradient_accumulation_steps=2,
-                                 load_in_4bit=load_in_4bit, **{**SHARDED, **METHODS[method]})
+                                 load_in_4bit=load_in_4bit, **{**SHARDED, **METHODS[method]["settings"]})
             train(str(config))
             runs[method, load_in_4bit] = folder / "run"
         return runs[method, load_in_4bit]
@@ -63,7 +64,8 @@ def test_two_process_run_trains_saves_resumes_and_equals_one_process(
     backend = BACKENDS[backend]
     if reason := backend.skip_reason(processes=2):
         pytest.skip(reason)
-    config = make_config(tmp_path, tiny_llama_dir, data_file, load_in_4bit=load_in_4bit, **{**SHARDED, **METHODS[method]})
+    config = make_config(tmp_path, tiny_llama_dir, data_file, load_in_4bit=load_in_4bit,
+                         **{**SHARDED, **METHODS[method]["settings"]})
     run = tmp_path / "run"
 
     launch_training(backend, tmp_path / "first", config, "--set", f"max_steps={CUT}")
@@ -81,6 +83,9 @@ def test_two_process_run_trains_saves_resumes_and_equals_one_process(
         assert ranks[0]["global_step"] == (CUT if part == "first" else STEPS)
         # 4-bit weights are stored in the model dtype (the storage-dtype rule), and only when quantized
         assert all(r["quant_storage"] == ({"torch.float32"} if load_in_4bit else set()) for r in ranks)
+        # ZeRO-3 gathers each routed block whole: a rank whose tokens skip an expert cannot hang the others
+        leaves = {METHODS[method]["routed_block"]} if backend.name == "zero3" else set()
+        assert all(r["z3_leaves"] == leaves for r in ranks), [r["z3_leaves"] for r in ranks]
 
     reference = reference_runs(method, load_in_4bit)
     for name in WEIGHT_FILES:

@@ -10,8 +10,9 @@ Per process, into `OUT_DIR/probe-rank{R}.pt` when training ends:
 - `params`: the trainable parameters at the end (local shards when sharded); `world_size`,
   `process_index`, `global_step`;
 - `wrapper`: the class that wrapped the model for training (DistributedDataParallel, DeepSpeedEngine,
-  FullyShardedDataParallel / FSDP...: which engine actually ran), and `quant_storage`: the storage dtypes
-  of the 4-bit weights (empty when not quantized).
+  FullyShardedDataParallel / FSDP...: which engine actually ran), `quant_storage`: the storage dtypes
+  of the 4-bit weights (empty when not quantized), and `z3_leaves`: the classes of the modules flagged as
+  DeepSpeed ZeRO-3 leaves (gathered whole).
 
 `python -m pesc.testing.training_probe [--aux-gradients] OUT_DIR CONFIG [pesc train options]` runs
 `pesc train CONFIG ...` under the probe: the script a test hands to torchrun or accelerate launch.
@@ -70,6 +71,7 @@ class TrainingProbe(TrainerCallback):
                 "quant_storage": {
                     str(p.dtype) for p in model.parameters() if type(p).__name__ == "Params4bit"
                 },
+                "z3_leaves": {type(m).__name__ for m in model.modules() if getattr(m, "_z3_leaf", False)},
             },
             self.path,
         )
