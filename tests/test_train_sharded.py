@@ -82,7 +82,8 @@ def test_two_process_run_trains_saves_resumes_and_equals_one_process(
         assert {b["step"] for r in ranks for b in r["micro_batches"]} == steps, part
         assert ranks[0]["global_step"] == (CUT if part == "first" else STEPS)
         # 4-bit weights are stored in the model dtype (the storage-dtype rule), and only when quantized
-        assert all(r["quant_storage"] == ({"torch.float32"} if load_in_4bit else set()) for r in ranks)
+        storage = {"torch.float32"} if load_in_4bit else set()
+        assert all(r["quant_storage"] == storage for r in ranks), [r["quant_storage"] for r in ranks]
         # ZeRO-3 gathers each routed block whole: a rank whose tokens skip an expert cannot hang the others
         leaves = {METHODS[method]["routed_block"]} if backend.name == "zero3" else set()
         assert all(r["z3_leaves"] == leaves for r in ranks), [r["z3_leaves"] for r in ranks]
