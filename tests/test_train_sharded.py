@@ -15,8 +15,8 @@ random draw instead of pesc's seeded one differ by 0.25.
 4-bit: bitsandbytes NF4 on the CPU, with the storage-dtype rule (4-bit weights stored in torch_dtype so that
 ZeRO-3 / FSDP partition one dtype), checked on the live model.
 
-A method is one more entry in METHODS: its settings for the tiny run, and the class of its routed block
-(which ZeRO-3 must gather whole).
+A method is one more entry in METHODS: its settings for the tiny run (the routed blocks ZeRO-3 must gather
+whole are the method's own `zero3_leaf_modules`).
 """
 
 import shutil
@@ -25,12 +25,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from pesc.methods import get_method
 from pesc.run_files import EXPERTS_FILE, FINAL_DIR
 from pesc.testing.launch import BACKENDS, assert_same_routing_logs, launch_training
 from test_train import data_file, make_config  # noqa: F401  (the same tiny config and data fixture)
 from test_train_ddp import SETTINGS
 
-METHODS = {"pesc": {"settings": {}, "routed_block": "PescMoEAdapter"}}
+METHODS = {"pesc": {"method": "pesc"}}
 STEPS, CUT = 3, 2
 SHARDED = dict(SETTINGS, max_steps=STEPS, save_steps=CUT, torch_dtype="float32")
 TOL = dict(rtol=1e-5, atol=2e-6)
@@ -48,7 +49,7 @@ def reference_runs(tmp_path_factory, tiny_llama_dir, data_file):
         if (method, load_in_4bit) not in runs:
             folder = tmp_path_factory.mktemp(f"single-{method}-{load_in_4bit}")
             config = make_config(folder, tiny_llama_dir, data_file, gradient_accumulation_steps=2,
-                                 load_in_4bit=load_in_4bit, **{**SHARDED, **METHODS[method]["settings"]})
+                                 load_in_4bit=load_in_4bit, **{**SHARDED, **METHODS[method]})
             train(str(config))
             runs[method, load_in_4bit] = folder / "run"
         return runs[method, load_in_4bit]
@@ -68,7 +69,7 @@ def test_two_process_run_trains_saves_resumes_and_equals_one_process(
     if reason := backend.skip_reason(processes=2):
         pytest.skip(reason)
     config = make_config(tmp_path, tiny_llama_dir, data_file, load_in_4bit=load_in_4bit,
-                         **{**SHARDED, **METHODS[method]["settings"]})
+                         **{**SHARDED, **METHODS[method]})
     run = tmp_path / "run"
 
     if resume:
@@ -94,7 +95,7 @@ def test_two_process_run_trains_saves_resumes_and_equals_one_process(
         storage = {"torch.float32"} if load_in_4bit else set()
         assert all(r["quant_storage"] == storage for r in ranks), [r["quant_storage"] for r in ranks]
         # ZeRO-3 gathers each routed block whole: a rank whose tokens skip an expert cannot hang the others
-        leaves = {METHODS[method]["routed_block"]} if backend.name == "zero3" else set()
+        leaves = {c.__name__ for c in get_method(method).zero3_leaf_modules} if backend.name == "zero3" else set()
         assert all(r["z3_leaves"] == leaves for r in ranks), [r["z3_leaves"] for r in ranks]
 
     reference = reference_runs(method, load_in_4bit)
