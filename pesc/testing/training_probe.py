@@ -27,7 +27,7 @@ from transformers import TrainerCallback
 
 
 class TrainingProbe(TrainerCallback):
-    def __init__(self, trainer, path: Path, aux_gradients: bool):
+    def __init__(self, trainer, path: Path, aux_gradients: bool = True):
         self.trainer, self.path, self.record_aux_gradients = trainer, path, aux_gradients
         self.micro_batches, self.aux_gradients, self.gradients = [], [], []
         training_step = trainer.training_step
