@@ -127,10 +127,21 @@ def _reset_added_modules(model, seed: int) -> None:
     method = method_of(model.config)
     for layer_idx, layer in enumerate(model.model.layers):
         state = method.initial_state(model.config, layer_idx, seed)
-        for name, param in layer.named_parameters():
-            if method.is_added(name):
+        added = [(name, param) for name, param in layer.named_parameters() if method.is_added(name)]
+        with _gathered([param for _, param in added]):
+            for name, param in added:
                 # the draw in the config's moe_dtype, exactly what `pesc convert` writes (upcast to fp32 later)
                 param.data = state[name].to(param.device)
+
+
+def _gathered(params: list[nn.Parameter]):
+    """ZeRO-3 partitions parameters as the model is built: a write must go to the whole (gathered) tensor, which
+    DeepSpeed then partitions again; elsewhere parameters are whole already."""
+    if not deepspeed_zero3_enabled():
+        return nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=0)
 
 
 def load_base_model(config: dict):

@@ -39,6 +39,25 @@ def _bf16(config: dict) -> bool:
     return bool(config["bf16"])
 
 
+def check_launch() -> None:
+    """An FSDP launch without a GPU would silently train as plain DDP: accelerate drops the FSDP plugin there."""
+    from pesc.training.model import fsdp_enabled
+
+    if fsdp_enabled() and not torch.cuda.is_available():
+        raise PescError("FSDP needs GPUs (accelerate runs it only on an accelerator device): on the CPU launch "
+                        "with torchrun (DDP) or configs/accelerate/deepspeed_zero3.yaml")
+
+
+def _device_arguments() -> dict:
+    """Without a GPU, accelerate sets up multi-process training (DDP over gloo) only when told it is on the CPU,
+    and then ignores DeepSpeed: a DeepSpeed launch is left on DeepSpeed's own CPU accelerator, over gloo."""
+    if torch.cuda.is_available():
+        return {}
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        return {"use_cpu": False, "ddp_backend": "gloo"}
+    return {"use_cpu": True}
+
+
 def training_arguments(config: dict, has_eval: bool):
     """The transformers 5 TrainingArguments for a resolved config."""
     from transformers import TrainingArguments
@@ -74,8 +93,7 @@ def training_arguments(config: dict, has_eval: bool):
         remove_unused_columns=False,
         label_names=["labels"],
         disable_tqdm=True,
-        # no GPU: accelerate only sets up multi-process CPU training (DDP over gloo) when told it is on the CPU
-        use_cpu=not torch.cuda.is_available(),
+        **_device_arguments(),
         # activation checkpointing is set up on the model (non-reentrant) before peft wraps it
     )
 
@@ -152,6 +170,7 @@ def train(config_path: str, overrides: list[str] = (), resume: bool = False) -> 
     output_dir = Path(config["output_dir"])
     check_run_folder(output_dir)
     check_reporting_installed(config["report_to"])
+    check_launch()
     checkpoint = None
     if resume:
         checkpoint = resume_checkpoint(output_dir, with_lora=bool(config["lora_target_modules"]))

@@ -10,7 +10,8 @@
 - Logging: every `logging_steps`, the mean of each named aux loss and the per-site expert load (the
   share of the routing each expert got: the top-k picks of a sparse router, the softmax weights of a
   dense one, from the routing records) are added to the logs; the full per-site table also goes to
-  `OUTPUT_DIR/expert_load.jsonl`.
+  `OUTPUT_DIR/expert_load.jsonl`. Both are over the global batch: summed across ranks (DDP, FSDP,
+  ZeRO-3), equal to what one process computes on the same micro batches.
 """
 
 import json
@@ -145,12 +146,27 @@ class MoETrainer(Trainer):
         counts = torch.stack([routing_load(record, keep) for record in records])
         self._load_counts = counts if self._load_counts is None else self._load_counts + counts
 
+    def _stats_over_ranks(self):
+        """({aux loss name: sum}, micro batch count, expert load counts) summed over every rank's micro batches
+        since the last log: each rank routed its own share of the global batch. Every rank logs at the same
+        steps (the Trainer gathers the loss there), so the reduction is a collective they all join."""
+        names = list(self._aux_sums)
+        sums = torch.tensor([*self._aux_sums.values(), self._aux_count], dtype=torch.float64)
+        counts = self._load_counts
+        if self.accelerator.num_processes > 1:
+            device = self.accelerator.device
+            sums = self.accelerator.reduce(sums.to(device), reduction="sum").cpu()
+            if counts is not None:
+                counts = self.accelerator.reduce(counts.to(device), reduction="sum").cpu()
+        return dict(zip(names, sums[:-1].tolist())), float(sums[-1]), counts
+
     def log(self, logs, start_time=None):
         if "loss" in logs and self._aux_count:
-            for name, total in self._aux_sums.items():
-                logs[name] = round(total / self._aux_count, 6)
-            if self._load_counts is not None:
-                load = self._load_counts / self._load_counts.sum(dim=1, keepdim=True).clamp_min(1)
+            aux_sums, aux_count, load_counts = self._stats_over_ranks()
+            for name, total in aux_sums.items():
+                logs[name] = round(total / aux_count, 6)
+            if load_counts is not None:
+                load = load_counts / load_counts.sum(dim=1, keepdim=True).clamp_min(1)
                 # 1.0 = perfectly even; E = every token to one expert (max share x experts, worst site)
                 logs["expert_load_max"] = round(float(load.max()) * load.shape[1], 4)
                 if self.args.should_save:
