@@ -8,6 +8,7 @@ accelerate configs (they ask for bf16, which the CPU runs slowly and the one-pro
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -66,8 +67,18 @@ def launch_training(backend: Backend, probe_dir: Path, config: Path, *train_args
     probe = ["-m", "pesc.testing.training_probe", *(["--aux-gradients"] if aux_gradients else [])]
     count = ("--nproc_per_node" if backend.name == "ddp" else "--num_processes", str(processes))
     command = [sys.executable, *backend.launcher, *count, *probe, str(probe_dir), str(config), *train_args]
-    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    # its own process group, so that a launch past its timeout is killed with its workers (the launcher
+    # alone would leave them running, holding the rendezvous port for the next launch)
+    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        stdout, stderr = process.communicate()
+        raise AssertionError(f"the {processes}-process launch did not finish in {timeout} s:\n"
+                             + stdout[-3000:] + stderr[-5000:]) from None
+    assert process.returncode == 0, stdout[-3000:] + stderr[-5000:]
 
 
 def logged_routing(run_dir: Path) -> tuple[list[tuple[int, dict]], list[dict]]:
