@@ -1,0 +1,68 @@
+"""MoLoRA: a soft-merged mixture of LoRA experts (Zadouri et al., arXiv 2309.05444), on a dense decoder.
+
+Shipped inside every MoLoRA checkpoint: imports only torch, transformers and its sibling files.
+
+Each site is a linear of the dense model (by default all seven projections: q, k, v, o, gate,
+up, down; our mapping, the paper's code is T5). It owns a router on the linear's input and
+E LoRA experts of rank r:
+    y = W0·x + (α/r) Σ_e p_e B_e A_e x,    p = softmax(router(x)) over all E experts, float32
+A_e ~ N(0, 0.02) and B_e = 0, so a fresh model is exactly its base. Optionally (off by
+default, as in every official config) the router keeps only the top-k probabilities and
+jitters its input while training (see soft_router.py).
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .soft_router import SoftRouter
+
+LORA_A_INIT_STD = 0.02
+
+
+class MoLoRAExperts(nn.Module):
+    """A router and E rank-r LoRA experts on one linear, all computed at once.
+
+    The experts are stacked: rows e*r .. e*r+r-1 of `lora_A.weight` [E*r, in] are A_e, the
+    same columns of `lora_B.weight` [out, E*r] are B_e. Because the mixture is linear in p,
+    Σ_e p_e B_e A_e x is one matmul with the stacked A, the rank-r slices scaled by p_e, and
+    one matmul with the stacked B: no loop over experts.
+    """
+
+    def __init__(self, in_features: int, out_features: int, num_experts: int, rank: int, alpha: float,
+                 top_k: int = 0, renormalize: bool = False, jitter: float = 0.0):
+        super().__init__()
+        self.num_experts = num_experts
+        self.rank = rank
+        self.scaling = alpha / rank
+        self.router = SoftRouter(in_features, num_experts, top_k, renormalize, jitter)
+        self.lora_A = nn.Linear(in_features, num_experts * rank, bias=False)
+        self.lora_B = nn.Linear(num_experts * rank, out_features, bias=False)
+
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        """The official init: router and A ~ N(0, 0.02), B zero."""
+        self.router.reset_parameters(generator)
+        with torch.no_grad():
+            self.lora_A.weight.normal_(0.0, LORA_A_INIT_STD, generator=generator)
+            self.lora_B.weight.zero_()
+
+    def mixture(self, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(α/r) Σ_e p_e B_e A_e x [..., out] in the experts' dtype, the router logits, and the kept experts."""
+        rows = inputs.reshape(-1, inputs.shape[-1])
+        logits = self.router.logits(rows)
+        probabilities, selected = self.router.probabilities(logits)
+        hidden = F.linear(rows.to(self.lora_A.weight.dtype), self.lora_A.weight)  # [tokens, E*r]
+        weights = (probabilities * self.scaling).to(hidden.dtype).unsqueeze(-1)  # [tokens, E, 1]
+        hidden = (hidden.view(rows.shape[0], self.num_experts, self.rank) * weights).flatten(1)
+        out = F.linear(hidden, self.lora_B.weight)
+        return out.view(*inputs.shape[:-1], out.shape[-1]), logits, selected
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        return self.mixture(inputs)[0]
+
+    def linear_output_hook(self, linear: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        """The site: the linear's output plus the experts' mixture on its input."""
+        return output + self(args[0]).to(output.dtype)
+
+
+__all__ = ["MoLoRAExperts", "LORA_A_INIT_STD"]

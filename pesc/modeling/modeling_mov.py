@@ -1,0 +1,68 @@
+"""MoV: a soft-merged mixture of (IA)³ vectors (Zadouri et al., arXiv 2309.05444), on a dense decoder.
+
+Shipped inside every MoV checkpoint: imports only torch, transformers and its sibling files.
+
+(IA)³ rescales three activations; MoV gives each of them E learned vectors and a router:
+    y = a ⊙ Σ_e p_e l_e,    p = softmax(router(a)) over all E experts, float32
+with every l_e initialised to ones, so a fresh model is exactly its base. The router reads
+the activation it rescales. On a decoder the sites are (our mapping; the paper's code is T5):
+- the outputs of `k_proj` and `v_proj`, per head: each key/value head routes on its own
+  head_dim-wide vector with one router kernel [E, head_dim] shared by every head, and owns
+  its own E vectors (the official `MoVAttention`); with grouped-query attention the heads
+  are the key/value heads;
+- the FFN intermediate activation act(gate(x)) * up(x), i.e. the input of `down_proj`.
+"""
+
+import torch
+from torch import nn
+
+from .soft_router import SoftRouter
+
+
+class MoVScaling(nn.Module):
+    """E (IA)³ vectors on one activation of `heads * width` features, soft-merged per token and head.
+
+    `vectors[h, e]` is expert e's vector for head h (one head for the FFN site). The merge is
+    the matmul `p @ L`, never a loop over experts.
+    """
+
+    def __init__(self, width: int, num_experts: int, heads: int = 1):
+        super().__init__()
+        self.width = width
+        self.heads = heads
+        self.router = SoftRouter(width, num_experts)
+        self.vectors = nn.Parameter(torch.ones(heads, num_experts, width))
+
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        """The official init: router ~ N(0, 0.02), every vector all ones."""
+        self.router.reset_parameters(generator)
+        with torch.no_grad():
+            self.vectors.fill_(1.0)
+
+    def merged_vectors(self, activation: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each token's and head's merged vector Σ_e p_e l_e [tokens, heads, width] (float32), and the router logits."""
+        rows = activation.reshape(-1, self.heads, self.width)
+        logits = self.router.logits(rows)  # [tokens, heads, E]
+        probabilities, _ = self.router.probabilities(logits)
+        # 1 + p @ (L - 1) is p @ L since the p sum to one; written so, vectors of ones merge
+        # to exactly one, whatever the float rounding of sum(p).
+        offsets = self.vectors.float() - 1.0  # [heads, E, width]
+        merged = torch.matmul(probabilities.transpose(0, 1), offsets).add_(1.0).transpose(0, 1)
+        return merged, logits
+
+    def forward(self, activation: torch.Tensor) -> torch.Tensor:
+        """activation ⊙ its merged vector, in the activation's dtype and shape."""
+        merged, _ = self.merged_vectors(activation)
+        rows = activation.reshape(-1, self.heads, self.width)
+        return (rows * merged.to(activation.dtype)).reshape(activation.shape)
+
+    def linear_output_hook(self, linear: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        """The K / V site: rescale the projection's output."""
+        return self(output)
+
+    def linear_input_hook(self, linear: nn.Module, args: tuple) -> tuple:
+        """The FFN site: rescale down_proj's input, the intermediate activation."""
+        return (self(args[0]), *args[1:])
+
+
+__all__ = ["MoVScaling"]
