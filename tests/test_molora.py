@@ -21,19 +21,19 @@ def trained_like(seed: int, **routing) -> MoLoRAExperts:
     site.reset_parameters(generator)
     with torch.no_grad():
         site.router.weight.mul_(30)  # peaked routing, so that top-k and renormalising matter
-        site.lora_B.weight.normal_(0.0, 0.2, generator=generator)
+        site.experts_B.weight.normal_(0.0, 0.2, generator=generator)
     return site
 
 
-def reference_molora(x, router, lora_A, lora_B, top_k=0, renormalize=False):
+def reference_molora(x, router, experts_A, experts_B, top_k=0, renormalize=False):
     """y[t] = (alpha/r) sum_e p[t, e] B_e A_e x[t], each expert on its own, float64.
 
     p = softmax over all experts; with top_k, the k largest kept (the official mask), divided by their
-    sum when renormalising. A_e: rows e*r..e*r+r-1 of lora_A; B_e: the same columns of lora_B.
+    sum when renormalising. A_e: rows e*r..e*r+r-1 of experts_A; B_e: the same columns of experts_B.
     """
     rows = x.double().reshape(-1, x.shape[-1])
-    router, lora_A, lora_B = router.double(), lora_A.double(), lora_B.double()
-    out = torch.zeros(rows.shape[0], lora_B.shape[0], dtype=torch.float64)
+    router, experts_A, experts_B = router.double(), experts_A.double(), experts_B.double()
+    out = torch.zeros(rows.shape[0], experts_B.shape[0], dtype=torch.float64)
     for t in range(rows.shape[0]):
         logits = torch.stack([rows[t] @ router[e] for e in range(EXPERTS)])
         p = torch.exp(logits - logits.max())
@@ -44,14 +44,14 @@ def reference_molora(x, router, lora_A, lora_B, top_k=0, renormalize=False):
             if renormalize:
                 p = p / p.sum()
         for e in range(EXPERTS):
-            a_e = lora_A[e * RANK : (e + 1) * RANK]
-            b_e = lora_B[:, e * RANK : (e + 1) * RANK]
+            a_e = experts_A[e * RANK : (e + 1) * RANK]
+            b_e = experts_B[:, e * RANK : (e + 1) * RANK]
             out[t] += p[e] * (ALPHA / RANK) * (b_e @ (a_e @ rows[t]))
     return out.reshape(*x.shape[:-1], -1)
 
 
 def reference_of(site, x):
-    return reference_molora(x, site.router.weight.detach(), site.lora_A.weight.detach(), site.lora_B.weight.detach(),
+    return reference_molora(x, site.router.weight.detach(), site.experts_A.weight.detach(), site.experts_B.weight.detach(),
                             site.router.top_k, site.router.renormalize)
 
 
@@ -76,7 +76,7 @@ def test_molora_gradients_match_reference():
     site = trained_like(2)
     x = torch.randn(7, IN, generator=torch.Generator().manual_seed(3), requires_grad=True)
     site(x).pow(2).sum().backward()
-    leaves = [site.router.weight, site.lora_A.weight, site.lora_B.weight]
+    leaves = [site.router.weight, site.experts_A.weight, site.experts_B.weight]
     reference_leaves = [p.detach().double().requires_grad_(True) for p in leaves]
     reference_x = x.detach().double().requires_grad_(True)
     reference_molora(reference_x, *reference_leaves).pow(2).sum().backward()
@@ -111,8 +111,8 @@ def test_molora_is_exactly_the_identity_at_init():
 def test_molora_official_init():
     site = MoLoRAExperts(512, 64, 10, 4, 16.0)
     site.reset_parameters(torch.Generator().manual_seed(0))
-    assert torch.equal(site.lora_B.weight, torch.zeros(64, 40))
-    for weight in (site.lora_A.weight, site.router.weight):
+    assert torch.equal(site.experts_B.weight, torch.zeros(64, 40))
+    for weight in (site.experts_A.weight, site.router.weight):
         assert abs(weight.std().item() - 0.02) < 0.001 and abs(weight.mean().item()) < 0.001
     assert site.scaling == 4.0
 
@@ -132,9 +132,9 @@ def test_jitter_scales_the_router_input_while_training_only():
     jittered_router_input = (x.double() * noise.double())
     logits = jittered_router_input @ router.t()
     p = torch.softmax(logits, dim=-1)
-    lora_A, lora_B = site.lora_A.weight.detach().double(), site.lora_B.weight.detach().double()
-    hidden = (x.double() @ lora_A.t()).view(6, EXPERTS, RANK) * p.unsqueeze(-1)
-    expected = hidden.flatten(1) @ lora_B.t() * (ALPHA / RANK)
+    experts_A, experts_B = site.experts_A.weight.detach().double(), site.experts_B.weight.detach().double()
+    hidden = (x.double() @ experts_A.t()).view(6, EXPERTS, RANK) * p.unsqueeze(-1)
+    expected = hidden.flatten(1) @ experts_B.t() * (ALPHA / RANK)
     assert (noisy.double() - clean).abs().max() > 1e-3
     torch.testing.assert_close(noisy.double(), expected, **CLOSE)
 

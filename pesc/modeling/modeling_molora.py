@@ -17,14 +17,14 @@ from torch import nn
 
 from .soft_router import SoftRouter
 
-LORA_A_INIT_STD = 0.02
+EXPERTS_A_INIT_STD = 0.02
 
 
 class MoLoRAExperts(nn.Module):
     """A router and E rank-r LoRA experts on one linear, all computed at once.
 
-    The experts are stacked: rows e*r .. e*r+r-1 of `lora_A.weight` [E*r, in] are A_e, the
-    same columns of `lora_B.weight` [out, E*r] are B_e. Because the mixture is linear in p,
+    The experts are stacked: rows e*r .. e*r+r-1 of `experts_A.weight` [E*r, in] are A_e, the
+    same columns of `experts_B.weight` [out, E*r] are B_e. Because the mixture is linear in p,
     Σ_e p_e B_e A_e x is one matmul with the stacked A, the rank-r slices scaled by p_e, and
     one matmul with the stacked B: no loop over experts.
     """
@@ -36,25 +36,25 @@ class MoLoRAExperts(nn.Module):
         self.rank = rank
         self.scaling = alpha / rank
         self.router = SoftRouter(in_features, num_experts, top_k, renormalize, jitter)
-        self.lora_A = nn.Linear(in_features, num_experts * rank, bias=False)
-        self.lora_B = nn.Linear(num_experts * rank, out_features, bias=False)
+        self.experts_A = nn.Linear(in_features, num_experts * rank, bias=False)
+        self.experts_B = nn.Linear(num_experts * rank, out_features, bias=False)
 
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
         """The official init: router and A ~ N(0, 0.02), B zero."""
         self.router.reset_parameters(generator)
         with torch.no_grad():
-            self.lora_A.weight.normal_(0.0, LORA_A_INIT_STD, generator=generator)
-            self.lora_B.weight.zero_()
+            self.experts_A.weight.normal_(0.0, EXPERTS_A_INIT_STD, generator=generator)
+            self.experts_B.weight.zero_()
 
     def mixture(self, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """(α/r) Σ_e p_e B_e A_e x [..., out] in the experts' dtype, the router logits, and the kept experts."""
         rows = inputs.reshape(-1, inputs.shape[-1])
         logits = self.router.logits(rows)
         probabilities, selected = self.router.probabilities(logits)
-        hidden = F.linear(rows.to(self.lora_A.weight.dtype), self.lora_A.weight)  # [tokens, E*r]
+        hidden = F.linear(rows.to(self.experts_A.weight.dtype), self.experts_A.weight)  # [tokens, E*r]
         weights = (probabilities * self.scaling).to(hidden.dtype).unsqueeze(-1)  # [tokens, E, 1]
         hidden = (hidden.view(rows.shape[0], self.num_experts, self.rank) * weights).flatten(1)
-        out = F.linear(hidden, self.lora_B.weight)
+        out = F.linear(hidden, self.experts_B.weight)
         return out.view(*inputs.shape[:-1], out.shape[-1]), logits, selected
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
@@ -65,4 +65,4 @@ class MoLoRAExperts(nn.Module):
         return output + self(args[0]).to(output.dtype)
 
 
-__all__ = ["MoLoRAExperts", "LORA_A_INIT_STD"]
+__all__ = ["MoLoRAExperts", "EXPERTS_A_INIT_STD"]
