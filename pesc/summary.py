@@ -1,4 +1,4 @@
-"""Parameter summary of a PESC model, computed from its config alone on the meta device."""
+"""Parameter summaries computed from a config alone on the meta device: PESC's own, and any method's."""
 
 from dataclasses import asdict, dataclass
 
@@ -70,4 +70,54 @@ def summarize(config: PescConfig) -> ParameterSummary:
         total_params=total,
         active_params=total - layers * (config.num_experts - config.topk) * per_expert,
         trainable_params=experts_total,
+    )
+
+
+@dataclass(frozen=True)
+class MethodSummary:
+    """Any method's counts: its settings, and total / active per token / trainable (added) parameters."""
+
+    method: str
+    base_model_type: str
+    num_layers: int
+    hidden_size: int
+    settings: dict
+    dense_params: int
+    total_params: int
+    active_params: int
+    trainable_params: int
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    def lines(self) -> list[str]:
+        settings = ", ".join(f"{k} {v}" for k, v in self.settings.items())
+        return [
+            f"architecture      {self.method} over {self.base_model_type}: {self.num_layers} layers, "
+            f"hidden {self.hidden_size}",
+            f"settings          {settings}",
+            f"total params      {self.total_params:,} ({human_count(self.total_params)})",
+            f"active per token  {self.active_params:,} ({human_count(self.active_params)})",
+            f"trainable (added) {self.trainable_params:,} ({human_count(self.trainable_params)})",
+            f"dense base        {self.dense_params:,} ({human_count(self.dense_params)})",
+        ]
+
+
+def summarize_method(method, config) -> MethodSummary:
+    """Build the method's model on the meta device and count; the method says what a token leaves idle."""
+    with torch.device("meta"):
+        model = method.model_class(config)
+    total = sum(p.numel() for p in model.parameters())
+    added = {n: p.numel() for n, p in model.named_parameters() if method.is_added(n)}
+    layer_zero = {n.split("model.layers.0.", 1)[1]: c for n, c in added.items() if n.startswith("model.layers.0.")}
+    return MethodSummary(
+        method=method.name,
+        base_model_type=config.base_model_type,
+        num_layers=len(model.model.layers),
+        hidden_size=config.hidden_size,
+        settings=method.config_settings(config),
+        dense_params=total - sum(added.values()),
+        total_params=total,
+        active_params=total - len(model.model.layers) * method.inactive_params_per_token(config, layer_zero),
+        trainable_params=sum(added.values()),
     )
