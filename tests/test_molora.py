@@ -318,3 +318,15 @@ def test_saved_molora_model_loads_without_pesc_and_generates(molora_checkpoints,
         logits = model(input_ids=torch.tensor(ids)).logits
     torch.testing.assert_close(torch.tensor(fresh["logits"]), logits, rtol=0, atol=1e-6)  # same code, same maths
     assert fresh["cached"] == fresh["uncached"] and len(fresh["cached"][0]) == len(ids[0]) + 8
+
+
+def test_molora_emits_a_routing_record_per_site_with_its_top_k(molora_checkpoints):
+    model = AutoModelForCausalLM.from_pretrained(molora_checkpoints["llama"], dtype=torch.float32).eval()
+    ids = torch.tensor([[5, 17, 33, 2, 71]])
+    with torch.no_grad():
+        records = model(input_ids=ids, output_routing_records=True).routing_records
+    assert [(r.site, r.layer) for r in records] == [
+        (site, layer) for layer in range(model.config.num_hidden_layers) for site in SITES]
+    for record in records:
+        assert record.logits.shape == (5, 3) and record.logits.dtype == torch.float32
+        assert torch.equal(record.selected, record.logits.topk(2, dim=-1).indices)  # the top-2 kept
