@@ -17,7 +17,6 @@ from pesc.cli import main
 from pesc.methods.molora import MOLORA
 from pesc.modeling.modeling_molora import MoLoRAExperts
 from pesc.testing import TINY_FAMILIES
-from pesc.testing.isolated import run_without_pesc
 
 CLOSE = dict(rtol=1e-5, atol=1e-6)
 IN, OUT, EXPERTS, RANK, ALPHA = 12, 10, 5, 3, 16.0
@@ -291,33 +290,6 @@ def test_bad_sites_are_one_line_errors(tiny_llama_dir, tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert err.startswith("Error: sites must name distinct linears among q_proj") and "\n" not in err
     assert not (tmp_path / "x").exists()
-
-
-def test_saved_molora_model_loads_without_pesc_and_generates(molora_checkpoints, tmp_path):
-    """A MoLoRA checkpoint carries its code: a fresh interpreter without pesc loads it, computes the same
-    logits, and its greedy generation with the cache equals the one without."""
-    model = perturbed_molora_model(molora_checkpoints["mistral"])
-    model.save_pretrained(tmp_path / "molora")
-    ids = [[5, 17, 33, 2, 71, 8]]
-    fresh = run_without_pesc(f"""
-        import torch
-        from transformers import AutoModelForCausalLM
-        model = AutoModelForCausalLM.from_pretrained({str(tmp_path / "molora")!r}, trust_remote_code=True,
-                                                     dtype=torch.float32).eval()
-        ids = torch.tensor({ids})
-        with torch.no_grad():
-            logits = model(input_ids=ids).logits
-        kwargs = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
-        cached = model.generate(ids, use_cache=True, **kwargs)
-        uncached = model.generate(ids, use_cache=False, **kwargs)
-        emit({{"class": type(model).__name__, "logits": logits.tolist(), "cached": cached.tolist(),
-               "uncached": uncached.tolist()}})
-    """)
-    assert fresh["class"] == "MoLoRAForCausalLM"
-    with torch.no_grad():
-        logits = model(input_ids=torch.tensor(ids)).logits
-    torch.testing.assert_close(torch.tensor(fresh["logits"]), logits, rtol=0, atol=1e-6)  # same code, same maths
-    assert fresh["cached"] == fresh["uncached"] and len(fresh["cached"][0]) == len(ids[0]) + 8
 
 
 def test_molora_emits_a_routing_record_per_site_with_its_top_k(molora_checkpoints):

@@ -18,7 +18,6 @@ from pesc.cli import main
 from pesc.methods.mov import MOV
 from pesc.modeling.modeling_mov import MoVScaling
 from pesc.testing import TINY_FAMILIES
-from pesc.testing.isolated import run_without_pesc
 
 CLOSE = dict(rtol=1e-5, atol=1e-6)
 
@@ -261,33 +260,6 @@ def test_inspect_counts_equal_the_closed_form(mov_checkpoints, tiny_llama_dir, c
     assert summary["total_params"] == summary["active_params"] == dense_total + closed_form(EXPERTS)
     main(["inspect", str(tiny_llama_dir), "--method", "mov", "--num-experts", "30", "--json"])
     assert json.loads(capsys.readouterr().out)["trainable_params"] == closed_form(30)
-
-
-def test_saved_mov_model_loads_without_pesc_and_generates(mov_checkpoints, tmp_path):
-    """A MoV checkpoint carries its code: a fresh interpreter without pesc loads it, computes the same logits,
-    and its greedy generation with the cache equals the one without."""
-    model = perturbed_mov_model(mov_checkpoints["qwen2"])
-    model.save_pretrained(tmp_path / "mov")
-    ids = [[5, 17, 33, 2, 71, 8]]
-    fresh = run_without_pesc(f"""
-        import torch
-        from transformers import AutoModelForCausalLM
-        model = AutoModelForCausalLM.from_pretrained({str(tmp_path / "mov")!r}, trust_remote_code=True,
-                                                     dtype=torch.float32).eval()
-        ids = torch.tensor({ids})
-        with torch.no_grad():
-            logits = model(input_ids=ids).logits
-        kwargs = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
-        cached = model.generate(ids, use_cache=True, **kwargs)
-        uncached = model.generate(ids, use_cache=False, **kwargs)
-        emit({{"class": type(model).__name__, "logits": logits.tolist(), "cached": cached.tolist(),
-               "uncached": uncached.tolist()}})
-    """)
-    assert fresh["class"] == "MoVForCausalLM"
-    with torch.no_grad():
-        logits = model(input_ids=torch.tensor(ids)).logits
-    torch.testing.assert_close(torch.tensor(fresh["logits"]), logits, rtol=0, atol=1e-6)  # same code, same maths
-    assert fresh["cached"] == fresh["uncached"] and len(fresh["cached"][0]) == len(ids[0]) + 8
 
 
 def test_mov_emits_a_dense_routing_record_per_site(mov_checkpoints):
