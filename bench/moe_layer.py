@@ -285,9 +285,9 @@ class MoLoRALoop(torch.nn.Module):
         self.site = site
         rank = site.rank
         self.experts_A = torch.nn.ParameterList(
-            torch.nn.Parameter(a.detach().clone()) for a in site.experts_A.weight.split(rank, dim=0))
+            torch.nn.Parameter(a.detach().clone()) for a in site.experts_A.split(rank, dim=0))
         self.experts_B = torch.nn.ParameterList(
-            torch.nn.Parameter(b.detach().clone().contiguous()) for b in site.experts_B.weight.split(rank, dim=1))
+            torch.nn.Parameter(b.detach().clone().contiguous()) for b in site.experts_B.split(rank, dim=1))
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         probabilities, _ = self.site.router.probabilities(self.site.router.logits(inputs))
@@ -345,7 +345,7 @@ def molora_variants(layer, experts: int, rank: int, alpha: float, generator: tor
         site = MoLoRAExperts(linear.in_features, linear.out_features, experts, rank, alpha)
         site.reset_parameters(generator)
         with torch.no_grad():  # trained-like B: no shortcut through zeros
-            site.experts_B.weight.normal_(0.0, 0.02, generator=generator)
+            site.experts_B.normal_(0.0, 0.02, generator=generator)
         sites[name], loops[name] = site, MoLoRALoop(site)
         loras[name] = SingleLoRA(linear.in_features, linear.out_features, 16, alpha, generator)
     def adds(module):

@@ -5,11 +5,19 @@ bit for bit: the tolerance (rtol 1e-5, atol 1e-6 on values of order 1) is a few 
 of accumulated rounding, far below the effect of any wrong routing or merge (order 1e-2).
 """
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
 from transformers.models.llama.modeling_llama import LlamaAttention, LlamaConfig, LlamaRotaryEmbedding
 
+from pesc.cli import main
+from pesc.methods.mov import MOV
 from pesc.modeling.modeling_mov import MoVScaling
+from pesc.testing import TINY_FAMILIES
 
 CLOSE = dict(rtol=1e-5, atol=1e-6)
 
@@ -135,3 +143,135 @@ def test_mov_ffn_site_rescales_down_proj_input():
     handle.remove()
     expected = reference_mov(intermediate, site.router.weight.detach(), site.vectors.detach()).float()
     torch.testing.assert_close(hooked, down_proj(expected).detach(), **CLOSE)
+
+
+# ---------------------------------------------------------------------------------------
+# The method: convert, exactness at init, wiring into real families, counts, loading without pesc.
+# ---------------------------------------------------------------------------------------
+EXPERTS = 3
+
+
+def _tensors(folder: Path) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for shard in sorted(Path(folder).glob("*.safetensors")):
+        tensors.update(load_file(shard))
+    return tensors
+
+
+@pytest.fixture(scope="module")
+def mov_checkpoints(tiny_dense_dirs, tmp_path_factory):
+    """`pesc convert --method mov` of each tiny family (llama, mistral, qwen2: 4 heads, 2 key/value heads)."""
+    root = tmp_path_factory.mktemp("mov")
+    for family, dense in tiny_dense_dirs.items():
+        main(["convert", str(dense), str(root / family), "--method", "mov", "--num-experts", str(EXPERTS),
+              "--seed", "1"])
+    return {family: root / family for family in tiny_dense_dirs}
+
+
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_converted_mov_computes_exactly_the_dense_model(mov_checkpoints, tiny_dense_dirs, family, capsys):
+    main(["compare", str(mov_checkpoints[family]), str(tiny_dense_dirs[family]), "--atol", "0"])
+    assert "= 0" in capsys.readouterr().out
+
+
+def test_convert_writes_the_mov_sites_with_the_seeded_draw(mov_checkpoints, tiny_llama_dir):
+    folder = mov_checkpoints["llama"]
+    config = json.loads((folder / "config.json").read_text())
+    assert config["model_type"] == "pesc_mov" and config["num_experts"] == EXPERTS
+    kv_heads, head_dim, intermediate = config["num_key_value_heads"], config["head_dim"], config["intermediate_size"]
+    assert kv_heads < config["num_attention_heads"]  # grouped-query attention: the kv heads route
+    tensors, dense = _tensors(folder), _tensors(tiny_llama_dir)
+    for name, tensor in dense.items():
+        assert torch.equal(tensors[name], tensor), name
+    expected_shapes = {
+        "self_attn.mov_k_proj.router.weight": [EXPERTS, head_dim],
+        "self_attn.mov_k_proj.vectors": [kv_heads, EXPERTS, head_dim],
+        "self_attn.mov_v_proj.router.weight": [EXPERTS, head_dim],
+        "self_attn.mov_v_proj.vectors": [kv_heads, EXPERTS, head_dim],
+        "mlp.mov_down_proj.router.weight": [EXPERTS, intermediate],
+        "mlp.mov_down_proj.vectors": [1, EXPERTS, intermediate],
+    }
+    layers = config["num_hidden_layers"]
+    added = {name: list(t.shape) for name, t in tensors.items() if name not in dense}
+    assert added == {f"model.layers.{i}.{name}": shape for i in range(layers) for name, shape in expected_shapes.items()}
+    routers = torch.cat([t.flatten() for n, t in tensors.items() if n in added and n.endswith("router.weight")])
+    assert abs(routers.std().item() - 0.02) < 0.003  # the official N(0, 0.02)
+    assert all(torch.equal(t, torch.ones_like(t)) for n, t in tensors.items() if n in added and n.endswith("vectors"))
+    trained_config = MOV.config_class(**config)
+    for i in range(layers):
+        for key, value in MOV.initial_state(trained_config, i, 1).items():
+            assert torch.equal(tensors[f"model.layers.{i}.{key}"], value), key
+    first, second = (tensors[f"model.layers.{i}.self_attn.mov_k_proj.router.weight"] for i in (0, 1))
+    assert not torch.equal(first, second)  # each layer its own draw
+
+
+def perturbed_mov_model(folder: Path, seed: int = 0):
+    """The converted model with trained-like sites: peaked routers, vectors away from ones."""
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if ".mov_" in name:
+                param.mul_(20) if name.endswith("router.weight") else param.add_(
+                    torch.randn(param.shape, generator=generator) * 0.3)
+    return model
+
+
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_mov_model_matches_the_dense_model_with_the_reference_sites(mov_checkpoints, tiny_dense_dirs, family):
+    """The MoV model's logits equal the dense family's own model whose k_proj / v_proj outputs and down_proj
+    inputs are rescaled, layer by layer, by the float64 reference with the same tensors."""
+    model = perturbed_mov_model(mov_checkpoints[family])
+    dense = AutoModelForCausalLM.from_pretrained(tiny_dense_dirs[family], dtype=torch.float32).eval()
+
+    def reference_site(site):
+        weights = site.router.weight.detach(), site.vectors.detach()
+        return lambda activation: reference_mov(activation, *weights).float()
+
+    for layer, dense_layer in zip(model.model.layers, dense.model.layers):
+        for name in ("k_proj", "v_proj"):
+            rescale = reference_site(getattr(layer.self_attn, f"mov_{name}"))
+            getattr(dense_layer.self_attn, name).register_forward_hook(lambda m, a, out, f=rescale: f(out))
+        rescale = reference_site(layer.mlp.mov_down_proj)
+        dense_layer.mlp.down_proj.register_forward_pre_hook(lambda m, args, f=rescale: (f(args[0]),))
+    ids = torch.tensor([[5, 17, 33, 2, 71, 8, 40]])
+    with torch.no_grad():
+        logits, expected = model(input_ids=ids).logits, dense(input_ids=ids).logits
+        plain = AutoModelForCausalLM.from_pretrained(tiny_dense_dirs[family], dtype=torch.float32)(input_ids=ids).logits
+    assert (logits - plain).abs().max() > 1e-2  # the sites act
+    torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_inspect_counts_equal_the_closed_form(mov_checkpoints, tiny_llama_dir, capsys):
+    """Per layer: keys and values each a router [E, head_dim] + vectors [kv_heads, E, head_dim]; the FFN a
+    router [E, I] + vectors [E, I]. Dense routing: every parameter is active."""
+    config = json.loads((mov_checkpoints["llama"] / "config.json").read_text())
+    dense_total = sum(t.numel() for t in _tensors(tiny_llama_dir).values())
+
+    def closed_form(experts):
+        head_dim, kv_heads = config["head_dim"], config["num_key_value_heads"]
+        per_layer = 2 * (experts * head_dim + kv_heads * experts * head_dim) + 2 * experts * config["intermediate_size"]
+        return config["num_hidden_layers"] * per_layer
+
+    main(["inspect", str(mov_checkpoints["llama"]), "--json"])
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["method"] == "mov" and summary["settings"] == {"num_experts": EXPERTS}
+    assert summary["trainable_params"] == closed_form(EXPERTS)
+    assert summary["total_params"] == summary["active_params"] == dense_total + closed_form(EXPERTS)
+    main(["inspect", str(tiny_llama_dir), "--method", "mov", "--num-experts", "30", "--json"])
+    assert json.loads(capsys.readouterr().out)["trainable_params"] == closed_form(30)
+
+
+def test_mov_emits_a_dense_routing_record_per_site(mov_checkpoints):
+    """Per layer: k_proj and v_proj route each token's key/value heads (tokens x kv_heads rows), down_proj each
+    token; every expert is active (selected None)."""
+    model = AutoModelForCausalLM.from_pretrained(mov_checkpoints["llama"], dtype=torch.float32).eval()
+    ids = torch.tensor([[5, 17, 33, 2, 71]])
+    with torch.no_grad():
+        records = model(input_ids=ids, output_routing_records=True).routing_records
+    kv_heads = model.config.num_key_value_heads
+    expected = [(site, layer, rows) for layer in range(model.config.num_hidden_layers)
+                for site, rows in (("k_proj", 5 * kv_heads), ("v_proj", 5 * kv_heads), ("down_proj", 5))]
+    assert [(r.site, r.layer, r.logits.shape[0]) for r in records] == expected
+    assert all(r.logits.shape[1] == EXPERTS and r.logits.dtype == torch.float32 and r.selected is None
+               for r in records)

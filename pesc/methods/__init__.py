@@ -7,6 +7,8 @@ import difflib
 
 from pesc.errors import PescError
 from pesc.methods.base import Method, SampleField, Setting, check_flags
+from pesc.methods.molora import MOLORA
+from pesc.methods.mov import MOV
 from pesc.methods.pesc import PESC
 
 DEFAULT_METHOD = "pesc"
@@ -23,6 +25,10 @@ def register_method(method: Method) -> Method:
     method.config_class.register_for_auto_class()
     method.model_class.register_for_auto_class("AutoModelForCausalLM")
     return method
+
+
+register_method(MOV)
+register_method(MOLORA)
 
 
 def get_method(name: str | None) -> Method:

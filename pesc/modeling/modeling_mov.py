@@ -16,7 +16,9 @@ the activation it rescales. On a decoder the sites are (our mapping; the paper's
 import torch
 from torch import nn
 
-from .soft_router import SoftRouter
+from .configuration_mov import MoVConfig
+from .moe_core import MoEForCausalLM, attach_sibling, emit_routing_record
+from .soft_merging import SoftRouter, linear_on
 
 
 class MoVScaling(nn.Module):
@@ -26,8 +28,9 @@ class MoVScaling(nn.Module):
     the matmul `p @ L`, never a loop over experts.
     """
 
-    def __init__(self, width: int, num_experts: int, heads: int = 1):
+    def __init__(self, width: int, num_experts: int, heads: int = 1, site: str = "", layer_idx: int = 0):
         super().__init__()
+        self.site, self.layer_idx = site, layer_idx  # name its routing records
         self.width = width
         self.heads = heads
         self.router = SoftRouter(width, num_experts)
@@ -52,7 +55,8 @@ class MoVScaling(nn.Module):
 
     def forward(self, activation: torch.Tensor) -> torch.Tensor:
         """activation ⊙ its merged vector, in the activation's dtype and shape."""
-        merged, _ = self.merged_vectors(activation)
+        merged, logits = self.merged_vectors(activation)
+        emit_routing_record(self.site, self.layer_idx, logits.reshape(-1, logits.shape[-1]))  # dense: all active
         rows = activation.reshape(-1, self.heads, self.width)
         return (rows * merged.to(activation.dtype)).reshape(activation.shape)
 
@@ -65,4 +69,39 @@ class MoVScaling(nn.Module):
         return (self(args[0]), *args[1:])
 
 
-__all__ = ["MoVScaling"]
+
+# Where MoV's sites sit: (parent module in the decoder layer, linear, which side of it).
+MOV_SITES = (("self_attn", "k_proj", "output"), ("self_attn", "v_proj", "output"), ("mlp", "down_proj", "input"))
+
+
+class MoVForCausalLM(MoEForCausalLM):
+    """A dense family's causal LM with MoV sites beside k_proj, v_proj and down_proj (`mov_<linear>`)."""
+
+    config_class = MoVConfig
+    method_label = "MoV"
+    _no_split_modules = []
+
+    def add_method_modules(self, layer: nn.Module, layer_idx: int, config: MoVConfig) -> None:
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        for parent_name, linear_name, position in MOV_SITES:
+            linear = linear_on(layer, parent_name, linear_name, config.base_model_type, self.method_label)
+            if position == "output":  # keys / values: per key/value head
+                if linear.out_features != kv_heads * head_dim:
+                    raise ValueError(
+                        f"MoV cannot wrap model family {config.base_model_type!r}: its {linear_name} gives "
+                        f"{linear.out_features} features, not {kv_heads} key/value heads x {head_dim}"
+                    )
+                site = MoVScaling(head_dim, config.num_experts, kv_heads, linear_name, layer_idx)
+            else:  # the FFN intermediate activation, down_proj's input
+                site = MoVScaling(linear.in_features, config.num_experts, 1, linear_name, layer_idx)
+            attach_sibling(getattr(layer, parent_name), linear_name, f"mov_{linear_name}", site, position)
+
+    def init_method_module(self, module: nn.Module) -> bool:
+        if isinstance(module, MoVScaling):
+            module.reset_parameters()
+            return True
+        return isinstance(module, SoftRouter)  # drawn with its site
+
+
+__all__ = ["MoVForCausalLM", "MoVScaling"]

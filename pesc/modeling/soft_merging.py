@@ -1,4 +1,5 @@
-"""The router of the soft-merging methods (MoV, MoLoRA; Zadouri et al., arXiv 2309.05444).
+"""What the soft-merging methods (MoV, MoLoRA; Zadouri et al., arXiv 2309.05444) share: their router,
+and finding the dense linears their sites sit beside.
 
 Shipped inside checkpoints of those methods: imports only torch.
 
@@ -49,4 +50,16 @@ class SoftRouter(nn.Module):
         return torch.zeros_like(probabilities).scatter(-1, selected, kept), selected
 
 
-__all__ = ["SoftRouter", "ROUTER_INIT_STD"]
+
+def linear_on(layer: nn.Module, parent_name: str, linear_name: str, base_model_type: str, label: str) -> nn.Linear:
+    """`layer.<parent>.<linear>` of a decoder layer, or a one-line error saying the family has no such linear."""
+    linear = getattr(getattr(layer, parent_name, None), linear_name, None)
+    if not isinstance(linear, nn.Linear):
+        raise ValueError(
+            f"{label} cannot wrap model family {base_model_type!r}: its decoder layers have no linear "
+            f"{parent_name}.{linear_name}"
+        )
+    return linear
+
+
+__all__ = ["SoftRouter", "ROUTER_INIT_STD", "linear_on"]
