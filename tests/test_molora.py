@@ -302,3 +302,11 @@ def test_molora_emits_a_routing_record_per_site_with_its_top_k(molora_checkpoint
     for record in records:
         assert record.logits.shape == (5, 3) and record.logits.dtype == torch.float32
         assert torch.equal(record.selected, record.logits.topk(2, dim=-1).indices)  # the top-2 kept
+
+
+def test_the_toolkit_and_the_shipped_code_know_the_same_sites():
+    """pesc/methods/molora.py keeps its own copy (importing the shipped file would load torch for the CLI)."""
+    from pesc.methods.molora import SITE_PARENTS
+    from pesc.modeling.configuration_molora import MOLORA_SITE_PARENTS
+
+    assert SITE_PARENTS == MOLORA_SITE_PARENTS

@@ -12,7 +12,7 @@ from pesc.methods.mov import MOV
 from pesc.methods.pesc import PESC
 
 DEFAULT_METHOD = "pesc"
-METHODS: dict[str, Method] = {PESC.name: PESC}
+METHODS: dict[str, Method] = {method.name: method for method in (PESC, MOV, MOLORA)}
 
 
 def register_method(method: Method) -> Method:
@@ -26,9 +26,6 @@ def register_method(method: Method) -> Method:
     method.model_class.register_for_auto_class("AutoModelForCausalLM")
     return method
 
-
-register_method(MOV)
-register_method(MOLORA)
 
 
 def get_method(name: str | None) -> Method:

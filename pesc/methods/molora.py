@@ -9,8 +9,10 @@ from pathlib import Path
 from pesc.errors import PescError
 from pesc.methods.base import Method, Setting
 from pesc.methods.soft_merging import draw_sites, linear_shape
-from pesc.modeling.configuration_molora import MOLORA_SITE_PARENTS, MoLoRAConfig
-from pesc.modeling.modeling_molora import MoLoRAExperts, MoLoRAForCausalLM
+
+# The linears MoLoRA may sit on, and the decoder-layer module holding each (as configuration_molora.py has them).
+SITE_PARENTS = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
+                "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
 
 
 class MoLoRA(Method):
@@ -25,7 +27,7 @@ class MoLoRA(Method):
         Setting("expert_rank", (int,), 4, "rank r of each LoRA expert", bounds="positive", structural=True),
         Setting("expert_alpha", (int, float), 16, "LoRA alpha of the experts (their sum is scaled by alpha / r)",
                 bounds="positive", structural=True),
-        Setting("sites", (list, str), list(MOLORA_SITE_PARENTS),
+        Setting("sites", (list, str), list(SITE_PARENTS),
                 "linears that get experts: a list, or names joined by commas", config_field="molora_sites",
                 structural=True),
         Setting("top_k", (int,), 0, "experts kept per token (0: all, soft merging)", bounds="non-negative",
@@ -36,12 +38,23 @@ class MoLoRA(Method):
         Setting("router_jitter", (int, float), 0.0, "multiplicative U(1-j, 1+j) noise on router inputs in training",
                 bounds="fraction"),
     )
-    config_class = MoLoRAConfig
-    model_class = MoLoRAForCausalLM
     modeling_dir = Path(__file__).resolve().parent.parent / "modeling"
     modeling_files = ("moe_core.py", "soft_merging.py", "configuration_molora.py", "modeling_molora.py")
     prefix = "molora_"
     card_tags = ("molora", "lora-experts", "soft-merging")
+
+    # The classes are imported on first use: listing the methods (the CLI's flags) must not import torch.
+    @property
+    def config_class(self):
+        from pesc.modeling import MoLoRAConfig
+
+        return MoLoRAConfig
+
+    @property
+    def model_class(self):
+        from pesc.modeling import MoLoRAForCausalLM
+
+        return MoLoRAForCausalLM
 
     def resolve_settings(self, values: dict, where: str = "moe.") -> dict:
         """As every method, with `sites` given as "q_proj,v_proj" read as a list."""
@@ -51,10 +64,10 @@ class MoLoRA(Method):
 
     def check_settings(self, values: dict) -> None:
         sites = values["sites"]
-        unknown = [s for s in sites if s not in MOLORA_SITE_PARENTS] if isinstance(sites, list) else sites
+        unknown = [s for s in sites if s not in SITE_PARENTS] if isinstance(sites, list) else sites
         if unknown or not sites or len(set(sites)) != len(sites):
             raise PescError(
-                f"sites must name distinct linears among {', '.join(MOLORA_SITE_PARENTS)}, got {sites!r}"
+                f"sites must name distinct linears among {', '.join(SITE_PARENTS)}, got {sites!r}"
             )
         if values["top_k"] > values["num_experts"]:
             raise PescError(
@@ -65,10 +78,12 @@ class MoLoRA(Method):
         return []  # the experts occupy the linears: only the routers and experts train
 
     def initial_state(self, config, layer_idx: int, seed: int) -> dict:
+        from pesc.modeling.modeling_molora import MoLoRAExperts
+
         sites = {}
         for linear in config.molora_sites:
             in_features, out_features = linear_shape(config, linear)
-            sites[f"{MOLORA_SITE_PARENTS[linear]}.molora_{linear}"] = MoLoRAExperts(
+            sites[f"{SITE_PARENTS[linear]}.molora_{linear}"] = MoLoRAExperts(
                 in_features, out_features, config.num_experts, config.expert_rank, config.expert_alpha)
         return draw_sites(config, sites, layer_idx, seed)
 

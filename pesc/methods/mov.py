@@ -8,8 +8,6 @@ from pathlib import Path
 
 from pesc.methods.base import Method, Setting
 from pesc.methods.soft_merging import attention_dims, draw_sites
-from pesc.modeling.configuration_mov import MoVConfig
-from pesc.modeling.modeling_mov import MOV_SITES, MoVForCausalLM, MoVScaling
 
 
 class MoV(Method):
@@ -23,17 +21,30 @@ class MoV(Method):
         Setting("num_experts", (int,), 10, "vectors per site (MoV-10; the paper also has 30 and 60)",
                 bounds="positive", structural=True),
     )
-    config_class = MoVConfig
-    model_class = MoVForCausalLM
     modeling_dir = Path(__file__).resolve().parent.parent / "modeling"
     modeling_files = ("moe_core.py", "soft_merging.py", "configuration_mov.py", "modeling_mov.py")
     prefix = "mov_"
     card_tags = ("mov", "ia3", "soft-merging")
 
+    # The classes are imported on first use: listing the methods (the CLI's flags) must not import torch.
+    @property
+    def config_class(self):
+        from pesc.modeling import MoVConfig
+
+        return MoVConfig
+
+    @property
+    def model_class(self):
+        from pesc.modeling import MoVForCausalLM
+
+        return MoVForCausalLM
+
     def default_lora_targets(self, config) -> list[str]:
         return []  # only the routers and vectors train
 
     def initial_state(self, config, layer_idx: int, seed: int) -> dict:
+        from pesc.modeling.modeling_mov import MOV_SITES, MoVScaling
+
         _, kv_heads, head_dim = attention_dims(config)
         sites = {}
         for parent, linear, position in MOV_SITES:

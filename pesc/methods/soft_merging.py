@@ -1,9 +1,6 @@
 """What the toolkit halves of MoV and MoLoRA share: the shapes of the dense linears their sites sit beside,
-and the seeded draw of a layer's sites (pesc convert and training from dense draw the same tensors)."""
-
-import torch
-
-from pesc.upcycling import layer_generator
+and the seeded draw of a layer's sites (pesc convert and training from dense draw the same tensors).
+Imports torch only where a draw is made (listing the methods must not load it)."""
 
 
 def attention_dims(config) -> tuple[int, int, int]:
@@ -29,9 +26,13 @@ def linear_shape(config, linear: str) -> tuple[int, int]:
     }[linear]
 
 
-def draw_sites(config, sites: dict, layer_idx: int, seed: int) -> dict[str, torch.Tensor]:
+def draw_sites(config, sites: dict, layer_idx: int, seed: int) -> dict:
     """Each site's `reset_parameters` from the layer's seeded generator, in the order given, as tensors keyed
     `<site name in the layer>.<parameter>` in the config's moe_dtype (drawn in float32 on the CPU)."""
+    import torch
+
+    from pesc.upcycling import layer_generator
+
     generator = layer_generator(seed, layer_idx)
     dtype = getattr(torch, config.moe_dtype) if config.moe_dtype else torch.float32
     state = {}
