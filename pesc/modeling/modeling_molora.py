@@ -70,7 +70,6 @@ class MoLoRAExperts(nn.Module):
         return output + self(args[0]).to(output.dtype)
 
 
-
 class MoLoRAForCausalLM(MoEForCausalLM):
     """A dense family's causal LM with MoLoRA experts beside each linear of `molora_sites` (`molora_<linear>`)."""
 

@@ -69,7 +69,6 @@ class MoVScaling(nn.Module):
         return (self(args[0]), *args[1:])
 
 
-
 # Where MoV's sites sit: (parent module in the decoder layer, linear, which side of it).
 MOV_SITES = (("self_attn", "k_proj", "output"), ("self_attn", "v_proj", "output"), ("mlp", "down_proj", "input"))
 
