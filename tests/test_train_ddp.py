@@ -9,27 +9,11 @@ summation order (measured: bit-equal after 3 SGD steps, as a sum of two terms an
 here; an aux rescale off by the world size changes the routers' first gradient by 100 %).
 """
 
-import os
-import subprocess
-import sys
-import textwrap
-from pathlib import Path
-
 import torch
 
+from pesc.testing.launch import BACKENDS, assert_same_routing_logs, launch_training
 from test_train import data_file, make_config  # noqa: F401  (the same tiny config and data fixture)
 
-REPO = Path(__file__).resolve().parents[1]
-DRIVER = textwrap.dedent(
-    """
-    import sys
-    from pesc.cli import main
-    from pesc.testing.training_probe import probed_training
-
-    with probed_training(sys.argv[1]):
-        main(["train", *sys.argv[2:]])
-    """
-)
 STEPS = 3
 # no dropout (each rank draws its own masks), SGD (Adam's g / sqrt(v) would magnify rounding in tiny gradients)
 # and no clipping: the runs must compute the same function so that their gradients can be compared
@@ -59,16 +43,7 @@ def test_ddp_two_processes_gloo_equals_one_process_on_the_same_global_batch(tmp_
     (tmp_path / "ddp").mkdir()
     (tmp_path / "single").mkdir()
     config = make_config(tmp_path / "ddp", tiny_llama_dir, data_file, **SETTINGS)
-    driver = tmp_path / "driver.py"
-    driver.write_text(DRIVER)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "CUDA_VISIBLE_DEVICES": "",
-           "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
-         str(driver), str(tmp_path / "ddp"), str(config)],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=280,
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    launch_training(BACKENDS["ddp"], tmp_path / "ddp", config, aux_gradients=True)
     single_config = make_config(tmp_path / "single", tiny_llama_dir, data_file, gradient_accumulation_steps=2,
                                 **SETTINGS)
     with probed_training(tmp_path / "single"):
@@ -78,6 +53,7 @@ def test_ddp_two_processes_gloo_equals_one_process_on_the_same_global_batch(tmp_
     single = torch.load(tmp_path / "single" / "probe-rank0.pt")
     # the Trainer itself runs distributed (not two independent single-process runs that happen to agree)
     assert [(r["world_size"], r["process_index"], r["global_step"]) for r in ranks] == [(2, 0, STEPS), (2, 1, STEPS)]
+    assert {r["wrapper"] for r in ranks} == {"DistributedDataParallel"}
     assert (single["world_size"], single["global_step"]) == (1, STEPS)
 
     for step in range(STEPS):
@@ -111,3 +87,5 @@ def test_ddp_two_processes_gloo_equals_one_process_on_the_same_global_batch(tmp_
     run = tmp_path / "ddp" / "run"
     assert (run / "final" / "experts.safetensors").is_file()
     assert (run / f"checkpoint-{STEPS}" / "adapter_model.safetensors").is_file()
+    # the logged aux loss and expert load are the global batch's (both ranks'), as one process logs them
+    assert_same_routing_logs(run, tmp_path / "single" / "run", STEPS)

@@ -2,12 +2,23 @@
 
 Per process, into `OUT_DIR/probe-rank{R}.pt` when training ends:
 - `micro_batches`: each micro batch's `input_ids` (and `position_ids`), with the optimizer step it fed;
-- `aux_gradients`: for each micro batch of the first step, the gradient of `coef * aux_loss` alone with
-  respect to the routers, from a separate forward of the unwrapped model (no DDP synchronisation);
-- `gradients`: every trainable parameter's gradient as the optimizer was about to see it, per step;
-- `params`: the trainable parameters at the end; `world_size`, `process_index`, `global_step`.
+- `aux_gradients` (when asked: DDP only, as it differentiates the unwrapped model's own parameters): for
+  each micro batch of the first step, the gradient of `coef * aux_loss` alone with respect to the routers,
+  from a separate forward of the unwrapped model (no DDP synchronisation);
+- `gradients`: every trainable parameter's gradient as the optimizer was about to see it, per step (the
+  local shards under FSDP; none under ZeRO-3, which keeps gradients in its own buffers);
+- `params`: the trainable parameters at the end (local shards when sharded); `world_size`,
+  `process_index`, `global_step`;
+- `wrapper`: the class that wrapped the model for training (DistributedDataParallel, DeepSpeedEngine,
+  FullyShardedDataParallel / FSDP...: which engine actually ran), `quant_storage`: the storage dtypes
+  of the 4-bit weights (empty when not quantized), and `z3_leaves`: the classes of the modules flagged as
+  DeepSpeed ZeRO-3 leaves (gathered whole).
+
+`python -m pesc.testing.training_probe [--aux-gradients] OUT_DIR CONFIG [pesc train options]` runs
+`pesc train CONFIG ...` under the probe: the script a test hands to torchrun or accelerate launch.
 """
 
+import sys
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -16,8 +27,8 @@ from transformers import TrainerCallback
 
 
 class TrainingProbe(TrainerCallback):
-    def __init__(self, trainer, path: Path):
-        self.trainer, self.path = trainer, path
+    def __init__(self, trainer, path: Path, aux_gradients: bool = True):
+        self.trainer, self.path, self.record_aux_gradients = trainer, path, aux_gradients
         self.micro_batches, self.aux_gradients, self.gradients = [], [], []
         training_step = trainer.training_step
 
@@ -33,7 +44,7 @@ class TrainingProbe(TrainerCallback):
         self.micro_batches.append(
             {"step": step, **{k: inputs[k].detach().cpu() for k in ("input_ids", "position_ids") if k in inputs}}
         )
-        if step == 0:
+        if step == 0 and self.record_aux_gradients:
             model = self.trainer.model
             routers = {n: p for n, p in model.named_parameters() if ".router." in n and p.requires_grad}
             aux = model(**{k: v for k, v in inputs.items() if k != "labels"}, output_router_logits=True).aux_loss
@@ -56,13 +67,18 @@ class TrainingProbe(TrainerCallback):
                 "world_size": args.world_size,
                 "process_index": args.process_index,
                 "global_step": state.global_step,
+                "wrapper": type(self.trainer.model_wrapped).__name__,
+                "quant_storage": {
+                    str(p.dtype) for p in model.parameters() if type(p).__name__ == "Params4bit"
+                },
+                "z3_leaves": {type(m).__name__ for m in model.modules() if getattr(m, "_z3_leaf", False)},
             },
             self.path,
         )
 
 
 @contextmanager
-def probed_training(out_dir: str | Path):
+def probed_training(out_dir: str | Path, aux_gradients: bool = True):
     """Within the block, every MoETrainer built records its run into `out_dir` (see the module docstring)."""
     from pesc.training.trainer import MoETrainer
 
@@ -70,10 +86,23 @@ def probed_training(out_dir: str | Path):
 
     def init(trainer, *args, **kwargs):
         original(trainer, *args, **kwargs)
-        TrainingProbe(trainer, Path(out_dir) / f"probe-rank{trainer.args.process_index}.pt")
+        TrainingProbe(trainer, Path(out_dir) / f"probe-rank{trainer.args.process_index}.pt", aux_gradients)
 
     MoETrainer.__init__ = init
     try:
         yield
     finally:
         MoETrainer.__init__ = original
+
+
+def main(argv: list[str]) -> None:
+    from pesc.cli import main as pesc_main
+
+    aux_gradients = argv[:1] == ["--aux-gradients"]
+    out_dir, *train_args = argv[1:] if aux_gradients else argv
+    with probed_training(out_dir, aux_gradients):
+        pesc_main(["train", *train_args])
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

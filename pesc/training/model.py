@@ -14,7 +14,7 @@ Order of operations (each step checked on the real bitsandbytes path):
    the layers under no_grad and the balance loss would lose its path to the routers). It upcasts every
    non-4-bit parameter -- the added modules included -- to float32: they train, and are
    saved, in float32 (4 bytes a weight, plus 4 for the gradient and 8 for AdamW's moments).
-4. `get_peft_model` with LoRA on the dense linears, then `requires_grad=True` on every added
+4. `get_peft_model` with LoRA on the dense linears (none where `lora_target_modules` is empty), then `requires_grad=True` on every added
    parameter (not `modules_to_save`, which would copy them).
 """
 
@@ -127,10 +127,21 @@ def _reset_added_modules(model, seed: int) -> None:
     method = method_of(model.config)
     for layer_idx, layer in enumerate(model.model.layers):
         state = method.initial_state(model.config, layer_idx, seed)
-        for name, param in layer.named_parameters():
-            if method.is_added(name):
+        added = [(name, param) for name, param in layer.named_parameters() if method.is_added(name)]
+        with _gathered([param for _, param in added]):
+            for name, param in added:
                 # the draw in the config's moe_dtype, exactly what `pesc convert` writes (upcast to fp32 later)
                 param.data = state[name].to(param.device)
+
+
+def _gathered(params: list[nn.Parameter]):
+    """ZeRO-3 partitions parameters as the model is built: a write must go to the whole (gathered) tensor, which
+    DeepSpeed then partitions again; elsewhere parameters are whole already."""
+    if not deepspeed_zero3_enabled():
+        return nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=0)
 
 
 def load_base_model(config: dict):
@@ -185,7 +196,8 @@ def check_added_unquantized(model: nn.Module) -> None:
 
 
 def prepare_for_training(model, config: dict):
-    """Gradient checkpointing, LoRA on the dense linears, added modules trainable in float32; returns the peft model."""
+    """Gradient checkpointing, LoRA on the dense linears, added modules trainable in float32; returns the peft
+    model, or the model itself where `lora_target_modules` is empty (only the added modules train)."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     method = method_of(model.config)
@@ -206,6 +218,9 @@ def prepare_for_training(model, config: dict):
             else:
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
             model.enable_input_require_grads()
+    if not config["lora_target_modules"]:
+        enable_expert_training(model, method, upcast=not sharded_training())
+        return model
     lora = LoraConfig(
         r=config["lora_r"],
         lora_alpha=config["lora_alpha"],

@@ -27,15 +27,35 @@ from pesc.weights import check_checkpoint_files, check_model_weights
 
 logger = logging.getLogger("pesc.train")
 
-# What a checkpoint-N needs to be resumed; transformers writes trainer_state.json last, so a save that was
-# interrupted leaves a folder without it.
-RESUME_FILES = ("trainer_state.json", "adapter_config.json", "adapter_model.safetensors", PESC_CONFIG_FILE)
+# What a checkpoint-N needs to be resumed (plus the LoRA's two files where the run trains one); transformers
+# writes trainer_state.json last, so a save that was interrupted leaves a folder without it.
+RESUME_FILES = ("trainer_state.json", PESC_CONFIG_FILE)
+LORA_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
 
 def _bf16(config: dict) -> bool:
     if config["bf16"] == "auto":
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     return bool(config["bf16"])
+
+
+def check_launch() -> None:
+    """An FSDP launch without a GPU would silently train as plain DDP: accelerate drops the FSDP plugin there."""
+    from pesc.training.model import fsdp_enabled
+
+    if fsdp_enabled() and not torch.cuda.is_available():
+        raise PescError("FSDP needs GPUs (accelerate runs it only on an accelerator device): on the CPU launch "
+                        "with torchrun (DDP) or configs/accelerate/deepspeed_zero3.yaml")
+
+
+def _device_arguments() -> dict:
+    """Without a GPU, accelerate sets up multi-process training (DDP over gloo) only when told it is on the CPU,
+    and then ignores DeepSpeed: a DeepSpeed launch is left on DeepSpeed's own CPU accelerator, over gloo."""
+    if torch.cuda.is_available():
+        return {}
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        return {"use_cpu": False, "ddp_backend": "gloo"}
+    return {"use_cpu": True}
 
 
 def training_arguments(config: dict, has_eval: bool):
@@ -73,8 +93,7 @@ def training_arguments(config: dict, has_eval: bool):
         remove_unused_columns=False,
         label_names=["labels"],
         disable_tqdm=True,
-        # no GPU: accelerate only sets up multi-process CPU training (DDP over gloo) when told it is on the CPU
-        use_cpu=not torch.cuda.is_available(),
+        **_device_arguments(),
         # activation checkpointing is set up on the model (non-reentrant) before peft wraps it
     )
 
@@ -113,13 +132,14 @@ def check_reporting_installed(report_to: str | list[str]) -> None:
             raise PescError(f"report_to: {name} is not installed: install it, or set report_to: none")
 
 
-def resume_checkpoint(output_dir: Path) -> Path:
+def resume_checkpoint(output_dir: Path, with_lora: bool = True) -> Path:
     """The newest complete checkpoint-N of the run; newer incomplete ones (an interrupted save) are skipped, by name."""
     if experts_path(output_dir / FINAL_DIR) is not None:
         raise PescError(f"--resume: {output_dir} holds no checkpoint-N to resume from (the run already finished: "
                         "see final/)")
     for checkpoint in reversed(numbered_checkpoints(output_dir)):
-        missing = [name for name in RESUME_FILES if not (checkpoint / name).is_file()]
+        required = RESUME_FILES + (LORA_FILES if with_lora else ())
+        missing = [name for name in required if not (checkpoint / name).is_file()]
         missing += [EXPERTS_FILE] if experts_path(checkpoint) is None else []
         if not missing:
             try:
@@ -144,15 +164,16 @@ def train(config_path: str, overrides: list[str] = (), resume: bool = False) -> 
         trainable_summary,
     )
     from pesc.methods import method_of
-    from pesc.training.trainer import MoETrainer
+    from pesc.training.trainer import MoETrainer, unwrapped_model
 
     config = load_config(config_path, overrides)
     output_dir = Path(config["output_dir"])
     check_run_folder(output_dir)
     check_reporting_installed(config["report_to"])
+    check_launch()
     checkpoint = None
     if resume:
-        checkpoint = resume_checkpoint(output_dir)
+        checkpoint = resume_checkpoint(output_dir, with_lora=bool(config["lora_target_modules"]))
     elif output_dir.exists() and any(output_dir.glob("checkpoint-*")):
         raise PescError(f"{output_dir} already holds checkpoints: pass --resume to continue, or choose another output_dir")
 
@@ -203,7 +224,7 @@ def train(config_path: str, overrides: list[str] = (), resume: bool = False) -> 
         data_collator=make_collator(tokenizer, sample_packing=config["sample_packing"],
                                     sample_fields=tuple(field.name for field in method.sample_fields)),
         processing_class=tokenizer,
-        model_config=saved_model_config(model.get_base_model().config),
+        model_config=saved_model_config(unwrapped_model(model).config),
         callbacks=[TrainingCurvesCallback()],
     )
     trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
