@@ -263,15 +263,15 @@ def test_inspect_counts_equal_the_closed_form(mov_checkpoints, tiny_llama_dir, c
 
 
 def test_mov_emits_a_dense_routing_record_per_site(mov_checkpoints):
-    """Per layer: k_proj and v_proj route each token's key/value heads (tokens x kv_heads rows), down_proj each
-    token; every expert is active (selected None)."""
+    """Per layer: k_proj and v_proj one record per key/value head (each head routes on its own), down_proj one;
+    one row per token; every expert is active (selected None)."""
     model = AutoModelForCausalLM.from_pretrained(mov_checkpoints["llama"], dtype=torch.float32).eval()
     ids = torch.tensor([[5, 17, 33, 2, 71]])
     with torch.no_grad():
         records = model(input_ids=ids, output_routing_records=True).routing_records
     kv_heads = model.config.num_key_value_heads
-    expected = [(site, layer, rows) for layer in range(model.config.num_hidden_layers)
-                for site, rows in (("k_proj", 5 * kv_heads), ("v_proj", 5 * kv_heads), ("down_proj", 5))]
+    sites = [f"{name}.head{h}" for name in ("k_proj", "v_proj") for h in range(kv_heads)] + ["down_proj"]
+    expected = [(site, layer, 5) for layer in range(model.config.num_hidden_layers) for site in sites]
     assert [(r.site, r.layer, r.logits.shape[0]) for r in records] == expected
     assert all(r.logits.shape[1] == EXPERTS and r.logits.dtype == torch.float32 and r.selected is None
                for r in records)

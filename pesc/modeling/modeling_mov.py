@@ -56,7 +56,10 @@ class MoVScaling(nn.Module):
     def forward(self, activation: torch.Tensor) -> torch.Tensor:
         """activation ⊙ its merged vector, in the activation's dtype and shape."""
         merged, logits = self.merged_vectors(activation)
-        emit_routing_record(self.site, self.layer_idx, logits.reshape(-1, logits.shape[-1]))  # dense: all active
+        # one record [tokens, E] per head, as every reader of records expects one row per token; dense: all active
+        for head in range(self.heads):
+            site = self.site if self.heads == 1 else f"{self.site}.head{head}"
+            emit_routing_record(site, self.layer_idx, logits[:, head])
         rows = activation.reshape(-1, self.heads, self.width)
         return (rows * merged.to(activation.dtype)).reshape(activation.shape)
 
