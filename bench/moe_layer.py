@@ -16,8 +16,20 @@ Each row: warm-up iterations, then the median of `--repeats` timings of one
 forward+backward (or `--inner` of them on CUDA, divided). Before timing, the bench
 checks once that pesc and the reference compute the same output and input gradient.
 
+MoV and MoLoRA (`--methods mov molora`) put their experts on several linears of a decoder
+layer, so their rows time forward+backward of one whole Llama decoder layer (attention with
+grouped-query heads, head_dim 64, plus the FFN), its weights frozen as training has them:
+
+* dense      the decoder layer alone
+* mov        MoV's sites on k_proj / v_proj outputs (per kv head) and down_proj's input (`MoVScaling`)
+* molora     MoLoRA's sites on the seven projections (`MoLoRAExperts`: stacked A, p-weighted middle, stacked B)
+* loop       the same mixture written naively in the bench, one expert after the other
+             (MoV: E vector products; MoLoRA: E pairs of small matmuls on per-expert weights)
+* lora16     (MoLoRA rows) one plain LoRA of rank 16 on the same seven projections
+
     python bench/moe_layer.py                      # CPU (and CUDA if present), defaults
     python bench/moe_layer.py --device cuda --hidden 1024 4096 --tokens 2048 8192
+    python bench/moe_layer.py --methods mov molora --dtype float32 --hidden 1024 2048
 """
 
 import argparse
@@ -27,9 +39,11 @@ import time
 
 import torch
 import torch.nn.functional as F
-from transformers.models.llama.modeling_llama import LlamaConfig, LlamaMLP
+from transformers.models.llama.modeling_llama import LlamaConfig, LlamaDecoderLayer, LlamaMLP, LlamaRotaryEmbedding
 
 from pesc.modeling import PescConfig
+from pesc.modeling.modeling_molora import MoLoRAExperts
+from pesc.modeling.modeling_mov import MoVScaling
 from pesc.modeling.modeling_pesc import PescMLP, init_expert_weights
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -89,13 +103,19 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_fwd_bwd(fns: dict, layer, x, grad, warmup: int, repeats: int, inner: int) -> dict:
+CLOCKS = {"wall": time.perf_counter, "cpu": time.thread_time}
+
+
+def time_fwd_bwd(fns: dict, layer, x, grad, warmup: int, repeats: int, inner: int, clock: str = "wall") -> dict:
     """Median milliseconds of one forward+backward of each function.
 
     The functions take turns inside every repeat, so that load from other processes
     (a shared CPU) falls on all of them alike rather than on whichever ran last.
+    clock "cpu" counts the calling thread's CPU time instead of wall time: with `--threads 1`
+    on a shared CPU, the time other processes hold the core is then not counted.
     """
     device = x.device
+    now = CLOCKS[clock]
 
     def step(fn):
         layer.zero_grad(set_to_none=True)
@@ -109,11 +129,11 @@ def time_fwd_bwd(fns: dict, layer, x, grad, warmup: int, repeats: int, inner: in
     for _ in range(repeats):
         for name, fn in fns.items():
             sync(device)
-            start = time.perf_counter()
+            start = now()
             for _ in range(inner):
                 step(fn)
             sync(device)
-            samples[name].append((time.perf_counter() - start) * 1000.0 / inner)
+            samples[name].append((now() - start) * 1000.0 / inner)
     return {name: statistics.median(values) for name, values in samples.items()}
 
 
@@ -169,34 +189,19 @@ def check_same(layer, x, grad, dtype) -> str:
         f"adapter contribution max {adapter_part:.2g})"
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", nargs="+", default=None, help="cpu, cuda (default: cpu, plus cuda if available)")
-    parser.add_argument("--hidden", type=int, nargs="+", default=[1024])
-    parser.add_argument("--intermediate", type=int, default=None, help="default: ~8/3 x hidden rounded to 256")
-    parser.add_argument("--tokens", type=int, nargs="+", default=[2048])
-    parser.add_argument("--adapter-dim", type=int, nargs="+", default=[64, 512])
-    parser.add_argument("--dtype", nargs="+", default=["float32", "bfloat16"], choices=sorted(DTYPES))
-    parser.add_argument("--experts", type=int, default=8)
-    parser.add_argument("--top-k", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=None, help="timed repeats (default: cpu 5, cuda 20)")
-    parser.add_argument("--warmup", type=int, default=None, help="warm-up iterations (default: cpu 2, cuda 10)")
-    parser.add_argument("--inner", type=int, default=None, help="iterations per repeat (default: cpu 1, cuda 10)")
-    parser.add_argument("--frozen-dense", action="store_true", help="gate/up/down frozen (only adapters+router train)")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    parser.add_argument("--dropout", type=float, default=0.1, help="adapter dropout of the 'pesc dropout' timing")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
+def run_settings(args, device: torch.device) -> tuple[int, int, int]:
+    """(repeats, warmup, inner) for a device: the given ones, else the device's defaults."""
+    on_cuda = device.type == "cuda"
+    repeats = args.repeats or (20 if on_cuda else 5)
+    warmup = args.warmup if args.warmup is not None else (10 if on_cuda else 2)
+    inner = args.inner or (10 if on_cuda else 1)
+    return repeats, warmup, inner
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    devices = args.device or (["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
-    print(f"torch {torch.__version__}, CPU threads {torch.get_num_threads()}", end="")
-    if torch.cuda.is_available():
-        print(f", CUDA device {torch.cuda.get_device_name(0)}", end="")
-    print(f"; E={args.experts} k={args.top_k}; forward+backward, train mode, adapter dropout 0, "
+
+def pesc_table(args, devices) -> None:
+    """The PESC rows: PescMLP against the dense FFN and the Camelidae dispatch."""
+    print(f"PESC: E={args.experts} k={args.top_k}; forward+backward of the FFN, train mode, adapter dropout 0, "
           f"dense weights {'frozen' if args.frozen_dense else 'trainable'}; median ms")
-
     header = (
         "| device | dtype | hidden | interm. | tokens | adapter_dim | dense ms | pesc ms (path) | reference ms "
         "| pesc/dense | ref/dense | ref/pesc | pesc routed ms | routed/dense "
@@ -208,10 +213,7 @@ def main(argv=None):
     ):
         device = torch.device(device_name)
         dtype = DTYPES[dtype_name]
-        on_cuda = device.type == "cuda"
-        repeats = args.repeats or (20 if on_cuda else 5)
-        warmup = args.warmup if args.warmup is not None else (10 if on_cuda else 2)
-        inner = args.inner or (10 if on_cuda else 1)
+        repeats, warmup, inner = run_settings(args, device)
         intermediate = args.intermediate or intermediate_for(hidden)
         layer = build_layer(hidden, intermediate, adapter_dim, args.experts, args.top_k, args.seed)
         layer.to(device=device, dtype=dtype)
@@ -233,20 +235,257 @@ def main(argv=None):
                 "pesc_dropout": with_dropout(layer, args.dropout),
                 "reference": lambda t: reference_forward(layer, t),
             },
-            layer, x, grad, warmup, repeats, inner,
+            layer, x, grad, warmup, repeats, inner, args.clock,
         )
         times["path"] = path
         rows.append(format_row(device_name, dtype_name, hidden, intermediate, tokens, adapter_dim, times))
         print(f"row {rows[-1]}", flush=True)
         del layer, x, grad
-        if on_cuda:
+        if device.type == "cuda":
             torch.cuda.empty_cache()
+    print_table(header, rows)
 
+
+# ---------------------------------------------------------------------------------------
+# MoV and MoLoRA: sites on the linears of a whole decoder layer.
+# ---------------------------------------------------------------------------------------
+PROJECTIONS = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
+               "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
+
+
+def build_decoder_layer(hidden: int, intermediate: int, seed: int):
+    """A frozen Llama decoder layer (head_dim 64, a quarter as many kv heads as heads) and its rotary embedding."""
+    heads = max(1, hidden // 64)
+    config = LlamaConfig(hidden_size=hidden, intermediate_size=intermediate, num_attention_heads=heads,
+                         num_key_value_heads=max(1, heads // 4), head_dim=64, attn_implementation="sdpa")
+    torch.manual_seed(seed)
+    layer = LlamaDecoderLayer(config, layer_idx=0).train().requires_grad_(False)
+    return layer, config, LlamaRotaryEmbedding(config)
+
+
+def linear_of(layer, name: str) -> torch.nn.Linear:
+    return getattr(getattr(layer, PROJECTIONS[name]), name)
+
+
+def mov_loop(site: MoVScaling, activation: torch.Tensor) -> torch.Tensor:
+    """MoV written naively: the merged vector summed expert by expert (E vector products)."""
+    rows = activation.reshape(-1, site.heads, site.width)
+    probabilities = torch.softmax(site.router.logits(rows), dim=-1)
+    merged = 0
+    for expert in range(site.vectors.shape[1]):
+        merged = merged + probabilities[..., expert : expert + 1] * site.vectors[:, expert].float()
+    return (rows * merged.to(activation.dtype)).reshape(activation.shape)
+
+
+class MoLoRALoop(torch.nn.Module):
+    """MoLoRA written naively: E separate LoRA pairs (copies of the site's weights), one after the other."""
+
+    def __init__(self, site: MoLoRAExperts):
+        super().__init__()
+        self.site = site
+        rank = site.rank
+        self.experts_A = torch.nn.ParameterList(
+            torch.nn.Parameter(a.detach().clone()) for a in site.experts_A.split(rank, dim=0))
+        self.experts_B = torch.nn.ParameterList(
+            torch.nn.Parameter(b.detach().clone().contiguous()) for b in site.experts_B.split(rank, dim=1))
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        probabilities, _ = self.site.router.probabilities(self.site.router.logits(inputs))
+        out = 0
+        for expert, (a, b) in enumerate(zip(self.experts_A, self.experts_B)):
+            weight = (probabilities[..., expert : expert + 1] * self.site.scaling).to(inputs.dtype)
+            out = out + weight * F.linear(F.linear(inputs, a), b)
+        return out
+
+
+class SingleLoRA(torch.nn.Module):
+    """One plain LoRA (the second reference row for MoLoRA): (alpha/r) B A x."""
+
+    def __init__(self, in_features: int, out_features: int, rank: int, alpha: float, generator: torch.Generator):
+        super().__init__()
+        self.scaling = alpha / rank
+        self.lora_A = torch.nn.Parameter(torch.randn(rank, in_features, generator=generator) * 0.02)
+        self.lora_B = torch.nn.Parameter(torch.randn(out_features, rank, generator=generator) * 0.02)
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        return F.linear(F.linear(inputs, self.lora_A), self.lora_B) * self.scaling
+
+
+def mov_variants(layer, config, experts: int, generator: torch.Generator) -> tuple[dict, list]:
+    """{variant: [(linear, position, hook)]} for MoV and its loop, and the modules that hold their parameters."""
+    kv_heads, head_dim = config.num_key_value_heads, config.head_dim
+    sites = {"k_proj": MoVScaling(head_dim, experts, kv_heads), "v_proj": MoVScaling(head_dim, experts, kv_heads),
+             "down_proj": MoVScaling(config.intermediate_size, experts)}
+    for site in sites.values():
+        site.reset_parameters(generator)
+        with torch.no_grad():  # trained-like vectors: no shortcut through ones
+            site.vectors.add_(torch.randn(site.vectors.shape, generator=generator) * 0.1)
+    position = {"k_proj": "output", "v_proj": "output", "down_proj": "input"}
+
+    def loop_hook(name, site):
+        if position[name] == "output":
+            return lambda linear, args, out: mov_loop(site, out)
+        return lambda linear, args: (mov_loop(site, args[0]),)
+
+    def site_hook(name, site):
+        return site.linear_output_hook if position[name] == "output" else site.linear_input_hook
+
+    variants = {
+        variant: [(linear_of(layer, name), position[name], make_hook(name, site)) for name, site in sites.items()]
+        for variant, make_hook in (("mov", site_hook), ("loop", loop_hook))
+    }
+    return variants, list(sites.values())
+
+
+def molora_variants(layer, experts: int, rank: int, alpha: float, generator: torch.Generator) -> tuple[dict, list]:
+    """{variant: [(linear, position, hook)]} for MoLoRA, its loop and a single rank-16 LoRA on the seven projections."""
+    sites, loops, loras = {}, {}, {}
+    for name in PROJECTIONS:
+        linear = linear_of(layer, name)
+        site = MoLoRAExperts(linear.in_features, linear.out_features, experts, rank, alpha)
+        site.reset_parameters(generator)
+        with torch.no_grad():  # trained-like B: no shortcut through zeros
+            site.experts_B.normal_(0.0, 0.02, generator=generator)
+        sites[name], loops[name] = site, MoLoRALoop(site)
+        loras[name] = SingleLoRA(linear.in_features, linear.out_features, 16, alpha, generator)
+    def adds(module):
+        return lambda linear, args, out: out + module(args[0])
+
+    variants = {"molora": [(linear_of(layer, name), "output", site.linear_output_hook) for name, site in sites.items()]}
+    for variant, modules in (("loop", loops), ("lora16", loras)):
+        variants[variant] = [(linear_of(layer, name), "output", adds(module)) for name, module in modules.items()]
+    return variants, [*sites.values(), *loops.values(), *loras.values()]
+
+
+def with_sites(layer, rope, hooks):
+    """The decoder layer with `hooks` ([(linear, "output" | "input", hook)]) on their linears for the call."""
+
+    def forward(hidden_states):
+        handles = [
+            linear.register_forward_hook(hook) if position == "output" else linear.register_forward_pre_hook(hook)
+            for linear, position, hook in hooks
+        ]
+        try:
+            out = layer(hidden_states, position_embeddings=rope)
+        finally:
+            for handle in handles:
+                handle.remove()
+        return out[0] if isinstance(out, tuple) else out
+
+    return forward
+
+
+def check_same_soft(fns: dict, x, grad, dtype) -> str:
+    """Our layer and the loop give the same output and input gradient (dtype tolerance); raises otherwise."""
+    results = {}
+    for name, fn in fns.items():
+        xi = x.detach().clone().requires_grad_(True)
+        out = fn(xi)
+        out.backward(grad)
+        results[name] = (out.detach().float(), xi.grad.float())
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    (ours, (out_a, gx_a)), (_, (out_b, gx_b)) = list(results.items())[:2]
+    diff = max((out_a - out_b).abs().max().item(), (gx_a - gx_b).abs().max().item())
+    if not (torch.allclose(out_a, out_b, **tol) and torch.allclose(gx_a, gx_b, **tol)):
+        raise SystemExit(f"{ours} and its loop differ (max abs diff {diff:.3g}); not timing a wrong layer")
+    return f"{ours} allclose to its loop (max abs diff of output and input grad {diff:.2g})"
+
+
+def soft_table(args, devices) -> None:
+    """The MoV and MoLoRA rows: a whole decoder layer with the method's sites, against the dense layer and a loop."""
+    print(f"MoV / MoLoRA: E={args.soft_experts}, MoLoRA r={args.rank} alpha={args.alpha:g} on the seven projections; "
+          "forward+backward of a Llama decoder layer (head_dim 64, kv heads = heads/4), base frozen, train mode; median ms")
+    header = ("| device | dtype | hidden | interm. | tokens | method | dense ms | ours ms | loop ms | lora16 ms "
+              "| ours/dense | loop/dense | loop/ours | lora16/dense |")
+    rows = []
+    for device_name, dtype_name, hidden, tokens, method in itertools.product(
+        devices, args.dtype, args.hidden, args.tokens, [m for m in args.methods if m != "pesc"]
+    ):
+        device = torch.device(device_name)
+        dtype = DTYPES[dtype_name]
+        repeats, warmup, inner = run_settings(args, device)
+        intermediate = args.intermediate or intermediate_for(hidden)
+        layer, config, rotary = build_decoder_layer(hidden, intermediate, args.seed)
+        generator = torch.Generator().manual_seed(args.seed)
+        if method == "mov":
+            variants, modules = mov_variants(layer, config, args.soft_experts, generator)
+        else:
+            variants, modules = molora_variants(layer, args.soft_experts, args.rank, args.alpha, generator)
+        holder = torch.nn.ModuleList([layer, *modules]).to(device=device, dtype=dtype)
+        gen = torch.Generator().manual_seed(args.seed + 1)
+        x = torch.randn(1, tokens, hidden, generator=gen).to(device=device, dtype=dtype).requires_grad_(True)
+        grad = torch.randn(1, tokens, hidden, generator=gen).to(device=device, dtype=dtype)
+        with torch.no_grad():
+            rope = rotary.to(device)(x, torch.arange(tokens, device=device).unsqueeze(0))
+        fns = {name: with_sites(layer, rope, hooks) for name, hooks in variants.items()}
+        label = f"{device_name} {dtype_name} H={hidden} I={intermediate} T={tokens}"
+        print(f"check {method} {label}: {check_same_soft(fns, x, grad, dtype)}", flush=True)
+        times = time_fwd_bwd({"dense": with_sites(layer, rope, []), **fns}, holder, x, grad, warmup, repeats, inner,
+                             args.clock)
+        times["ours"] = times.pop(method)
+        rows.append(format_soft_row(device_name, dtype_name, hidden, intermediate, tokens, method, times))
+        print(f"row {rows[-1]}", flush=True)
+        del layer, holder, x, grad
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    print_table(header, rows)
+
+
+def format_soft_row(device_name, dtype_name, hidden, intermediate, tokens, method, t) -> str:
+    lora16 = t.get("lora16")
+    lora16_ms, lora16_ratio = (f"{lora16:.2f}", f"{lora16 / t['dense']:.3f}") if lora16 else ("-", "-")
+    return (
+        f"| {device_name} | {dtype_name} | {hidden} | {intermediate} | {tokens} | {method} "
+        f"| {t['dense']:.2f} | {t['ours']:.2f} | {t['loop']:.2f} | {lora16_ms} "
+        f"| {t['ours'] / t['dense']:.3f} | {t['loop'] / t['dense']:.3f} | {t['loop'] / t['ours']:.3f} | {lora16_ratio} |"
+    )
+
+
+def print_table(header: str, rows: list) -> None:
     print()
     print(header)
     print("|" + "---|" * (header.count("|") - 1))
     for row in rows:
         print(row)
+    print()
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--methods", nargs="+", default=["pesc", "mov", "molora"], choices=["pesc", "mov", "molora"])
+    parser.add_argument("--device", nargs="+", default=None, help="cpu, cuda (default: cpu, plus cuda if available)")
+    parser.add_argument("--hidden", type=int, nargs="+", default=[1024])
+    parser.add_argument("--intermediate", type=int, default=None, help="default: ~8/3 x hidden rounded to 256")
+    parser.add_argument("--tokens", type=int, nargs="+", default=[2048])
+    parser.add_argument("--adapter-dim", type=int, nargs="+", default=[64, 512], help="PESC")
+    parser.add_argument("--dtype", nargs="+", default=["float32", "bfloat16"], choices=sorted(DTYPES))
+    parser.add_argument("--experts", type=int, default=8, help="PESC experts")
+    parser.add_argument("--top-k", type=int, default=2, help="PESC")
+    parser.add_argument("--soft-experts", type=int, default=10, help="MoV / MoLoRA experts per site")
+    parser.add_argument("--rank", type=int, default=4, help="MoLoRA rank")
+    parser.add_argument("--alpha", type=float, default=16.0, help="MoLoRA alpha (and the rank-16 LoRA's)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed repeats (default: cpu 5, cuda 20)")
+    parser.add_argument("--warmup", type=int, default=None, help="warm-up iterations (default: cpu 2, cuda 10)")
+    parser.add_argument("--inner", type=int, default=None, help="iterations per repeat (default: cpu 1, cuda 10)")
+    parser.add_argument("--frozen-dense", action="store_true", help="PESC: gate/up/down frozen (only adapters+router train)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
+                        help="cpu: the thread's CPU time (CPU runs with --threads 1 on a shared machine)")
+    parser.add_argument("--dropout", type=float, default=0.1, help="adapter dropout of the 'pesc dropout' timing")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    devices = args.device or (["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
+    print(f"torch {torch.__version__}, CPU threads {torch.get_num_threads()}", end="")
+    if torch.cuda.is_available():
+        print(f", CUDA device {torch.cuda.get_device_name(0)}", end="")
+    print()
+    if "pesc" in args.methods:
+        pesc_table(args, devices)
+    if set(args.methods) - {"pesc"}:
+        soft_table(args, devices)
 
 
 def format_row(device_name, dtype_name, hidden, intermediate, tokens, adapter_dim, t) -> str:

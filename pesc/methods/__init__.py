@@ -7,10 +7,12 @@ import difflib
 
 from pesc.errors import PescError
 from pesc.methods.base import Method, SampleField, Setting, check_flags
+from pesc.methods.molora import MOLORA
+from pesc.methods.mov import MOV
 from pesc.methods.pesc import PESC
 
 DEFAULT_METHOD = "pesc"
-METHODS: dict[str, Method] = {PESC.name: PESC}
+METHODS: dict[str, Method] = {method.name: method for method in (PESC, MOV, MOLORA)}
 
 
 def register_method(method: Method) -> Method:
@@ -23,6 +25,7 @@ def register_method(method: Method) -> Method:
     method.config_class.register_for_auto_class()
     method.model_class.register_for_auto_class("AutoModelForCausalLM")
     return method
+
 
 
 def get_method(name: str | None) -> Method:

@@ -2,8 +2,9 @@
 modeling_<m>.py. These files ship inside every checkpoint of their method.
 
 Importing this package registers the classes with the transformers Auto* factories, so
-`AutoModelForCausalLM.from_pretrained` works on a PESC checkpoint without remote code
-whenever pesc is installed, and `save_pretrained` copies the model code into the folder.
+`AutoModelForCausalLM.from_pretrained` works on a checkpoint of a shipped method (PESC, MoV,
+MoLoRA) without remote code whenever pesc is installed, and `save_pretrained` copies the model
+code into the folder.
 """
 
 from transformers import AutoConfig, AutoModelForCausalLM
@@ -17,14 +18,27 @@ from .modeling_pesc import (
     PescRouter,
     init_expert_weights,
 )
+from .configuration_molora import MoLoRAConfig
+from .configuration_mov import MoVConfig
+from .modeling_molora import MoLoRAForCausalLM
+from .modeling_mov import MoVForCausalLM
 from .moe_core import RoutingRecord, attach_sibling, emit_routing_record, load_balancing_loss, record_routing
 
-AutoConfig.register(PescConfig.model_type, PescConfig, exist_ok=True)
-AutoModelForCausalLM.register(PescConfig, PescForCausalLM, exist_ok=True)
-PescConfig.register_for_auto_class()
-PescForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+for _config_class, _model_class in (
+    (PescConfig, PescForCausalLM),
+    (MoVConfig, MoVForCausalLM),
+    (MoLoRAConfig, MoLoRAForCausalLM),
+):
+    AutoConfig.register(_config_class.model_type, _config_class, exist_ok=True)
+    AutoModelForCausalLM.register(_config_class, _model_class, exist_ok=True)
+    _config_class.register_for_auto_class()
+    _model_class.register_for_auto_class("AutoModelForCausalLM")
 
 __all__ = [
+    "MoLoRAConfig",
+    "MoLoRAForCausalLM",
+    "MoVConfig",
+    "MoVForCausalLM",
     "PescAdapter",
     "PescConfig",
     "PescForCausalLM",

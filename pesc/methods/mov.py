@@ -1,0 +1,59 @@
+"""MoV (Zadouri et al., arXiv 2309.05444): soft-merged (IA)³ vectors on the keys and values (per key/value
+head) and the FFN intermediate activation; dense float32 softmax routers; no aux loss.
+
+The decoder mapping is ours (the paper's code is T5): docs/methods/mov-molora.md.
+"""
+
+from pathlib import Path
+
+from pesc.methods.base import Method, Setting
+from pesc.methods.soft_merging import attention_dims, draw_sites
+
+
+class MoV(Method):
+    name = "mov"
+    label = "MoV"
+    description = (
+        "MoV (arXiv 2309.05444): soft-merged (IA)³ vectors on k_proj / v_proj outputs (per key/value head) "
+        "and the FFN intermediate activation, dense float32 softmax routers; no aux loss"
+    )
+    settings = (
+        Setting("num_experts", (int,), 10, "vectors per site (MoV-10; the paper also has 30 and 60)",
+                bounds="positive", structural=True),
+    )
+    modeling_dir = Path(__file__).resolve().parent.parent / "modeling"
+    modeling_files = ("moe_core.py", "soft_merging.py", "configuration_mov.py", "modeling_mov.py")
+    prefix = "mov_"
+    card_tags = ("mov", "ia3", "soft-merging")
+
+    # The classes are imported on first use: listing the methods (the CLI's flags) must not import torch.
+    @property
+    def config_class(self):
+        from pesc.modeling import MoVConfig
+
+        return MoVConfig
+
+    @property
+    def model_class(self):
+        from pesc.modeling import MoVForCausalLM
+
+        return MoVForCausalLM
+
+    def default_lora_targets(self, config) -> list[str]:
+        return []  # only the routers and vectors train
+
+    def initial_state(self, config, layer_idx: int, seed: int) -> dict:
+        from pesc.modeling.modeling_mov import MOV_SITES, MoVScaling
+
+        _, kv_heads, head_dim = attention_dims(config)
+        sites = {}
+        for parent, linear, position in MOV_SITES:
+            width, heads = (head_dim, kv_heads) if position == "output" else (config.intermediate_size, 1)
+            sites[f"{parent}.mov_{linear}"] = MoVScaling(width, config.num_experts, heads)
+        return draw_sites(config, sites, layer_idx, seed)
+
+    def card_title(self, config) -> str:
+        return f"MoV-{config.num_experts}"
+
+
+MOV = MoV()

@@ -1,0 +1,31 @@
+"""Configuration of a MoV model (mixture of (IA)³ vectors, arXiv 2309.05444).
+
+Shipped inside every MoV checkpoint beside moe_core.py (the flat-config machinery every
+method shares): the dense family's fields sit flat at the top level, next to MoV's own.
+"""
+
+from .moe_core import FlatMoEConfig
+
+
+class MoVConfig(FlatMoEConfig):
+    r"""
+    A dense decoder whose key, value and FFN-intermediate activations are rescaled by soft-merged
+    (IA)³ vectors: each site owns `num_experts` vectors and a float32 softmax router.
+
+    Args:
+        num_experts (`int`): vectors per site (the paper's MoV-10, -30, -60).
+        kwargs: `base_model_type`, `moe_dtype`, `output_router_logits`, the dense family's config fields.
+    """
+
+    model_type = "pesc_mov"
+    method_defaults = {"num_experts": 10}
+
+    def __init__(self, **kwargs):  # explicit: transformers 5 gives a config class without one a dataclass __init__
+        super().__init__(**kwargs)
+
+    def validate_moe_settings(self):
+        if not isinstance(self.num_experts, int) or isinstance(self.num_experts, bool) or self.num_experts <= 0:
+            raise ValueError(f"num_experts must be a positive integer, got {self.num_experts!r}")
+
+
+__all__ = ["MoVConfig"]

@@ -1,0 +1,109 @@
+"""MoV: a soft-merged mixture of (IA)³ vectors (Zadouri et al., arXiv 2309.05444), on a dense decoder.
+
+Shipped inside every MoV checkpoint: imports only torch, transformers and its sibling files.
+
+(IA)³ rescales three activations; MoV gives each of them E learned vectors and a router:
+    y = a ⊙ Σ_e p_e l_e,    p = softmax(router(a)) over all E experts, float32
+with every l_e initialised to ones, so a fresh model is exactly its base. The router reads
+the activation it rescales. On a decoder the sites are (our mapping; the paper's code is T5):
+- the outputs of `k_proj` and `v_proj`, per head: each key/value head routes on its own
+  head_dim-wide vector with one router kernel [E, head_dim] shared by every head, and owns
+  its own E vectors (the official `MoVAttention`); with grouped-query attention the heads
+  are the key/value heads;
+- the FFN intermediate activation act(gate(x)) * up(x), i.e. the input of `down_proj`.
+"""
+
+import torch
+from torch import nn
+
+from .configuration_mov import MoVConfig
+from .moe_core import MoEForCausalLM, attach_sibling, emit_routing_record
+from .soft_merging import SoftRouter, linear_on
+
+
+class MoVScaling(nn.Module):
+    """E (IA)³ vectors on one activation of `heads * width` features, soft-merged per token and head.
+
+    `vectors[h, e]` is expert e's vector for head h (one head for the FFN site). The merge is
+    the matmul `p @ L`, never a loop over experts.
+    """
+
+    def __init__(self, width: int, num_experts: int, heads: int = 1, site: str = "", layer_idx: int = 0):
+        super().__init__()
+        self.site, self.layer_idx = site, layer_idx  # name its routing records
+        self.width = width
+        self.heads = heads
+        self.router = SoftRouter(width, num_experts)
+        self.vectors = nn.Parameter(torch.ones(heads, num_experts, width))
+
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        """The official init: router ~ N(0, 0.02), every vector all ones."""
+        self.router.reset_parameters(generator)
+        with torch.no_grad():
+            self.vectors.fill_(1.0)
+
+    def merged_vectors(self, activation: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each token's and head's merged vector Σ_e p_e l_e [tokens, heads, width] (float32), and the router logits."""
+        rows = activation.reshape(-1, self.heads, self.width)
+        logits = self.router.logits(rows)  # [tokens, heads, E]
+        probabilities, _ = self.router.probabilities(logits)
+        # 1 + p @ (L - 1) is p @ L since the p sum to one; written so, vectors of ones merge
+        # to exactly one, whatever the float rounding of sum(p).
+        offsets = self.vectors.float() - 1.0  # [heads, E, width]
+        merged = torch.matmul(probabilities.transpose(0, 1), offsets).add_(1.0).transpose(0, 1)
+        return merged, logits
+
+    def forward(self, activation: torch.Tensor) -> torch.Tensor:
+        """activation ⊙ its merged vector, in the activation's dtype and shape."""
+        merged, logits = self.merged_vectors(activation)
+        # one record [tokens, E] per head, as every reader of records expects one row per token; dense: all active
+        for head in range(self.heads):
+            site = self.site if self.heads == 1 else f"{self.site}.head{head}"
+            emit_routing_record(site, self.layer_idx, logits[:, head])
+        rows = activation.reshape(-1, self.heads, self.width)
+        return (rows * merged.to(activation.dtype)).reshape(activation.shape)
+
+    def linear_output_hook(self, linear: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        """The K / V site: rescale the projection's output."""
+        return self(output)
+
+    def linear_input_hook(self, linear: nn.Module, args: tuple) -> tuple:
+        """The FFN site: rescale down_proj's input, the intermediate activation."""
+        return (self(args[0]), *args[1:])
+
+
+# Where MoV's sites sit: (parent module in the decoder layer, linear, which side of it).
+MOV_SITES = (("self_attn", "k_proj", "output"), ("self_attn", "v_proj", "output"), ("mlp", "down_proj", "input"))
+
+
+class MoVForCausalLM(MoEForCausalLM):
+    """A dense family's causal LM with MoV sites beside k_proj, v_proj and down_proj (`mov_<linear>`)."""
+
+    config_class = MoVConfig
+    method_label = "MoV"
+    _no_split_modules = []
+
+    def add_method_modules(self, layer: nn.Module, layer_idx: int, config: MoVConfig) -> None:
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        for parent_name, linear_name, position in MOV_SITES:
+            linear = linear_on(layer, parent_name, linear_name, config.base_model_type, self.method_label)
+            if position == "output":  # keys / values: per key/value head
+                if linear.out_features != kv_heads * head_dim:
+                    raise ValueError(
+                        f"MoV cannot wrap model family {config.base_model_type!r}: its {linear_name} gives "
+                        f"{linear.out_features} features, not {kv_heads} key/value heads x {head_dim}"
+                    )
+                site = MoVScaling(head_dim, config.num_experts, kv_heads, linear_name, layer_idx)
+            else:  # the FFN intermediate activation, down_proj's input
+                site = MoVScaling(linear.in_features, config.num_experts, 1, linear_name, layer_idx)
+            attach_sibling(getattr(layer, parent_name), linear_name, f"mov_{linear_name}", site, position)
+
+    def init_method_module(self, module: nn.Module) -> bool:
+        if isinstance(module, MoVScaling):
+            module.reset_parameters()
+            return True
+        return isinstance(module, SoftRouter)  # drawn with its site
+
+
+__all__ = ["MoVForCausalLM", "MoVScaling"]
