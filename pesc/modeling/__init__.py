@@ -8,6 +8,7 @@ whenever pesc is installed, and `save_pretrained` copies the model code into the
 
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from .configuration_moelora import MoELoraConfig
 from .configuration_pesc import PescConfig
 from .modeling_pesc import (
     PescAdapter,
@@ -17,14 +18,21 @@ from .modeling_pesc import (
     PescRouter,
     init_expert_weights,
 )
+from .modeling_moelora import MoELoraForCausalLM
 from .moe_core import RoutingRecord, attach_sibling, emit_routing_record, load_balancing_loss, record_routing
 
 AutoConfig.register(PescConfig.model_type, PescConfig, exist_ok=True)
 AutoModelForCausalLM.register(PescConfig, PescForCausalLM, exist_ok=True)
 PescConfig.register_for_auto_class()
 PescForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+AutoConfig.register(MoELoraConfig.model_type, MoELoraConfig, exist_ok=True)
+AutoModelForCausalLM.register(MoELoraConfig, MoELoraForCausalLM, exist_ok=True)
+MoELoraConfig.register_for_auto_class()
+MoELoraForCausalLM.register_for_auto_class("AutoModelForCausalLM")
 
 __all__ = [
+    "MoELoraConfig",
+    "MoELoraForCausalLM",
     "PescAdapter",
     "PescConfig",
     "PescForCausalLM",
