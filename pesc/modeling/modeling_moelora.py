@@ -64,8 +64,11 @@ class MoELoraSite(nn.Module):
         weights = torch.softmax(top_logits, dim=-1, dtype=torch.float32)
         extras = self._contrastive_sample(rows, selected) if self.sample_size and self.training and torch.is_grad_enabled() else None
         emit_routing_record(self.site, self.layer_idx, logits, selected, extras)
+        inputs = rows.to(self.down.dtype)
+        if self.training and self.dropout.p > 0:  # one mask per token, shared by its experts
+            inputs = self.dropout(inputs)
         experts = list(range(self.num_experts))
-        mixed = routed_dispatch(self.dropout(rows.to(self.down.dtype)), weights, selected, experts, self._weighted_expert_output)
+        mixed = routed_dispatch(inputs, weights, selected, experts, self._weighted_expert_output)
         return output + mixed.to(output.dtype).reshape(output.shape)
 
     def _weighted_expert_output(self, expert: int, rows: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
