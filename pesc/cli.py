@@ -252,6 +252,31 @@ def eval_command(model, out, **options):
     run_eval(model, out or Path("eval-results") / Path(model).resolve().name, echo=click.echo, **options)
 
 
+@cli.command()
+@click.argument("model", type=click.Path(path_type=str))
+@click.option("--data", "data", multiple=True, required=True, metavar="[TASK=]FILE",
+              help="A data file in a training format; TASK= names its task (files may share one). Repeatable.")
+@click.option("--out", required=True, type=click.Path(path_type=str), help="Output folder (must not exist).")
+@click.option("--type", "data_type", type=click.Choice(["messages", "sharegpt", "alpaca", "camelidae"]),
+              default="messages", show_default=True, help="Format of every --data file.")
+@click.option("--chat-template", help="camelidae, chatml or a Jinja string (default: as MODEL was trained, else the "
+              "tokenizer's own).")
+@click.option("--sequence-len", type=int, help="Truncate rows to N tokens (default: the run's, else 2048).")
+@click.option("--limit", type=int, help="Only N rows of each file (a fixed sample): a quick look.")
+@click.option("--batch-size", type=int, default=8, show_default=True)
+@click.option("--expert-group", multiple=True, metavar="NAME=INDICES",
+              help="A group of experts, e.g. knowledge=0-2; adds each group's share of router mass per task. "
+              "Repeatable.")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True)
+@click.option("--load-in-4bit", is_flag=True, help="A training run: load its base in 4-bit, as it was trained.")
+def routes(model, data, out, **options):
+    """Run data through MODEL (PESC folder, export or training run) and write what its routers do: expert load
+    per layer and task (heatmaps, per-layer balance), router entropy, as PNGs, JSON and CSV; see docs/routes.md."""
+    from pesc.routing_analysis.run import run_routes
+
+    run_routes(model, list(data), out, echo=click.echo, **options)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: user errors become one line on stderr and exit status 1 (PESC_DEBUG=1 shows tracebacks)."""
     silence_bitsandbytes_cpu_kernel_notice()

@@ -30,6 +30,7 @@ from pesc.methods import method_of
 from pesc.quiet import peft_deprecation_warnings_silenced
 from pesc.run_files import (
     EXPERTS_FILE,
+    PESC_CONFIG_FILE,
     TRAIN_CONFIG_FILE,
     experts_path,
     latest_checkpoint,
@@ -72,15 +73,16 @@ def find_checkpoint(path: str | Path) -> tuple[Path, Path | None]:
                 "train first, or give a checkpoint folder"
             )
         run_dir = path
-    if not (checkpoint / ADAPTER_CONFIG).is_file():
-        raise PescError(f"{checkpoint} holds no {ADAPTER_CONFIG}: it is not a complete pesc training checkpoint")
     if experts_path(checkpoint) is None:
         raise PescError(f"{checkpoint} holds no {EXPERTS_FILE}: it is not a complete pesc training checkpoint")
     check_checkpoint_files(checkpoint)
     return checkpoint, run_dir
 
 
-def read_adapter_config(checkpoint: Path) -> dict:
+def read_adapter_config(checkpoint: Path) -> dict | None:
+    """peft's adapter_config.json of the checkpoint's LoRA, or None for a run that trained no LoRA."""
+    if not (checkpoint / ADAPTER_CONFIG).is_file():
+        return None
     try:
         return json.loads((checkpoint / ADAPTER_CONFIG).read_text())
     except (OSError, ValueError) as error:
@@ -88,12 +90,17 @@ def read_adapter_config(checkpoint: Path) -> dict:
 
 
 def adapter_base(checkpoint: Path, base: str | Path | None = None) -> str:
-    """The LoRA's base model: `base` if given, else adapter_config.json's base_model_name_or_path."""
+    """The model the run trained on: `base` if given, else adapter_config.json's base_model_name_or_path
+    (the LoRA's), else, for a run without LoRA, the path its pesc_config.json was loaded from."""
     if base is not None:
         return str(base)
-    name = read_adapter_config(checkpoint).get("base_model_name_or_path")
+    adapter_config = read_adapter_config(checkpoint)
+    if adapter_config is not None:
+        name, source = adapter_config.get("base_model_name_or_path"), checkpoint / ADAPTER_CONFIG
+    else:
+        name, source = getattr(load_trained_config(checkpoint), "_name_or_path", None), checkpoint / PESC_CONFIG_FILE
     if not name:
-        raise PescError(f"{checkpoint / ADAPTER_CONFIG} names no base model: pass --base with the model trained on")
+        raise PescError(f"{source} names no base model: pass --base with the model trained on")
     return str(name)
 
 
@@ -201,7 +208,8 @@ def load_trained_model(
     expert_dtype: torch.dtype | None = None,
 ):
     """The trained model as peft runs it (LoRA unmerged): base (unquantized, or 4-bit with a
-    `BitsAndBytesConfig`) + trained experts + LoRA. Returns (peft model, checkpoint folder, base name)."""
+    `BitsAndBytesConfig`) + trained experts + LoRA. Returns (peft model, checkpoint folder, base name);
+    for a run that trained no LoRA, the model itself in place of the peft model."""
     from peft import PeftModel
 
     checkpoint, _ = find_checkpoint(checkpoint)
@@ -209,6 +217,8 @@ def load_trained_model(
     base = adapter_base(checkpoint, base)
     model = load_base_model(base, trained, checkpoint, dtype, quantization_config)
     load_experts(model, load_expert_state(checkpoint), base, checkpoint, expert_dtype)
+    if read_adapter_config(checkpoint) is None:
+        return model.eval(), checkpoint, base
     try:
         with peft_deprecation_warnings_silenced():
             peft_model = PeftModel.from_pretrained(model, checkpoint, is_trainable=False)
@@ -219,9 +229,12 @@ def load_trained_model(
 
 
 def merge_lora(peft_model):
-    """Merge every LoRA layer into its base weight, the addition done in float32, then drop peft's wrappers."""
+    """Merge every LoRA layer into its base weight, the addition done in float32, then drop peft's wrappers
+    (a model without LoRA is returned as it is)."""
     from peft.tuners.lora import LoraLayer
 
+    if not hasattr(peft_model, "peft_config"):
+        return peft_model
     with torch.no_grad():
         for module in peft_model.modules():
             if not isinstance(module, LoraLayer):
@@ -346,8 +359,9 @@ def export(
     log(f"export: checkpoint {checkpoint}")
     log(f"export: loading the base {base} unquantized ({dtype})")
     peft_model, _, _ = load_trained_model(checkpoint, base=base, dtype=torch_dtype, expert_dtype=torch_dtype)
-    log("export: merging the LoRA into the dense weights (float32 addition)")
-    method = method_of(peft_model.get_base_model().config)
+    if hasattr(peft_model, "peft_config"):
+        log("export: merging the LoRA into the dense weights (float32 addition)")
+    method = method_of(peft_model.config)
     model = method.merge_for_export(peft_model)
     del peft_model
     load_experts(model, load_expert_state(checkpoint), base, checkpoint, torch_dtype)
@@ -380,7 +394,9 @@ def export(
         base_model_id=_card_base_model_id(base, base_model_id),
         datasets=hub_ids,
         data_files=data_files,
-        lora={key: adapter_config.get(key) for key in ("r", "lora_alpha", "lora_dropout", "target_modules")},
+        lora=None if adapter_config is None else {
+            key: adapter_config.get(key) for key in ("r", "lora_alpha", "lora_dropout", "target_modules")
+        },
         metrics=read_trainer_metrics(*metrics_folders),
         evaluation=evaluation,
     )

@@ -36,8 +36,8 @@ def build_block(dropout: float = 0.0) -> PescMoEAdapter:
     return block
 
 
-def reference(block: PescMoEAdapter, router_input: torch.Tensor, ffn_output: torch.Tensor) -> torch.Tensor:
-    """y_t = F_t + sum over the top-k experts i of w_i * s * up_i(gelu(down_i(F_t))), token by token."""
+def reference(block: PescMoEAdapter, router_input: torch.Tensor, ffn_output: torch.Tensor, dropout=lambda h: h) -> torch.Tensor:
+    """y_t = F_t + sum over the top-k experts i of w_i * s * up_i(gelu(down_i(dropout(F_t)))), token by token."""
     experts = list(block.experts.values())
     rows = []
     for x, h in zip(router_input.reshape(-1, HIDDEN), ffn_output.reshape(-1, HIDDEN)):
@@ -47,7 +47,7 @@ def reference(block: PescMoEAdapter, router_input: torch.Tensor, ffn_output: tor
         row = h.clone()
         for weight, index in zip(weights, chosen.tolist()):
             expert = experts[index]
-            row = row + weight * expert.scaling * (expert.adapter_up.weight @ F.gelu(expert.adapter_down.weight @ h))
+            row = row + weight * expert.scaling * (expert.adapter_up.weight @ F.gelu(expert.adapter_down.weight @ dropout(h)))
         rows.append(row)
     return torch.stack(rows).reshape(ffn_output.shape)
 
@@ -127,10 +127,14 @@ def test_experts_with_their_own_scalings_follow_the_formula(dispatch):
     torch.testing.assert_close(got, reference(block, router_input, ffn_output), rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("stack_inside_graph", [False, True], ids=["expert by expert (cpu)", "stacked (cuda)"])
 @pytest.mark.parametrize("dispatch", ["auto", "all", "selected"])
 @pytest.mark.parametrize("tokens", [1, 3])
-def test_compiled_decode_dispatch_is_one_graph_and_equals_the_formula(dispatch, tokens):
+def test_compiled_decode_dispatch_is_one_graph_and_equals_the_formula(dispatch, tokens, stack_inside_graph, monkeypatch):
     """Inside torch.compile nothing may read the picks on the host or check the stacked copies."""
+    from pesc.modeling import modeling_pesc
+
+    monkeypatch.setattr(modeling_pesc, "_stack_inside_graph", lambda device: stack_inside_graph)
     block = build_block().eval()
     block._dispatch = dispatch
     router_input, ffn_output = inputs(tokens)
@@ -156,3 +160,60 @@ def test_all_is_not_used_when_a_projection_is_wrapped():
         assert block._choose_dispatch(ffn_output.reshape(3, HIDDEN)) == "routed"
         got = block(router_input, ffn_output)
     torch.testing.assert_close(got, reference(block, router_input, ffn_output), rtol=1e-12, atol=1e-12)
+
+
+def test_routed_dropout_applies_one_mask_per_token_and_expert_with_the_keep_scale(monkeypatch):
+    """Training with adapter dropout: each (token, expert) row is masked once, and the kept elements scaled by 1/(1-p).
+
+    The mask is replaced by one that drops the same hidden columns in every row, so the
+    per-token reference can apply it without knowing the dispatch's row order.
+    """
+    from pesc.modeling import moe_core
+
+    dropped_columns = torch.tensor([0, 5, 6, 17])
+    keep_scale = 1 / (1 - 0.25)  # a power-of-two ratio away from 1: exact in float64
+
+    def column_mask(shape, p, device):
+        assert p == 0.25
+        drop = torch.zeros(shape, dtype=torch.bool, device=device)
+        drop[:, dropped_columns] = True
+        return drop, keep_scale
+
+    monkeypatch.setattr(moe_core, "dropout_mask", column_mask)
+    block = build_block(dropout=0.25).train()
+    router_input, ffn_output = inputs(9)
+    ffn_output.requires_grad_(True)
+    got = block(router_input, ffn_output)
+    got_grads = torch.autograd.grad(got.square().sum(), [ffn_output, *block.parameters()])
+
+    want = reference(block, router_input, ffn_output, dropout=lambda h: h.index_fill(-1, dropped_columns, 0) * keep_scale)
+    want_grads = torch.autograd.grad(want.square().sum(), [ffn_output, *block.parameters()])
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    for got_grad, want_grad in zip(got_grads, want_grads):
+        torch.testing.assert_close(got_grad, want_grad, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("p", [0.05, 0.5])
+def test_dropout_mask_drops_at_rate_p_independently(p):
+    from pesc.modeling.moe_core import dropout_mask
+
+    torch.manual_seed(0)
+    shape = (1000, 1001)  # an odd count: the last 32-bit draw is half used
+    drop, keep_scale = dropout_mask(shape, p, torch.device("cpu"))
+    assert drop.shape == shape and drop.dtype == torch.bool
+    assert keep_scale == pytest.approx(1 / (1 - p), rel=1e-9)
+    sigma = (p * (1 - p) / drop.numel()) ** 0.5
+    assert abs(drop.float().mean().item() - p) < 6 * sigma
+    rows = drop.float().mean(1)  # rows are not copies of each other
+    assert rows.std().item() > 0.5 * (p * (1 - p) / shape[1]) ** 0.5
+    again, _ = dropout_mask(shape, p, torch.device("cpu"))
+    assert not torch.equal(drop, again)
+
+
+def test_experts_with_different_dropouts_keep_their_own_masks():
+    block = build_block(dropout=0.25).train()
+    assert block._shared_active_dropout() == 0.25
+    block.experts["expert_1"].dropout.p = 0.5
+    assert block._shared_active_dropout() is None
+    assert build_block(dropout=0.25).eval()._shared_active_dropout() is None
+    assert build_block(dropout=0.0).train()._shared_active_dropout() is None

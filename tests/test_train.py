@@ -293,11 +293,8 @@ def test_training_curves_draw_exactly_the_logged_values(tmp_path):
 
 
 def test_train_resume_equals_uninterrupted(tmp_path, tiny_llama_dir, data_file, monkeypatch):
-    from transformers import TrainerCallback
-
     from pesc.run_files import load_trained_config
     from pesc.training import train
-    from pesc.training import trainer as trainer_module
 
     full_dir = tmp_path / "full"
     full_dir.mkdir()
@@ -323,24 +320,10 @@ def test_train_resume_equals_uninterrupted(tmp_path, tiny_llama_dir, data_file, 
     assert_curves_picture(run / "curves.png", panels=3)  # loss + eval loss, aux_loss, expert_load_max
 
     # the same run, crashed right after checkpoint-3 was written, then resumed
-    class CrashAfterFirstSave(TrainerCallback):
-        def on_save(self, args, state, control, **kwargs):
-            if state.global_step == 3:
-                raise _Crash()
-
-    original_init = trainer_module.MoETrainer.__init__
-
-    def init_with_crash(self, *args, **kwargs):
-        original_init(self, *args, **kwargs)
-        self.add_callback(CrashAfterFirstSave())
-
     part_dir = tmp_path / "part"
     part_dir.mkdir()
     config = str(make_config(part_dir, tiny_llama_dir, data_file))
-    monkeypatch.setattr(trainer_module.MoETrainer, "__init__", init_with_crash)
-    with pytest.raises(_Crash):
-        train(config)
-    monkeypatch.undo()
+    _run_with_crash_at(3, config, monkeypatch)
     assert not (part_dir / "run" / "final").exists()
     with pytest.raises(PescError, match="already holds checkpoints"):
         train(config)
@@ -354,6 +337,74 @@ def test_train_resume_equals_uninterrupted(tmp_path, tiny_llama_dir, data_file, 
     assert full.keys() == resumed.keys() and any("router" in k for k in full)
     for name in full:
         torch.testing.assert_close(resumed[name], full[name], rtol=0, atol=0, msg=name)
+
+
+def _run_with_crash_at(step: int, config: str, monkeypatch):
+    """Train `config`, crashing right after checkpoint-`step` is written (as a killed job would)."""
+    from transformers import TrainerCallback
+
+    from pesc.training import train
+    from pesc.training import trainer as trainer_module
+
+    class CrashAfterSave(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            if state.global_step == step:
+                raise _Crash()
+
+    original_init = trainer_module.MoETrainer.__init__
+
+    def init_with_crash(self, *args, **kwargs):
+        original_init(self, *args, **kwargs)
+        self.add_callback(CrashAfterSave())
+
+    monkeypatch.setattr(trainer_module.MoETrainer, "__init__", init_with_crash)
+    with pytest.raises(_Crash):
+        train(config)
+    monkeypatch.undo()
+
+
+def test_a_run_without_lora_trains_saves_resumes_and_exports_only_the_added_modules(tmp_path, tiny_llama_dir, data_file,
+                                                                                     monkeypatch):
+    """`lora_target_modules: []`: no peft at all; checkpoints hold the experts file and no model weights; resume
+    equals the uninterrupted run; export writes the base tensors untouched and the trained experts."""
+    from safetensors.torch import load_file
+
+    from pesc.export import export
+    from pesc.training import train
+
+    def config_in(folder):
+        folder.mkdir()
+        return str(make_config(folder, tiny_llama_dir, data_file, lora_target_modules=[]))
+
+    final = train(config_in(tmp_path / "full"))
+    for folder in (final.parent / "checkpoint-3", final):
+        names = {p.name for p in folder.iterdir()}
+        assert {"experts.safetensors", "pesc_config.json", "tokenizer.json", "training_args.bin"} <= names, names
+        assert not names & {"adapter_config.json", "adapter_model.safetensors", "model.safetensors"}, names
+    trained = load_file(final / "experts.safetensors")
+    history = json.loads((final.parent / "trainer_state.json").read_text())["log_history"]
+    losses = [h["loss"] for h in history if "loss" in h]
+    assert len(losses) == 6 and losses[-1] < losses[0], losses
+
+    part = config_in(tmp_path / "part")
+    _run_with_crash_at(3, part, monkeypatch)
+    resumed = load_file(train(part, resume=True) / "experts.safetensors")
+    assert trained.keys() == resumed.keys() and any("router" in k for k in trained)
+    for name in trained:
+        torch.testing.assert_close(resumed[name], trained[name], rtol=0, atol=0, msg=name)
+
+    out = export(final.parent, tmp_path / "export", dtype="float32", log=lambda message: None)
+    exported = {}
+    for shard in out.glob("*.safetensors"):
+        exported.update(load_file(shard))
+    base = load_file(tiny_llama_dir / "model.safetensors")
+    assert {k for k in exported if ".moe_adapter." not in k} == set(base) - {"lm_head.weight"} or \
+        {k for k in exported if ".moe_adapter." not in k} == set(base)
+    for name, tensor in base.items():
+        if name in exported:
+            assert torch.equal(exported[name], tensor.float()), name  # no LoRA merged: the base as it was
+    for name, tensor in trained.items():
+        assert torch.equal(exported[name], tensor), name
 
 
 def test_resume_restores_experts(tmp_path, tiny_llama_dir, data_file):

@@ -57,10 +57,22 @@ def _run_quantization_config(run_dir: Path | None, checkpoint: Path):
     return quantization_config(load_config(run_dir / TRAIN_CONFIG_FILE))
 
 
-def load_eval_model(path: str | Path, *, dtype: str = "float32", load_in_4bit: bool = False) -> EvalModel:
-    """The model of PATH in eval mode, on the GPU when there is one, with its tokenizer."""
+def load_source_tokenizer(path: str | Path):
+    """The tokenizer of PATH, a model folder or a run (checked by `check_eval_source`), without the model."""
     from transformers import AutoTokenizer
 
+    from pesc.export import adapter_base, find_checkpoint, load_run_tokenizer
+
+    if source_kind(path) == "folder":
+        return AutoTokenizer.from_pretrained(path)
+    checkpoint, run_dir = find_checkpoint(path)
+    return load_run_tokenizer(checkpoint, run_dir, adapter_base(checkpoint))
+
+
+def load_eval_model(
+    path: str | Path, *, dtype: str = "float32", load_in_4bit: bool = False, tokenizer=None
+) -> EvalModel:
+    """The model of PATH in eval mode, on the GPU when there is one, with its tokenizer (`tokenizer` if given)."""
     from pesc.export import find_checkpoint, load_run_tokenizer, load_trained_model
     from pesc.generate import load_causal_lm
 
@@ -71,7 +83,7 @@ def load_eval_model(path: str | Path, *, dtype: str = "float32", load_in_4bit: b
         if load_in_4bit:
             raise PescError("--load-in-4bit is for training runs (their base as trained); a model folder loads as saved")
         model = load_causal_lm(path, dtype=DTYPES[dtype]).to(device)
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        tokenizer = load_source_tokenizer(path) if tokenizer is None else tokenizer
         description["kind"] = "model folder"
         return EvalModel(model, tokenizer, description)
     checkpoint, run_dir = find_checkpoint(path)
@@ -80,6 +92,6 @@ def load_eval_model(path: str | Path, *, dtype: str = "float32", load_in_4bit: b
         checkpoint, dtype=DTYPES[dtype], quantization_config=quantization, expert_dtype=DTYPES[dtype]
     )
     model = model.to(device)
-    tokenizer = load_run_tokenizer(checkpoint, run_dir, base)
+    tokenizer = load_run_tokenizer(checkpoint, run_dir, base) if tokenizer is None else tokenizer
     description.update(kind="training checkpoint", checkpoint=str(checkpoint), base=base, load_in_4bit=load_in_4bit)
     return EvalModel(model, tokenizer, description)

@@ -116,14 +116,16 @@ class PescMoEAdapter(nn.Module):
 
     * routed: tokens are sorted by expert (one sort, one gather), each expert runs on its
       own rows only, and the rows are summed back per token (a gather, no scatter).
-      Works for any expert module and any dropout.
+      Works for any expert module and any dropout; the experts' own shared dropout is applied
+      to all gathered rows at once (`routed_dispatch`'s `input_dropout`).
     * all: every expert on every token as two wide matmuls over the concatenated adapter
       weights, with the routing weights (zero off the top-k) applied to the bottleneck.
       (E/k)x the adapter FLOPs but a handful of kernels and no host sync, so it wins where
       launches, not FLOPs, cost (CUDA, small bottlenecks). Only for `PescAdapter` experts
       with plain linear projections (it reads their weights) and without active dropout
-      (each expert must see its own dropout mask). Inside a compiled graph it runs expert
-      by expert on the weights themselves, without the stacked copies.
+      (each expert must see its own dropout mask). Inside a compiled graph it never reads the
+      cached stacked copies: it stacks afresh on CUDA and runs expert by expert on the CPU
+      (`_stack_inside_graph`).
     * selected: without autograd only, the picked experts are grouped on the host and each
       runs on its rows; the idle ones are not touched at all. Any expert module.
 
@@ -196,11 +198,21 @@ class PescMoEAdapter(nn.Module):
         return "all" if 3 * extra_per_token * ffn_rows.shape[-1] * rows <= 3 * per_ms else "routed"
 
     @staticmethod
-    def _weighted_expert_output(expert: nn.Module, rows: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """expert(rows) * weights ([rows, 1]); a `PescAdapter` scales its d-wide bottleneck instead of its H-wide output."""
+    def _weighted_expert_output(
+        expert: nn.Module, rows: torch.Tensor, weights: torch.Tensor, keep_scale: float | None = None
+    ) -> torch.Tensor:
+        """expert(rows) * weights ([rows, 1]); a `PescAdapter` scales its d-wide bottleneck instead of its H-wide output.
+
+        `keep_scale`: the rows already had the adapter's dropout mask applied; its 1 / (1 - p)
+        then scales the d-wide bottleneck rather than the H-wide rows (the same value: the
+        projection is linear).
+        """
         if type(expert) is PescAdapter:
             hidden = rows.to(expert.adapter_down.weight.dtype)
-            hidden = F.gelu(expert.adapter_down(expert.dropout(hidden)))
+            if keep_scale is None:
+                hidden = F.gelu(expert.adapter_down(expert.dropout(hidden)))
+            else:
+                hidden = F.gelu(expert.adapter_down(hidden) * keep_scale)
             hidden = hidden * (weights * expert.scaling).to(hidden.dtype)
             return expert.adapter_up(hidden)
         out = expert(rows)
@@ -209,8 +221,25 @@ class PescMoEAdapter(nn.Module):
     def _routed_forward(self, ffn_rows, routing_weights, selected):
         """ffn_rows plus each token's experts, computed in expert-sorted order."""
         experts = list(self.experts.values())
-        mixed = routed_dispatch(ffn_rows, routing_weights, selected, experts, self._weighted_expert_output)
+        mixed = routed_dispatch(ffn_rows, routing_weights, selected, experts, self._weighted_expert_output,
+                                input_dropout=self._shared_active_dropout())
         return ffn_rows + mixed.to(ffn_rows.dtype)
+
+    def _shared_active_dropout(self) -> float | None:
+        """The adapters' dropout p where the routed dispatch applies it to all experts' rows at once.
+
+        That is when every expert is a `PescAdapter` whose dropout is active with one shared p
+        (always so for the experts this class builds, in training); otherwise None, and each
+        expert applies its own dropout module.
+        """
+        experts = list(self.experts.values())
+        if not all(type(e) is PescAdapter for e in experts):
+            return None
+        dropouts = {(e._modules["dropout"].p, e._modules["dropout"].training) for e in experts}
+        if len(dropouts) != 1:
+            return None
+        p, training = dropouts.pop()
+        return p if training and p > 0 else None
 
     def _selected_experts_forward(self, ffn_rows, routing_weights, selected):
         """ffn_rows plus each picked expert on the rows that picked it, grouped on the host; no autograd."""
@@ -253,13 +282,18 @@ class PescMoEAdapter(nn.Module):
         weights = [down for down, _ in pairs] + [up for _, up in pairs]
         if torch.is_grad_enabled() and any(w.requires_grad for w in weights):
             return torch.cat(weights[: len(experts)]), torch.cat(weights[len(experts) :], dim=1).t()
+
+        def stack():
+            # adapter_up stacked as its transpose, contiguous, so that addmm reads it row-major
+            return torch.cat(weights[: len(experts)]), torch.cat([w.t() for w in weights[len(experts) :]])
+
+        if torch.compiler.is_compiling():
+            return stack()  # afresh: a graph cannot keep the copies (their staleness check reads storage pointers)
         key = tuple((w.data_ptr(), w._version, w.dtype, w.device) for w in weights)
         cache = self._stack_cache
         if cache is None or cache[0] != key:
             with torch.no_grad():
-                # adapter_up stacked as its transpose, contiguous, so that addmm reads it row-major
-                stacks = torch.cat(weights[: len(experts)]), torch.cat([w.t() for w in weights[len(experts) :]])
-            cache = self._stack_cache = (key, *stacks)
+                cache = self._stack_cache = (key, *stack())
         return cache[1], cache[2]
 
     def _all_experts_forward(self, ffn_rows, routing_weights, selected):
@@ -274,10 +308,7 @@ class PescMoEAdapter(nn.Module):
         gates = torch.zeros(ffn_rows.shape[0], self.num_experts, device=ffn_rows.device, dtype=dtype).scatter_(
             1, selected, scaled.to(dtype)
         )
-        if torch.compiler.is_compiling():
-            # A graph cannot keep the stacked copies (their staleness check reads storage
-            # pointers), and stacking inside it would copy every adapter at every step:
-            # one matmul pair per expert instead (launches are cheap in a compiled graph).
+        if torch.compiler.is_compiling() and not _stack_inside_graph(ffn_rows.device):
             out, rows = ffn_rows, ffn_rows.to(dtype)
             for index, expert in enumerate(experts):
                 hidden = F.gelu(expert.adapter_down(rows)) * gates[:, index : index + 1]
@@ -289,6 +320,17 @@ class PescMoEAdapter(nn.Module):
         if ffn_rows.dtype == up_t.dtype:
             return torch.addmm(ffn_rows, hidden, up_t)  # the residual add fused into the matmul
         return ffn_rows + (hidden @ up_t).to(ffn_rows.dtype)
+
+
+def _stack_inside_graph(device: torch.device) -> bool:
+    """Whether a compiled decode step stacks the adapters afresh (two wide matmuls) or runs them expert by expert.
+
+    Measured with `bench/generate.py --compile`. On CUDA (H200, h2048, bf16, CUDA graphs) a step
+    is bound by kernel latency, not bytes: stacking (a copy of every adapter per step) took
+    compiled PESC from 0.46 to 0.67x dense tokens/s at batch 1, and 0.54 to 0.66x at batch 8.
+    On the CPU the step is bound by bytes, and the copy cost more than it saved (0.69 vs 0.78-0.83x).
+    """
+    return device.type == "cuda"
 
 
 class PescMLP(nn.Module):

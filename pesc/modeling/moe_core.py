@@ -19,6 +19,7 @@ computes the method's named aux losses from them and adds their weighted sum to 
 
 import dataclasses
 import inspect
+import math
 import warnings
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -177,23 +178,42 @@ def emit_routing_record(site: str, layer: int, logits: torch.Tensor, selected=No
         sink.append(RoutingRecord(site, layer, logits, selected, extras))
 
 
-class GatherRows(torch.autograd.Function):
-    """rows[p] = x[source[p]]: each token's row repeated k times, in expert-sorted order.
+def dropout_mask(shape: tuple, p: float, device: torch.device) -> tuple[torch.Tensor, float]:
+    """(drop, keep scale): a boolean mask that drops each element with probability p, and 1 / (1 - p).
 
-    The backward is the adjoint `_CombineRows` (a gather plus a sum over k), so neither
+    The draw is 32 random bits an element, compared with round(p * 2**32): the probability is p
+    to within 2**-33 (as float32 uniforms give it), at a fraction of the cost of `bernoulli_`
+    on the CPU, and the mask is stored as bytes, not as the float noise `F.dropout` keeps.
+    """
+    numel = math.prod(shape)
+    bits = torch.empty((numel + 1) // 2, dtype=torch.int64, device=device).random_(-(2**63), None)
+    threshold = round(p * 2**32)
+    drop = bits.view(torch.int32)[:numel].view(shape) < threshold - 2**31
+    return drop, 2**32 / (2**32 - threshold)
+
+
+class GatherRows(torch.autograd.Function):
+    """rows[p] = x[source[p]]: each token's row repeated k times, in expert-sorted order, with
+    the elements of an optional `drop` mask zeroed (the experts' input dropout, one mask for every
+    (token, expert) pair, applied in the same pass; the keep scale is the caller's).
+
+    The backward is the adjoint `CombineRows` (a gather plus a sum over k), so neither
     direction scatters: no zero-filled buffers, no atomics, deterministic on every device.
     """
 
     @staticmethod
-    def forward(ctx, x, source, inverse, top_k):
-        ctx.save_for_backward(source, inverse)
+    def forward(ctx, x, source, inverse, top_k, drop=None):
+        ctx.save_for_backward(source, inverse, drop)
         ctx.top_k = top_k
-        return x.index_select(0, source)
+        rows = x.index_select(0, source)
+        return rows if drop is None else rows.masked_fill_(drop, 0)
 
     @staticmethod
     def backward(ctx, grad):
-        source, inverse = ctx.saved_tensors
-        return CombineRows.apply(grad, source, inverse, ctx.top_k), None, None, None
+        source, inverse, drop = ctx.saved_tensors
+        if drop is not None:
+            grad = grad.masked_fill(drop, 0)
+        return CombineRows.apply(grad, source, inverse, ctx.top_k), None, None, None, None
 
 
 class CombineRows(torch.autograd.Function):
@@ -208,19 +228,23 @@ class CombineRows(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         source, inverse = ctx.saved_tensors
-        return GatherRows.apply(grad, source, inverse, ctx.top_k), None, None, None
+        return GatherRows.apply(grad, source, inverse, ctx.top_k, None), None, None, None
 
 
 
 
 def routed_dispatch(rows: torch.Tensor, routing_weights: torch.Tensor, selected: torch.Tensor, experts: list,
-                    weighted_expert_output) -> torch.Tensor:
+                    weighted_expert_output, input_dropout: float | None = None) -> torch.Tensor:
     """sum_j w_j * expert_{s_j}(row) for every row, each expert run on its own rows only (top-k methods share it).
 
     Rows are sorted by expert (one sort, one gather) and summed back per row (a gather, no
     scatter). `weighted_expert_output(expert, rows, weights [rows, 1])` computes one expert's
     weighted output. With autograd every expert runs, on zero rows if idle, so its parameters
     join the graph (DDP and ZeRO-3 need that); without it idle experts are skipped.
+
+    `input_dropout` p: the experts' input dropout, done here for all of them at once (one mask
+    over the gathered rows, each (row, expert) pair its own), much cheaper than a dropout per
+    expert; `weighted_expert_output` is then called with `keep_scale=1 / (1 - p)` to apply.
     """
     top_k = selected.shape[-1]
     flat_experts = selected.reshape(-1)
@@ -229,13 +253,17 @@ def routed_dispatch(rows: torch.Tensor, routing_weights: torch.Tensor, selected:
     source = order // top_k
     counts = torch.bincount(flat_experts, minlength=len(experts)).tolist()
     weights = routing_weights.reshape(-1)[order].unsqueeze(-1)
-    gathered = GatherRows.apply(rows, source, inverse, top_k)
+    drop, dropout_kwargs = None, {}
+    if input_dropout:
+        drop, keep_scale = dropout_mask((source.shape[0], rows.shape[-1]), input_dropout, rows.device)
+        dropout_kwargs = {"keep_scale": keep_scale}
+    gathered = GatherRows.apply(rows, source, inverse, top_k, drop)
     outputs = []
     skip_idle = not torch.is_grad_enabled()
     for expert, expert_rows, expert_weights in zip(experts, gathered.split(counts), weights.split(counts)):
         if skip_idle and expert_rows.shape[0] == 0:
             continue
-        outputs.append(weighted_expert_output(expert, expert_rows, expert_weights))
+        outputs.append(weighted_expert_output(expert, expert_rows, expert_weights, **dropout_kwargs))
     return CombineRows.apply(torch.cat(outputs), source, inverse, top_k)
 
 

@@ -108,8 +108,8 @@ def validate(raw: dict) -> dict:
 
     if raw.get("lora_target_modules") is None:
         config["lora_target_modules"] = method.default_lora_targets(None)
-    elif not config["lora_target_modules"] or not all(isinstance(m, str) and m for m in config["lora_target_modules"]):
-        raise PescError("lora_target_modules must be a non-empty list of module names")
+    elif not all(isinstance(m, str) and m for m in config["lora_target_modules"]):
+        raise PescError("lora_target_modules must be a list of module names ([] trains no LoRA: only the added modules)")
     if config["bf16"] not in (True, False, "auto"):
         raise PescError(f"bf16 must be true, false or auto, got {config['bf16']!r}")
     if isinstance(config["report_to"], list) and not all(isinstance(r, str) for r in config["report_to"]):

@@ -14,7 +14,7 @@ Order of operations (each step checked on the real bitsandbytes path):
    the layers under no_grad and the balance loss would lose its path to the routers). It upcasts every
    non-4-bit parameter -- the added modules included -- to float32: they train, and are
    saved, in float32 (4 bytes a weight, plus 4 for the gradient and 8 for AdamW's moments).
-4. `get_peft_model` with LoRA on the dense linears, then `requires_grad=True` on every added
+4. `get_peft_model` with LoRA on the dense linears (none where `lora_target_modules` is empty), then `requires_grad=True` on every added
    parameter (not `modules_to_save`, which would copy them).
 """
 
@@ -185,7 +185,8 @@ def check_added_unquantized(model: nn.Module) -> None:
 
 
 def prepare_for_training(model, config: dict):
-    """Gradient checkpointing, LoRA on the dense linears, added modules trainable in float32; returns the peft model."""
+    """Gradient checkpointing, LoRA on the dense linears, added modules trainable in float32; returns the peft
+    model, or the model itself where `lora_target_modules` is empty (only the added modules train)."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     method = method_of(model.config)
@@ -206,6 +207,9 @@ def prepare_for_training(model, config: dict):
             else:
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
             model.enable_input_require_grads()
+    if not config["lora_target_modules"]:
+        enable_expert_training(model, method, upcast=not sharded_training())
+        return model
     lora = LoraConfig(
         r=config["lora_r"],
         lora_alpha=config["lora_alpha"],

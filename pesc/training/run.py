@@ -27,9 +27,10 @@ from pesc.weights import check_checkpoint_files, check_model_weights
 
 logger = logging.getLogger("pesc.train")
 
-# What a checkpoint-N needs to be resumed; transformers writes trainer_state.json last, so a save that was
-# interrupted leaves a folder without it.
-RESUME_FILES = ("trainer_state.json", "adapter_config.json", "adapter_model.safetensors", PESC_CONFIG_FILE)
+# What a checkpoint-N needs to be resumed (plus the LoRA's two files where the run trains one); transformers
+# writes trainer_state.json last, so a save that was interrupted leaves a folder without it.
+RESUME_FILES = ("trainer_state.json", PESC_CONFIG_FILE)
+LORA_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
 
 def _bf16(config: dict) -> bool:
@@ -113,13 +114,14 @@ def check_reporting_installed(report_to: str | list[str]) -> None:
             raise PescError(f"report_to: {name} is not installed: install it, or set report_to: none")
 
 
-def resume_checkpoint(output_dir: Path) -> Path:
+def resume_checkpoint(output_dir: Path, with_lora: bool = True) -> Path:
     """The newest complete checkpoint-N of the run; newer incomplete ones (an interrupted save) are skipped, by name."""
     if experts_path(output_dir / FINAL_DIR) is not None:
         raise PescError(f"--resume: {output_dir} holds no checkpoint-N to resume from (the run already finished: "
                         "see final/)")
     for checkpoint in reversed(numbered_checkpoints(output_dir)):
-        missing = [name for name in RESUME_FILES if not (checkpoint / name).is_file()]
+        required = RESUME_FILES + (LORA_FILES if with_lora else ())
+        missing = [name for name in required if not (checkpoint / name).is_file()]
         missing += [EXPERTS_FILE] if experts_path(checkpoint) is None else []
         if not missing:
             try:
@@ -144,7 +146,7 @@ def train(config_path: str, overrides: list[str] = (), resume: bool = False) -> 
         trainable_summary,
     )
     from pesc.methods import method_of
-    from pesc.training.trainer import MoETrainer
+    from pesc.training.trainer import MoETrainer, unwrapped_model
 
     config = load_config(config_path, overrides)
     output_dir = Path(config["output_dir"])
@@ -152,7 +154,7 @@ def train(config_path: str, overrides: list[str] = (), resume: bool = False) -> 
     check_reporting_installed(config["report_to"])
     checkpoint = None
     if resume:
-        checkpoint = resume_checkpoint(output_dir)
+        checkpoint = resume_checkpoint(output_dir, with_lora=bool(config["lora_target_modules"]))
     elif output_dir.exists() and any(output_dir.glob("checkpoint-*")):
         raise PescError(f"{output_dir} already holds checkpoints: pass --resume to continue, or choose another output_dir")
 
@@ -203,7 +205,7 @@ def train(config_path: str, overrides: list[str] = (), resume: bool = False) -> 
         data_collator=make_collator(tokenizer, sample_packing=config["sample_packing"],
                                     sample_fields=tuple(field.name for field in method.sample_fields)),
         processing_class=tokenizer,
-        model_config=saved_model_config(model.get_base_model().config),
+        model_config=saved_model_config(unwrapped_model(model).config),
         callbacks=[TrainingCurvesCallback()],
     )
     trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)

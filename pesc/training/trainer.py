@@ -2,6 +2,7 @@
 
 - Saving: every checkpoint-N (and `final/`) gets `experts.safetensors` + `pesc_config.json`
   (pesc.run_files) beside peft's LoRA adapter; resuming loads them back (peft restores only the LoRA).
+  A run without LoRA (`lora_target_modules: []`) saves no model weights besides those.
 - The loss: the model adds each named aux loss times its coefficient per micro batch. When the
   Trainer normalises the language-model loss over the whole accumulated batch (`num_items_in_batch`),
   it no longer divides by the accumulation steps and multiplies by the number of processes; the aux
@@ -14,10 +15,12 @@
 
 import json
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from transformers import Trainer
+from transformers.trainer import TRAINING_ARGS_NAME
 
 from pesc.methods import method_of
 from pesc.run_files import EXPERTS_FILE, load_expert_state, save_trained_state
@@ -73,9 +76,31 @@ def routing_load(record, keep: torch.Tensor | None) -> torch.Tensor:
     return torch.bincount(selected.reshape(-1), minlength=experts).cpu().double()
 
 
+@contextmanager
+def _added_modules_count_as_adapters():
+    """transformers refuses to train a quantized model that carries no peft adapter. A run without LoRA trains
+    the method's added modules instead: full-precision modules on the frozen quantized base, which is
+    what that check asks for. Let such a model (quantized, no peft, something trainable) through it."""
+    import transformers.trainer as hf_trainer
+
+    original = hf_trainer.validate_quantization_for_training
+
+    def validate(model):
+        trains = any(param.requires_grad for param in model.parameters())
+        if not (getattr(model, "is_quantized", False) and not hasattr(model, "peft_config") and trains):
+            original(model)
+
+    hf_trainer.validate_quantization_for_training = validate
+    try:
+        yield
+    finally:
+        hf_trainer.validate_quantization_for_training = original
+
+
 class MoETrainer(Trainer):
     def __init__(self, *args, model_config=None, **kwargs):
-        super().__init__(*args, **kwargs)
+        with _added_modules_count_as_adapters():
+            super().__init__(*args, **kwargs)
         self.model_config = model_config if model_config is not None else unwrapped_model(self.model).config
         self._reset_stats()
 
@@ -137,14 +162,26 @@ class MoETrainer(Trainer):
         super().log(logs, start_time)
 
     # ---- saving and resuming ----
+    def _trains_lora(self) -> bool:
+        return hasattr(self.accelerator.unwrap_model(self.model), "peft_config")
+
     def _save(self, output_dir=None, state_dict=None):
-        super()._save(output_dir, state_dict=state_dict)
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if self._trains_lora():
+            super()._save(output_dir, state_dict=state_dict)
+        elif self.args.should_save:
+            # No LoRA: the frozen (4-bit) base is not saved again, only what trained (below), the
+            # tokenizer and the arguments, as the Trainer saves them beside a model.
+            os.makedirs(output_dir, exist_ok=True)
+            if self.processing_class is not None:
+                self.processing_class.save_pretrained(output_dir)
+            torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
         if not self.args.should_save:
             return
-        output_dir = output_dir if output_dir is not None else self.args.output_dir
         source = _StateDictView(state_dict) if state_dict is not None else self.accelerator.unwrap_model(self.model)
         save_trained_state(source, self.model_config, output_dir)
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
-        super()._load_from_checkpoint(resume_from_checkpoint, model=model)
+        if self._trains_lora():
+            super()._load_from_checkpoint(resume_from_checkpoint, model=model)
         load_experts_into(model if model is not None else self.model, resume_from_checkpoint)

@@ -1,0 +1,109 @@
+"""The PNGs of `pesc routes`, drawn with matplotlib's object API on the Agg canvas (no display, no pyplot state).
+
+Sizes are fixed by the numbers drawn (DPI 100), so a picture never depends on the screen:
+- `heatmap_<site>.png`: a panel per task, layers (rows) x experts (columns), one colour scale shared
+  by every heatmap of the run: (1.5 + 3.5 * tasks) x (2 + 0.3 * layers) inches;
+- `balance/<site>_layer<N>.png`: each expert's load in that layer, a bar per task, the even share
+  1/E dashed: (6 + 0.3 * experts) x 4 inches;
+- `entropy.png`: router entropy per layer, a line per task, a panel per site: (1 + 5 * sites) x 4;
+- `expert_groups.png`: per task, the share of router mass on each expert group (mean over layers),
+  stacked, a panel per site: (1 + 5 * sites) x 4.
+"""
+
+import math
+from pathlib import Path
+
+from pesc.routing_analysis.tally import SiteStats
+
+DPI = 100
+
+
+def _figure(width: float, height: float):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(width, height), dpi=DPI, layout="constrained")
+    FigureCanvasAgg(figure)
+    return figure
+
+
+def expert_ticks(num_experts: int) -> range:
+    """Every expert labelled up to 16, else every n-th (64 labels would overlap)."""
+    return range(0, num_experts, max(1, num_experts // 16))
+
+
+def load_label(stats: SiteStats) -> str:
+    return "load (mean router probability)" if stats.top_k is None else f"load (share of top-{stats.top_k} assignments)"
+
+
+def plot_heatmap(site: str, stats: SiteStats, vmax: float, path: Path) -> None:
+    """Experts x layers per task, colour scale 0..vmax (shared by all heatmaps of the run)."""
+    tasks = list(stats.load)
+    figure = _figure(1.5 + 3.5 * len(tasks), 2 + 0.3 * len(stats.layers))
+    panels = figure.subplots(1, len(tasks), squeeze=False, sharey=True)[0]
+    for axes, task in zip(panels, tasks):
+        image = axes.imshow(stats.load[task], vmin=0, vmax=vmax, cmap="viridis", aspect="auto", origin="lower",
+                            interpolation="nearest")
+        axes.set_title(f"{task} ({stats.tokens[task]} tokens)", fontsize="medium")
+        axes.set_xlabel("expert")
+        axes.set_xticks(expert_ticks(stats.num_experts))
+        axes.set_yticks(range(len(stats.layers)), [str(layer) for layer in stats.layers])
+    panels[0].set_ylabel("layer")
+    figure.colorbar(image, ax=list(panels), label=load_label(stats))
+    figure.suptitle(f"expert load: {site}")
+    figure.savefig(path)
+
+
+def plot_layer_balance(site: str, stats: SiteStats, index: int, path: Path) -> None:
+    """Each expert's load in layer `stats.layers[index]`, a bar per task, against the even share."""
+    tasks = list(stats.load)
+    figure = _figure(6 + 0.3 * stats.num_experts, 4)
+    axes = figure.subplots()
+    width = 0.8 / len(tasks)
+    for t, task in enumerate(tasks):
+        positions = [e - 0.4 + width * (t + 0.5) for e in range(stats.num_experts)]
+        axes.bar(positions, stats.load[task][index], width=width, label=task)
+    axes.axhline(1 / stats.num_experts, color="grey", linestyle="--", linewidth=1, label="even share")
+    axes.set_xticks(expert_ticks(stats.num_experts))
+    axes.set_xlabel("expert")
+    axes.set_ylabel(load_label(stats))
+    axes.set_title(f"load balance: {site}, layer {stats.layers[index]}")
+    axes.legend(fontsize="small")
+    figure.savefig(path)
+
+
+def plot_entropy(stats: dict[str, SiteStats], path: Path) -> None:
+    """Router entropy per layer, a line per task, with ln(E) (a uniform router) dotted; a panel per site."""
+    from matplotlib.ticker import MaxNLocator
+
+    figure = _figure(1 + 5 * len(stats), 4)
+    for axes, (site, site_stats) in zip(figure.subplots(1, len(stats), squeeze=False)[0], stats.items()):
+        for task, values in site_stats.entropy.items():
+            axes.plot(site_stats.layers, values, marker="o", markersize=3, label=task)
+        axes.axhline(math.log(site_stats.num_experts), color="grey", linestyle=":", linewidth=1,
+                     label=f"uniform (ln {site_stats.num_experts})")
+        axes.set_ylim(0, 1.05 * math.log(site_stats.num_experts))
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+        axes.set_xlabel("layer")
+        axes.set_ylabel("router entropy (nats)")
+        axes.set_title(f"router entropy: {site}")
+        axes.legend(fontsize="small")
+    figure.savefig(path)
+
+
+def plot_group_shares(shares: dict[str, dict[str, dict[str, list[float]]]], path: Path) -> None:
+    """Per task, the mean-over-layers share of router mass on each expert group, stacked; a panel per site."""
+    figure = _figure(1 + 5 * len(shares), 4)
+    for axes, (site, per_task) in zip(figure.subplots(1, len(shares), squeeze=False)[0], shares.items()):
+        tasks = list(per_task)
+        bottom = [0.0] * len(tasks)
+        for group in per_task[tasks[0]]:
+            means = [sum(per_task[task][group]) / len(per_task[task][group]) for task in tasks]
+            axes.bar(tasks, means, bottom=bottom, label=group)
+            bottom = [b + m for b, m in zip(bottom, means)]
+        axes.set_ylim(0, 1)
+        axes.set_xlabel("task")
+        axes.set_ylabel("share of router mass (mean over layers)")
+        axes.set_title(f"expert groups: {site}")
+        axes.legend(fontsize="small")
+    figure.savefig(path)

@@ -1,0 +1,301 @@
+"""`pesc routes`: the numbers equal a direct count from the routers, the pictures are drawn, bad input is one line.
+
+The counting is checked on hand-built routing records for both router kinds (top-k and dense), and end to end
+against router outputs captured in the test with forward hooks on a model run row by row, without padding
+(`pesc routes` runs padded batches: padding must be left out of every count).
+"""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from pesc.cli import main
+from pesc.modeling.moe_core import RoutingRecord
+from pesc.routing_analysis.tally import RoutingTally, group_shares
+
+ROWS = {
+    "a.jsonl": ["Spell 'chair'.", "What is 8 + 16?", "Name a colour.", "Count to five, please, slowly."],
+    "b.jsonl": ["What is the first letter of 'earth'?", "Say hi."],
+    "c.jsonl": ["Translate 'cat' to French.", "Is 7 prime?", "Reverse 'abc'."],
+}
+ANSWER = "Here is a short answer."
+
+
+def _messages(question: str) -> list[dict]:
+    return [{"role": "user", "content": question}, {"role": "assistant", "content": ANSWER}]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("routes-data")
+    for name, questions in ROWS.items():
+        (folder / name).write_text("".join(json.dumps({"messages": _messages(q)}) + "\n" for q in questions))
+    return folder
+
+
+def _data_args(data_dir: Path) -> list[str]:
+    """Three files, two tasks: `a` (by the file's stem) and `other` (b and c together)."""
+    return ["--data", str(data_dir / "a.jsonl"), "--data", f"other={data_dir / 'b.jsonl'}",
+            "--data", f"other={data_dir / 'c.jsonl'}"]
+
+
+@pytest.fixture(scope="module")
+def routes_out(exported, data_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("routes") / "out"
+    main(["routes", str(exported), *_data_args(data_dir), "--out", str(out), "--batch-size", "3",
+          "--expert-group", "first=0,1", "--expert-group", "last=2-3"])
+    return out
+
+
+# ---- counting, on hand-built records ----
+
+def test_top_k_load_is_the_share_of_assignments_summed_over_batches():
+    tally = RoutingTally()
+    logits = torch.zeros(3, 4)  # uniform router: entropy ln 4 per token
+    tally.add("t", [RoutingRecord("mlp", 0, logits, torch.tensor([[0, 1], [0, 2], [0, 1]]))])
+    tally.add("t", [RoutingRecord("mlp", 0, logits[:1], torch.tensor([[3, 0]]))])
+    stats = tally.stats()["mlp"]
+    assert stats.top_k == 2 and stats.layers == [0] and stats.tokens == {"t": 4}
+    assert stats.load["t"] == [[4 / 8, 2 / 8, 1 / 8, 1 / 8]]
+    assert stats.entropy["t"] == pytest.approx([math.log(4)], abs=1e-12)
+
+
+def test_dense_load_is_the_mean_router_probability():
+    probs = torch.tensor([[0.7, 0.1, 0.1, 0.1], [0.1, 0.1, 0.2, 0.6]], dtype=torch.float64)
+    tally = RoutingTally()
+    tally.add("t", [RoutingRecord("gate_proj", 3, probs.log(), None)])
+    stats = tally.stats()["gate_proj"]
+    assert stats.top_k is None and stats.layers == [3]
+    # the softmax is summed in float32, as training's load log sums it: 1e-6 covers its rounding
+    assert stats.load["t"][0] == pytest.approx([0.4, 0.1, 0.15, 0.35], abs=1e-6)
+    entropy = -(probs * probs.log()).sum(dim=-1).mean()
+    assert stats.entropy["t"][0] == pytest.approx(float(entropy), abs=1e-12)
+
+
+def test_group_shares_equal_the_router_mass_set_on_each_group():
+    """LoRAMoE's figure: dense routers set by hand to put 80% of the mass on the task's own expert group
+    (the load sums the softmax in float32: 1e-6)."""
+    knowledge = torch.tensor([[0.5, 0.3, 0.1, 0.1]] * 5, dtype=torch.float64)
+    task = torch.tensor([[0.05, 0.15, 0.4, 0.4]] * 7, dtype=torch.float64)
+    tally = RoutingTally()
+    for layer in range(2):
+        tally.add("world knowledge", [RoutingRecord("down_proj", layer, knowledge.log(), None)])
+        tally.add("downstream task", [RoutingRecord("down_proj", layer, task.log(), None)])
+    shares = group_shares(tally.stats()["down_proj"], {"knowledge": [0, 1], "task": [2, 3]})
+    assert shares["world knowledge"]["knowledge"] == pytest.approx([0.8, 0.8], abs=1e-6)
+    assert shares["world knowledge"]["task"] == pytest.approx([0.2, 0.2], abs=1e-6)
+    assert shares["downstream task"]["knowledge"] == pytest.approx([0.2, 0.2], abs=1e-6)
+    assert shares["downstream task"]["task"] == pytest.approx([0.8, 0.8], abs=1e-6)
+
+
+# ---- end to end, against a direct count ----
+
+def _direct_counts(model, tokenizer, questions: list[str], num_experts: int, top_k: int):
+    """Per layer: (tokens, assignment counts [E], summed entropy) from hooks on the routers, one row at a time."""
+    captured = {}
+    hooks = []
+    for name, module in model.named_modules():
+        if name.endswith("mlp.moe_adapter.router"):
+            layer = int(name.split("layers.")[1].split(".")[0])
+            hooks.append(module.register_forward_hook(lambda m, i, o, layer=layer: captured.__setitem__(layer, o)))
+    counts, entropy, tokens = {}, {}, 0
+    try:
+        for question in questions:
+            text = tokenizer.apply_chat_template(_messages(question), tokenize=False)
+            ids = torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]])
+            tokens += ids.shape[1]
+            with torch.no_grad():
+                model(input_ids=ids)
+            for layer, logits in captured.items():
+                top = torch.topk(logits.float(), top_k + 1, dim=-1).values
+                assert float((top[:, top_k - 1] - top[:, top_k]).min()) > 1e-4  # no near-tie padding noise could flip
+                chosen = torch.topk(logits, top_k, dim=-1).indices.reshape(-1)
+                counts[layer] = counts.get(layer, 0) + torch.bincount(chosen, minlength=num_experts)
+                probs = torch.softmax(logits.double(), dim=-1)
+                entropy[layer] = entropy.get(layer, 0.0) + float(-(probs * probs.clamp_min(1e-300).log()).sum())
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return tokens, counts, entropy
+
+
+@pytest.mark.parametrize("source", ["exported", "trained_run"])
+def test_loads_in_the_json_equal_a_direct_count_of_the_router_outputs(source, request, data_dir, tmp_path):
+    from transformers import AutoTokenizer
+
+    from pesc.export import load_trained_model
+    from pesc.generate import load_causal_lm
+
+    path = request.getfixturevalue(source)
+    if source == "exported":
+        model, tokenizer = load_causal_lm(path, dtype=torch.float32), AutoTokenizer.from_pretrained(path)
+    else:
+        model = load_trained_model(path)[0]
+        tokenizer = AutoTokenizer.from_pretrained(request.getfixturevalue("tiny_llama_dir"))
+    main(["routes", str(path), *_data_args(data_dir), "--out", str(tmp_path / "out"), "--batch-size", "3"])
+    site = json.loads((tmp_path / "out" / "routes.json").read_text())["sites"]["mlp"]
+    num_experts, top_k = site["num_experts"], site["top_k"]
+    assert (num_experts, top_k, site["layers"]) == (4, 2, [0, 1])
+    questions = {"a": ROWS["a.jsonl"], "other": ROWS["b.jsonl"] + ROWS["c.jsonl"]}
+    assert list(site["tasks"]) == list(questions)
+    for task, rows in questions.items():
+        tokens, counts, entropy = _direct_counts(model, tokenizer, rows, num_experts, top_k)
+        numbers = site["tasks"][task]
+        assert numbers["tokens"] == tokens
+        for layer in site["layers"]:
+            assert numbers["load"][layer] == (counts[layer].double() / (tokens * top_k)).tolist()
+            assert numbers["entropy"][layer] == pytest.approx(entropy[layer] / tokens, rel=1e-5)
+
+
+def test_csv_tables_hold_the_json_numbers(routes_out):
+    import csv
+
+    document = json.loads((routes_out / "routes.json").read_text())
+    site = document["sites"]["mlp"]
+    with open(routes_out / "load.csv") as file:
+        rows = list(csv.DictReader(file))
+    assert len(rows) == 2 * 2 * 4  # tasks x layers x experts
+    for row in rows:
+        assert float(row["load"]) == site["tasks"][row["task"]]["load"][int(row["layer"])][int(row["expert"])]
+    with open(routes_out / "expert_groups.csv") as file:
+        shares = list(csv.DictReader(file))
+    for row in shares:
+        load = site["tasks"][row["task"]]["load"][int(row["layer"])]
+        expected = load[0] + load[1] if row["group"] == "first" else load[2] + load[3]
+        assert float(row["share"]) == pytest.approx(expected, abs=1e-15)
+        assert float(row["share"]) == document["group_shares"]["mlp"][row["task"]][row["group"]][int(row["layer"])]
+
+
+@pytest.mark.parametrize("name, size", [
+    ("heatmap_mlp.png", (850, 260)),  # (1.5 + 3.5 * 2 tasks) x (2 + 0.3 * 2 layers) inches at 100 DPI
+    ("balance/mlp_layer0.png", (720, 400)),  # (6 + 0.3 * 4 experts) x 4
+    ("balance/mlp_layer1.png", (720, 400)),
+    ("entropy.png", (600, 400)),  # (1 + 5 * 1 site) x 4
+    ("expert_groups.png", (600, 400)),
+])
+def test_each_png_exists_with_its_size_and_is_not_blank(routes_out, name, size):
+    from matplotlib.image import imread
+
+    pixels = imread(routes_out / name)
+    assert (pixels.shape[1], pixels.shape[0]) == size
+    rgb = torch.from_numpy(pixels[..., :3].copy())
+    coloured = (rgb.amax(dim=-1) - rgb.amin(dim=-1)) > 0.25  # text, axes and background are grey
+    assert float(coloured.double().mean()) > 0.003  # the data is drawn in colour: cells, bars, lines (0.5% of pixels)
+
+
+def test_heatmaps_share_one_colour_scale(routes_out, monkeypatch, tmp_path):
+    """Both panels' colour scale runs from 0 to the largest load of the whole run."""
+    from pesc.routing_analysis import figures
+    from pesc.routing_analysis.tally import SiteStats
+
+    site = json.loads((routes_out / "routes.json").read_text())["sites"]["mlp"]
+    stats = SiteStats(4, 2, site["layers"], {t: n["tokens"] for t, n in site["tasks"].items()},
+                      {t: n["load"] for t, n in site["tasks"].items()})
+    limits = []
+    monkeypatch.setattr(figures, "_figure", _recording_figure(figures._figure, limits))
+    figures.plot_heatmap("mlp", stats, 0.9, tmp_path / "h.png")
+    assert limits == [(0, 0.9), (0, 0.9)]
+
+
+def _recording_figure(make_figure, limits):
+    def figure(*args, **kwargs):
+        made = make_figure(*args, **kwargs)
+        save = made.savefig
+
+        def savefig(path):
+            limits.extend(axes.images[0].get_clim() for axes in made.axes if axes.images)
+            save(path)
+
+        made.savefig = savefig
+        return made
+    return figure
+
+
+# ---- bad input ----
+
+def _fails(args, capsys) -> str:
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(a) for a in args])
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: ") and "Traceback" not in err, err
+    return lines[0]
+
+
+@pytest.mark.parametrize("case, message", [
+    ("missing model", "does not exist"),
+    ("missing data", "data file not found"),
+    ("invalid JSON", "row 2: invalid JSON"),
+    ("wrong format", "row 1: missing key 'messages'"),
+    ("binary data", "(not UTF-8 text): give a readable data file"),
+    ("out exists", "already exists"),
+    ("bad group", "write NAME=INDICES"),
+    ("overlapping groups", "expert 1 is in both groups 'x' and 'y'"),
+    ("batch size", "--batch-size must be >= 1"),
+    ("empty task", "give FILE or TASK=FILE"),
+    ("empty range", "the range 3-1 is empty"),
+])
+def test_bad_input_is_one_line_before_the_weights_load(case, message, exported, data_dir, tmp_path, capsys,
+                                                       monkeypatch):
+    import pesc.evaluation.loading as loading
+
+    monkeypatch.setattr(loading, "load_eval_model", lambda *a, **k: pytest.fail("weights loaded despite bad input"))
+    (tmp_path / "bad.jsonl").write_text(json.dumps({"messages": _messages("hi")}) + "\n{not json\n")
+    (tmp_path / "alpaca.jsonl").write_text(json.dumps({"instruction": "hi", "output": "ho"}) + "\n")
+    (tmp_path / "exists").mkdir()
+    (tmp_path / "exists" / "f").write_text("x")
+    model, data, out, extra = exported, data_dir / "a.jsonl", tmp_path / "out", []
+    if case == "missing model":
+        model = tmp_path / "nope"
+    elif case == "missing data":
+        data = tmp_path / "nope.jsonl"
+    elif case == "invalid JSON":
+        data = tmp_path / "bad.jsonl"
+    elif case == "wrong format":
+        data = tmp_path / "alpaca.jsonl"
+    elif case == "binary data":
+        data = tmp_path / "binary.jsonl"
+        data.write_bytes(b"\xff\xfe\x00garbage")
+    elif case == "out exists":
+        out = tmp_path / "exists"
+    elif case == "bad group":
+        extra = ["--expert-group", "x=a,b"]
+    elif case == "overlapping groups":
+        extra = ["--expert-group", "x=0,1", "--expert-group", "y=1-2"]
+    elif case == "batch size":
+        extra = ["--batch-size", "0"]
+    elif case == "empty range":
+        extra = ["--expert-group", "x=3-1"]
+    elif case == "empty task":
+        data = f"={data}"
+    err = _fails(["routes", model, "--data", data, "--out", out, *extra], capsys)
+    assert message in err
+    assert not out.exists() or case == "out exists"
+
+
+def test_a_model_without_routers_is_one_line(tiny_llama_dir, data_dir, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["routes", str(tiny_llama_dir), "--data", str(data_dir / "b.jsonl"), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 1 and "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith("Error: the model has no routers (a dense model?)")
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_expert_group_beyond_the_experts_fails_and_writes_nothing(exported, data_dir, tmp_path, capsys):
+    """Only the routing records tell how many experts a site has: this one is found after the run (progress bars
+    on stderr before it), and still nothing is written."""
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["routes", str(exported), "--data", str(data_dir / "b.jsonl"), "--out", str(out),
+              "--expert-group", "x=2-4"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 1 and "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert last == "Error: expert group 'x': expert 4 does not exist (mlp routes 4 experts, 0 to 3)"
+    assert not out.exists()
