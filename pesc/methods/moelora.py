@@ -82,6 +82,10 @@ class MoELora(Method):
                 state[f"{SITE_PARENTS[name]}.{SITE_PREFIX}{name}.{key}"] = tensor.to(dtype)
         return state
 
+    def default_lora_targets(self, config) -> list[str]:
+        """None: the routers and LoRA experts are all that trains (the base stays frozen, 4-bit under QLoRA)."""
+        return []
+
     def inactive_params_per_token(self, config, added_per_layer: dict[str, int]) -> int:
         """A token uses k of the E experts of each site: the other experts' A and B are idle."""
         experts = sum(count for name, count in added_per_layer.items() if name.endswith((".down", ".up")))

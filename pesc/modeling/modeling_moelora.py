@@ -9,7 +9,8 @@ on the linear's input and E LoRA experts stored stacked (`down` [E, r, in] = the
 [E, out, r] = the B's). With the two largest router logits of a token and w their float32
 softmax,
     y = W0 x + sum_{i in top-k} w_i (alpha / r) B_i A_i dropout(x),
-each expert run on its own tokens only (moe_core.routed_dispatch). B = 0 at init, so a new
+each expert run on its own tokens only (moe_core.routed_dispatch, which also draws the input
+dropout: one mask per (token, expert) pair). B = 0 at init, so a new
 model computes exactly the dense one.
 
 Aux losses: `aux_loss`, the Switch balance loss per site (padding masked), and
@@ -53,7 +54,7 @@ class MoELoraSite(nn.Module):
         self.router = MoELoraRouter(in_features, config.num_experts, bias=False)
         self.down = nn.Parameter(torch.empty(config.num_experts, config.lora_rank, in_features))
         self.up = nn.Parameter(torch.empty(config.num_experts, out_features, config.lora_rank))
-        self.dropout = nn.Dropout(config.lora_dropout)
+        self.dropout = config.lora_dropout  # on the experts' input, one mask per (token, expert) pair
         # tokens per forward whose expert outputs the contrastive loss sees (0: no sample drawn)
         self.sample_size = config.contrastive_sample_size if config.contrastive_loss_coef > 0 else 0
 
@@ -64,17 +65,17 @@ class MoELoraSite(nn.Module):
         weights = torch.softmax(top_logits, dim=-1, dtype=torch.float32)
         extras = self._contrastive_sample(rows, selected) if self.sample_size and self.training and torch.is_grad_enabled() else None
         emit_routing_record(self.site, self.layer_idx, logits, selected, extras)
-        inputs = rows.to(self.down.dtype)
-        if self.training and self.dropout.p > 0:  # one mask per token, shared by its experts
-            inputs = self.dropout(inputs)
         experts = list(range(self.num_experts))
-        mixed = routed_dispatch(inputs, weights, selected, experts, self._weighted_expert_output)
+        mixed = routed_dispatch(rows.to(self.down.dtype), weights, selected, experts, self._weighted_expert_output,
+                                input_dropout=self.dropout if self.training else None)
         return output + mixed.to(output.dtype).reshape(output.shape)
 
-    def _weighted_expert_output(self, expert: int, rows: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """w (alpha/r) B_e A_e rows; the weights scale the r-wide bottleneck, not the out-wide output."""
+    def _weighted_expert_output(self, expert: int, rows: torch.Tensor, weights: torch.Tensor,
+                                keep_scale: float = 1.0) -> torch.Tensor:
+        """w (alpha/r) B_e A_e rows; the weights (and the dispatch's dropout keep scale, the rows arriving already
+        masked) scale the r-wide bottleneck, not the out-wide output."""
         hidden = F.linear(rows, self.down[expert])
-        return F.linear(hidden * (weights * self.scaling).to(hidden.dtype), self.up[expert])
+        return F.linear(hidden * (weights * (self.scaling * keep_scale)).to(hidden.dtype), self.up[expert])
 
     def _plain_expert_output(self, expert: int, rows: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """B_e A_e rows (times `weights`, ones here): what the contrastive loss compares."""
