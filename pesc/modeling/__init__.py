@@ -9,7 +9,13 @@ code into the folder.
 
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from .configuration_moelora import MoELoraConfig
+from .configuration_molora import MoLoRAConfig
+from .configuration_mov import MoVConfig
 from .configuration_pesc import PescConfig
+from .modeling_moelora import MoELoraForCausalLM
+from .modeling_molora import MoLoRAForCausalLM
+from .modeling_mov import MoVForCausalLM
 from .modeling_pesc import (
     PescAdapter,
     PescForCausalLM,
@@ -18,16 +24,13 @@ from .modeling_pesc import (
     PescRouter,
     init_expert_weights,
 )
-from .configuration_molora import MoLoRAConfig
-from .configuration_mov import MoVConfig
-from .modeling_molora import MoLoRAForCausalLM
-from .modeling_mov import MoVForCausalLM
 from .moe_core import RoutingRecord, attach_sibling, emit_routing_record, load_balancing_loss, record_routing
 
 for _config_class, _model_class in (
     (PescConfig, PescForCausalLM),
     (MoVConfig, MoVForCausalLM),
     (MoLoRAConfig, MoLoRAForCausalLM),
+    (MoELoraConfig, MoELoraForCausalLM),
 ):
     AutoConfig.register(_config_class.model_type, _config_class, exist_ok=True)
     AutoModelForCausalLM.register(_config_class, _model_class, exist_ok=True)
@@ -35,6 +38,8 @@ for _config_class, _model_class in (
     _model_class.register_for_auto_class("AutoModelForCausalLM")
 
 __all__ = [
+    "MoELoraConfig",
+    "MoELoraForCausalLM",
     "MoLoRAConfig",
     "MoLoRAForCausalLM",
     "MoVConfig",

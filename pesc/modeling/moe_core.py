@@ -267,6 +267,18 @@ def routed_dispatch(rows: torch.Tensor, routing_weights: torch.Tensor, selected:
     return CombineRows.apply(torch.cat(outputs), source, inverse, top_k)
 
 
+def token_mask(attention_mask: torch.Tensor | None, rows: int) -> torch.Tensor | None:
+    """Which of the `rows` token rows of the flattened batch are not padding ([rows] bool), or None (no mask known).
+
+    A 2-D attention mask [batch, keys] covers the rows when their number is a multiple of the batch (the
+    last rows // batch keys are the tokens; a packed batch has no mask)."""
+    if attention_mask is None or attention_mask.dim() != 2:
+        return None
+    batch = attention_mask.shape[0]
+    mask = attention_mask[:, -(rows // batch) :] if rows % batch == 0 else None
+    return mask.reshape(-1).bool() if mask is not None and mask.numel() == rows else None
+
+
 def load_balancing_loss(
     router_logits: tuple[torch.Tensor, ...] | list[torch.Tensor],
     num_experts: int,
@@ -282,13 +294,8 @@ def load_balancing_loss(
     if not router_logits:
         raise ValueError("load_balancing_loss needs the router logits of at least one layer")
     device = router_logits[0].device
-    token_weight = None
-    if attention_mask is not None and attention_mask.dim() == 2:
-        rows = router_logits[0].shape[0]
-        batch = attention_mask.shape[0]
-        mask = attention_mask[:, -(rows // batch) :] if rows % batch == 0 else None
-        if mask is not None and mask.numel() == rows:
-            token_weight = mask.reshape(-1, 1).to(device=device, dtype=torch.float32)
+    mask = token_mask(attention_mask, router_logits[0].shape[0])
+    token_weight = None if mask is None else mask.reshape(-1, 1).to(device=device, dtype=torch.float32)
     layer_losses = []
     for logits in router_logits:
         logits = logits.to(device).float()

@@ -1,0 +1,111 @@
+"""MoELoRA (Luo et al., arXiv 2402.12851; not MOELoRA of Liu et al., 2310.18339): top-k routed LoRA experts.
+
+Each site (a linear: q_proj and v_proj by default) gets `self_attn.moelora_<linear>`: a router on the
+linear's input and E LoRA experts (`down` = the A's, `up` = the B's, stacked); the top-2 experts of a token
+add w_i (alpha/r) B_i A_i dropout(x) to the linear's output. Aux losses: the Switch balance loss
+(`aux_loss`) and a contrastive loss over expert outputs (`contrastive_loss`). No official code exists:
+the contrastive form, its temperature and weights are our defaults (docs/methods/moelora.md).
+"""
+
+from pathlib import Path
+
+from pesc.errors import PescError
+from pesc.methods.base import Method, Setting
+
+
+class MoELora(Method):
+    name = "moelora"
+    label = "MoELoRA"
+    description = (
+        "MoELoRA (arXiv 2402.12851): top-k routed LoRA experts beside q_proj and v_proj (settable); "
+        "aux losses: Switch balance (aux_loss), contrastive over expert outputs (contrastive_loss)"
+    )
+    settings = (
+        Setting("num_experts", (int,), 8, "LoRA experts per site", bounds="positive", structural=True),
+        Setting("top_k", (int,), 2, "experts routed per token", bounds="positive", config_field="topk",
+                structural=True),
+        Setting("lora_rank", (int,), 8, "rank r of each LoRA expert", bounds="positive", structural=True),
+        Setting("lora_alpha", (int, float), 16, "each LoRA expert's output is scaled by alpha / r",
+                bounds="positive-number", structural=True),
+        Setting("lora_dropout", (int, float), 0.05, "dropout on the experts' input", bounds="fraction"),
+        Setting("sites", (str,), "q_proj,v_proj", "comma-separated linears that get experts (q_proj, k_proj, "
+                "v_proj, o_proj, gate_proj, up_proj, down_proj)", structural=True),
+        Setting("router_aux_loss_coef", (int, float), 0.01, "weight of the load-balancing loss", bounds="non-negative"),
+        Setting("contrastive_loss_coef", (int, float), 0.01, "weight of the contrastive loss (ours)",
+                bounds="non-negative"),
+        Setting("contrastive_temperature", (int, float), 0.07, "temperature tau of the contrastive loss (ours)",
+                bounds="positive-number"),
+        Setting("contrastive_sample_size", (int,), 128, "tokens per site and step the contrastive loss samples",
+                bounds="non-negative"),
+        Setting("contrastive_form", (str,), "same_expert", "which contrastive loss", choices=("same_expert",)),
+    )
+    modeling_dir = Path(__file__).resolve().parent.parent / "modeling"
+    modeling_files = ("moe_core.py", "configuration_moelora.py", "modeling_moelora.py")
+    prefix = "moelora_"
+    card_tags = ("moelora", "lora-experts")
+
+    # The classes are imported on first use: listing the methods (the CLI's flags) must not import torch.
+    @property
+    def config_class(self):
+        from pesc.modeling import MoELoraConfig
+
+        return MoELoraConfig
+
+    @property
+    def model_class(self):
+        from pesc.modeling import MoELoraForCausalLM
+
+        return MoELoraForCausalLM
+
+    def check_settings(self, values: dict) -> None:
+        """top_k <= num_experts (the site names are checked by the config, which knows the linears)."""
+        if values["top_k"] > values["num_experts"]:
+            raise PescError(
+                f"top_k ({values['top_k']}) cannot exceed num_experts ({values['num_experts']}): lower --top-k"
+            )
+
+    def initial_state(self, config, layer_idx: int, seed: int) -> dict:
+        """Per site, in `sites` order: the router, then each expert's A (kaiming-uniform), B zero; one seeded
+        generator per layer, so any layer can be drawn alone."""
+        import torch
+
+        from pesc.modeling.configuration_moelora import SITE_PARENTS, site_list
+        from pesc.modeling.modeling_moelora import SITE_PREFIX, MoELoraSite, init_site
+
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + layer_idx)
+        dtype = getattr(torch, config.moe_dtype) if config.moe_dtype else torch.float32
+        state = {}
+        for name in site_list(config.sites):
+            site = MoELoraSite(*site_features(config, name), config, name, layer_idx)
+            init_site(site, generator)
+            for key, tensor in site.state_dict().items():
+                state[f"{SITE_PARENTS[name]}.{SITE_PREFIX}{name}.{key}"] = tensor.to(dtype)
+        return state
+
+    def default_lora_targets(self, config) -> list[str]:
+        """None: the routers and LoRA experts are all that trains (the base stays frozen, 4-bit under QLoRA)."""
+        return []
+
+    def inactive_params_per_token(self, config, added_per_layer: dict[str, int]) -> int:
+        """A token uses k of the E experts of each site: the other experts' A and B are idle."""
+        experts = sum(count for name, count in added_per_layer.items() if name.endswith((".down", ".up")))
+        return experts * (config.num_experts - config.topk) // config.num_experts
+
+
+def site_features(config, name: str) -> tuple[int, int]:
+    """(in_features, out_features) of linear `name` in the dense family's decoder layer (llama-style layout)."""
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    hidden, intermediate = config.hidden_size, config.intermediate_size
+    return {
+        "q_proj": (hidden, config.num_attention_heads * head_dim),
+        "k_proj": (hidden, kv_heads * head_dim),
+        "v_proj": (hidden, kv_heads * head_dim),
+        "o_proj": (config.num_attention_heads * head_dim, hidden),
+        "gate_proj": (hidden, intermediate),
+        "up_proj": (hidden, intermediate),
+        "down_proj": (intermediate, hidden),
+    }[name]
+
+
+MOELORA = MoELora()
