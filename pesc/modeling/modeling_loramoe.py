@@ -1,0 +1,183 @@
+"""LoRAMoE (Dou et al., arXiv 2312.09979): routed LoRA experts beside the FFN linears, with the
+localized balancing constraint (LBC).
+
+Shipped inside every LoRAMoE checkpoint, so it imports only torch and transformers.
+
+Each site (by default `gate_proj`, `up_proj` and `down_proj` of every layer) keeps its frozen
+linear W0 and gets its own router and N LoRA experts, all active for every token:
+    y = W0 x + sum_i p_i(x) * B_i A_i dropout(x) * alpha / r,     p = softmax(W_route x)
+with p computed in float32 and cast back to the experts' dtype, the router reading the undropped
+x, as the official code (Ablustrund/LoRAMoE, peft/tuners/lora.py, class Linear) does. Init as
+there: A_i and W_route kaiming-uniform (a=sqrt 5), B_i zero, so the model is the base model at
+step 0.
+
+The N experts are stored stacked, so a site runs them as two matmuls instead of the official
+per-expert loop: `experts_A` [N*r, in] holds A_0 .. A_{N-1} one below the other, `experts_B`
+[out, N*r] holds B_0 .. B_{N-1} side by side, and the routing weights scale the N*r-wide middle.
+"""
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# Added to the denominator of the LBC, as the official code's cv_squared.
+_LBC_EPS = 1e-10
+
+
+class LoramoeRouter(nn.Linear):
+    """A site's router: logits over its N experts, no bias (the official `lora_route`)."""
+
+
+class LoramoeExpertsA(nn.Linear):
+    """The N experts' A matrices stacked along the output rows: rows i*r .. (i+1)*r-1 are expert i's A."""
+
+
+class LoramoeExpertsB(nn.Linear):
+    """The N experts' B matrices side by side along the input columns; zero at init, so a new site adds nothing."""
+
+
+class LoramoeExperts(nn.Module):
+    """A router and N LoRA experts beside one linear: computes sum_i p_i * B_i A_i dropout(x) * alpha / r."""
+
+    def __init__(self, in_features: int, out_features: int, num_experts: int, rank: int, alpha: float, dropout: float):
+        super().__init__()
+        self.num_experts = num_experts
+        self.rank = rank
+        self.scaling = alpha / rank
+        self.router = LoramoeRouter(in_features, num_experts, bias=False)
+        self.experts_A = LoramoeExpertsA(in_features, num_experts * rank, bias=False)
+        self.experts_B = LoramoeExpertsB(num_experts * rank, out_features, bias=False)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(what the experts add to the linear's output, in the experts' dtype; router logits [tokens, N])."""
+        rows = x.reshape(-1, x.shape[-1]).to(self.experts_A.weight.dtype)
+        router_logits = self.router(rows)
+        # float32 for half-precision experts (as the official code), float64 stays float64
+        softmax_dtype = torch.promote_types(router_logits.dtype, torch.float32)
+        weights = torch.softmax(router_logits, dim=-1, dtype=softmax_dtype).to(rows.dtype)
+        hidden = self.experts_A(self.dropout(rows))  # [tokens, N*r]: every expert's A x at once
+        scaled = hidden.view(-1, self.num_experts, self.rank) * (weights * self.scaling).unsqueeze(-1)
+        added = self.experts_B(scaled.view(hidden.shape))
+        return added.view(*x.shape[:-1], added.shape[-1]), router_logits
+
+
+@torch.no_grad()
+def init_loramoe_weights(module: nn.Module, generator: torch.Generator | None = None) -> None:
+    """Initialise a site (or one of its parts) as the official code does; `generator` makes the draw reproducible.
+
+    Router and A: nn.Linear's default (kaiming uniform, a=sqrt 5; each expert's A has the same
+    fan-in as the stack); B: zero.
+    """
+    if isinstance(module, LoramoeExperts):
+        for part in (module.router, module.experts_A, module.experts_B):
+            init_loramoe_weights(part, generator)
+    elif isinstance(module, (LoramoeRouter, LoramoeExpertsA)):
+        nn.init.kaiming_uniform_(module.weight, a=math.sqrt(5), generator=generator)
+    elif isinstance(module, LoramoeExpertsB):
+        nn.init.zeros_(module.weight)
+
+
+# ---------------------------------------------------------------------------------------
+# The localized balancing constraint
+# ---------------------------------------------------------------------------------------
+def official_lbc_groups(num_experts: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The official grouping, indexed by task type: type 0 (the other tasks) owns the last N/2 experts,
+    type 1 (world knowledge) the first N/2."""
+    half = num_experts // 2
+    return tuple(range(half, 2 * half)), tuple(range(half))
+
+
+def lbc_importance(groups: Sequence[Sequence[int]], num_experts: int, delta: float, sample_types: torch.Tensor) -> torch.Tensor:
+    """I [samples, N]: 1 + delta where expert n is in the group of sample m's type, else 1 - delta.
+
+    A type with no group (outside 0 .. len(groups)-1) matches no expert, as in the official code.
+    """
+    member = torch.zeros(len(groups) + 1, num_experts, dtype=torch.bool, device=sample_types.device)
+    for task_type, experts in enumerate(groups):
+        member[task_type, list(experts)] = True
+    known = (sample_types >= 0) & (sample_types < len(groups))
+    rows = torch.where(known, sample_types, len(groups)).long()  # unknown types -> the all-False last row
+    return torch.where(member[rows], 1.0 + delta, 1.0 - delta).float()
+
+
+def cv_squared(values: torch.Tensor) -> torch.Tensor:
+    """var / (mean^2 + 1e-10) over all entries, unbiased variance, 0 for a single entry.
+
+    The paper (Eq. 8) writes var/mean; its authors confirmed var/mean^2, the official code's
+    squared coefficient of variation, is what they meant (Ablustrund/LoRAMoE issue #3).
+    """
+    values = values.float().reshape(-1)
+    if values.numel() <= 1:
+        return values.new_zeros(())
+    return values.var() / (values.mean() ** 2 + _LBC_EPS)
+
+
+def localized_balancing_loss(
+    router_logits: Sequence[torch.Tensor],
+    sample_index: torch.Tensor,
+    sample_types: torch.Tensor,
+    groups: Sequence[Sequence[int]],
+    delta: float,
+    token_weight: torch.Tensor | None = None,
+    reduction: str = "sum",
+) -> torch.Tensor:
+    """The LBC of every site, reduced over sites (`sum`: the official code; `mean`), without the coefficient beta.
+
+    router_logits: one [tokens, N] tensor per site. sample_index [tokens]: which sample each token
+    belongs to (0 .. samples-1). sample_types [samples]: each sample's task type, an index into
+    `groups` (the experts each type should use). token_weight [tokens]: 1 for a real token, 0 for
+    padding (None counts every token, as the official code does).
+
+    Per site: Q[m, n] = sum over sample m's tokens of p_n (float32 softmax), Z = I * Q with I from
+    `lbc_importance`, loss = cv_squared(Z).
+    """
+    if reduction not in ("sum", "mean"):
+        raise ValueError(f"lbc reduction must be 'sum' or 'mean', got {reduction!r}")
+    if not router_logits:
+        raise ValueError("localized_balancing_loss needs the router logits of at least one site")
+    num_experts = router_logits[0].shape[-1]
+    device = router_logits[0].device
+    sample_index = sample_index.to(device).long()
+    importance = lbc_importance(groups, num_experts, delta, sample_types.to(device))
+    weight = None if token_weight is None else token_weight.to(device=device, dtype=torch.float32).reshape(-1, 1)
+    losses = []
+    for logits in router_logits:
+        probs = torch.softmax(logits.to(device).float(), dim=-1)
+        if weight is not None:
+            probs = probs * weight
+        load = probs.new_zeros(importance.shape).index_add_(0, sample_index, probs)  # Q
+        losses.append(cv_squared(importance * load))
+    stacked = torch.stack(losses)
+    return stacked.sum() if reduction == "sum" else stacked.mean()
+
+
+def sample_index_of_tokens(batch_size: int, seq_len: int, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """Which sample each token of the flattened [batch, seq] batch belongs to.
+
+    A padded batch: row b is sample b. A packed batch (one row, several sequences told apart by
+    position_ids restarting at 0): each restart begins the next sample.
+    """
+    if batch_size == 1 and position_ids is not None:
+        starts = (position_ids.reshape(-1) == 0).long()
+        starts[0] = 1
+        return starts.cumsum(0) - 1
+    device = position_ids.device if position_ids is not None else None
+    return torch.arange(batch_size, device=device).repeat_interleave(seq_len)
+
+
+__all__ = [
+    "LoramoeExperts",
+    "LoramoeExpertsA",
+    "LoramoeExpertsB",
+    "LoramoeRouter",
+    "cv_squared",
+    "init_loramoe_weights",
+    "lbc_importance",
+    "localized_balancing_loss",
+    "official_lbc_groups",
+    "sample_index_of_tokens",
+]
