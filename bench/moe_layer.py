@@ -18,6 +18,9 @@ checks once that pesc and the reference compute the same output and input gradie
 
     python bench/moe_layer.py                      # CPU (and CUDA if present), defaults
     python bench/moe_layer.py --device cuda --hidden 1024 4096 --tokens 2048 8192
+
+`--method loramoe` times LoRAMoE's three sites instead (bench/moe_layer_loramoe.py); `--method pesc
+loramoe` prints both tables from one run.
 """
 
 import argparse
@@ -29,6 +32,9 @@ import torch
 import torch.nn.functional as F
 from transformers.models.llama.modeling_llama import LlamaConfig, LlamaMLP
 
+from moe_layer_loramoe import HEADER as LORAMOE_HEADER
+from moe_layer_loramoe import add_arguments as add_loramoe_arguments
+from moe_layer_loramoe import loramoe_row
 from pesc.modeling import PescConfig
 from pesc.modeling.modeling_pesc import PescMLP, init_expert_weights
 
@@ -186,6 +192,8 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--dropout", type=float, default=0.1, help="adapter dropout of the 'pesc dropout' timing")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--method", nargs="+", default=["pesc"], choices=["pesc", "loramoe"], help="which layers")
+    add_loramoe_arguments(parser)
     args = parser.parse_args(argv)
 
     if args.threads:
@@ -194,8 +202,12 @@ def main(argv=None):
     print(f"torch {torch.__version__}, CPU threads {torch.get_num_threads()}", end="")
     if torch.cuda.is_available():
         print(f", CUDA device {torch.cuda.get_device_name(0)}", end="")
-    print(f"; E={args.experts} k={args.top_k}; forward+backward, train mode, adapter dropout 0, "
-          f"dense weights {'frozen' if args.frozen_dense else 'trainable'}; median ms")
+    if "pesc" in args.method:
+        print(f"; pesc: E={args.experts} k={args.top_k}, adapter dropout 0, "
+              f"dense weights {'frozen' if args.frozen_dense else 'trainable'}", end="")
+    if "loramoe" in args.method:
+        print(f"; loramoe: alpha {args.loramoe_alpha:g}, expert dropout 0, base linears frozen", end="")
+    print("; forward+backward, train mode, median ms")
 
     header = (
         "| device | dtype | hidden | interm. | tokens | adapter_dim | dense ms | pesc ms (path) | reference ms "
@@ -204,7 +216,7 @@ def main(argv=None):
     )
     rows = []
     for device_name, dtype_name, hidden, tokens, adapter_dim in itertools.product(
-        devices, args.dtype, args.hidden, args.tokens, args.adapter_dim
+        devices, args.dtype, args.hidden, args.tokens, args.adapter_dim if "pesc" in args.method else []
     ):
         device = torch.device(device_name)
         dtype = DTYPES[dtype_name]
@@ -242,11 +254,28 @@ def main(argv=None):
         if on_cuda:
             torch.cuda.empty_cache()
 
-    print()
-    print(header)
-    print("|" + "---|" * (header.count("|") - 1))
-    for row in rows:
-        print(row)
+    loramoe_rows = []
+    for device_name, dtype_name, hidden, tokens in itertools.product(
+        devices, args.dtype, args.hidden, args.tokens if "loramoe" in args.method else []
+    ):
+        on_cuda = device_name == "cuda"
+        timing = (
+            args.warmup if args.warmup is not None else (10 if on_cuda else 2),
+            args.repeats or (20 if on_cuda else 5),
+            args.inner or (10 if on_cuda else 1),
+        )
+        intermediate = args.intermediate or intermediate_for(hidden)
+        loramoe_rows.append(loramoe_row(args, device_name, DTYPES[dtype_name], dtype_name, hidden, intermediate,
+                                        tokens, time_fwd_bwd, timing))  # fmt: skip
+        print(f"row {loramoe_rows[-1]}", flush=True)
+
+    for table_header, table_rows in ((header, rows), (LORAMOE_HEADER, loramoe_rows)):
+        if table_rows:
+            print()
+            print(table_header)
+            print("|" + "---|" * (table_header.count("|") - 1))
+            for row in table_rows:
+                print(row)
 
 
 def format_row(device_name, dtype_name, hidden, intermediate, tokens, adapter_dim, t) -> str:

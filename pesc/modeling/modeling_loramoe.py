@@ -25,6 +25,12 @@ from torch import nn
 
 # Added to the denominator of the LBC, as the official code's cv_squared.
 _LBC_EPS = 1e-10
+# The linears a LoRAMoE site may sit on, and the module of a decoder layer that holds each.
+SITE_PARENTS = {
+    "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp",
+    "q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
+}  # fmt: skip
+OFFICIAL_SITES = ("gate_proj", "up_proj", "down_proj")
 
 
 class LoramoeRouter(nn.Linear):
@@ -170,6 +176,8 @@ def sample_index_of_tokens(batch_size: int, seq_len: int, position_ids: torch.Te
 
 
 __all__ = [
+    "OFFICIAL_SITES",
+    "SITE_PARENTS",
     "LoramoeExperts",
     "LoramoeExpertsA",
     "LoramoeExpertsB",
