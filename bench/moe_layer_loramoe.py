@@ -73,10 +73,10 @@ class LoramoeLayer(nn.Module):
 
     def loramoe(self, x: torch.Tensor) -> torch.Tensor:
         mlp, sites = self.mlp, self.sites
-        gate = mlp.gate_proj(x) + sites["gate_proj"](x)[0].to(x.dtype)
-        up = mlp.up_proj(x) + sites["up_proj"](x)[0].to(x.dtype)
+        gate = sites["gate_proj"](x, mlp.gate_proj(x))[0]
+        up = sites["up_proj"](x, mlp.up_proj(x))[0]
         hidden = mlp.act_fn(gate) * up
-        return mlp.down_proj(hidden) + sites["down_proj"](hidden)[0].to(x.dtype)
+        return sites["down_proj"](hidden, mlp.down_proj(hidden))[0]
 
     def official_loop(self, x: torch.Tensor) -> torch.Tensor:
         mlp, sites = self.mlp, self.official

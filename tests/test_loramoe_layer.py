@@ -51,8 +51,10 @@ def _reference_added(site: LoramoeExperts, x: torch.Tensor) -> torch.Tensor:
 def test_forward_is_the_routed_sum_of_every_expert():
     site = _site().eval()
     x = torch.randn(3, 5, IN, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
-    added, logits = site(x)
-    assert added.shape == (3, 5, OUT)
+    base = torch.randn(3, 5, OUT, dtype=torch.float64)
+    out, logits = site(x, base)
+    added = out - base
+    assert out.shape == (3, 5, OUT)
     torch.testing.assert_close(added, _reference_added(site, x), rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(logits, x.reshape(-1, IN) @ site.router.weight.T, rtol=0, atol=0)
     assert added.abs().max() > 0.1  # the experts contribute: the comparison is not of two zeros
@@ -63,18 +65,36 @@ def test_router_reads_undropped_input_and_experts_the_dropped_one():
     site = _site(dropout=0.0).train()
     site.dropout.p = 1.0
     x = torch.randn(7, IN, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
-    added, logits = site(x)
-    assert torch.equal(added, torch.zeros_like(added))
+    base = torch.randn(7, OUT, dtype=torch.float64)
+    out, logits = site(x, base)
+    assert torch.equal(out, base)
     assert torch.equal(logits, F.linear(x, site.router.weight))
     assert logits.abs().max() > 0
+
+
+def test_training_dropout_masks_the_experts_input_once():
+    """Train mode, dropout 0.5: the router sees x; every expert sees the same dropped x (torch's mask for that seed)."""
+    site = _site(dropout=0.5).train()
+    x = torch.randn(9, IN, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    base = torch.zeros(9, OUT, dtype=torch.float64)
+    torch.manual_seed(11)
+    out, logits = site(x, base)
+    torch.manual_seed(11)
+    dropped = F.dropout(x, 0.5, training=True)
+    with torch.no_grad():
+        p = torch.softmax(x @ site.router.weight.T, dim=-1)
+        expected = sum(p[:, i : i + 1] * (dropped @ _expert_matrices(site, i)[0].T) @ _expert_matrices(site, i)[1].T
+                       for i in range(N)) * (ALPHA / R)  # fmt: skip
+    torch.testing.assert_close(out.detach(), expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(logits.detach(), x @ site.router.weight.T, rtol=0, atol=0)
 
 
 def test_official_init_adds_nothing_and_draws_kaiming_uniform():
     site = LoramoeExperts(IN, OUT, N, R, ALPHA, 0.05)
     init_loramoe_weights(site, torch.Generator().manual_seed(5))
-    x = torch.randn(4, IN)
-    added, _ = site(x)
-    assert torch.equal(added, torch.zeros_like(added))
+    x, base = torch.randn(4, IN), torch.randn(4, OUT)
+    out, _ = site(x, base)
+    assert torch.equal(out, base)
     # The same draws, independently: router first, then A (each expert's A has fan-in IN, like the stack).
     generator = torch.Generator().manual_seed(5)
     router, a = torch.empty(N, IN), torch.empty(N * R, IN)
@@ -88,8 +108,8 @@ def test_official_init_adds_nothing_and_draws_kaiming_uniform():
 def test_gradient_reaches_router_and_experts():
     site = _site().train()
     x = torch.randn(6, IN, dtype=torch.float64)
-    added, _ = site(x)
-    added.square().sum().backward()
+    out, _ = site(x, torch.zeros(6, OUT, dtype=torch.float64))
+    out.square().sum().backward()
     for part in (site.router, site.experts_A, site.experts_B):
         assert part.weight.grad.abs().sum() > 0
 

@@ -46,7 +46,7 @@ class LoramoeExpertsB(nn.Linear):
 
 
 class LoramoeExperts(nn.Module):
-    """A router and N LoRA experts beside one linear: computes sum_i p_i * B_i A_i dropout(x) * alpha / r."""
+    """A router and N LoRA experts beside one linear: adds sum_i p_i * B_i A_i dropout(x) * alpha / r to its output."""
 
     def __init__(self, in_features: int, out_features: int, num_experts: int, rank: int, alpha: float, dropout: float):
         super().__init__()
@@ -58,17 +58,27 @@ class LoramoeExperts(nn.Module):
         self.experts_B = LoramoeExpertsB(num_experts * rank, out_features, bias=False)
         self.dropout = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(what the experts add to the linear's output, in the experts' dtype; router logits [tokens, N])."""
+    def forward(self, x: torch.Tensor, linear_output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the linear's output W0 x plus what the experts add; router logits [tokens, N] in the experts' dtype)."""
         rows = x.reshape(-1, x.shape[-1]).to(self.experts_A.weight.dtype)
-        router_logits = self.router(rows)
+        if self.dropout.p == 0 or not self.training:
+            # router and experts read the same x: one matmul (and one input gradient) for both
+            both = F.linear(rows, torch.cat([self.router.weight, self.experts_A.weight]))
+            router_logits, hidden = both.split([self.num_experts, self.num_experts * self.rank], dim=-1)
+        else:
+            router_logits, hidden = self.router(rows), self.experts_A(self.dropout(rows))
         # float32 for half-precision experts (as the official code), float64 stays float64
         softmax_dtype = torch.promote_types(router_logits.dtype, torch.float32)
         weights = torch.softmax(router_logits, dim=-1, dtype=softmax_dtype).to(rows.dtype)
-        hidden = self.experts_A(self.dropout(rows))  # [tokens, N*r]: every expert's A x at once
-        scaled = hidden.view(-1, self.num_experts, self.rank) * (weights * self.scaling).unsqueeze(-1)
-        added = self.experts_B(scaled.view(hidden.shape))
-        return added.view(*x.shape[:-1], added.shape[-1]), router_logits
+        scaled = (hidden.view(-1, self.num_experts, self.rank) * (weights * self.scaling).unsqueeze(-1)).view(hidden.shape)
+        base = linear_output.reshape(-1, linear_output.shape[-1])
+        if base.dtype == scaled.dtype:
+            # the add fused into the matmul: a separate half-precision add of the [tokens, out] output costs
+            # more than the experts' matmuls on a CPU
+            out = torch.addmm(base, scaled, self.experts_B.weight.t())
+        else:  # experts kept in float32 beside a half-precision (or 4-bit) linear, as QLoRA training has them
+            out = base + self.experts_B(scaled).to(base.dtype)
+        return out.view(linear_output.shape), router_logits
 
 
 @torch.no_grad()
