@@ -232,6 +232,18 @@ def test_lbc_grows_as_load_moves_to_the_other_groups_samples():
     assert all(b > a for a, b in zip(losses, losses[1:])) and losses[0] > 0
 
 
+def test_lbc_alone_pushes_uniform_routing_off_the_own_group():
+    """At uniform routing Z is larger on a sample's own group ((1 + delta) Q), so a descent step on the LBC
+    lowers the own group's logits: the constraint balances Z, it does not pull samples to their group
+    (docs/methods/loramoe.md)."""
+    logits = torch.zeros(4, N, requires_grad=True)  # a knowledge sample (type 1), then a task sample, 2 tokens each
+    localized_balancing_loss([logits], sample_index_of_tokens(2, 2), torch.tensor([1, 0]), official_lbc_groups(N),
+                             delta=0.1).backward()  # fmt: skip
+    knowledge_rows, task_rows = logits.grad[:2], logits.grad[2:]
+    assert (knowledge_rows[:, :3] > 0).all() and (knowledge_rows[:, 3:] < 0).all()
+    assert (task_rows[:, 3:] > 0).all() and (task_rows[:, :3] < 0).all()
+
+
 def test_lbc_of_a_single_entry_is_zero_and_reductions_differ():
     one = localized_balancing_loss([torch.zeros(3, 1)], torch.zeros(3, dtype=torch.long), torch.tensor([0]),
                                    ((0,),), delta=0.1)  # fmt: skip
