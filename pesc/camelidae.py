@@ -16,7 +16,6 @@ from typing import Callable
 
 from pesc.atomic import atomic_output_dir, check_output_dir
 from pesc.convert import (
-    AUTO_MAP,
     BaseShardWriter,
     ConvertResult,
     ConvertSettings,
@@ -24,6 +23,7 @@ from pesc.convert import (
     Progress,
     check_weights,
     find_weight_files,
+    meta_model,
     resolve_source,
     write_rest,
 )
@@ -60,8 +60,6 @@ def plan_import(src: str, out: Path, link: bool, force: bool) -> tuple[Plan, str
     """Check the published checkpoint against a PESC model of its config, write nothing: (plan, its model_type)."""
     from transformers import AutoConfig
 
-    from pesc.upcycling import pesc_config_from_dense
-
     folder, hub_id = resolve_source(src)
     check_output_dir(out, force, (folder,))
     raw = _published_config(folder, src)
@@ -71,18 +69,19 @@ def plan_import(src: str, out: Path, link: bool, force: bool) -> tuple[Plan, str
         num_experts=raw["num_experts"],
         top_k=raw["topk"],
         adapter_dim=raw["adapter_dim"],
-        moe_scaling=raw.get("moe_scaling", ConvertSettings.moe_scaling),
-        router_aux_loss_coef=raw.get("router_aux_loss_coef", ConvertSettings.router_aux_loss_coef),
+        moe_scaling=raw.get("moe_scaling"),
+        router_aux_loss_coef=raw.get("router_aux_loss_coef"),
     )
+    method = settings.method
     try:
-        config = pesc_config_from_dense(
-            AutoConfig.for_model(family, **dense_fields), **settings.config_fields(), moe_dtype=raw.get("moe_dtype")
+        config = method.config_from_dense(
+            AutoConfig.for_model(family, **dense_fields), settings.values, moe_dtype=raw.get("moe_dtype")
         )
     except (ValueError, TypeError) as error:
         raise PescError(f"cannot import {src}: {error}") from None
-    config.auto_map = dict(AUTO_MAP)
+    config.auto_map = method.auto_map
     sources = find_weight_files(folder)
-    check_weights(config, sources, folder, with_experts=True)
+    check_weights(method, meta_model(method, config), config, sources, folder, with_experts=True)
     return Plan(folder, hub_id, out, settings, config, sources, [], link, force), raw["model_type"]
 
 

@@ -1,4 +1,4 @@
-"""Reading a model folder's config: PESC or dense, with clear errors for everything else."""
+"""Reading a model folder's config: a method's (PESC, ...) or dense, with clear errors for everything else."""
 
 import json
 from pathlib import Path
@@ -6,8 +6,7 @@ from pathlib import Path
 from transformers import AutoConfig, PreTrainedConfig
 
 from pesc.errors import PescError, first_line
-from pesc.modeling import PescConfig
-from pesc.upcycling import pesc_config_from_dense
+from pesc.methods import get_method, method_for_model_type
 
 
 def read_config(path_or_id: str | Path, trust_remote_code: bool = False) -> PreTrainedConfig:
@@ -24,8 +23,9 @@ def read_config(path_or_id: str | Path, trust_remote_code: bool = False) -> PreT
         raw = json.loads(config_file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise PescError(f"{config_file} is not valid JSON ({error}); the checkpoint looks damaged") from None
-    if raw.get("model_type") == PescConfig.model_type:
-        return PescConfig.from_dict(raw)
+    method = method_for_model_type(raw.get("model_type"))
+    if method is not None:
+        return method.config_class.from_dict(raw)
     if "model_type" not in raw:
         raise PescError(f"{config_file} names no model_type, so its model family is unknown")
     try:
@@ -39,14 +39,22 @@ def _read_hub_config(repo_id: str, trust_remote_code: bool) -> PreTrainedConfig:
         config = AutoConfig.from_pretrained(repo_id, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as error:
         raise PescError(f"{repo_id} is neither a local folder nor a reachable Hub model ({first_line(error)})") from None
-    return PescConfig.from_dict(config.to_dict()) if config.model_type == PescConfig.model_type else config
+    method = method_for_model_type(config.model_type)
+    return method.config_class.from_dict(config.to_dict()) if method is not None else config
 
 
-def resolve_pesc_config(config: PreTrainedConfig, **settings) -> PescConfig:
-    """A PESC config as-is, or a dense config turned into one with the planned MoE settings."""
-    if isinstance(config, PescConfig):
+def resolve_method_config(config: PreTrainedConfig, method_name: str | None = None, settings: dict | None = None,
+                          where: str = "") -> PreTrainedConfig:
+    """A method's config as-is, or a dense config turned into `method_name`'s with the planned settings."""
+    method = method_for_model_type(config.model_type)
+    if method is not None:
+        if method_name is not None and method_name != method.name:
+            raise PescError(f"the model is a {method.name} checkpoint, not {method_name}: drop --method or give "
+                            "a dense model")
         return config
+    method = get_method(method_name)
+    values = method.resolve_settings({k: v for k, v in (settings or {}).items() if v is not None}, where)
     try:
-        return pesc_config_from_dense(config, **{k: v for k, v in settings.items() if v is not None})
+        return method.config_from_dense(config, values)
     except ValueError as error:
         raise PescError(str(error)) from None

@@ -17,46 +17,82 @@ def cli():
     """Turn a dense LLM into a sparse PESC Mixture-of-Experts model, tune it with QLoRA, export and publish it."""
 
 
-@cli.command()
-@click.argument("path", type=click.Path(path_type=str))
-@click.option("--num-experts", type=int, help="Planned experts per layer (dense checkpoints; default 8).")
-@click.option("--top-k", type=int, help="Planned experts per token (dense checkpoints; default 2).")
-@click.option("--adapter-dim", type=int, help="Planned adapter width (dense checkpoints; default 512).")
-@click.option("--json", "as_json", is_flag=True, help="Print a JSON object instead of text.")
-def inspect(path, num_experts, top_k, adapter_dim, as_json):
-    """Print architecture and total / active / trainable parameter counts, from config.json alone."""
-    from pesc.checkpoint import read_config, resolve_pesc_config
-    from pesc.summary import summarize
+class MethodCommand(click.Command):
+    """A command that takes `--method NAME` and every registered method's settings as flags (`--num-experts`
+    from `num_experts`), read when the command runs, so a method registered later has its flags too."""
 
-    config = resolve_pesc_config(read_config(path), num_experts=num_experts, top_k=top_k, adapter_dim=adapter_dim)
-    summary = summarize(config)
+    def get_params(self, ctx):
+        return super().get_params(ctx) + method_setting_options()
+
+
+def method_setting_options() -> list[click.Option]:
+    """One option per setting name across the registered methods; which method it belongs to is checked later."""
+    from pesc.methods import METHODS
+
+    settings: dict = {}
+    for method in METHODS.values():
+        for setting in method.all_settings():
+            settings.setdefault(setting.name, (setting, []))[1].append(method.name)
+    options = []
+    for name, (setting, owners) in settings.items():
+        kind = int if setting.types == (int,) else float if float in setting.types else str
+        options.append(click.Option([setting.flag, name], type=kind,
+                                    help=f"{setting.help} ({', '.join(owners)}; default {setting.default})."))
+    return options
+
+
+METHOD_OPTION = click.option("--method", "method_name", help="The method (default pesc; `pesc methods` lists them).")
+
+
+@cli.command()
+def methods():
+    """List the methods: paper, where the experts sit, routing, aux losses."""
+    from pesc.methods import METHODS
+
+    width = max(len(name) for name in METHODS)
+    for name, method in METHODS.items():
+        click.echo(f"{name:<{width}}  {method.description}")
+
+
+@cli.command(cls=MethodCommand)
+@click.argument("path", type=click.Path(path_type=str))
+@METHOD_OPTION
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON object instead of text.")
+def inspect(path, method_name, as_json, **setting_flags):
+    """Print architecture and total / active / trainable parameter counts, from config.json alone.
+
+    For a dense checkpoint the method's flags give the planned settings (defaults otherwise)."""
+    from pesc.checkpoint import read_config, resolve_method_config
+    from pesc.methods import check_flags, get_method, method_for_model_type, method_of
+
+    config = read_config(path)
+    chosen = (None if method_name else method_for_model_type(config.model_type)) or get_method(method_name)
+    config = resolve_method_config(config, method_name, check_flags(chosen, setting_flags))
+    summary = method_of(config).parameter_summary(config)
     if as_json:
         click.echo(json.dumps(summary.as_dict(), indent=2))
     else:
         click.echo("\n".join(summary.lines()))
 
 
-@cli.command()
+@cli.command(cls=MethodCommand)
 @click.argument("src")
 @click.argument("out", type=click.Path(path_type=str))
-@click.option("--num-experts", type=int, help="Experts per layer (default 8).")
-@click.option("--top-k", type=int, help="Experts routed per token (default 2).")
-@click.option("--adapter-dim", type=int, help="Bottleneck width of each expert adapter (default 512).")
-@click.option("--moe-scaling", type=float, help="Scale of every adapter's output (default 0.25).")
-@click.option("--router-aux-loss-coef", type=float, help="Weight of the load-balancing loss (default 0.01).")
-@click.option("--seed", type=int, help="Seed of the router and adapter init (default 0).")
-@click.option("--config", "recipe", type=click.Path(path_type=str), help="Recipe YAML; its moe: section (flags win).")
+@METHOD_OPTION
+@click.option("--config", "recipe", type=click.Path(path_type=str),
+              help="YAML file; its method: and moe: sections (flags win).")
 @click.option("--max-shard-size", default="5GB", show_default=True, help="Largest new shard file (e.g. 5GB, 500MB).")
 @click.option("--link", is_flag=True, help="Hard-link the base shards instead of copying them (copy if impossible).")
 @click.option("--force", is_flag=True, help="Replace OUT if it is a folder pesc wrote (never another).")
-def convert(src, out, recipe, max_shard_size, link, force, **moe_flags):
-    """Turn the dense checkpoint SRC (folder, Hub id or .gguf file) into a PESC checkpoint at OUT, in bounded memory.
+def convert(src, out, method_name, recipe, max_shard_size, link, force, **setting_flags):
+    """Turn the dense checkpoint SRC (folder, Hub id or .gguf file) into a sparse checkpoint of a method (default
+    PESC) at OUT, in bounded memory.
 
     A .gguf SRC is first dequantized through transformers (needs `pip install gguf`; the whole model is
     loaded once, so the memory bound does not hold for it)."""
     from pesc.convert import convert as run_convert, resolve_settings
 
-    settings = resolve_settings({**moe_flags, "max_shard_size": max_shard_size}, recipe)
+    settings = resolve_settings(setting_flags, recipe, method_name=method_name, max_shard_size=max_shard_size)
     run_convert(src, out, settings, link=link, force=force, echo=click.echo)
 
 

@@ -1,17 +1,18 @@
-"""Streaming conversion of a dense checkpoint into a PESC checkpoint (DESIGN.md §4).
+"""Streaming conversion of a dense checkpoint into a method's sparse checkpoint (PESC by default; DESIGN.md §4).
 
-PESC leaves every base tensor unchanged, so the converter never loads the model:
+Every method leaves every base tensor unchanged (its modules are added under their own names),
+so the converter never loads the model:
 
 1. it reads the source's config and only the *headers* of its safetensors shards, and
-   checks every tensor's name and shape against a PESC model built on the meta device;
+   checks every tensor's name and shape against the method's model built on the meta device;
 2. it copies (or hard-links) the source safetensors shards byte for byte, renamed to
    `model-0000N-of-0000M.safetensors` (pickle `.bin` shards are re-written as safetensors
    one file and one tensor at a time, memory-mapped); the copy of safetensors shards
    starts before step 1's checks, which import torch and transformers, and overlaps them;
-3. it draws the routers and adapters layer by layer, a few layers ahead in worker threads
-   (`initial_expert_state`, so the same seed gives exactly what `pesc.upcycle` gives), and
+3. it draws the added tensors layer by layer, a few layers ahead in worker threads
+   (the method's `initial_state`, so the same seed gives exactly what training from dense draws), and
    streams them into new shards no larger than `max_shard_size`, all-zero tensors as holes;
-4. it writes the merged index, config.json (PescConfig + auto_map), the shipped model
+4. it writes the merged index, config.json (the method's config + auto_map), the shipped model
    code, the tokenizer / chat template / generation config files, and a model card.
 
 Everything is written into a temporary folder beside OUT that is renamed at the end, so
@@ -32,7 +33,7 @@ import sys
 import tempfile
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -45,11 +46,6 @@ SAFETENSORS_INDEX = "model.safetensors.index.json"
 SAFETENSORS_SINGLE = "model.safetensors"
 BIN_INDEX = "pytorch_model.bin.index.json"
 BIN_SINGLE = "pytorch_model.bin"
-MODEL_CODE_FILES = ("configuration_pesc.py", "modeling_pesc.py")
-AUTO_MAP = {
-    "AutoConfig": "configuration_pesc.PescConfig",
-    "AutoModelForCausalLM": "modeling_pesc.PescForCausalLM",
-}
 
 # Bytes per element of each safetensors dtype.
 DTYPE_SIZES = {
@@ -80,50 +76,31 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
 # --------------------------------------------------------------------------------------
 # Settings
 # --------------------------------------------------------------------------------------
-@dataclass(frozen=True)
 class ConvertSettings:
-    """The MoE settings a conversion writes into config.json, plus the seed and shard size."""
+    """The method, its settings (checked, defaults filled in: what config.json records, plus the seed of
+    the draw) and the shard size. Settings read as attributes: `settings.top_k`."""
 
-    num_experts: int = 8
-    top_k: int = 2
-    adapter_dim: int = 512
-    moe_scaling: float = 0.25
-    router_aux_loss_coef: float = 0.01
-    adapter_dropout: float = 0.1
-    seed: int = 0
-    max_shard_size: int = 5_000_000_000
+    def __init__(self, method: str | None = None, max_shard_size: int = 5_000_000_000, **values):
+        from pesc.methods import get_method
 
-    def __post_init__(self):
-        for name in ("num_experts", "top_k", "adapter_dim", "max_shard_size"):
-            value = getattr(self, name)
-            if not _is_int(value) or value <= 0:
-                raise PescError(f"{name} must be a positive integer, got {value!r}")
-        if self.top_k > self.num_experts:
-            raise PescError(f"top_k ({self.top_k}) cannot exceed num_experts ({self.num_experts}): lower --top-k")
-        if not _is_number(self.moe_scaling) or not math.isfinite(self.moe_scaling) or self.moe_scaling <= 0:
-            raise PescError(f"moe_scaling must be a positive number, got {self.moe_scaling!r}")
-        coef = self.router_aux_loss_coef
-        if not _is_number(coef) or not math.isfinite(coef) or coef < 0:
-            raise PescError(f"router_aux_loss_coef must be a number >= 0, got {coef!r}")
-        if not _is_number(self.adapter_dropout) or not 0 <= self.adapter_dropout < 1:
-            raise PescError(f"adapter_dropout must be in [0, 1), got {self.adapter_dropout!r}")
-        if not _is_int(self.seed) or not 0 <= self.seed < 2**32:
-            raise PescError(f"seed must be an integer in [0, 2**32), got {self.seed!r}")
+        if not _is_int(max_shard_size) or max_shard_size <= 0:
+            raise PescError(f"max_shard_size must be a positive integer, got {max_shard_size!r}")
+        self.method = get_method(method)
+        self.values = self.method.resolve_settings(values, where="")
+        self.max_shard_size = max_shard_size
+
+    def __getattr__(self, name):
+        values = self.__dict__.get("values", {})
+        if name in values:
+            return values[name]
+        raise AttributeError(name)
 
     def moe_fields(self) -> dict:
-        return {k: v for k, v in asdict(self).items() if k != "max_shard_size"}
-
-    def config_fields(self) -> dict:
-        """The settings `pesc_config_from_dense` takes (all but the seed and the shard size)."""
-        return {k: v for k, v in self.moe_fields().items() if k != "seed"}
+        return dict(self.values)
 
 
 def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 _SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20,
@@ -145,17 +122,20 @@ def parse_size(size: str | int) -> int:
     return value
 
 
-def resolve_settings(flags: dict, recipe: str | None = None) -> ConvertSettings:
-    """Defaults, overridden by the recipe's `moe:` section, overridden by the flags given (not None)."""
+def resolve_settings(flags: dict, recipe: str | None = None, method_name: str | None = None,
+                     max_shard_size: str | int = 5_000_000_000) -> ConvertSettings:
+    """The method (--method, else the recipe's `method:`, else pesc); its defaults, overridden by the recipe's
+    `moe:` section, overridden by the flags given (not None; each must be one of the method's settings)."""
+    from pesc.methods import check_flags, get_method
+
     values: dict = {}
     if recipe is not None:
-        from pesc.recipe import load_moe_settings
+        from pesc.recipe import load_moe_settings, load_recipe
 
-        values.update(load_moe_settings(recipe))
-    values.update({k: v for k, v in flags.items() if v is not None})
-    if "max_shard_size" in values:
-        values["max_shard_size"] = parse_size(values["max_shard_size"])
-    return ConvertSettings(**values)
+        method_name = method_name or load_recipe(recipe).get("method")
+        values.update(load_moe_settings(recipe, method_name))
+    values.update(check_flags(get_method(method_name), flags))
+    return ConvertSettings(method_name, parse_size(max_shard_size), **values)
 
 
 # --------------------------------------------------------------------------------------
@@ -380,7 +360,7 @@ def early_sources(src: str, out: Path, force: bool) -> EarlySources:
         model_type = json.loads((folder / "config.json").read_text()).get("model_type")
     except (OSError, ValueError, AttributeError):
         return EarlySources(folder, hub_id, None)
-    if model_type in (None, "pesc"):
+    if model_type is None or str(model_type).split("_")[0] == "pesc":  # methods' model_types: pesc, pesc_<m>
         return EarlySources(folder, hub_id, None)
     try:
         files = find_weight_files(folder)
@@ -394,7 +374,7 @@ def early_sources(src: str, out: Path, force: bool) -> EarlySources:
 # --------------------------------------------------------------------------------------
 @dataclass
 class ExpertShard:
-    """One new shard: its tensors in write order, as (layer, name-inside-moe_adapter, info)."""
+    """One new shard: its tensors in write order, as (layer, name inside the decoder layer, info)."""
 
     entries: list[tuple[int, str, TensorInfo]] = field(default_factory=list)
 
@@ -409,7 +389,7 @@ class Plan:
     hub_id: str | None
     out: Path
     settings: ConvertSettings
-    config: object  # PescConfig
+    config: object  # the method's config
     sources: list[SourceFile]
     expert_shards: list[ExpertShard]
     link: bool
@@ -437,37 +417,38 @@ class Plan:
         return sum(s.nbytes for s in self.expert_shards)
 
 
-def _expert_layout(config) -> list[tuple[str, tuple[int, ...]]]:
-    """Names (inside `mlp.moe_adapter`) and shapes of one layer's new tensors, in write order."""
-    import torch
-
-    from pesc.modeling import PescMoEAdapter
-
-    with torch.device("meta"):
-        block = PescMoEAdapter(config)
-    return [(name, tuple(t.shape)) for name, t in block.state_dict().items()]
+def _expert_layout(method, model) -> list[tuple[str, tuple[int, ...]]]:
+    """Names (inside decoder layer 0) and shapes of one layer's added tensors, in write order."""
+    prefix = "model.layers.0."
+    return [
+        (name[len(prefix):], tuple(t.shape))
+        for name, t in model.state_dict().items()
+        if name.startswith(prefix) and method.is_added(name)
+    ]
 
 
 def expert_key(layer_idx: int, name: str) -> str:
-    return f"model.layers.{layer_idx}.mlp.moe_adapter.{name}"
+    return f"model.layers.{layer_idx}.{name}"
 
 
-def check_weights(config, sources: list[SourceFile], folder: Path, with_experts: bool = False) -> None:
-    """Every source tensor must be one the PESC model has, with its shape; every required one present.
-
-    A dense source has no experts (`with_experts` False); an already-MoE source (an import) has them all.
-    """
+def meta_model(method, config):
+    """The method's model on the meta device (no memory), or a one-line error for an unsupported family."""
     import torch
-
-    from pesc.modeling import PescForCausalLM
 
     try:
         with torch.device("meta"):
-            model = PescForCausalLM(config)
+            return method.model_class(config)
     except ValueError as error:
         raise PescError(f"unsupported architecture: {error}") from None
+
+
+def check_weights(method, model, config, sources: list[SourceFile], folder: Path, with_experts: bool = False) -> None:
+    """Every source tensor must be one the method's model has, with its shape; every required one present.
+
+    A dense source has no experts (`with_experts` False); an already-MoE source (an import) has them all.
+    """
     expected = {
-        name: tuple(t.shape) for name, t in model.state_dict().items() if with_experts or ".moe_adapter." not in name
+        name: tuple(t.shape) for name, t in model.state_dict().items() if with_experts or not method.is_added(name)
     }
     optional = set(getattr(model, "all_tied_weights_keys", None) or {}) if config.tie_word_embeddings else set()
     found: set[str] = set()
@@ -499,20 +480,25 @@ def check_weights(config, sources: list[SourceFile], folder: Path, with_experts:
 def plan_conversion(src: str, early: EarlySources, out: Path, settings: ConvertSettings, link: bool, force: bool) -> Plan:
     """Check everything `early_sources` left out, write nothing: the plan of the output, or a PescError."""
     from pesc.checkpoint import read_config
-    from pesc.modeling import PescConfig
-    from pesc.upcycling import pesc_config_from_dense
+    from pesc.methods import METHODS, method_for_model_type
 
+    method = settings.method
     folder, hub_id = early.folder, early.hub_id
     dense_config = read_config(folder)
-    if isinstance(dense_config, PescConfig):
-        raise PescError(f"{src} is already a PESC checkpoint (model_type pesc): convert its dense base model instead")
+    existing = method_for_model_type(dense_config.model_type)
+    if existing is not None:
+        raise PescError(
+            f"{src} is already a {existing.label} checkpoint (model_type {dense_config.model_type}): convert its "
+            "dense base model instead"
+        )
     sources = early.files if early.files is not None else find_weight_files(folder)
     for file in sources:
-        moe_tensor = next((name for name in file.tensors if ".moe_adapter." in name), None)
-        if moe_tensor:
-            raise PescError(
-                f"{src} already holds PESC experts ({moe_tensor}): convert its dense base model instead"
-            )
+        for other in METHODS.values():
+            added = next((name for name in file.tensors if other.is_added(name)), None)
+            if added:
+                raise PescError(
+                    f"{src} already holds {other.label} experts ({added}): convert its dense base model instead"
+                )
 
     moe_dtype = None
     if getattr(dense_config, "dtype", None) is None:
@@ -520,19 +506,19 @@ def plan_conversion(src: str, early: EarlySources, out: Path, settings: ConvertS
         ffn = next((f.tensors[k] for f in sources for k in f.tensors if k.endswith("mlp.gate_proj.weight")), None)
         moe_dtype = _TORCH_DTYPE_NAMES[ffn.dtype] if ffn is not None else "float32"
     try:
-        config = pesc_config_from_dense(dense_config, **settings.config_fields(), moe_dtype=moe_dtype)
+        config = method.config_from_dense(dense_config, settings.values, moe_dtype=moe_dtype)
     except ValueError as error:
         raise PescError(f"cannot convert {src}: {error}") from None
     if config.moe_dtype not in _TORCH_DTYPE_NAMES.values() or not config.moe_dtype.startswith(("float", "bfloat")):
         raise PescError(f"cannot store experts in dtype {config.moe_dtype!r}: the base model must be floating point")
-    config.architectures = ["PescForCausalLM"]
-    config.auto_map = dict(AUTO_MAP)
+    config.auto_map = method.auto_map
     if getattr(config, "dtype", None) is None:  # as save_pretrained records it: the dtype of the weights
         dense_dtype = getattr(dense_config, "dtype", None)
         config.dtype = str(dense_dtype).removeprefix("torch.") if dense_dtype is not None else config.moe_dtype
-    check_weights(config, sources, folder)
+    model = meta_model(method, config)
+    check_weights(method, model, config, sources, folder)
 
-    layout = _expert_layout(config)
+    layout = _expert_layout(method, model)
     st_dtype = _safetensors_dtype(config.moe_dtype)
     shards: list[ExpertShard] = [ExpertShard()]
     for layer_idx in range(config.num_hidden_layers):
@@ -629,14 +615,12 @@ def link_or_copy(src: Path, dst: Path, progress=None, notice: Callable[[str], No
     return True
 
 
-def _write_expert_shard(path: Path, shard: ExpertShard, config, seed: int, progress=None) -> None:
-    """Write each layer's routers and adapters while workers already draw the next layers'.
+def _write_expert_shard(path: Path, shard: ExpertShard, method, config, seed: int, progress=None) -> None:
+    """Write each layer's added tensors while workers already draw the next layers'.
 
     At most 1 + _DRAW_AHEAD layers are in memory; every layer has its own seeded RNG, so
     drawing ahead, in any number of threads, changes no value.
     """
-    from pesc.upcycling import initial_expert_state
-
     layers = list(dict.fromkeys(layer for layer, _, _ in shard.entries))
 
     def tensors(pool):
@@ -645,7 +629,7 @@ def _write_expert_shard(path: Path, shard: ExpertShard, config, seed: int, progr
             if layer not in drawn:
                 position = layers.index(layer)
                 drawn = {
-                    upcoming: drawn.get(upcoming) or pool.submit(initial_expert_state, config, upcoming, seed)
+                    upcoming: drawn.get(upcoming) or pool.submit(method.initial_state, config, upcoming, seed)
                     for upcoming in layers[position : position + 1 + _DRAW_AHEAD]
                 }
             yield drawn[layer].result().pop(name)
@@ -661,31 +645,20 @@ def _rewrite_bin(src: Path, dst: Path, tensors: dict[str, TensorInfo], progress=
 
 
 def _model_card(plan: Plan):
-    """The shared PESC model card (pesc.model_card), for a converted model: no training section."""
+    """The shared model card (pesc.model_card), for a converted model: no training section."""
     from pesc.model_card import build_model_card
 
     settings, config, base = plan.settings, plan.config, plan.hub_id
+    method = settings.method
     base_text = f"[{base}](https://huggingface.co/{base})" if base else f"a local checkpoint (`{plan.src.name}`)"
-    description = (
-        f"A sparse Mixture-of-Experts model upcycled from {base_text} with `pesc convert`, the Parameter-Efficient "
-        "Sparsity Crafting (PESC) way (arXiv 2401.02731): every expert shares the dense FFN, each expert owns a "
-        f"bottleneck adapter on the FFN output, and a top-{settings.top_k} router picks the experts of each token. "
-        "The adapters' up-projections start at zero, so this checkpoint computes exactly what the base model "
-        "computes until it is trained (`pesc train`).\n\n"
-        "The base tensors keep their dense names; each layer adds `model.layers.N.mlp.moe_adapter.router.weight` "
-        "and `model.layers.N.mlp.moe_adapter.experts.expert_J.adapter_{down,up}.weight`."
-    )
     return build_model_card(
         config,
-        title=f"{(base or plan.src.name).split('/')[-1]} PESC ({settings.num_experts} experts, top-{settings.top_k})",
+        title=f"{(base or plan.src.name).split('/')[-1]} {method.card_title(config)}",
         base_model=base or plan.src.name,
         base_model_id=base,
-        description=description,
-        extra_settings={
-            "adapter dropout": settings.adapter_dropout,
-            "moe_dtype": config.moe_dtype,
-            "seed": settings.seed,
-        },
+        description=method.card_text(config, base_text, converted=True),
+        extra_settings={"moe_dtype": config.moe_dtype, "seed": settings.seed},
+        converted=True,
     )
 
 
@@ -831,7 +804,8 @@ def write_rest(
     total_size = 0
     for number, shard in enumerate(plan.expert_shards, len(plan.sources) + 1):
         base.check()  # a failed copy stops the conversion now
-        _write_expert_shard(folder / plan.shard_name(number), shard, config, plan.settings.seed, progress)
+        _write_expert_shard(folder / plan.shard_name(number), shard, plan.settings.method, config, plan.settings.seed,
+                            progress)
         for _, _, info in shard.entries:
             weight_map[info.name] = plan.shard_name(number)
             total_size += info.nbytes
@@ -846,9 +820,9 @@ def write_rest(
     index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
     (folder / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2, sort_keys=False) + "\n")
     config.to_json_file(folder / "config.json", use_diff=True)
-    modeling_dir = Path(__file__).parent / "modeling"
-    for code_file in MODEL_CODE_FILES:
-        shutil.copyfile(modeling_dir / code_file, folder / code_file)
+    method = plan.settings.method
+    for code_file in method.modeling_files:
+        shutil.copyfile(method.modeling_dir / code_file, folder / code_file)
     for extra in _carried_files(plan.src):
         shutil.copyfile(extra, folder / extra.name)
     (card or _model_card(plan)).save(folder / "README.md")
@@ -894,7 +868,7 @@ def convert(
     echo: Callable[[str], None] = print,
     origin: str | None = None,
 ) -> ConvertResult:
-    """Convert the dense checkpoint SRC (folder, Hub id or GGUF file) into a PESC checkpoint at OUT, in bounded memory.
+    """Convert the dense checkpoint SRC (folder, Hub id or GGUF file) into the method's checkpoint at OUT, in bounded memory.
 
     Everything is written into a temporary folder beside OUT (pesc.atomic) and renamed at
     the end. The safetensors base shards start copying into it before the plan's checks,
@@ -903,8 +877,6 @@ def convert(
     A GGUF file is first dequantized into a dense checkpoint (`_convert_gguf`), which
     is not bounded in memory: the whole model is loaded once.
     """
-    from pesc.summary import summarize
-
     settings = settings or ConvertSettings()
     out = Path(out).expanduser()
     if is_gguf_file(src) or str(src).lower().endswith(".gguf"):
@@ -931,7 +903,7 @@ def convert(
                 + ", ".join(f"{k} {v}" for k, v in settings.moe_fields().items())
                 + f", moe_dtype {plan.config.moe_dtype}, max_shard_size {_human(settings.max_shard_size)}"
             )
-            for line in summarize(plan.config).lines():
+            for line in settings.method.parameter_summary(plan.config).lines():
                 echo(line)
             _check_disk_space(out, (0 if link else plan.source_bytes - progress.pending) + plan.expert_bytes, link)
             progress.show((0 if link else plan.source_bytes) + plan.expert_bytes)

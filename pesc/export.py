@@ -1,17 +1,17 @@
-"""Export a trained run as a sparse Hugging Face checkpoint in the Camelidae layout (DESIGN.md §4, §6).
+"""Export a trained run as a sparse Hugging Face checkpoint in its method's layout (DESIGN.md §4, §6).
 
 The steps, each bounded to one copy of the model in memory:
 
 1. find the checkpoint folder (a run's `final/` or highest `checkpoint-N/`, or the folder given);
-2. load the LoRA's base **unquantized** in the export dtype: a PESC checkpoint as-is, a
-   dense checkpoint upcycled in memory with the trained `pesc_config.json` settings (the
-   dense tensors are shared, not copied);
-3. put the trained routers and adapters in (`pesc_experts.safetensors`, strict: every
-   tensor present with its shape, else the base does not match the adapters);
-4. wrap with peft's `PeftModel.from_pretrained` and merge the LoRA layer by layer, each
-   weight upcast to float32 for the addition and cast back (one weight at a time in
-   float32); merging into a 4-bit model is refused;
-5. write safetensors shards + index, config with `auto_map`, the two model code files,
+2. load the LoRA's base **unquantized** in the export dtype: a method's checkpoint as-is, a
+   dense checkpoint loaded into the method's layout with the trained `pesc_config.json`
+   settings;
+3. put the trained added modules in (`experts.safetensors`, strict: every tensor present
+   with its shape, else the base does not match the adapters);
+4. wrap with peft's `PeftModel.from_pretrained` and merge as the method says (by default the
+   LoRA layer by layer, each weight upcast to float32 for the addition and cast back, one
+   weight at a time in float32); merging into a 4-bit model is refused;
+5. write safetensors shards + index, config with `auto_map`, the method's model code files,
    tokenizer with chat template, generation config and model card into a temporary
    folder beside OUT, renamed into place at the end.
 """
@@ -26,11 +26,12 @@ import torch
 from pesc import __version__
 from pesc.atomic import atomic_output_dir, check_output_dir, write_marker
 from pesc.errors import PescError, first_line
-from pesc.modeling import PescConfig, PescForCausalLM
+from pesc.methods import method_of
 from pesc.quiet import peft_deprecation_warnings_silenced
 from pesc.run_files import (
     EXPERTS_FILE,
     TRAIN_CONFIG_FILE,
+    experts_path,
     latest_checkpoint,
     load_expert_state,
     load_trained_config,
@@ -41,7 +42,8 @@ DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch
 ADAPTER_CONFIG = "adapter_config.json"
 INDEX_FILE = "model.safetensors.index.json"
 
-# Fields that must agree between the base model and the trained adapters.
+# Fields of the dense family that must agree between the base model and the trained adapters (and the
+# method's structural settings, added per method).
 _ARCH_FIELDS = (
     "base_model_type",
     "hidden_size",
@@ -50,9 +52,6 @@ _ARCH_FIELDS = (
     "num_attention_heads",
     "num_key_value_heads",
     "vocab_size",
-    "num_experts",
-    "topk",
-    "adapter_dim",
 )
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
@@ -62,7 +61,7 @@ def find_checkpoint(path: str | Path) -> tuple[Path, Path | None]:
     path = Path(path)
     if not path.is_dir():
         raise PescError(f"{path} is not a folder: give a training run folder or one of its checkpoint folders")
-    if (path / EXPERTS_FILE).is_file() or (path / ADAPTER_CONFIG).is_file():
+    if experts_path(path) is not None or (path / ADAPTER_CONFIG).is_file():
         checkpoint = path
         run_dir = path.parent if (path.parent / TRAIN_CONFIG_FILE).is_file() else None
     else:
@@ -73,9 +72,10 @@ def find_checkpoint(path: str | Path) -> tuple[Path, Path | None]:
                 "train first, or give a checkpoint folder"
             )
         run_dir = path
-    for name in (ADAPTER_CONFIG, EXPERTS_FILE):
-        if not (checkpoint / name).is_file():
-            raise PescError(f"{checkpoint} holds no {name}: it is not a complete PESC training checkpoint")
+    if not (checkpoint / ADAPTER_CONFIG).is_file():
+        raise PescError(f"{checkpoint} holds no {ADAPTER_CONFIG}: it is not a complete pesc training checkpoint")
+    if experts_path(checkpoint) is None:
+        raise PescError(f"{checkpoint} holds no {EXPERTS_FILE}: it is not a complete pesc training checkpoint")
     check_checkpoint_files(checkpoint)
     return checkpoint, run_dir
 
@@ -97,11 +97,13 @@ def adapter_base(checkpoint: Path, base: str | Path | None = None) -> str:
     return str(name)
 
 
-def _mismatch(base_config: PescConfig, trained: PescConfig, base: str, checkpoint: Path) -> PescError | None:
+def _mismatch(base_config, trained, base: str, checkpoint: Path) -> PescError | None:
+    method = method_of(trained)
+    structural = tuple(s.field for s in method.settings if s.structural and s.field is not None)
     diffs = [
         f"{field} is {getattr(base_config, field, None)} in the base but {getattr(trained, field, None)} "
         "in the adapters"
-        for field in _ARCH_FIELDS
+        for field in (*_ARCH_FIELDS, *structural)
         if getattr(base_config, field, None) != getattr(trained, field, None)
     ]
     if not diffs:
@@ -112,40 +114,30 @@ def _mismatch(base_config: PescConfig, trained: PescConfig, base: str, checkpoin
     )
 
 
-def resolve_base_config(base: str, trained: PescConfig, checkpoint: Path) -> PescConfig:
-    """The PESC config the base loads with (a dense base's plus the trained settings), checked against the adapters."""
-    from pesc.upcycling import pesc_config_from_dense
-
+def resolve_base_config(base: str, trained, checkpoint: Path):
+    """The method's config the base loads with (a dense base's plus the trained settings), checked against the adapters."""
     from pesc.checkpoint import read_config
+    from pesc.methods import method_for_model_type
 
     try:
         base_config = read_config(base)
     except PescError as error:
         raise PescError(f"cannot read the base model: {error}; pass --base with its local folder") from None
-    if isinstance(base_config, PescConfig):
+    if method_for_model_type(base_config.model_type) is not None:
         config = base_config
     else:
-        config = pesc_config_from_dense(
-            base_config,
-            num_experts=trained.num_experts,
-            top_k=trained.topk,
-            adapter_dim=trained.adapter_dim,
-            moe_scaling=trained.moe_scaling,
-            adapter_dropout=trained.adapter_dropout,
-            router_aux_loss_coef=trained.router_aux_loss_coef,
-        )
+        method = method_of(trained)
+        config = method.config_from_dense(base_config, method.config_settings(trained))
     error = _mismatch(config, trained, base, checkpoint)
     if error is not None:
         raise error
     return config
 
 
-def load_base_model(
-    base: str, trained: PescConfig, checkpoint: Path, dtype: torch.dtype, quantization_config=None
-) -> PescForCausalLM:
-    """The LoRA's base as a PESC model, built on meta and loaded once (as the trainer loads it).
+def load_base_model(base: str, trained, checkpoint: Path, dtype: torch.dtype, quantization_config=None):
+    """The LoRA's base as the method's model, built on meta and loaded once (as the trainer loads it).
 
-    A dense base loads into the PESC layout with the trained settings; its experts (absent
+    A dense base loads into the method's layout with the trained settings; its added modules (absent
     from the dense checkpoint) are placeholders until `load_experts` puts the trained ones in.
     """
     config = resolve_base_config(base, trained, checkpoint)
@@ -157,7 +149,7 @@ def load_base_model(
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # the load report lists the experts as MISSING: expected, they load next
     try:
-        model = PescForCausalLM.from_pretrained(base, config=config, **kwargs)
+        model = method_of(config).model_class.from_pretrained(base, config=config, **kwargs)
     except (RuntimeError, ValueError) as error:
         first = first_line(error)
         raise PescError(f"cannot load the base model {base} ({first})") from None
@@ -169,16 +161,16 @@ def load_base_model(
 def load_experts(
     model: torch.nn.Module, state: dict[str, torch.Tensor], base: str, checkpoint: Path, dtype: torch.dtype | None
 ) -> None:
-    """Put the trained routers and adapters in, strictly: the same names and shapes, else a PescError.
+    """Put the trained added modules in, strictly: the same names and shapes, else a PescError.
 
     `dtype` None keeps the stored dtype (the trained model as it ran); else tensors are cast.
     """
+    method = method_of(model.config)
     params = {
-        name.replace(".modules_to_save.default", ""): param
+        method.checkpoint_name(name): param
         for name, param in model.named_parameters()
-        if ".moe_adapter." in name and ".original_module" not in name and ".lora_" not in name
+        if method.is_added(name) and ".original_module" not in name
     }
-    params = {name.split("base_model.model.", 1)[-1]: param for name, param in params.items()}
     missing = sorted(set(params) - set(state))
     unexpected = sorted(set(state) - set(params))
     shapes = [
@@ -226,7 +218,7 @@ def load_trained_model(
     return peft_model.eval(), checkpoint, base
 
 
-def merge_lora(peft_model) -> PescForCausalLM:
+def merge_lora(peft_model):
     """Merge every LoRA layer into its base weight, the addition done in float32, then drop peft's wrappers."""
     from peft.tuners.lora import LoraLayer
 
@@ -355,7 +347,8 @@ def export(
     log(f"export: loading the base {base} unquantized ({dtype})")
     peft_model, _, _ = load_trained_model(checkpoint, base=base, dtype=torch_dtype, expert_dtype=torch_dtype)
     log("export: merging the LoRA into the dense weights (float32 addition)")
-    model = merge_lora(peft_model)
+    method = method_of(peft_model.get_base_model().config)
+    model = method.merge_for_export(peft_model)
     del peft_model
     load_experts(model, load_expert_state(checkpoint), base, checkpoint, torch_dtype)
     for param in model.parameters():
@@ -366,7 +359,7 @@ def export(
     config.dtype = torch_dtype
     config.moe_dtype = dtype
     config.use_cache = True
-    config.architectures = [PescForCausalLM.__name__]
+    config.architectures = [method.model_class.__name__]
     if hasattr(config, "quantization_config"):
         del config.quantization_config
 
@@ -403,8 +396,8 @@ def export(
             ".pesc-export",
             {"written_by": "pesc export", "pesc_version": __version__, "checkpoint": str(checkpoint), "dtype": dtype},
         )
-        missing = [name for name in ("configuration_pesc.py", "modeling_pesc.py") if not (tmp / name).is_file()]
+        missing = [name for name in method.modeling_files if not (tmp / name).is_file()]
         if missing:
-            raise PescError(f"the model code files were not written ({', '.join(missing)}); is pesc.modeling registered?")
+            raise PescError(f"the model code files were not written ({', '.join(missing)}); is the method registered?")
     log(f"export: done, {out}")
     return out

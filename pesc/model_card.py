@@ -13,10 +13,10 @@ import transformers
 import yaml
 from huggingface_hub import ModelCard, ModelCardData
 
-from pesc.modeling import PescConfig
-from pesc.summary import human_count, summarize
+from pesc.methods import method_of
+from pesc.summary import human_count
 
-BASE_TAGS = ["moe", "pesc", "mixture-of-experts", "sparse", "adapter-experts"]
+BASE_TAGS = ["moe", "mixture-of-experts", "sparse"]
 # The transformers releases the shipped model code is checked on, oldest first (tests/test_compat.py
 # loads converted and exported checkpoints under each): it runs on the first and every later one.
 # 5.3.0 skips tying the embeddings of remote-code models, which the model code makes up for.
@@ -112,7 +112,7 @@ def _format_metric(value) -> str:
 
 
 def build_model_card(
-    config: PescConfig,
+    config,
     *,
     title: str,
     base_model: str,
@@ -126,15 +126,18 @@ def build_model_card(
     description: str | None = None,
     extra_settings: dict | None = None,
     evaluation: str | None = None,
+    converted: bool = False,
 ) -> ModelCard:
-    """A model card for a PESC model folder: metadata block plus settings, parameter counts, training.
+    """A model card for a method's model folder: metadata block plus settings, parameter counts, training.
 
     `base_model` is shown in the text as given; `base_model_id` (a Hub id) goes in the metadata.
     `extra_settings` adds rows to the settings table. Without `lora`, `datasets`, `data_files` and
     `metrics` (a freshly converted, untrained model) the card has no Training section. `evaluation`
     (Markdown, from `pesc eval` results) becomes an Evaluation section.
     """
-    tags = list(dict.fromkeys([*BASE_TAGS, config.base_model_type, *extra_tags]))
+    method = method_of(config)
+    tags = list(dict.fromkeys([*BASE_TAGS[:1], *method.card_tags[:1], *BASE_TAGS[1:], *method.card_tags[1:],
+                               config.base_model_type, *extra_tags]))
     data = ModelCardData(
         base_model=base_model_id,
         base_model_relation=base_model_relation if base_model_id else None,
@@ -143,20 +146,16 @@ def build_model_card(
         tags=tags,
         datasets=list(datasets) or None,
     )
-    summary = summarize(config)
+    summary = method.parameter_summary(config)
+    code_files = ", ".join(f"`{name}`" for name in method.modeling_files)
     lines = [
         f"# {title}",
         "",
-        description
-        or (
-            f"A sparse Mixture-of-Experts model made with PESC (parameter-efficient sparsity crafting, "
-            f"arXiv 2401.02731) from the dense `{base_model}`: every layer keeps the dense FFN, shared by "
-            f"{config.num_experts} adapter experts of which a router picks {config.topk} per token."
-        ),
+        description or method.card_text(config, base_model),
         "",
         "## Use",
         "",
-        "The model code ships in this folder (`configuration_pesc.py`, `modeling_pesc.py`), so load it with",
+        f"The model code ships in this folder ({code_files}), so load it with",
         "`trust_remote_code=True`:",
         "",
         "```python",
@@ -177,11 +176,7 @@ def build_model_card(
         f"| base family | `{config.base_model_type}` |",
         f"| layers | {summary.num_layers} |",
         f"| hidden size | {summary.hidden_size} |",
-        f"| experts per layer | {config.num_experts} |",
-        f"| experts per token (top-k) | {config.topk} |",
-        f"| adapter dim | {config.adapter_dim} |",
-        f"| moe_scaling | {config.moe_scaling} |",
-        f"| router aux loss coef | {config.router_aux_loss_coef} |",
+        *(f"| {key} | {value} |" for key, value in method.card_rows(config, converted)),
         *(f"| {key} | {value} |" for key, value in (extra_settings or {}).items()),
         f"| total parameters | {summary.total_params:,} ({human_count(summary.total_params)}) |",
         f"| active parameters per token | {summary.active_params:,} ({human_count(summary.active_params)}) |",

@@ -1,6 +1,6 @@
-"""Recipe YAML files (configs/*.yaml): the `moe:` section that `pesc convert --config` reads.
+"""YAML files (configs/*.yaml): the `method:` key and `moe:` section that `pesc convert --config` reads.
 
-A recipe holds several top-level sections (the MoE settings under `moe:`, training
+One file holds several top-level sections (the method's settings under `moe:`, training
 settings under their own keys). Each command reads only its own section and ignores the
 others; inside its section an unknown key is an error that names it, so a typo never
 silently falls back to a default.
@@ -9,8 +9,6 @@ silently falls back to a default.
 from pathlib import Path
 
 from pesc.errors import PescError
-
-MOE_KEYS = ("num_experts", "top_k", "adapter_dim", "moe_scaling", "router_aux_loss_coef", "adapter_dropout", "seed")
 
 
 def load_recipe(path: str | Path) -> dict:
@@ -32,17 +30,25 @@ def load_recipe(path: str | Path) -> dict:
     return data
 
 
-def load_moe_settings(path: str | Path) -> dict:
-    """The `moe:` section of a recipe, checked for unknown keys; other sections are ignored."""
+def load_moe_settings(path: str | Path, method_name: str | None = None) -> dict:
+    """The `moe:` section, checked against the settings of `method_name` (a --method flag), else of the file's
+    `method:`, else of pesc; other sections are ignored."""
+    from pesc.methods import get_method
+
     data = load_recipe(path)
     if "moe" not in data:
         raise PescError(f"recipe {path} has no `moe:` section: put num_experts, top_k, adapter_dim, ... under `moe:`")
     moe = data["moe"] or {}
     if not isinstance(moe, dict):
         raise PescError(f"recipe {path}: `moe:` must be a mapping of settings, not a {type(moe).__name__}")
-    unknown = sorted(str(key) for key in moe if key not in MOE_KEYS)
+    file_method = data.get("method")
+    if file_method is not None and not isinstance(file_method, str):
+        raise PescError(f"recipe {path}: `method:` must be a method name such as pesc, not {file_method!r}")
+    method = get_method(method_name or file_method)
+    known = [s.name for s in method.all_settings()]
+    unknown = sorted(str(key) for key in moe if key not in known)
     if unknown:
         raise PescError(
-            f"recipe {path}: unknown key(s) in moe: {', '.join(unknown)} (known: {', '.join(MOE_KEYS)})"
+            f"recipe {path}: unknown key(s) in moe: {', '.join(unknown)} (known: {', '.join(known)})"
         )
     return dict(moe)

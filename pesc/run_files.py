@@ -2,62 +2,74 @@
 
 A training checkpoint folder (and a run's `final/` folder) holds:
 - peft's `adapter_config.json` + `adapter_model.safetensors` (the LoRA on the dense linears);
-- `pesc_experts.safetensors`: every router and expert adapter tensor, trained in full,
-  under its checkpoint name (`model.layers.N.mlp.moe_adapter....`, DESIGN.md §4);
-- `pesc_config.json`: the PescConfig of the model that was trained.
+- `experts.safetensors`: every tensor of the modules the method added (PESC: routers and expert
+  adapters), trained in full, under its checkpoint name (`model.layers.N.mlp.moe_adapter....`,
+  DESIGN.md §4). Runs made before the method interface call it `pesc_experts.safetensors`: still read;
+- `pesc_config.json`: the config (of the run's method) of the model that was trained.
 The run folder itself also holds `pesc_train_config.yaml`, the resolved training config.
 """
 
 import json
-import re
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from pesc.errors import PescError
-from pesc.modeling import PescConfig
+from pesc.methods import method_for_model_type, method_of
 
-EXPERTS_FILE = "pesc_experts.safetensors"
+EXPERTS_FILE = "experts.safetensors"
+LEGACY_EXPERTS_FILE = "pesc_experts.safetensors"  # written by runs before the method interface
 PESC_CONFIG_FILE = "pesc_config.json"
 TRAIN_CONFIG_FILE = "pesc_train_config.yaml"
 FINAL_DIR = "final"
 
-_MOE_KEY = re.compile(r"(model\.layers\.\d+\.mlp\.moe_adapter\..*)$")
+
+def experts_path(directory: str | Path) -> Path | None:
+    """The checkpoint's experts file (today's name, else the name older runs wrote), or None."""
+    for name in (EXPERTS_FILE, LEGACY_EXPERTS_FILE):
+        path = Path(directory) / name
+        if path.is_file():
+            return path
+    return None
 
 
-def expert_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Router and adapter tensors under their checkpoint names, whatever wraps the model (peft, DDP)."""
+def expert_state_dict(model: torch.nn.Module, method) -> dict[str, torch.Tensor]:
+    """The added tensors under their checkpoint names, whatever wraps the model (peft, DDP)."""
     state = {}
     for name, tensor in model.state_dict().items():
-        match = _MOE_KEY.search(name.replace(".modules_to_save.default", "").replace(".original_module", ""))
-        if match and ".lora_" not in name:
-            state[match.group(1)] = tensor.detach().to("cpu").contiguous()
+        if method.is_added(name):
+            state[method.checkpoint_name(name)] = tensor.detach().to("cpu").contiguous()
     if not state:
-        raise PescError("the model has no PESC routers or adapters to save")
+        raise PescError(f"the model has no {method.label} modules to save")
     return state
 
 
-def save_trained_state(model: torch.nn.Module, config: PescConfig, directory: str | Path) -> None:
-    """Write the experts file and the PESC config into a checkpoint folder."""
+def save_trained_state(model: torch.nn.Module, config, directory: str | Path) -> None:
+    """Write the experts file and the method's config into a checkpoint folder."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    save_file(expert_state_dict(model), directory / EXPERTS_FILE, metadata={"format": "pt"})
+    state = expert_state_dict(model, method_of(config))
+    save_file(state, directory / EXPERTS_FILE, metadata={"format": "pt"})
     (directory / PESC_CONFIG_FILE).write_text(config.to_json_string(use_diff=False))
 
 
 def load_expert_state(directory: str | Path) -> dict[str, torch.Tensor]:
-    path = Path(directory) / EXPERTS_FILE
-    if not path.is_file():
-        raise PescError(f"{directory} holds no {EXPERTS_FILE}: it is not a PESC training checkpoint")
+    path = experts_path(directory)
+    if path is None:
+        raise PescError(f"{directory} holds no {EXPERTS_FILE}: it is not a pesc training checkpoint")
     return load_file(path)
 
 
-def load_trained_config(directory: str | Path) -> PescConfig:
+def load_trained_config(directory: str | Path):
     path = Path(directory) / PESC_CONFIG_FILE
     if not path.is_file():
-        raise PescError(f"{directory} holds no {PESC_CONFIG_FILE}: it is not a PESC training checkpoint")
-    return PescConfig.from_dict(json.loads(path.read_text()))
+        raise PescError(f"{directory} holds no {PESC_CONFIG_FILE}: it is not a pesc training checkpoint")
+    raw = json.loads(path.read_text())
+    method = method_for_model_type(raw.get("model_type"))
+    if method is None:
+        raise PescError(f"{path} names model_type {raw.get('model_type')!r}, which no registered method makes")
+    return method.config_class.from_dict(raw)
 
 
 def numbered_checkpoints(run_dir: str | Path) -> list[Path]:
@@ -70,7 +82,7 @@ def numbered_checkpoints(run_dir: str | Path) -> list[Path]:
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
     """The run's final folder if training finished, else its highest-numbered checkpoint-N, else None."""
     run_dir = Path(run_dir)
-    if (run_dir / FINAL_DIR / EXPERTS_FILE).is_file():
+    if experts_path(run_dir / FINAL_DIR) is not None:
         return run_dir / FINAL_DIR
-    steps = [p for p in numbered_checkpoints(run_dir) if (p / EXPERTS_FILE).is_file()]
+    steps = [p for p in numbered_checkpoints(run_dir) if experts_path(p) is not None]
     return steps[-1] if steps else None

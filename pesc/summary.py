@@ -1,4 +1,4 @@
-"""Parameter summary of a PESC model, computed from its config alone on the meta device."""
+"""Parameter summaries computed from a config alone on the meta device: PESC's own, and any method's."""
 
 from dataclasses import asdict, dataclass
 
@@ -7,8 +7,24 @@ import torch
 from pesc.modeling import PescConfig, PescForCausalLM
 
 
+class _Counts:
+    """What every summary shows: total, active per token, trainable and dense-base parameter counts."""
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    def count_lines(self, trainable: str, what: str = "") -> list[str]:
+        """The count lines; `trainable` labels the trainable count, `what` says what it holds."""
+        return [
+            f"total params      {self.total_params:,} ({human_count(self.total_params)})",
+            f"active per token  {self.active_params:,} ({human_count(self.active_params)})",
+            f"{trainable:<18}{self.trainable_params:,} ({human_count(self.trainable_params)}{what})",
+            f"dense base        {self.dense_params:,} ({human_count(self.dense_params)})",
+        ]
+
+
 @dataclass(frozen=True)
-class ParameterSummary:
+class ParameterSummary(_Counts):
     base_model_type: str
     num_layers: int
     hidden_size: int
@@ -23,19 +39,13 @@ class ParameterSummary:
     active_params: int
     trainable_params: int
 
-    def as_dict(self) -> dict:
-        return asdict(self)
-
     def lines(self) -> list[str]:
         """Human-readable summary, one fact per line."""
         return [
             f"architecture      PESC over {self.base_model_type}: {self.num_layers} layers, hidden {self.hidden_size}",
             f"experts           {self.num_experts} per layer, top-{self.top_k}, adapter_dim {self.adapter_dim}, "
             f"moe_scaling {self.moe_scaling}",
-            f"total params      {self.total_params:,} ({human_count(self.total_params)})",
-            f"active per token  {self.active_params:,} ({human_count(self.active_params)})",
-            f"trainable (MoE)   {self.trainable_params:,} ({human_count(self.trainable_params)}: adapters + routers)",
-            f"dense base        {self.dense_params:,} ({human_count(self.dense_params)})",
+            *self.count_lines("trainable (MoE)", ": adapters + routers"),
         ]
 
 
@@ -70,4 +80,48 @@ def summarize(config: PescConfig) -> ParameterSummary:
         total_params=total,
         active_params=total - layers * (config.num_experts - config.topk) * per_expert,
         trainable_params=experts_total,
+    )
+
+
+@dataclass(frozen=True)
+class MethodSummary(_Counts):
+    """Any method's counts: its settings, and total / active per token / trainable (added) parameters."""
+
+    method: str
+    base_model_type: str
+    num_layers: int
+    hidden_size: int
+    settings: dict
+    dense_params: int
+    total_params: int
+    active_params: int
+    trainable_params: int
+
+    def lines(self) -> list[str]:
+        settings = ", ".join(f"{k} {v}" for k, v in self.settings.items())
+        return [
+            f"architecture      {self.method} over {self.base_model_type}: {self.num_layers} layers, "
+            f"hidden {self.hidden_size}",
+            f"settings          {settings}",
+            *self.count_lines("trainable (added)"),
+        ]
+
+
+def summarize_method(method, config) -> MethodSummary:
+    """Build the method's model on the meta device and count; the method says what a token leaves idle."""
+    with torch.device("meta"):
+        model = method.model_class(config)
+    total = sum(p.numel() for p in model.parameters())
+    added = {n: p.numel() for n, p in model.named_parameters() if method.is_added(n)}
+    layer_zero = {n.split("model.layers.0.", 1)[1]: c for n, c in added.items() if n.startswith("model.layers.0.")}
+    return MethodSummary(
+        method=method.name,
+        base_model_type=config.base_model_type,
+        num_layers=len(model.model.layers),
+        hidden_size=config.hidden_size,
+        settings=method.config_settings(config),
+        dense_params=total - sum(added.values()),
+        total_params=total,
+        active_params=total - len(model.model.layers) * method.inactive_params_per_token(config, layer_zero),
+        trainable_params=sum(added.values()),
     )

@@ -28,27 +28,13 @@ def pesc_config_from_dense(
     moe_dtype: str | None = None,
 ) -> PescConfig:
     """The PESC config for a dense config plus MoE settings (refuses an already-PESC config)."""
-    if dense_config.model_type == PescConfig.model_type or hasattr(dense_config, "num_experts") and hasattr(
-        dense_config, "adapter_dim"
-    ):
+    from pesc.methods import PESC
+
+    if hasattr(dense_config, "num_experts") and hasattr(dense_config, "adapter_dim"):
         raise ValueError("the model is already a PESC model: convert a dense checkpoint instead")
-    fields = dense_config.to_dict()
-    fields.pop("model_type", None)
-    fields.pop("architectures", None)
-    dtype = fields.get("dtype")
-    config = PescConfig(
-        base_model_type=dense_config.model_type,
-        num_experts=num_experts,
-        topk=top_k,
-        adapter_dim=adapter_dim,
-        moe_scaling=moe_scaling,
-        adapter_dropout=adapter_dropout,
-        router_aux_loss_coef=router_aux_loss_coef,
-        moe_dtype=moe_dtype or (str(dtype).removeprefix("torch.") if dtype is not None else None),
-        **fields,
-    )
-    config.architectures = [PescForCausalLM.__name__]
-    return config
+    settings = dict(num_experts=num_experts, top_k=top_k, adapter_dim=adapter_dim, moe_scaling=moe_scaling,
+                    adapter_dropout=adapter_dropout, router_aux_loss_coef=router_aux_loss_coef)
+    return PESC.config_from_dense(dense_config, settings, moe_dtype)
 
 
 def layer_generator(seed: int, layer_idx: int) -> torch.Generator:

@@ -144,7 +144,7 @@ def fake_run(tiny_llama_dir, tmp_path):
 
 
 def test_export_refuses_a_truncated_experts_file(fake_run, tmp_path, capsys):
-    experts = fake_run / "checkpoint-2" / "pesc_experts.safetensors"
+    experts = fake_run / "checkpoint-2" / "experts.safetensors"
     truncate(experts)
     error = one_line_error(capsys, "export", fake_run, tmp_path / "out")
     assert str(experts) in error and "truncated or corrupt" in error
@@ -255,7 +255,7 @@ def test_a_real_run_creates_output_dir_parents_quietly(tiny_llama_dir, data_file
     finally:
         transformers_logger.removeHandler(records)
         transformers_logger.setLevel(level)
-    assert final == output_dir / "final" and (final / "pesc_experts.safetensors").is_file()
+    assert final == output_dir / "final" and (final / "experts.safetensors").is_file()
     assert (output_dir / "checkpoint-1" / "trainer_state.json").is_file()
     noise = [m for m in records.messages if "to instantiate a model of type" in m or "MISSING" in m]
     assert noise == []

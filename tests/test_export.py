@@ -2,7 +2,7 @@
 
 The reference is built here from the run's files with plain torch, not with pesc's loaders (which
 export itself uses): the dense base's tensors, W + (lora_alpha / r) * B @ A for each LoRA target, and the
-routers and adapters of `pesc_experts.safetensors`.
+routers and adapters of `experts.safetensors`.
 
 Tolerances (float32, tiny llama, logits of order 0.6, std 0.15):
 - exported tensors vs the reference: bit-equal (the same float32 W + s * (B @ A) as peft's merge);
@@ -48,7 +48,7 @@ def expected_state(trained_run, tiny_llama_dir):
         if ".lora_A." in name:
             target = name.removeprefix("base_model.model.").replace(".lora_A.weight", ".weight")
             state[target] = state[target] + scaling * (lora[name.replace(".lora_A.", ".lora_B.")] @ lora_a)
-    experts = load_file(checkpoint / "pesc_experts.safetensors")
+    experts = load_file(checkpoint / "experts.safetensors")
     assert experts and not set(experts) & set(state)
     return {**state, **experts}
 
@@ -294,9 +294,9 @@ def test_error_experts_file_incomplete(trained_run, tmp_path, capsys):
 
     checkpoint = tmp_path / "checkpoint-2"
     shutil.copytree(trained_run / "checkpoint-2", checkpoint)
-    experts = load_file(checkpoint / "pesc_experts.safetensors")
+    experts = load_file(checkpoint / "experts.safetensors")
     experts.pop("model.layers.1.mlp.moe_adapter.router.weight")
-    save_file(experts, checkpoint / "pesc_experts.safetensors")
+    save_file(experts, checkpoint / "experts.safetensors")
     err = _fails(["export", str(checkpoint), str(tmp_path / "out")], capsys)
     assert "does not match the adapters" in err and "model.layers.1.mlp.moe_adapter.router.weight" in err
     assert not (tmp_path / "out").exists()

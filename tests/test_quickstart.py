@@ -67,7 +67,7 @@ def test_quickstart_runs_on_a_fresh_copy(tmp_path):
     assert pesc_config["model_type"] == "pesc" and pesc_config["num_experts"] == 8
     assert (work / "pesc" / "modeling_pesc.py").is_file()
     assert "max |logits" in _section(output, 3) and _section(output, 3).split("=")[-1].split()[0] == "0"
-    assert (work / "run" / "final" / "pesc_experts.safetensors").is_file()
+    assert (work / "run" / "final" / "experts.safetensors").is_file()
     assert (work / "run" / "final" / "adapter_model.safetensors").is_file()
     assert (work / "run" / "curves.png").is_file()
     export_config = json.loads((work / "export" / "config.json").read_text())

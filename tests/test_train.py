@@ -250,7 +250,7 @@ def _trained_state(run_dir: Path):
     from safetensors.torch import load_file
 
     final = run_dir / "final"
-    return {**load_file(final / "adapter_model.safetensors"), **load_file(final / "pesc_experts.safetensors")}
+    return {**load_file(final / "adapter_model.safetensors"), **load_file(final / "experts.safetensors")}
 
 
 class _Crash(Exception):
@@ -305,7 +305,7 @@ def test_train_resume_equals_uninterrupted(tmp_path, tiny_llama_dir, data_file, 
     run = full_dir / "run"
     assert final == run / "final"
     for folder in (run / "checkpoint-3", run / "checkpoint-6", final):
-        for name in ("adapter_model.safetensors", "adapter_config.json", "pesc_experts.safetensors", "pesc_config.json"):
+        for name in ("adapter_model.safetensors", "adapter_config.json", "experts.safetensors", "pesc_config.json"):
             assert (folder / name).is_file(), folder / name
     for name in ("optimizer.pt", "scheduler.pt", "rng_state.pth"):
         assert (run / "checkpoint-3" / name).is_file()
@@ -328,7 +328,7 @@ def test_train_resume_equals_uninterrupted(tmp_path, tiny_llama_dir, data_file, 
             if state.global_step == 3:
                 raise _Crash()
 
-    original_init = trainer_module.PescTrainer.__init__
+    original_init = trainer_module.MoETrainer.__init__
 
     def init_with_crash(self, *args, **kwargs):
         original_init(self, *args, **kwargs)
@@ -337,7 +337,7 @@ def test_train_resume_equals_uninterrupted(tmp_path, tiny_llama_dir, data_file, 
     part_dir = tmp_path / "part"
     part_dir.mkdir()
     config = str(make_config(part_dir, tiny_llama_dir, data_file))
-    monkeypatch.setattr(trainer_module.PescTrainer, "__init__", init_with_crash)
+    monkeypatch.setattr(trainer_module.MoETrainer, "__init__", init_with_crash)
     with pytest.raises(_Crash):
         train(config)
     monkeypatch.undo()
@@ -357,7 +357,7 @@ def test_train_resume_equals_uninterrupted(tmp_path, tiny_llama_dir, data_file, 
 
 
 def test_resume_restores_experts(tmp_path, tiny_llama_dir, data_file):
-    """The experts come back from pesc_experts.safetensors, not from the seeded init."""
+    """The experts come back from experts.safetensors, not from the seeded init."""
     from safetensors.torch import load_file
 
     from pesc.training.model import load_base_model, prepare_for_training
@@ -373,7 +373,7 @@ def test_resume_restores_experts(tmp_path, tiny_llama_dir, data_file):
                 param.add_(1.0)
     save_trained_state(model, model.get_base_model().config, tmp_path / "ckpt")
     fresh = prepare_for_training(load_base_model(config), config)
-    assert load_experts_into(fresh, tmp_path / "ckpt") == len(load_file(tmp_path / "ckpt" / "pesc_experts.safetensors"))
+    assert load_experts_into(fresh, tmp_path / "ckpt") == len(load_file(tmp_path / "ckpt" / "experts.safetensors"))
     ours = dict(model.named_parameters())
     for name, param in fresh.named_parameters():
         if ".moe_adapter." in name:
@@ -400,7 +400,7 @@ def test_gradient_accumulation_gives_coef_times_mean_aux_over_micro_batches(tmp_
     import pesc
     from pesc.testing import build_tiny_dense
     from pesc.testing.training_probe import TrainingProbe
-    from pesc.training.trainer import PescTrainer
+    from pesc.training.trainer import MoETrainer
 
     coef = 0.01
     model = pesc.upcycle(build_tiny_dense("llama"), num_experts=4, top_k=2, adapter_dim=8, adapter_dropout=0.0,
@@ -419,7 +419,7 @@ def test_gradient_accumulation_gives_coef_times_mean_aux_over_micro_batches(tmp_
         learning_rate=0.0, max_grad_norm=0.0, train_sampling_strategy="sequential", use_cpu=True, report_to="none",
         save_strategy="no", logging_strategy="no", disable_tqdm=True, remove_unused_columns=False,
     )
-    trainer = PescTrainer(model=model, args=args, train_dataset=rows, data_collator=default_data_collator)
+    trainer = MoETrainer(model=model, args=args, train_dataset=rows, data_collator=default_data_collator)
     TrainingProbe(trainer, tmp_path / "probe.pt")
     trainer.train()
     trained = torch.load(tmp_path / "probe.pt")["gradients"][0]

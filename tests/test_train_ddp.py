@@ -109,5 +109,5 @@ def test_ddp_two_processes_gloo_equals_one_process_on_the_same_global_batch(tmp_
     # it trained: adapter_up moved from its zero init
     assert any("adapter_up" in n and t.abs().sum() > 0 for n, t in ranks[0]["params"].items())
     run = tmp_path / "ddp" / "run"
-    assert (run / "final" / "pesc_experts.safetensors").is_file()
+    assert (run / "final" / "experts.safetensors").is_file()
     assert (run / f"checkpoint-{STEPS}" / "adapter_model.safetensors").is_file()

@@ -1,5 +1,8 @@
 """The data pipeline: dataset entries -> messages -> (input_ids, labels), mixed, shuffled, split.
 
+A method's per-sample fields (LoRAMoE's `task_type`: pesc.methods.SampleField) ride along as integer
+columns: a row's own column of that name, else the value its `datasets:` entry sets.
+
 All user mistakes (a bad entry, a missing file, a malformed row, a template that cannot be masked) raise
 PescError here, before any model is loaded or any training step runs.
 """
@@ -26,14 +29,20 @@ _LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet")
 _MESSAGES = Features({"messages": List({"role": Value("string"), "content": Value("string")})})
 
 
-def check_dataset_entry(index: int, entry) -> dict:
-    """One `datasets:` entry's keys and types (no I/O); returns it. Raises PescError naming `datasets[index]`."""
+def check_dataset_entry(index: int, entry, sample_fields=()) -> dict:
+    """One `datasets:` entry's keys and types (no I/O); returns it. Raises PescError naming `datasets[index]`.
+
+    Besides DATASET_KEYS, an entry may set the value of each of the method's `sample_fields` for all its rows."""
     where = f"datasets[{index}]"
     if not isinstance(entry, dict):
         raise PescError(f"{where} must be a mapping with at least 'path' and 'type', got {type(entry).__name__}")
-    unknown = sorted(map(str, set(entry) - set(DATASET_KEYS)))
+    known = (*DATASET_KEYS, *(field.name for field in sample_fields))
+    unknown = sorted(map(str, set(entry) - set(known)))
     if unknown:
-        raise PescError(f"{where}: unknown key(s) {', '.join(unknown)} (valid keys: {', '.join(DATASET_KEYS)})")
+        raise PescError(f"{where}: unknown key(s) {', '.join(unknown)} (valid keys: {', '.join(known)})")
+    for field in sample_fields:
+        if entry.get(field.name) is not None:
+            field.encode(entry[field.name], f"{where}.{field.name}")
     for key in ("path", "type"):
         if key not in entry:
             raise PescError(f"{where}: missing key '{key}'")
@@ -96,10 +105,31 @@ def _convert(where: str, number: int, row, convert) -> list[dict]:
         raise PescError(f"{where}: row {number}: {exc}") from None
 
 
-def _load_messages(entry: dict) -> tuple[Dataset, str]:
-    """One dataset entry as a Dataset with a single `messages` column (validated, converted)."""
+def _sample_values(entry: dict, sample_fields, path: str, number: int, row) -> dict[str, int]:
+    """The row's per-sample fields as integers: its own column, else its entry's value (-1: none, if optional)."""
+    values = {}
+    for field in sample_fields:
+        value = row.get(field.name) if isinstance(row, dict) else None
+        if value is None:
+            value = entry.get(field.name)
+        if value is None:
+            if field.required:
+                raise PescError(
+                    f"{path}: row {number}: missing {field.name} (set {field.name}: in its datasets entry, or give "
+                    f"each row a {field.name} column)"
+                )
+            values[field.name] = -1
+        else:
+            values[field.name] = field.encode(value, f"{path}: row {number}")
+    return values
+
+
+def _load_messages(entry: dict, sample_fields=()) -> tuple[Dataset, str]:
+    """One dataset entry as a Dataset with a `messages` column (validated, converted) and one integer column
+    per sample field."""
     path = entry["path"]
     convert = make_converter(entry["type"], _columns(entry))
+    features = Features({**_MESSAGES, **{field.name: Value("int64") for field in sample_fields}})
     hub_kwargs = {k: entry[k] for k in ("name", "data_files") if entry.get(k) is not None}
     if _is_local(path):
         file = Path(path).expanduser()
@@ -109,10 +139,13 @@ def _load_messages(entry: dict) -> tuple[Dataset, str]:
             if entry.get("split") not in (None, "train") or hub_kwargs:
                 raise PescError(f"{path}: split/name/data_files apply to Hub datasets and folders, not to one file")
             if file.suffix in (".jsonl", ".json"):
-                messages = [_convert(path, n, row, convert) for n, row in _json_rows(file)]
-                if not messages:
+                rows = [
+                    {"messages": _convert(path, n, row, convert), **_sample_values(entry, sample_fields, path, n, row)}
+                    for n, row in _json_rows(file)
+                ]
+                if not rows:
                     raise PescError(f"{path}: the file has no rows")
-                return Dataset.from_dict({"messages": messages}, features=_MESSAGES), path
+                return Dataset.from_list(rows, features=features), path
             if file.suffix != ".parquet":
                 raise PescError(f"{path}: unsupported file type {file.suffix!r} (use .jsonl, .json or .parquet)")
             loader_args, kwargs = ("parquet",), {"data_files": str(file)}
@@ -131,11 +164,16 @@ def _load_messages(entry: dict) -> tuple[Dataset, str]:
 
     def convert_batch(batch, indices):
         columns = list(batch)
-        rows = (dict(zip(columns, values)) for values in zip(*(batch[c] for c in columns)))
-        return {"messages": [_convert(path, i + 1, row, convert) for i, row in zip(indices, rows)]}
+        rows = [dict(zip(columns, values)) for values in zip(*(batch[c] for c in columns))]
+        out = {"messages": [_convert(path, i + 1, row, convert) for i, row in zip(indices, rows)]}
+        for field in sample_fields:
+            out[field.name] = [
+                _sample_values(entry, (field,), path, i + 1, row)[field.name] for i, row in zip(indices, rows)
+            ]
+        return out
 
     ds = raw.map(
-        convert_batch, batched=True, with_indices=True, remove_columns=raw.column_names, features=_MESSAGES,
+        convert_batch, batched=True, with_indices=True, remove_columns=raw.column_names, features=features,
         desc=f"Converting {path}",
     )
     if len(ds) == 0:
@@ -212,8 +250,10 @@ def load_training_data(
     seed: int = 0,
     num_proc: int | None = None,
     max_dropped_fraction: float = 0.1,
+    sample_fields=(),
 ) -> tuple[Dataset, Dataset | None]:
-    """Load, convert, tokenize, mask; returns (train, eval) with columns input_ids, labels (lists of int).
+    """Load, convert, tokenize, mask; returns (train, eval) with columns input_ids, labels (lists of int) and
+    one integer column per sample field of the method (pesc.methods.SampleField).
 
     Each entry of `datasets`: path (local .jsonl/.json/.parquet file or folder, or a Hub dataset id), type
     (messages, sharegpt, alpaca, camelidae), optional split (Hub/folder, default train), name, data_files,
@@ -228,13 +268,13 @@ def load_training_data(
         raise PescError("datasets must be a non-empty list of {path, type, ...} entries")
     if isinstance(sequence_len, bool) or not isinstance(sequence_len, int) or sequence_len < 2:
         raise PescError(f"sequence_len must be an integer >= 2, got {sequence_len!r}")
-    entries = [check_dataset_entry(i, entry) for i, entry in enumerate(datasets)]
+    entries = [check_dataset_entry(i, entry, sample_fields) for i, entry in enumerate(datasets)]
     template = resolve_chat_template(tokenizer, chat_template)
     tokenize = ConversationTokenizer(tokenizer, template)
 
     parts, counts = [], []
     for entry in entries:
-        messages, name = _load_messages(entry)
+        messages, name = _load_messages(entry, sample_fields)
         parts.append(_tokenize(messages, name, tokenize, sequence_len, num_proc))
         counts.append((name, len(messages), len(parts[-1])))
         logger.info("%s: %d rows (%s format)", name, len(parts[-1]), entry["type"])

@@ -1,4 +1,5 @@
-"""The PESC model definition. The two files beside this one ship inside every checkpoint.
+"""The shipped model code: moe_core.py (shared by every method) and each method's configuration_<m>.py /
+modeling_<m>.py. These files ship inside every checkpoint of their method.
 
 Importing this package registers the classes with the transformers Auto* factories, so
 `AutoModelForCausalLM.from_pretrained` works on a PESC checkpoint without remote code
@@ -15,9 +16,8 @@ from .modeling_pesc import (
     PescMoEAdapter,
     PescRouter,
     init_expert_weights,
-    load_balancing_loss,
-    record_router_logits,
 )
+from .moe_core import RoutingRecord, attach_sibling, emit_routing_record, load_balancing_loss, record_routing
 
 AutoConfig.register(PescConfig.model_type, PescConfig, exist_ok=True)
 AutoModelForCausalLM.register(PescConfig, PescForCausalLM, exist_ok=True)
@@ -33,5 +33,8 @@ __all__ = [
     "PescRouter",
     "init_expert_weights",
     "load_balancing_loss",
-    "record_router_logits",
+    "RoutingRecord",
+    "attach_sibling",
+    "emit_routing_record",
+    "record_routing",
 ]

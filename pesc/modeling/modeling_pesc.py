@@ -1,12 +1,11 @@
 """The PESC sparse model: a dense decoder whose gated FFN is shared by top-k routed adapter experts.
 
-Shipped inside every exported checkpoint, so it imports only torch, transformers and
-its sibling configuration file, and runs on transformers 4.46.3 and later: where the API
-differs between releases it asks what the installed release has (a signature, a field
-name), never which version it is. The pieces are separate so that other recipes can
-reuse them: `PescRouter` (which experts, with what weights), `PescAdapter` (one
-expert), `PescMoEAdapter` (dispatch of tokens to experts), `load_balancing_loss`
-(the auxiliary loss), and `PescMLP` (the dense FFN plus the MoE adapter).
+Shipped inside every exported checkpoint, so it imports only torch, transformers and its
+sibling files (configuration_pesc.py, and moe_core.py: the dense-family wrapper, routing
+records, the balance loss and the routed dispatch every method shares). The pieces:
+`PescRouter` (which experts, with what weights), `PescAdapter` (one expert),
+`PescMoEAdapter` (dispatch of tokens to experts), `PescMLP` (the dense FFN plus the MoE
+adapter) and `PescForCausalLM` (the method's hooks into moe_core.MoEForCausalLM).
 
 Layer output (arXiv 2401.02731, Eq. 7-10):
     F(x) = down(act(gate(x)) * up(x))                    computed once per token
@@ -15,65 +14,19 @@ with the k weights a float32 softmax over the top-k router logits. `up_i` starts
 zero, so a freshly upcycled model computes exactly the dense model.
 """
 
-import dataclasses
-import inspect
 import math
-import warnings
-from contextlib import contextmanager
-from contextvars import ContextVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import CONFIG_MAPPING, MODEL_FOR_CAUSAL_LM_MAPPING, MODEL_MAPPING, GenerationMixin, PreTrainedModel
-from transformers.modeling_outputs import MoeCausalLMOutputWithPast
 
 from .configuration_pesc import PescConfig
-
-# ---------------------------------------------------------------------------------------
-# Router logits are gathered through a context variable rather than returned by each
-# layer, so the dense family's decoder layers run unchanged. Only the forward pass of
-# PescForCausalLM opens a sink; a gradient-checkpointing recompute (outside it) records
-# nothing twice.
-# ---------------------------------------------------------------------------------------
-class _CompileSafeContextVar:
-    """A ContextVar (thread- and context-safe) whose value a compiled graph reads from a plain attribute.
-
-    Dynamo cannot trace `ContextVar.get` (transformers' own output capture makes the same
-    switch), so every `set` also stores the value where a graph can read it; that copy
-    alone is shared by threads.
-    """
-
-    def __init__(self, name: str):
-        self._context_var: ContextVar = ContextVar(name, default=None)
-        self._for_graphs = None
-
-    def get(self):
-        return self._for_graphs if torch.compiler.is_compiling() else self._context_var.get()
-
-    def set(self, value) -> tuple:
-        previous, self._for_graphs = self._for_graphs, value
-        return previous, None if torch.compiler.is_compiling() else self._context_var.set(value)
-
-    def reset(self, handle: tuple) -> None:
-        self._for_graphs, token = handle
-        if token is not None:
-            self._context_var.reset(token)
-
-
-_ROUTER_LOGITS_SINK = _CompileSafeContextVar("pesc_router_logits")
-
-
-@contextmanager
-def record_router_logits():
-    """Collect, in layer order, the router logits of every PESC layer run inside the block."""
-    sink: list = []
-    token = _ROUTER_LOGITS_SINK.set(sink)
-    try:
-        yield sink
-    finally:
-        _ROUTER_LOGITS_SINK.reset(token)
-
+from .moe_core import (
+    MoEForCausalLM,
+    emit_routing_record,
+    load_balancing_loss,
+    routed_dispatch,
+)
 
 class PescRouter(nn.Module):
     """Linear router on the FFN input; picks the top-k experts with float32 softmax weights."""
@@ -146,40 +99,6 @@ def _projection_weights(expert: PescAdapter) -> tuple[torch.Tensor, torch.Tensor
     return parts["adapter_down"]._parameters["weight"], parts["adapter_up"]._parameters["weight"]
 
 
-class _GatherRows(torch.autograd.Function):
-    """rows[p] = x[source[p]]: each token's row repeated k times, in expert-sorted order.
-
-    The backward is the adjoint `_CombineRows` (a gather plus a sum over k), so neither
-    direction scatters: no zero-filled buffers, no atomics, deterministic on every device.
-    """
-
-    @staticmethod
-    def forward(ctx, x, source, inverse, top_k):
-        ctx.save_for_backward(source, inverse)
-        ctx.top_k = top_k
-        return x.index_select(0, source)
-
-    @staticmethod
-    def backward(ctx, grad):
-        source, inverse = ctx.saved_tensors
-        return _CombineRows.apply(grad, source, inverse, ctx.top_k), None, None, None
-
-
-class _CombineRows(torch.autograd.Function):
-    """out[t] = sum_j rows[inverse[t * k + j]]: expert-sorted rows summed back per token."""
-
-    @staticmethod
-    def forward(ctx, rows, source, inverse, top_k):
-        ctx.save_for_backward(source, inverse)
-        ctx.top_k = top_k
-        return rows.index_select(0, inverse).view(-1, top_k, rows.shape[-1]).sum(1)
-
-    @staticmethod
-    def backward(ctx, grad):
-        source, inverse = ctx.saved_tensors
-        return _GatherRows.apply(grad, source, inverse, ctx.top_k), None, None, None
-
-
 # Without autograd, small inputs are decode steps of generation (measured by pesc's
 # generation benchmark on a CPU host and an H100): on the CPU, while a step's k-of-E picks can
 # cover at most half the experts, "selected" (the host sync is free there, and the idle
@@ -216,8 +135,9 @@ class PescMoEAdapter(nn.Module):
 
     _dispatch = "auto"
 
-    def __init__(self, config: PescConfig):
+    def __init__(self, config: PescConfig, layer_idx: int = 0):
         super().__init__()
+        self.layer_idx = layer_idx  # names its routing records
         self.num_experts = config.num_experts
         self.top_k = config.topk
         self.router = PescRouter(config.hidden_size, config.num_experts, config.topk)
@@ -236,10 +156,8 @@ class PescMoEAdapter(nn.Module):
         shape = ffn_output.shape
         ffn_rows = ffn_output.reshape(-1, shape[-1])
         router_logits = self.router(router_input.reshape(-1, router_input.shape[-1]))
-        sink = _ROUTER_LOGITS_SINK.get()
-        if sink is not None:
-            sink.append(router_logits)
         routing_weights, selected = self.router.route(router_logits)
+        emit_routing_record("mlp", self.layer_idx, router_logits, selected)
         if torch.is_grad_enabled():
             self._stack_cache = None  # generation's cached stacks must not outlive it into training
         dispatches = {
@@ -290,22 +208,8 @@ class PescMoEAdapter(nn.Module):
 
     def _routed_forward(self, ffn_rows, routing_weights, selected):
         """ffn_rows plus each token's experts, computed in expert-sorted order."""
-        flat_experts = selected.reshape(-1)
-        order = torch.argsort(flat_experts, stable=True)
-        inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
-        source = order // self.top_k
-        counts = torch.bincount(flat_experts, minlength=self.num_experts).tolist()
-        weights = routing_weights.reshape(-1)[order].unsqueeze(-1)
-        rows = _GatherRows.apply(ffn_rows, source, inverse, self.top_k)
-        outputs = []
-        # Without autograd an expert with no token has nothing to do; with it, it must still run
-        # (on zero rows) so its parameters join the graph.
-        skip_idle = not torch.is_grad_enabled()
-        for expert, expert_rows, expert_weights in zip(self.experts.values(), rows.split(counts), weights.split(counts)):
-            if skip_idle and expert_rows.shape[0] == 0:
-                continue
-            outputs.append(self._weighted_expert_output(expert, expert_rows, expert_weights))
-        mixed = _CombineRows.apply(torch.cat(outputs), source, inverse, self.top_k)
+        experts = list(self.experts.values())
+        mixed = routed_dispatch(ffn_rows, routing_weights, selected, experts, self._weighted_expert_output)
         return ffn_rows + mixed.to(ffn_rows.dtype)
 
     def _selected_experts_forward(self, ffn_rows, routing_weights, selected):
@@ -390,72 +294,19 @@ class PescMoEAdapter(nn.Module):
 class PescMLP(nn.Module):
     """The dense gated FFN (same parameter names as the dense model) plus its PESC MoE adapter."""
 
-    def __init__(self, dense_mlp: nn.Module, config: PescConfig):
+    def __init__(self, dense_mlp: nn.Module, config: PescConfig, layer_idx: int = 0):
         super().__init__()
         self.gate_proj = dense_mlp.gate_proj
         self.up_proj = dense_mlp.up_proj
         self.down_proj = dense_mlp.down_proj
         self.act_fn = dense_mlp.act_fn
-        self.moe_adapter = PescMoEAdapter(config)
+        self.moe_adapter = PescMoEAdapter(config, layer_idx)
 
     def dense_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.act_fn(self.gate_proj(hidden_states)) * self.up_proj(hidden_states))
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return self.moe_adapter(hidden_states, self.dense_forward(hidden_states))
-
-
-def load_balancing_loss(
-    router_logits: tuple[torch.Tensor, ...] | list[torch.Tensor],
-    num_experts: int,
-    top_k: int,
-    attention_mask: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Switch-style balance loss E * sum_i f_i * P_i, per layer, averaged over layers.
-
-    f_i: share of the top-k assignments that went to expert i (sums to 1); P_i: mean
-    full-softmax probability of expert i. Both are taken over non-padding tokens only.
-    Perfect balance gives 1.0; the caller multiplies by `router_aux_loss_coef`.
-    """
-    if not router_logits:
-        raise ValueError("load_balancing_loss needs the router logits of at least one layer")
-    device = router_logits[0].device
-    token_weight = None
-    if attention_mask is not None and attention_mask.dim() == 2:
-        rows = router_logits[0].shape[0]
-        batch = attention_mask.shape[0]
-        mask = attention_mask[:, -(rows // batch) :] if rows % batch == 0 else None
-        if mask is not None and mask.numel() == rows:
-            token_weight = mask.reshape(-1, 1).to(device=device, dtype=torch.float32)
-    layer_losses = []
-    for logits in router_logits:
-        logits = logits.to(device).float()
-        probs = torch.softmax(logits, dim=-1)
-        chosen = torch.zeros_like(probs).scatter_(1, torch.topk(logits, top_k, dim=-1).indices, 1.0)
-        if token_weight is None:
-            tokens = probs.new_tensor(float(probs.shape[0]))
-            chosen_sum, prob_sum = chosen.sum(0), probs.sum(0)
-        else:
-            tokens = token_weight.sum().clamp_min(1.0)
-            chosen_sum, prob_sum = (chosen * token_weight).sum(0), (probs * token_weight).sum(0)
-        fraction_routed = chosen_sum / (tokens * top_k)
-        mean_probability = prob_sum / tokens
-        layer_losses.append(num_experts * torch.sum(fraction_routed * mean_probability))
-    return torch.stack(layer_losses).mean()
-
-
-def dense_family_classes(base_model_type: str) -> tuple[type, type]:
-    """The dense family's backbone class and causal-LM class (as the Auto* factories pick them), or a clear error."""
-    family_config_class = CONFIG_MAPPING[base_model_type]
-    if family_config_class not in MODEL_MAPPING or family_config_class not in MODEL_FOR_CAUSAL_LM_MAPPING:
-        raise ValueError(
-            f"PESC cannot wrap model family {base_model_type!r}: transformers has no decoder-only causal LM for it"
-        )
-    return MODEL_MAPPING[family_config_class], MODEL_FOR_CAUSAL_LM_MAPPING[family_config_class]
-
-
-# The output field that carries the cache: `cache` since transformers 5.24, `past_key_values` before.
-_CACHE_FIELD = "cache" if "cache" in {f.name for f in dataclasses.fields(MoeCausalLMOutputWithPast)} else "past_key_values"
 
 
 def check_gated_mlp(mlp: nn.Module, base_model_type: str) -> None:
@@ -491,32 +342,6 @@ def check_dense_equivalence(dense_mlp: nn.Module, pesc_mlp: PescMLP, base_model_
         )
 
 
-class PescPreTrainedModel(PreTrainedModel):
-    config_class = PescConfig
-    base_model_prefix = "model"
-    supports_gradient_checkpointing = True
-    _supports_sdpa = True
-    _supports_flash_attn = True
-    _supports_flex_attn = True
-    _supports_attention_backend = True
-    # What transformers 4.x asks instead (read there, unknown to 5.x): caches are Cache objects,
-    # static and quantized caches work, and FlashAttention 2 is named so.
-    _supports_cache_class = True
-    _supports_static_cache = True
-    _supports_quantized_cache = True
-    _supports_flash_attn_2 = True
-    _can_compile_fullgraph = True  # a decode step (static cache) compiles to one graph
-    _no_split_modules = ["PescMLP"]
-
-    @torch.no_grad()
-    def _init_weights(self, module):
-        """PESC pieces get nn.Linear's default init with a zero adapter_up; everything else the family's init."""
-        if isinstance(module, (PescRouter, AdapterDownProjection, AdapterUpProjection)):
-            init_expert_weights(module)
-        elif not isinstance(module, (PescMoEAdapter, PescAdapter)):
-            self._family_init_weights(module)
-
-
 def init_expert_weights(module: nn.Module, generator: torch.Generator | None = None) -> None:
     """Initialise a router, an adapter or one of its projections as PESC does (arXiv 2401.02731).
 
@@ -533,140 +358,43 @@ def init_expert_weights(module: nn.Module, generator: torch.Generator | None = N
         nn.init.zeros_(module.weight)
 
 
-class PescForCausalLM(PescPreTrainedModel, GenerationMixin):
-    """Causal LM of a dense family with every gated FFN replaced by a PESC MoE FFN.
+class PescForCausalLM(MoEForCausalLM):
+    """Causal LM of a dense family with every gated FFN replaced by a PESC MoE FFN (the family's
+    attention, rope and caches run unchanged; moe_core.MoEForCausalLM)."""
 
-    The dense family's own backbone and causal-LM forward run unchanged (attention,
-    rope, caches, logit soft-capping...), so the wrapped model is that family exactly,
-    plus the experts.
-    """
+    config_class = PescConfig
+    method_label = "PESC"
+    _no_split_modules = ["PescMLP"]
 
-    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+    def add_method_modules(self, layer: nn.Module, layer_idx: int, config: PescConfig) -> None:
+        dense_mlp = getattr(layer, "mlp", None)
+        if dense_mlp is None:
+            raise ValueError(f"PESC cannot wrap model family {config.base_model_type!r}: its decoder layers have no `mlp`")
+        check_gated_mlp(dense_mlp, config.base_model_type)
+        layer.mlp = PescMLP(dense_mlp, config, layer_idx)
+        if layer_idx == config.num_hidden_layers - 1:
+            check_dense_equivalence(dense_mlp, layer.mlp, config.base_model_type)
 
-    def __init__(self, config: PescConfig):
-        super().__init__(config)
-        backbone_class, causal_lm_class = dense_family_classes(config.base_model_type)
-        self._dense_forward = causal_lm_class.forward
-        # names only: a signature's mappingproxy would make the model impossible to deepcopy or pickle
-        self._dense_forward_params = frozenset(inspect.signature(causal_lm_class.forward).parameters)
-        self.model = backbone_class(config)
-        self.vocab_size = config.vocab_size
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        layers = getattr(self.model, "layers", None)
-        if layers is None:
-            raise ValueError(
-                f"PESC cannot wrap model family {config.base_model_type!r}: its backbone has no `layers` list"
-            )
-        for layer in layers:
-            dense_mlp = getattr(layer, "mlp", None)
-            if dense_mlp is None:
-                raise ValueError(
-                    f"PESC cannot wrap model family {config.base_model_type!r}: its decoder layers have no `mlp`"
-                )
-            check_gated_mlp(dense_mlp, config.base_model_type)
-            layer.mlp = PescMLP(dense_mlp, config)
-        check_dense_equivalence(dense_mlp, layers[-1].mlp, config.base_model_type)
-        # The backbone is a PreTrainedModel of its own, so transformers initialises its
-        # children (our experts included) with the backbone's `_init_weights`: route it to
-        # ours, which hands the family's modules to the family's own init, bound to the
-        # backbone (an instance of the family's class, as that init may require).
-        self._family_init_weights = self.model._init_weights
-        self.model._init_weights = self._init_weights
-        self.post_init()
+    def init_method_module(self, module: nn.Module) -> bool:
+        """PESC pieces get nn.Linear's default init with a zero adapter_up (their containers nothing)."""
+        if isinstance(module, (PescRouter, AdapterDownProjection, AdapterUpProjection)):
+            init_expert_weights(module)
+        return isinstance(module, (PescRouter, AdapterDownProjection, AdapterUpProjection, PescMoEAdapter, PescAdapter))
 
-    def get_input_embeddings(self):
-        return self.model.get_input_embeddings()
+    def aux_loss_coefficients(self) -> dict[str, float]:
+        return {"aux_loss": self.config.router_aux_loss_coef}
 
-    def set_input_embeddings(self, value):
-        self.model.set_input_embeddings(value)
-
-    def get_output_embeddings(self):
-        return self.lm_head
-
-    def tie_weights(self, *args, **kwargs):
-        """The usual tying, and where loading left a tied `lm_head` unset (still on the meta device:
-        transformers 5.3 skips the tie for remote code), the input embedding that `tie_word_embeddings` asks for."""
-        result = super().tie_weights(*args, **kwargs)
-        embedding = self.get_input_embeddings().weight
-        if getattr(self.config, "tie_word_embeddings", False) and self.lm_head.weight.is_meta and not embedding.is_meta:
-            self.lm_head.weight = embedding
-        return result
-
-    def set_output_embeddings(self, new_embeddings):
-        self.lm_head = new_embeddings
-
-    def forward(
-        self,
-        input_ids: torch.LongTensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        position_ids: torch.LongTensor | None = None,
-        inputs_embeds: torch.FloatTensor | None = None,
-        labels: torch.LongTensor | None = None,
-        use_cache: bool | None = None,
-        output_router_logits: bool | None = None,
-        logits_to_keep: int | torch.Tensor = 0,
-        return_dict: bool | None = None,
-        **kwargs,
-    ) -> MoeCausalLMOutputWithPast | tuple:
-        if output_router_logits is None:
-            output_router_logits = self.config.output_router_logits
-        if return_dict is None:
-            return_dict = self.config.return_dict
-        # What the family's forward takes: transformers 4.x names `num_logits_to_keep` and `return_dict`.
-        params = self._dense_forward_params
-        dense_kwargs = {"logits_to_keep" if "logits_to_keep" in params else "num_logits_to_keep": logits_to_keep}
-        if "return_dict" in params:
-            dense_kwargs["return_dict"] = True
-        with record_router_logits() as router_logits:
-            outputs = self._dense_forward(
-                self,
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                position_ids=position_ids,
-                inputs_embeds=inputs_embeds,
-                labels=labels,
-                use_cache=use_cache,
-                **dense_kwargs,
-                **kwargs,
-            )
-        router_logits = tuple(router_logits)
-        loss, aux_loss = outputs.loss, None
-        if output_router_logits or (labels is not None and self.config.router_aux_loss_coef > 0):
-            aux_loss = load_balancing_loss(router_logits, self.config.num_experts, self.config.topk, attention_mask)
-            if self.training:
-                self._warn_if_router_gradient_lost(router_logits)
-            if loss is not None:
-                loss = loss + self.config.router_aux_loss_coef * aux_loss.to(loss.device)
-        output = MoeCausalLMOutputWithPast(
-            loss=loss,
-            aux_loss=aux_loss,
-            logits=outputs.logits,
-            hidden_states=outputs.hidden_states,
-            attentions=outputs.attentions,
-            router_logits=router_logits if output_router_logits else None,
-            **{_CACHE_FIELD: getattr(outputs, _CACHE_FIELD, None)},
-        )
-        return output if return_dict else output.to_tuple()
-
-    def _warn_if_router_gradient_lost(self, router_logits: tuple[torch.Tensor, ...]) -> None:
-        """Reentrant gradient checkpointing runs layers under no_grad: the balance loss would silently stop training."""
-        routers_train = any(p.requires_grad for n, p in self.named_parameters() if ".router." in n)
-        if routers_train and torch.is_grad_enabled() and not any(t.requires_grad for t in router_logits):
-            warnings.warn(
-                "PESC router logits carry no gradient, so the load-balancing loss cannot train the routers; "
-                "use gradient checkpointing with use_reentrant=False",
-                stacklevel=3,
-            )
+    def compute_aux_losses(self, records, attention_mask, sample_values) -> dict:
+        logits = tuple(record.logits for record in records)
+        return {"aux_loss": load_balancing_loss(logits, self.config.num_experts, self.config.topk, attention_mask)}
 
 
 __all__ = [
     "PescForCausalLM",
-    "PescPreTrainedModel",
     "PescMLP",
     "PescMoEAdapter",
     "PescAdapter",
     "PescRouter",
     "load_balancing_loss",
     "init_expert_weights",
-    "record_router_logits",
 ]

@@ -21,6 +21,7 @@ def fake_trained_model(
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
+    from pesc.methods import PESC
     from pesc.upcycling import upcycle
 
     dense = AutoModelForCausalLM.from_pretrained(dense_dir, dtype=torch.float32)
@@ -31,7 +32,7 @@ def fake_trained_model(
     generator = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for name, param in peft_model.named_parameters():
-            if ".moe_adapter." in name:
+            if PESC.is_added(name):
                 param.add_(0.05 * torch.randn(param.shape, generator=generator))
             elif "lora_B" in name:
                 param.mul_(0.5)

@@ -1,4 +1,4 @@
-"""Record what a PescTrainer run did, for tests that compare runs (one process against DDP ranks).
+"""Record what a MoETrainer run did, for tests that compare runs (one process against DDP ranks).
 
 Per process, into `OUT_DIR/probe-rank{R}.pt` when training ends:
 - `micro_batches`: each micro batch's `input_ids` (and `position_ids`), with the optimizer step it fed;
@@ -37,7 +37,7 @@ class TrainingProbe(TrainerCallback):
             model = self.trainer.model
             routers = {n: p for n, p in model.named_parameters() if ".router." in n and p.requires_grad}
             aux = model(**{k: v for k, v in inputs.items() if k != "labels"}, output_router_logits=True).aux_loss
-            coef = self.trainer.pesc_config.router_aux_loss_coef
+            coef = self.trainer.model_config.router_aux_loss_coef
             grads = torch.autograd.grad(coef * aux, list(routers.values()))
             self.aux_gradients.append({n: g.detach().cpu() for n, g in zip(routers, grads)})
 
@@ -63,17 +63,17 @@ class TrainingProbe(TrainerCallback):
 
 @contextmanager
 def probed_training(out_dir: str | Path):
-    """Within the block, every PescTrainer built records its run into `out_dir` (see the module docstring)."""
-    from pesc.training.trainer import PescTrainer
+    """Within the block, every MoETrainer built records its run into `out_dir` (see the module docstring)."""
+    from pesc.training.trainer import MoETrainer
 
-    original = PescTrainer.__init__
+    original = MoETrainer.__init__
 
     def init(trainer, *args, **kwargs):
         original(trainer, *args, **kwargs)
         TrainingProbe(trainer, Path(out_dir) / f"probe-rank{trainer.args.process_index}.pt")
 
-    PescTrainer.__init__ = init
+    MoETrainer.__init__ = init
     try:
         yield
     finally:
-        PescTrainer.__init__ = original
+        MoETrainer.__init__ = original

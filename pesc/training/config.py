@@ -8,57 +8,18 @@ setting is never silently ignored and nothing the model does not need to know fa
 
 import copy
 import difflib
-import math
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import yaml
 
 from pesc.errors import PescError
-
-_ANY_NUMBER = (int, float)
-
-
-@dataclass(frozen=True)
-class Key:
-    """One setting: accepted types (a tuple), default, a line of help, and its range (a name in BOUNDS)."""
-
-    types: tuple
-    default: Any
-    help: str
-    choices: tuple | None = None
-    bounds: str | None = None
-
-
-# Ranges a number may be declared to lie in: (test, how the error words it).
-BOUNDS = {
-    "positive": (lambda v: v > 0, "positive"),
-    "non-negative": (lambda v: v >= 0, ">= 0"),
-    "fraction": (lambda v: 0 <= v < 1, "in [0, 1)"),
-    "share": (lambda v: 0 <= v <= 1, "in [0, 1]"),
-    "seed": (lambda v: 0 <= v < 2**32, "in [0, 2**32)"),
-}
-
-
-MOE_SCHEMA: dict[str, Key] = {
-    "num_experts": Key((int,), 8, "experts per layer", bounds="positive"),
-    "top_k": Key((int,), 2, "experts routed per token", bounds="positive"),
-    "adapter_dim": Key((int,), 512, "bottleneck width of each expert adapter", bounds="positive"),
-    "moe_scaling": Key(_ANY_NUMBER, 0.25, "scale of every adapter's output", bounds="positive"),
-    "router_aux_loss_coef": Key(_ANY_NUMBER, 0.01, "weight of the load-balancing loss", bounds="non-negative"),
-    "adapter_dropout": Key(_ANY_NUMBER, 0.1, "dropout on each adapter's input", bounds="fraction"),
-    "seed": Key((int,), 0, "seed of the initial routers and adapters (same seed = same experts as `pesc convert`)",
-                bounds="seed"),
-}
-
-# MoE settings that fix the shape or the function of a PESC checkpoint: they must match when the base is PESC.
-MOE_STRUCTURE_KEYS = ("num_experts", "top_k", "adapter_dim", "moe_scaling")
+from pesc.settings import ANY_NUMBER as _ANY_NUMBER, Key, check_value as _check_value, unknown_key as _unknown
 
 SCHEMA: dict[str, Key] = {
     # model
-    "base_model": Key((str,), None, "local folder or Hub id of a dense or PESC causal LM (required)"),
-    "moe": Key((dict,), None, "MoE settings used to upcycle a dense base_model in memory"),
+    "base_model": Key((str,), None, "local folder or Hub id of a dense causal LM or a method's checkpoint (required)"),
+    "method": Key((str,), None, "the method a dense base_model becomes (default pesc; `pesc methods` lists them)"),
+    "moe": Key((dict,), None, "the method's settings, used to upcycle a dense base_model in memory"),
     "tokenizer": Key((str,), None, "tokenizer folder or Hub id (default: base_model)"),
     "trust_remote_code": Key((bool,), False, "allow model code from the Hub"),
     "load_in_4bit": Key((bool,), True, "QLoRA: load the base in 4-bit NF4"),
@@ -73,9 +34,7 @@ SCHEMA: dict[str, Key] = {
     "lora_alpha": Key(_ANY_NUMBER, 16, "LoRA alpha", bounds="positive"),
     "lora_dropout": Key(_ANY_NUMBER, 0.1, "LoRA dropout", bounds="fraction"),
     "lora_target_modules": Key(
-        (list,),
-        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-        "dense linears that get a LoRA (the shared FFN gets one shared LoRA)",
+        (list,), None, "dense linears that get a LoRA (default: the method's; PESC: every attention and FFN linear)",
     ),
     # data
     "datasets": Key((list,), None, "list of {path, type, split?, name?, data_files?, field?, *_field?} (required)"),
@@ -118,45 +77,6 @@ SCHEMA: dict[str, Key] = {
 REQUIRED = ("base_model", "datasets", "output_dir")
 
 
-def _type_name(types: tuple) -> str:
-    names = {int: "an integer", float: "a number", str: "a string", bool: "true/false", list: "a list", dict: "a mapping"}
-    if types == _ANY_NUMBER:
-        return "a number"
-    return " or ".join(names.get(t, t.__name__) for t in types)
-
-
-def _check_value(where: str, value, key: Key):
-    if value is None:
-        return None
-    if float in key.types and isinstance(value, str):
-        try:  # YAML 1.1 reads `2e-4` (no dot) as a string
-            value = float(value)
-        except ValueError:
-            pass
-    ok = isinstance(value, key.types) and not (isinstance(value, bool) and bool not in key.types)
-    if not ok:
-        raise PescError(f"{where} must be {_type_name(key.types)}, got {value!r} ({type(value).__name__})")
-    if key.types == _ANY_NUMBER:
-        value = float(value) if isinstance(value, float) else value
-    if isinstance(value, float) and not math.isfinite(value):
-        raise PescError(f"{where} must be a finite number, got {value!r}")
-    if key.choices and value not in key.choices:
-        raise PescError(f"{where} must be one of {', '.join(key.choices)}, got {value!r}")
-    if key.bounds is not None:
-        within, wording = BOUNDS[key.bounds]
-        if not within(value):
-            if key.bounds == "positive" and key.types == (int,):
-                wording = "a positive integer"
-            raise PescError(f"{where} must be {wording}, got {value!r}")
-    return value
-
-
-def _unknown(where: str, name: str, known) -> PescError:
-    close = difflib.get_close_matches(name, list(known), n=1)
-    hint = f" (did you mean '{close[0]}'?)" if close else ""
-    return PescError(f"unknown config key '{where}{name}'{hint}")
-
-
 def validate(raw: dict) -> dict:
     """The resolved config: every key present (defaults filled in), types checked, cross-key rules applied."""
     if not isinstance(raw, dict):
@@ -173,22 +93,29 @@ def validate(raw: dict) -> dict:
         if config[name] in (None, "", []):
             raise PescError(f"the config needs '{name}'")
 
+    from pesc.methods import get_method
+
+    method = get_method(config["method"])  # unset: pesc, or the method of a method's checkpoint given as base
     if config["moe"] is not None:
+        settings = {s.name: s for s in method.all_settings()}
         moe = {}
         for name, value in config["moe"].items():
-            if name not in MOE_SCHEMA:
-                raise _unknown("moe.", str(name), MOE_SCHEMA)
-            moe[name] = _check_value(f"moe.{name}", value, MOE_SCHEMA[name])
+            if name not in settings:
+                raise _unknown("moe.", str(name), settings)
+            moe[name] = settings[name].check(f"moe.{name}", value)
         config["moe"] = {k: v for k, v in moe.items() if v is not None}
+        method.check_settings(method.resolve_settings(config["moe"]))
 
-    if not all(isinstance(m, str) and m for m in config["lora_target_modules"]) or not config["lora_target_modules"]:
+    if raw.get("lora_target_modules") is None:
+        config["lora_target_modules"] = method.default_lora_targets(None)
+    elif not config["lora_target_modules"] or not all(isinstance(m, str) and m for m in config["lora_target_modules"]):
         raise PescError("lora_target_modules must be a non-empty list of module names")
     if config["bf16"] not in (True, False, "auto"):
         raise PescError(f"bf16 must be true, false or auto, got {config['bf16']!r}")
     if isinstance(config["report_to"], list) and not all(isinstance(r, str) for r in config["report_to"]):
         raise PescError("report_to must be a string or a list of strings")
     _check_transformers_names(config)
-    _check_datasets(config["datasets"])
+    _check_datasets(config["datasets"], method.sample_fields)
     return config
 
 
@@ -221,7 +148,7 @@ def _unknown_value(name: str, value: str, valid: list[str]) -> PescError:
     return PescError(f"{name} {value!r} is not one transformers knows ({hint})")
 
 
-def _check_datasets(entries: list) -> None:
+def _check_datasets(entries: list, sample_fields=()) -> None:
     """Entry keys and types, column mappings included (the data pipeline checks files and rows on loading)."""
     from pesc.data import DATASET_KEYS, DATASET_TYPES, check_dataset_entry
 
@@ -229,15 +156,16 @@ def _check_datasets(entries: list) -> None:
         where = f"datasets[{i}]"
         if not isinstance(entry, dict):
             raise PescError(f"{where} must be a mapping with 'path' and 'type', got {entry!r}")
+        known = (*DATASET_KEYS, *(field.name for field in sample_fields))
         for name in entry:
-            if name not in DATASET_KEYS:
-                raise _unknown(f"{where}.", str(name), DATASET_KEYS)
+            if name not in known:
+                raise _unknown(f"{where}.", str(name), known)
         for name in ("path", "type"):
             if not isinstance(entry.get(name), str) or not entry[name]:
                 raise PescError(f"{where}.{name} must be a non-empty string")
         if entry["type"] not in DATASET_TYPES:
             raise PescError(f"{where}.type must be one of {', '.join(DATASET_TYPES)}, got {entry['type']!r}")
-        check_dataset_entry(i, entry)  # value types, and column keys that do not apply to the entry's type
+        check_dataset_entry(i, entry, sample_fields)  # value types, and column keys that do not apply to the entry's type
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:

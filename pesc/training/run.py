@@ -13,7 +13,14 @@ import torch
 
 from pesc.atomic import nearest_existing
 from pesc.errors import PescError, first_line
-from pesc.run_files import EXPERTS_FILE, FINAL_DIR, PESC_CONFIG_FILE, TRAIN_CONFIG_FILE, numbered_checkpoints
+from pesc.run_files import (
+    EXPERTS_FILE,
+    FINAL_DIR,
+    PESC_CONFIG_FILE,
+    TRAIN_CONFIG_FILE,
+    experts_path,
+    numbered_checkpoints,
+)
 from pesc.training.config import dump_config, load_config, to_list
 from pesc.training.curves import TrainingCurvesCallback
 from pesc.weights import check_checkpoint_files, check_model_weights
@@ -22,8 +29,7 @@ logger = logging.getLogger("pesc.train")
 
 # What a checkpoint-N needs to be resumed; transformers writes trainer_state.json last, so a save that was
 # interrupted leaves a folder without it.
-RESUME_FILES = ("trainer_state.json", "adapter_config.json", "adapter_model.safetensors", EXPERTS_FILE,
-                PESC_CONFIG_FILE)
+RESUME_FILES = ("trainer_state.json", "adapter_config.json", "adapter_model.safetensors", PESC_CONFIG_FILE)
 
 
 def _bf16(config: dict) -> bool:
@@ -73,13 +79,13 @@ def training_arguments(config: dict, has_eval: bool):
     )
 
 
-def saved_pesc_config(model_config):
-    """The PescConfig written beside each checkpoint: no quantization, cache on, as export expects."""
-    from pesc.modeling import PescConfig
+def saved_model_config(model_config):
+    """The method's config written beside each checkpoint: no quantization, cache on, as export expects."""
+    from pesc.methods import method_of
 
     fields = model_config.to_dict()
     fields.pop("quantization_config", None)
-    config = PescConfig.from_dict(fields)
+    config = method_of(model_config).config_class.from_dict(fields)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     config.use_cache = True
@@ -109,11 +115,12 @@ def check_reporting_installed(report_to: str | list[str]) -> None:
 
 def resume_checkpoint(output_dir: Path) -> Path:
     """The newest complete checkpoint-N of the run; newer incomplete ones (an interrupted save) are skipped, by name."""
-    if (output_dir / FINAL_DIR / EXPERTS_FILE).is_file():
+    if experts_path(output_dir / FINAL_DIR) is not None:
         raise PescError(f"--resume: {output_dir} holds no checkpoint-N to resume from (the run already finished: "
                         "see final/)")
     for checkpoint in reversed(numbered_checkpoints(output_dir)):
         missing = [name for name in RESUME_FILES if not (checkpoint / name).is_file()]
+        missing += [EXPERTS_FILE] if experts_path(checkpoint) is None else []
         if not missing:
             try:
                 check_checkpoint_files(checkpoint)
@@ -133,10 +140,11 @@ def train(config_path: str, overrides: list[str] = (), resume: bool = False) -> 
         load_base_model,
         prepare_for_training,
         register_deepspeed_leaf_modules,
-        resolve_pesc_config,
+        resolve_model_config,
         trainable_summary,
     )
-    from pesc.training.trainer import PescTrainer
+    from pesc.methods import method_of
+    from pesc.training.trainer import MoETrainer
 
     config = load_config(config_path, overrides)
     output_dir = Path(config["output_dir"])
@@ -148,7 +156,8 @@ def train(config_path: str, overrides: list[str] = (), resume: bool = False) -> 
     elif output_dir.exists() and any(output_dir.glob("checkpoint-*")):
         raise PescError(f"{output_dir} already holds checkpoints: pass --resume to continue, or choose another output_dir")
 
-    resolve_pesc_config(config)  # the base's config.json and the moe section, before any data or weights load
+    model_config, _ = resolve_model_config(config)  # the base's config.json and moe:, before any data or weights load
+    method = method_of(model_config)
     try:
         check_model_weights(config["base_model"])
     except PescError as error:
@@ -168,13 +177,14 @@ def train(config_path: str, overrides: list[str] = (), resume: bool = False) -> 
         seed=config["seed"],
         num_proc=config["dataset_num_proc"],
         max_dropped_fraction=config["max_dropped_fraction"],
+        sample_fields=method.sample_fields,
     )
     args = training_arguments(config, has_eval=eval_ds is not None)  # sets up torch.distributed when launched
 
     model = load_base_model(config)
     model = prepare_for_training(model, config)
-    register_deepspeed_leaf_modules(model)
-    counts = trainable_summary(model)
+    register_deepspeed_leaf_modules(model, method)
+    counts = trainable_summary(model, method)
     logger.info(
         "trainable parameters: LoRA %s, routers+adapters %s (of %s)",
         f"{counts['lora']:,}", f"{counts['experts']:,}", f"{counts['total']:,}",
@@ -185,14 +195,15 @@ def train(config_path: str, overrides: list[str] = (), resume: bool = False) -> 
     if args.should_save:
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / TRAIN_CONFIG_FILE).write_text(dump_config(config))
-    trainer = PescTrainer(
+    trainer = MoETrainer(
         model=model,
         args=args,
         train_dataset=train_ds,
         eval_dataset=eval_ds,
-        data_collator=make_collator(tokenizer, sample_packing=config["sample_packing"]),
+        data_collator=make_collator(tokenizer, sample_packing=config["sample_packing"],
+                                    sample_fields=tuple(field.name for field in method.sample_fields)),
         processing_class=tokenizer,
-        pesc_config=saved_pesc_config(model.get_base_model().config),
+        model_config=saved_model_config(model.get_base_model().config),
         callbacks=[TrainingCurvesCallback()],
     )
     trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)

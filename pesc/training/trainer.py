@@ -1,14 +1,15 @@
-"""The transformers Trainer, taught three PESC things.
+"""The transformers Trainer, taught what every method's training needs.
 
-- Saving: every checkpoint-N (and `final/`) gets `pesc_experts.safetensors` + `pesc_config.json`
+- Saving: every checkpoint-N (and `final/`) gets `experts.safetensors` + `pesc_config.json`
   (pesc.run_files) beside peft's LoRA adapter; resuming loads them back (peft restores only the LoRA).
-- The loss: the model adds `router_aux_loss_coef * aux_loss` per micro batch. When the Trainer
-  normalises the language-model loss over the whole accumulated batch (`num_items_in_batch`), it no
-  longer divides by the accumulation steps and multiplies by the number of processes; the aux term is
-  rescaled here so that its gradient is exactly `coef * mean(aux_loss)` over micro batches and ranks.
-- Logging: every `logging_steps`, the mean aux loss and the per-layer expert load (share of the top-k
-  assignments each expert got, from the router logits) are added to the logs; the full per-layer
-  table also goes to `OUTPUT_DIR/expert_load.jsonl`.
+- The loss: the model adds each named aux loss times its coefficient per micro batch. When the
+  Trainer normalises the language-model loss over the whole accumulated batch (`num_items_in_batch`),
+  it no longer divides by the accumulation steps and multiplies by the number of processes; the aux
+  terms are rescaled here so that their gradient is exactly `coef * mean(loss)` over micro batches and ranks.
+- Logging: every `logging_steps`, the mean of each named aux loss and the per-site expert load (the
+  share of the routing each expert got: the top-k picks of a sparse router, the softmax weights of a
+  dense one, from the routing records) are added to the logs; the full per-site table also goes to
+  `OUTPUT_DIR/expert_load.jsonl`.
 """
 
 import json
@@ -18,13 +19,14 @@ from pathlib import Path
 import torch
 from transformers import Trainer
 
+from pesc.methods import method_of
 from pesc.run_files import EXPERTS_FILE, load_expert_state, save_trained_state
 
 EXPERT_LOAD_FILE = "expert_load.jsonl"
 
 
-def _pesc_model(model):
-    """The PescForCausalLM inside peft / DDP wrappers."""
+def unwrapped_model(model):
+    """The method's causal LM inside peft / DDP wrappers."""
     while True:
         if hasattr(model, "module"):
             model = model.module
@@ -44,14 +46,14 @@ class _StateDictView:
 
 @torch.no_grad()
 def load_experts_into(model: torch.nn.Module, directory) -> int:
-    """Copy a checkpoint's routers and adapters into the (possibly wrapped) model; returns tensors loaded."""
+    """Copy a checkpoint's added tensors into the (possibly wrapped) model; returns tensors loaded."""
+    method = method_of(unwrapped_model(model).config)
     state = load_expert_state(directory)
     loaded = 0
     for name, param in model.named_parameters():
-        key = name[name.find("model.layers.") :] if "model.layers." in name else None
-        if key is None or ".moe_adapter." not in key or ".lora_" in key:
+        if not method.is_added(name):
             continue
-        # peft prefixes: base_model.model.model.layers... -> model.layers...
+        key = method.checkpoint_name(name)  # peft prefixes: base_model.model.model.layers... -> model.layers...
         if key not in state:
             raise ValueError(f"{directory}/{EXPERTS_FILE} has no tensor {key}")
         param.copy_(state[key].to(device=param.device, dtype=param.dtype))
@@ -61,31 +63,43 @@ def load_experts_into(model: torch.nn.Module, directory) -> int:
     return loaded
 
 
-class PescTrainer(Trainer):
-    def __init__(self, *args, pesc_config=None, **kwargs):
+def routing_load(record, keep: torch.Tensor | None) -> torch.Tensor:
+    """How much routing each expert of one site got: top-k picks (sparse) or softmax weight (dense), summed."""
+    logits = record.logits if keep is None else record.logits[keep.to(record.logits.device)]
+    experts = logits.shape[-1]
+    if record.selected is None:
+        return torch.softmax(logits.float(), dim=-1).sum(0).cpu().double()
+    selected = record.selected if keep is None else record.selected[keep.to(record.selected.device)]
+    return torch.bincount(selected.reshape(-1), minlength=experts).cpu().double()
+
+
+class MoETrainer(Trainer):
+    def __init__(self, *args, model_config=None, **kwargs):
         super().__init__(*args, **kwargs)
-        self.pesc_config = pesc_config if pesc_config is not None else _pesc_model(self.model).config
+        self.model_config = model_config if model_config is not None else unwrapped_model(self.model).config
         self._reset_stats()
 
     # ---- loss and statistics ----
     def _reset_stats(self):
-        self._aux_sum = 0.0
+        self._aux_sums: dict[str, float] = {}
         self._aux_count = 0
         self._load_counts = None
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        inputs = {**inputs, "output_router_logits": True}
+        inputs = {**inputs, "output_router_logits": True, "output_routing_records": model.training}
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
-        aux = outputs.get("aux_loss") if isinstance(outputs, dict) else None
-        coef = self.pesc_config.router_aux_loss_coef
-        if aux is not None and model.training:
-            if coef > 0 and self._loss_scaled_for_ga(num_items_in_batch):
+        aux_losses = outputs.get("aux_losses") if isinstance(outputs, dict) else None
+        if aux_losses and model.training:
+            if self._loss_scaled_for_ga(num_items_in_batch):
                 scale = 1
                 if self.args.average_tokens_across_devices:
                     scale = self.accelerator.num_processes // self.get_tp_size()
                 ga = self.current_gradient_accumulation_steps
-                loss = loss + coef * aux.to(loss.dtype) * (1.0 / ga - scale)
-            self._record(aux, outputs.get("router_logits"), inputs.get("attention_mask"))
+                coefficients = unwrapped_model(model).aux_loss_coefficients()
+                for name, value in aux_losses.items():
+                    if coefficients[name] > 0:
+                        loss = loss + coefficients[name] * value.to(loss.dtype) * (1.0 / ga - scale)
+            self._record(aux_losses, outputs.get("routing_records"), inputs.get("attention_mask"))
         return (loss, outputs) if return_outputs else loss
 
     def _loss_scaled_for_ga(self, num_items_in_batch) -> bool:
@@ -94,30 +108,25 @@ class PescTrainer(Trainer):
         return bool(self.model_accepts_loss_kwargs and num_items_in_batch is not None) or self.compute_loss_func is not None
 
     @torch.no_grad()
-    def _record(self, aux, router_logits, attention_mask):
-        self._aux_sum += float(aux.detach())
+    def _record(self, aux_losses, records, attention_mask):
+        for name, value in aux_losses.items():
+            self._aux_sums[name] = self._aux_sums.get(name, 0.0) + float(value.detach())
         self._aux_count += 1
-        if not router_logits:
+        if not records:
             return
-        k, n = self.pesc_config.topk, self.pesc_config.num_experts
         keep = None
-        if attention_mask is not None and attention_mask.dim() == 2 and attention_mask.numel() == router_logits[0].shape[0]:
+        if attention_mask is not None and attention_mask.dim() == 2 and attention_mask.numel() == records[0].logits.shape[0]:
             keep = attention_mask.reshape(-1).bool()
-        counts = []
-        for logits in router_logits:
-            if keep is not None:
-                logits = logits[keep.to(logits.device)]
-            chosen = torch.topk(logits.float(), k, dim=-1).indices.reshape(-1)
-            counts.append(torch.bincount(chosen, minlength=n).cpu().double())
-        counts = torch.stack(counts)
+        counts = torch.stack([routing_load(record, keep) for record in records])
         self._load_counts = counts if self._load_counts is None else self._load_counts + counts
 
     def log(self, logs, start_time=None):
         if "loss" in logs and self._aux_count:
-            logs["aux_loss"] = round(self._aux_sum / self._aux_count, 6)
+            for name, total in self._aux_sums.items():
+                logs[name] = round(total / self._aux_count, 6)
             if self._load_counts is not None:
                 load = self._load_counts / self._load_counts.sum(dim=1, keepdim=True).clamp_min(1)
-                # 1.0 = perfectly even; E = every token to one expert (max share x experts, worst layer)
+                # 1.0 = perfectly even; E = every token to one expert (max share x experts, worst site)
                 logs["expert_load_max"] = round(float(load.max()) * load.shape[1], 4)
                 if self.args.should_save:
                     record = {"step": self.state.global_step, "expert_load": [[round(x, 5) for x in row] for row in load.tolist()]}
@@ -134,7 +143,7 @@ class PescTrainer(Trainer):
             return
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         source = _StateDictView(state_dict) if state_dict is not None else self.accelerator.unwrap_model(self.model)
-        save_trained_state(source, self.pesc_config, output_dir)
+        save_trained_state(source, self.model_config, output_dir)
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         super()._load_from_checkpoint(resume_from_checkpoint, model=model)

@@ -1,0 +1,212 @@
+"""The method interface: everything the toolkit needs to know about one MoE-from-dense method.
+
+A method is its shipped model code (a config class and a causal-LM class built on
+pesc/modeling/moe_core.py) plus one `Method` object here. Convert, train, export, inspect, the
+model card and the CLI ask the method; none of them names one. `docs/methods.md` walks through
+adding one. Importing this package imports neither torch nor transformers (the CLI lists every
+method's flags before it decides what to load), so a method imports its classes where they are used.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pesc.errors import PescError
+from pesc.settings import Key, check_value, unknown_key
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One setting of a method: the single source of its CLI flag (`--num-experts` from `num_experts`),
+    its YAML `moe:` key, its config.json field (`config_field` where the name differs; None for a setting
+    that is not stored, such as the seed), its default, help and range (see pesc.settings.BOUNDS)."""
+
+    name: str
+    types: tuple
+    default: Any
+    help: str
+    bounds: str | None = None
+    choices: tuple | None = None
+    config_field: str | None = ""  # "" = same name as the setting; None = not a config field
+    structural: bool = False  # fixes the checkpoint's shape or function: must agree with an existing checkpoint
+
+    @property
+    def field(self) -> str | None:
+        return self.name if self.config_field == "" else self.config_field
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    def check(self, where: str, value):
+        return check_value(where, value, Key(self.types, self.default, self.help, self.choices, self.bounds))
+
+
+@dataclass(frozen=True)
+class SampleField:
+    """A per-sample value the method's losses need (LoRAMoE's `task_type`): set per dataset in the YAML or
+    per row in a column; `values` maps names to the integers the model gets (None: integers as given)."""
+
+    name: str
+    values: dict | None = None
+    required: bool = True
+    help: str = ""
+
+    def encode(self, value, where: str) -> int:
+        """The integer the model gets for `value`, or a one-line error naming `where` and the valid values."""
+        if self.values is not None and value in self.values:
+            return self.values[value]
+        if self.values is None and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        valid = ", ".join(map(str, self.values)) if self.values is not None else "an integer"
+        raise PescError(f"{where}: {self.name} {value!r} is not one of {valid}")
+
+
+SEED = Setting("seed", (int,), 0, "seed of the initial added modules (same seed = same tensors as `pesc convert`)",
+               bounds="seed", config_field=None)
+
+
+class Method:
+    """The interface. A method sets the class attributes and overrides what its docstring asks."""
+
+    name: str
+    label: str  # how messages name it ("PESC")
+    description: str  # one line for `pesc methods`: paper, where the experts sit, routing, aux losses
+    settings: tuple[Setting, ...]
+    config_class: type
+    model_class: type
+    modeling_dir: Path  # the folder holding `modeling_files`
+    modeling_files: tuple[str, ...]  # shipped in every checkpoint: moe_core.py + the method's own files
+    prefix: str  # the first characters of every module the method adds (PESC: "moe_adapter")
+    sample_fields: tuple[SampleField, ...] = ()
+    card_tags: tuple[str, ...] = ()
+    zero3_leaf_modules: tuple[type, ...] = ()  # modules DeepSpeed ZeRO-3 must gather whole (routed blocks)
+
+    # ---- settings ----
+    def all_settings(self) -> tuple[Setting, ...]:
+        """The method's settings plus the seed every method's initial draw takes."""
+        return (*self.settings, SEED)
+
+    def resolve_settings(self, values: dict, where: str = "moe.") -> dict:
+        """Every setting's value: `values` (unknown names refused with a hint, each checked) over the defaults."""
+        known = {s.name: s for s in self.all_settings()}
+        resolved = {name: s.default for name, s in known.items()}
+        for name, value in values.items():
+            if name not in known:
+                raise unknown_key(where, str(name), known)
+            if value is not None:
+                resolved[name] = known[name].check(f"{where}{name}", value)
+        self.check_settings(resolved)
+        return resolved
+
+    def check_settings(self, values: dict) -> None:
+        """Checks across settings (PESC: top_k <= num_experts), as one-line PescErrors."""
+
+    def config_from_dense(self, dense_config, values: dict, moe_dtype: str | None = None):
+        """The method's config for a dense config plus resolved settings (refuses a config that is already MoE)."""
+        existing = next((m for m in _registered() if m.config_class.model_type == dense_config.model_type), None)
+        if existing is not None:
+            raise ValueError(f"the model is already a {existing.label} model: convert a dense checkpoint instead")
+        fields = dense_config.to_dict()
+        fields.pop("model_type", None)
+        fields.pop("architectures", None)
+        dtype = fields.get("dtype")
+        settings = {s.field: values[s.name] for s in self.settings if s.field is not None and s.name in values}
+        config = self.config_class(
+            base_model_type=dense_config.model_type,
+            moe_dtype=moe_dtype or (str(dtype).removeprefix("torch.") if dtype is not None else None),
+            **settings,
+            **fields,
+        )
+        config.architectures = [self.model_class.__name__]
+        return config
+
+    def config_settings(self, config) -> dict:
+        """The settings stored in `config`, under their setting names."""
+        return {s.name: getattr(config, s.field) for s in self.settings if s.field is not None}
+
+    # ---- which parameters are the method's ----
+    def is_added(self, name: str) -> bool:
+        """Whether parameter / tensor `name` belongs to a module the method added (and is not peft's LoRA)."""
+        return re.search(rf"(^|\.){re.escape(self.prefix)}", name) is not None and ".lora_" not in name
+
+    def checkpoint_name(self, name: str) -> str:
+        """`name` as the checkpoint spells it, whatever wraps the model (peft, DDP, modules_to_save)."""
+        name = name.replace(".modules_to_save.default", "").replace(".original_module", "")
+        start = name.find("model.layers.")
+        return name[start:] if start >= 0 else name
+
+    def skip_quantization(self, config) -> list[str]:
+        """Module-name patterns bitsandbytes must leave in full precision (transformers matches from the start)."""
+        return [rf".*{re.escape(self.prefix)}[^.]*", "lm_head"]
+
+    def default_lora_targets(self, config) -> list[str]:
+        """LoRA targets on the frozen base when the training config names none (possibly none at all)."""
+        return ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+    # ---- initial values ----
+    def initial_state(self, config, layer_idx: int, seed: int) -> dict[str, torch.Tensor]:
+        """The seeded draw of one layer's added tensors, keyed by their names inside the decoder layer
+        (`mlp.moe_adapter.router.weight`). `pesc convert --seed` writes it; training from dense uses it."""
+        raise NotImplementedError
+
+    # ---- what users read ----
+    def parameter_summary(self, config):
+        """Total, active per token and trainable parameter counts (pesc.summary.ParameterSummary)."""
+        from pesc.summary import summarize_method
+
+        return summarize_method(self, config)
+
+    def inactive_params_per_token(self, config, added_per_layer: dict[str, int]) -> int:
+        """Parameters a token does not use (sparse routing skips unselected experts; dense routing: 0)."""
+        return 0
+
+    def card_title(self, config) -> str:
+        """What follows the base model's name in a converted model's card title."""
+        return self.label
+
+    def card_text(self, config, base_model: str, converted: bool = False) -> str:
+        """The method's paragraph of the model card (`converted`: straight from `pesc convert`, untrained)."""
+        state = " Its added modules are as `pesc convert` drew them (untrained)." if converted else ""
+        return f"A {self.label} model made from the dense {base_model} with pesc: {self.description}.{state}"
+
+    def card_rows(self, config, converted: bool = False) -> list[tuple[str, Any]]:
+        """(setting, value) rows of the model card's architecture table."""
+        return [(s.name, getattr(config, s.field)) for s in self.settings if s.field is not None]
+
+    # ---- export ----
+    def merge_for_export(self, peft_model):
+        """The plain model to save: by default the LoRA merged into the base linears, added modules as trained."""
+        from pesc.export import merge_lora
+
+        return merge_lora(peft_model)
+
+    # ---- derived names ----
+    @property
+    def auto_map(self) -> dict[str, str]:
+        """config.json's auto_map: the shipped files' classes, so trust_remote_code finds them."""
+        return {
+            "AutoConfig": f"{self.config_class.__module__.rsplit('.', 1)[-1]}.{self.config_class.__name__}",
+            "AutoModelForCausalLM": f"{self.model_class.__module__.rsplit('.', 1)[-1]}.{self.model_class.__name__}",
+        }
+
+
+def check_flags(method: Method, flags: dict) -> dict:
+    """The command-line flags given (not None), after refusing one that is not a setting of `method`."""
+    own = {s.name for s in method.all_settings()}
+    given = {name: value for name, value in flags.items() if value is not None}
+    foreign = sorted(name for name in given if name not in own)
+    if foreign:
+        flag = "--" + foreign[0].replace("_", "-")
+        known = ", ".join(s.flag for s in method.all_settings())
+        raise PescError(f"{flag} is not a setting of method {method.name} (its settings: {known})")
+    return given
+
+
+def _registered():
+    from pesc.methods import METHODS
+
+    return METHODS.values()

@@ -1,0 +1,105 @@
+"""PESC (Camelidae, arXiv 2401.02731): the first method, and the layout every Camelidae checkpoint has.
+
+Every expert shares the dense FFN; each expert owns a bottleneck adapter on the FFN output
+(`mlp.moe_adapter.experts.expert_J.adapter_{down,up}`), and a top-k router on the FFN input
+(`mlp.moe_adapter.router`) picks the experts of each token. One aux loss: the Switch balance loss.
+"""
+
+from pathlib import Path
+
+from pesc.errors import PescError
+from pesc.methods.base import Method, Setting
+
+
+class Pesc(Method):
+    name = "pesc"
+    label = "PESC"
+    description = (
+        "PESC / Camelidae (arXiv 2401.02731): adapter experts on the shared FFN's output, "
+        "top-k router on the FFN input; aux loss: Switch balance (aux_loss)"
+    )
+    settings = (
+        Setting("num_experts", (int,), 8, "experts per layer", bounds="positive", structural=True),
+        Setting("top_k", (int,), 2, "experts routed per token", bounds="positive", config_field="topk",
+                structural=True),
+        Setting("adapter_dim", (int,), 512, "bottleneck width of each expert adapter", bounds="positive",
+                structural=True),
+        Setting("moe_scaling", (int, float), 0.25, "scale of every adapter's output", bounds="positive-number",
+                structural=True),
+        Setting("router_aux_loss_coef", (int, float), 0.01, "weight of the load-balancing loss", bounds="non-negative"),
+        Setting("adapter_dropout", (int, float), 0.1, "dropout on each adapter's input", bounds="fraction"),
+    )
+    modeling_dir = Path(__file__).resolve().parent.parent / "modeling"
+    modeling_files = ("moe_core.py", "configuration_pesc.py", "modeling_pesc.py")
+    prefix = "moe_adapter"
+    card_tags = ("pesc", "adapter-experts")
+
+    # The classes are imported on first use: listing the methods (the CLI's flags) must not import torch.
+    @property
+    def config_class(self):
+        from pesc.modeling import PescConfig
+
+        return PescConfig
+
+    @property
+    def model_class(self):
+        from pesc.modeling import PescForCausalLM
+
+        return PescForCausalLM
+
+    @property
+    def zero3_leaf_modules(self):
+        from pesc.modeling import PescMoEAdapter
+
+        return (PescMoEAdapter,)
+
+
+    def check_settings(self, values: dict) -> None:
+        if values["top_k"] > values["num_experts"]:
+            raise PescError(
+                f"top_k ({values['top_k']}) cannot exceed num_experts ({values['num_experts']}): lower --top-k"
+            )
+
+    def initial_state(self, config, layer_idx: int, seed: int) -> dict:
+        from pesc.upcycling import initial_expert_state
+
+        return {f"mlp.moe_adapter.{name}": t for name, t in initial_expert_state(config, layer_idx, seed).items()}
+
+    def parameter_summary(self, config):
+        from pesc.summary import summarize
+
+        return summarize(config)
+
+    def card_title(self, config) -> str:
+        return f"PESC ({config.num_experts} experts, top-{config.topk})"
+
+    def card_text(self, config, base_model: str, converted: bool = False) -> str:
+        if converted:
+            return (
+                f"A sparse Mixture-of-Experts model upcycled from {base_model} with `pesc convert`, the "
+                "Parameter-Efficient Sparsity Crafting (PESC) way (arXiv 2401.02731): every expert shares the dense "
+                "FFN, each expert owns a bottleneck adapter on the FFN output, and a "
+                f"top-{config.topk} router picks the experts of each token. The adapters' up-projections start at "
+                "zero, so this checkpoint computes exactly what the base model computes until it is trained "
+                "(`pesc train`).\n\n"
+                "The base tensors keep their dense names; each layer adds `model.layers.N.mlp.moe_adapter.router.weight` "
+                "and `model.layers.N.mlp.moe_adapter.experts.expert_J.adapter_{down,up}.weight`."
+            )
+        return (
+            f"A sparse Mixture-of-Experts model made with PESC (parameter-efficient sparsity crafting, "
+            f"arXiv 2401.02731) from the dense `{base_model}`: every layer keeps the dense FFN, shared by "
+            f"{config.num_experts} adapter experts of which a router picks {config.topk} per token."
+        )
+
+    def card_rows(self, config, converted: bool = False) -> list:
+        rows = [
+            ("experts per layer", config.num_experts),
+            ("experts per token (top-k)", config.topk),
+            ("adapter dim", config.adapter_dim),
+            ("moe_scaling", config.moe_scaling),
+            ("router aux loss coef", config.router_aux_loss_coef),
+        ]
+        return rows + [("adapter dropout", config.adapter_dropout)] if converted else rows
+
+
+PESC = Pesc()
