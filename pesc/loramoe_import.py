@@ -20,7 +20,7 @@ from pathlib import Path
 
 from pesc.convert import _load_bin, read_safetensors_header
 from pesc.errors import PescError
-from pesc.modeling.modeling_loramoe import SITE_PARENTS
+from pesc.modeling.configuration_loramoe import SITE_PARENTS
 
 _OFFICIAL_NAME = re.compile(
     r"^(?:base_model\.model\.)?model\.layers\.(?P<layer>\d+)\.(?P<parent>\w+)\.(?P<site>\w+)\."
@@ -30,16 +30,27 @@ _OFFICIAL_NAME = re.compile(
 
 @dataclass
 class OfficialAdapter:
-    """An official adapter in pesc's terms: LoRAMoE settings, and the stacked tensors under pesc's names."""
+    """An official adapter in pesc's terms: LoRAMoE settings, its config for the base, and the stacked tensors."""
 
     settings: dict
-    tensors: dict  # pesc tensor name -> torch.Tensor, layer by layer, site by site
+    config: object  # the LoramoeConfig of the base with the adapter's settings
+    layers: list  # per decoder layer: {name inside the layer (`mlp.loramoe_gate_proj.router.weight`): tensor}
     weights_file: Path
+
+    @property
+    def tensors(self) -> dict:
+        """Every tensor under its checkpoint name (`model.layers.N.mlp.loramoe_gate_proj.router.weight`)."""
+        return {f"model.layers.{i}.{name}": t for i, layer in enumerate(self.layers) for name, t in layer.items()}
+
+
+def layer_tensor_name(site: str, part: str) -> str:
+    """The name, inside a decoder layer, of a site's `router`, `experts_A` or `experts_B` weight."""
+    return f"{SITE_PARENTS[site]}.loramoe_{site}.{part}.weight"
 
 
 def expert_tensor_name(layer_idx: int, site: str, part: str) -> str:
     """The name pesc's LoRAMoE checkpoint gives a site's `router`, `experts_A` or `experts_B` weight."""
-    return f"model.layers.{layer_idx}.{SITE_PARENTS[site]}.loramoe_{site}.{part}.weight"
+    return f"model.layers.{layer_idx}.{layer_tensor_name(site, part)}"
 
 
 def _official_name(layer_idx: int, site: str, part: str) -> str:
@@ -123,23 +134,6 @@ def _weights(folder: Path, src: str) -> tuple[dict, Path]:
     raise PescError(f"{src} has an adapter_config.json but no adapter_model.bin or adapter_model.safetensors")
 
 
-def _site_shapes(base_config, sites) -> dict[str, tuple[int, int]]:
-    """(in_features, out_features) of each site's linear in the base model (built on the meta device)."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(base_config)
-    layer = model.model.layers[0]
-    shapes = {}
-    for site in sites:
-        linear = getattr(getattr(layer, SITE_PARENTS[site], None), site, None)
-        if linear is None or not hasattr(linear, "in_features"):
-            raise PescError(f"a {base_config.model_type} model has no linear {SITE_PARENTS[site]}.{site} for LoRAMoE")
-        shapes[site] = (linear.in_features, linear.out_features)
-    return shapes
-
-
 def _group_by_site(state: dict, src: str, num_experts: int) -> dict:
     """{(layer, site): {official part name: tensor}}, refusing tensors that are not a LoRAMoE site's."""
     found: dict = {}
@@ -158,15 +152,16 @@ def _group_by_site(state: dict, src: str, num_experts: int) -> dict:
     return found
 
 
-def read_official_adapter(adapter_dir: str | Path, base_config, base_label: str, defaults: dict) -> OfficialAdapter:
-    """Read and check an official LoRAMoE adapter against the base model's config; stack it into pesc's names.
-
-    `defaults`: pesc's LoRAMoE defaults, for the constraint settings an adapter_config.json leaves out.
-    """
+def read_official_adapter(adapter_dir: str | Path, base_config, base_label: str) -> OfficialAdapter:
+    """Read and check an official LoRAMoE adapter against the (dense) base model's config; stack it into pesc's
+    layout. Constraint settings the adapter_config.json leaves out get pesc's LoRAMoE defaults."""
     import torch
+
+    from pesc.methods.loramoe import LORAMOE, site_shapes
 
     folder, src = Path(adapter_dir), str(adapter_dir)
     raw = read_adapter_config(folder, src)
+    defaults = {setting.name: setting.default for setting in LORAMOE.settings}
     settings = official_settings(raw, src, defaults)
     num_experts, rank = settings["num_experts"], settings["expert_rank"]
     state, weights_file = _weights(folder, src)
@@ -187,9 +182,14 @@ def read_official_adapter(adapter_dir: str | Path, base_config, base_label: str,
     beyond = sorted(layer for layer, _ in found if layer >= layers)
     if beyond:
         raise PescError(f"{src} has experts for layer {beyond[-1]}, but {base_label} has {layers} layers: {other_base}")
-    shapes = _site_shapes(base_config, sites)
-    tensors = {}
+    try:
+        config = LORAMOE.config_from_dense(base_config, LORAMOE.resolve_settings(settings))
+    except ValueError as error:
+        raise PescError(f"cannot import {src} onto {base_label}: {error}") from None
+    shapes = site_shapes(config)
+    per_layer = []
     for layer_idx in range(layers):
+        tensors = {}
         for site in sites:
             parts = found.get((layer_idx, site), {})
             wanted = ["lora_route", *(f"lora_A{i}" for i in range(num_experts)), *(f"lora_B{i}" for i in range(num_experts))]
@@ -211,11 +211,83 @@ def read_official_adapter(adapter_dir: str | Path, base_config, base_label: str,
                         f"{src}: {_official_name(layer_idx, site, part)} has shape {list(parts[part].shape)}, but "
                         f"{base_label} with r {rank} and lora_nums {num_experts} needs {list(shape)}: {other_base}"
                     )
-            tensors[expert_tensor_name(layer_idx, site, "router")] = parts["lora_route"]
-            tensors[expert_tensor_name(layer_idx, site, "experts_A")] = torch.cat(
-                [parts[f"lora_A{i}"] for i in range(num_experts)], dim=0
-            )
-            tensors[expert_tensor_name(layer_idx, site, "experts_B")] = torch.cat(
+            tensors[layer_tensor_name(site, "router")] = parts["lora_route"]
+            tensors[layer_tensor_name(site, "experts_A")] = torch.cat([parts[f"lora_A{i}"] for i in range(num_experts)])
+            tensors[layer_tensor_name(site, "experts_B")] = torch.cat(
                 [parts[f"lora_B{i}"] for i in range(num_experts)], dim=1
             )
-    return OfficialAdapter(settings, tensors, weights_file)
+        per_layer.append(tensors)
+    return OfficialAdapter(settings, config, per_layer, weights_file)
+
+
+def _model_card(plan, adapter_src: str, base_text: str):
+    from pesc.model_card import build_model_card
+
+    method, config = plan.settings.method, plan.config
+    description = (
+        f"The LoRAMoE adapter `{Path(adapter_src).name}` (saved by the official LoRAMoE code, arXiv 2312.09979) on "
+        f"{base_text}, imported by `pesc import loramoe`: the same experts, stacked per site, with pesc's model "
+        "code, which computes what the official code computes on current transformers, trains further with "
+        f"`pesc train` and exports with `pesc export`.\n\n{method.card_text(config, base_text)}"
+    )
+    base = plan.hub_id or plan.src.name
+    return build_model_card(
+        config,
+        title=f"{base.split('/')[-1]} {method.card_title(config)} (imported)",
+        base_model=base,
+        base_model_id=plan.hub_id,
+        description=description,
+        extra_settings={"moe_dtype": config.moe_dtype},
+    )
+
+
+def import_loramoe(
+    adapter_dir: str | Path,
+    out: str | Path,
+    base: str,
+    link: bool = False,
+    force: bool = False,
+    echo=print,
+):
+    """Write the official LoRAMoE adapter ADAPTER_DIR on the dense model BASE as a pesc LoRAMoE checkpoint at OUT.
+
+    The base shards are copied (or hard-linked) as `pesc convert` copies them, the experts written from the
+    adapter; every check runs before anything is written, and an error leaves no OUT (pesc.atomic)."""
+    import torch
+
+    from pesc.atomic import atomic_output_dir
+    from pesc.camelidae import IMPORT_MARKER
+    from pesc.checkpoint import read_config
+    from pesc.convert import BaseShardWriter, ConvertSettings, Progress, early_sources, plan_conversion, write_rest
+
+    out = Path(out).expanduser()
+    progress = Progress()
+    with atomic_output_dir(out, force) as folder:
+        writer = BaseShardWriter(folder, link, progress)
+        try:
+            early = early_sources(str(base), out, force)
+            adapter = read_official_adapter(adapter_dir, read_config(early.folder), str(base))
+            settings = ConvertSettings(method="loramoe", **adapter.settings)
+            plan = plan_conversion(str(base), early, out, settings, link, force)
+            dtype = getattr(torch, plan.config.moe_dtype)  # the experts are stored in the base's dtype
+            layers = [{name: t.to(dtype) for name, t in layer.items()} for layer in adapter.layers]
+            s = adapter.settings
+            echo(
+                f"adapter   {adapter.weights_file}: {s['num_experts']} experts of rank {s['expert_rank']} "
+                f"(alpha {s['expert_alpha']}) on {', '.join(s['sites'])}, {len(layers)} layers; "
+                f"lbc_delta {s['lbc_delta']}, lbc_loss_coef {s['lbc_loss_coef']}"
+            )
+            progress.show((0 if link else plan.source_bytes) + plan.expert_bytes)
+            writer.start(plan.sources)
+            base_text = f"[{plan.hub_id}](https://huggingface.co/{plan.hub_id})" if plan.hub_id else f"`{plan.src.name}`"
+            result = write_rest(plan, folder, writer, progress, card=_model_card(plan, str(adapter_dir), base_text),
+                                marker_file=IMPORT_MARKER, written_by="pesc import loramoe",
+                                layer_state=lambda layer_idx: dict(layers[layer_idx]))  # fmt: skip
+        except BaseException:
+            writer.abort()
+            raise
+        finally:
+            progress.close()
+    echo(f"wrote     {result.out}: experts in safetensors, base shards {'linked' if link else 'copied'}")
+    echo(f"load with AutoModelForCausalLM.from_pretrained({str(result.out)!r}, trust_remote_code=True)")
+    return result

@@ -18,7 +18,6 @@ from pesc.modeling.modeling_loramoe import LoramoeExperts
 from pesc.testing import build_tiny_dense
 from pesc.testing.tiny import TINY_SHAPE
 
-DEFAULTS = {"expert_dropout": 0.05, "lbc_delta": 0.1, "lbc_loss_coef": 0.1}
 SITES = ("gate_proj", "up_proj", "down_proj")
 
 
@@ -78,8 +77,7 @@ def official_forward(state, layer_idx, site, x, base_linear, num_experts=4, rank
 @pytest.mark.parametrize("weights", ["bin", "safetensors"])
 def test_imported_sites_compute_what_the_official_code_computes(base, tmp_path, weights):
     state = official_state(base)
-    adapter = read_official_adapter(write_adapter(tmp_path / "adapter", state, weights), base.config, "the base",
-                                    DEFAULTS)  # fmt: skip
+    adapter = read_official_adapter(write_adapter(tmp_path / "adapter", state, weights), base.config, "the base")  # fmt: skip
     assert adapter.settings == {
         "num_experts": 4, "expert_rank": 4, "expert_alpha": 32, "expert_dropout": 0.05, "lbc_delta": 0.1,
         "lbc_loss_coef": 0.1, "sites": ["gate_proj", "up_proj", "down_proj"],
@@ -103,7 +101,7 @@ def test_imported_sites_compute_what_the_official_code_computes(base, tmp_path, 
 
 
 def test_pesc_names_sit_beside_the_linear(base, tmp_path):
-    adapter = read_official_adapter(write_adapter(tmp_path / "a", official_state(base)), base.config, "b", DEFAULTS)
+    adapter = read_official_adapter(write_adapter(tmp_path / "a", official_state(base)), base.config, "b")
     assert expert_tensor_name(1, "down_proj", "experts_B") == "model.layers.1.mlp.loramoe_down_proj.experts_B.weight"
     assert adapter.tensors[expert_tensor_name(0, "gate_proj", "experts_A")].shape == (4 * 4, 64)
     assert adapter.tensors[expert_tensor_name(0, "down_proj", "experts_B")].shape == (64, 4 * 4)
@@ -112,13 +110,13 @@ def test_pesc_names_sit_beside_the_linear(base, tmp_path):
 def test_official_script_settings_are_kept_and_missing_ones_defaulted(base, tmp_path):
     """The public run_loramoe.sh sets blc_alpha = blc_weight = 0: an import keeps what the adapter was trained with."""
     folder = write_adapter(tmp_path / "a", official_state(base), blc_alpha=0.0, blc_weight=0.0, lora_dropout=None)
-    settings = read_official_adapter(folder, base.config, "b", DEFAULTS).settings
+    settings = read_official_adapter(folder, base.config, "b").settings
     assert (settings["lbc_delta"], settings["lbc_loss_coef"], settings["expert_dropout"]) == (0.0, 0.0, 0.05)
 
 
 def _error(folder, base, *phrases):
     with pytest.raises(PescError) as raised:
-        read_official_adapter(folder, base.config, "the base", DEFAULTS)
+        read_official_adapter(folder, base.config, "the base")
     message = str(raised.value)
     assert "\n" not in message
     for phrase in phrases:
@@ -155,7 +153,7 @@ def test_odd_lora_nums_with_the_constraint_on_is_refused(base, tmp_path):
     state = official_state(base, num_experts=5)
     _error(write_adapter(tmp_path / "a", state, lora_nums=5), base, "odd lora_nums (5)", "blc_weight 0.1")
     adapter = read_official_adapter(write_adapter(tmp_path / "b", state, lora_nums=5, blc_weight=0.0), base.config,
-                                    "b", DEFAULTS)  # fmt: skip
+                                    "b")  # fmt: skip
     assert adapter.settings["num_experts"] == 5
 
 

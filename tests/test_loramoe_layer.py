@@ -12,7 +12,6 @@ from pesc.modeling.modeling_loramoe import (
     init_loramoe_weights,
     localized_balancing_loss,
     official_lbc_groups,
-    sample_index_of_tokens,
 )
 
 IN, OUT, N, R, ALPHA = 12, 20, 6, 4, 32.0
@@ -117,23 +116,29 @@ def test_gradient_reaches_router_and_experts():
 # ---------------------------------------------------------------------------------------
 # The localized balancing constraint
 # ---------------------------------------------------------------------------------------
+def sample_index_of_tokens(batch: int, seq: int) -> torch.Tensor:
+    """A padded batch's sample of each token: row b is sample b."""
+    return torch.arange(batch).repeat_interleave(seq)
+
+
 def _lbc_by_hand(site_logits, sample_of_token, types, groups, delta, keep, reduction) -> float:
     """Issue #12's LBC, entry by entry in float64: Q[m][n] summed over sample m's kept tokens,
     I[m][n] = 1 + delta if n is in the group of m's type else 1 - delta, cv^2 of Z = I * Q."""
     losses = []
     num_samples = len(types)
     for logits in site_logits:
-        q = [[0.0] * N for _ in range(num_samples)]
+        experts = logits.shape[-1]
+        q = [[0.0] * experts for _ in range(num_samples)]
         for t, row in enumerate(logits.double()):
             if not keep[t]:
                 continue
             exps = [math.exp(v) for v in row.tolist()]
-            for n in range(N):
+            for n in range(experts):
                 q[sample_of_token[t]][n] += exps[n] / sum(exps)
         z = []
         for m in range(num_samples):
             group = groups[types[m]] if 0 <= types[m] < len(groups) else ()
-            z += [(1 + delta if n in group else 1 - delta) * q[m][n] for n in range(N)]
+            z += [(1 + delta if n in group else 1 - delta) * q[m][n] for n in range(experts)]
         mean = sum(z) / len(z)
         var = sum((v - mean) ** 2 for v in z) / (len(z) - 1)
         losses.append(var / (mean**2 + 1e-10))
@@ -187,12 +192,6 @@ def test_padding_changes_the_lbc_only_when_included():
     included = [localized_balancing_loss([x], *args) for x in (logits, other)]
     assert excluded[0].item() == excluded[1].item()
     assert included[0].item() != pytest.approx(included[1].item(), rel=1e-3)
-
-
-def test_packed_batch_tells_samples_apart_by_position_ids():
-    positions = torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2, 3]])
-    assert sample_index_of_tokens(1, 9, positions).tolist() == [0, 0, 0, 1, 1, 2, 2, 2, 2]
-    assert sample_index_of_tokens(2, 3).tolist() == [0, 0, 0, 1, 1, 1]
 
 
 def test_lbc_is_zero_for_uniform_routing_without_delta():

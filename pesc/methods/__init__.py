@@ -7,10 +7,11 @@ import difflib
 
 from pesc.errors import PescError
 from pesc.methods.base import Method, SampleField, Setting, check_flags
+from pesc.methods.loramoe import LORAMOE
 from pesc.methods.pesc import PESC
 
 DEFAULT_METHOD = "pesc"
-METHODS: dict[str, Method] = {PESC.name: PESC}
+METHODS: dict[str, Method] = {PESC.name: PESC, LORAMOE.name: LORAMOE}
 
 
 def register_method(method: Method) -> Method:

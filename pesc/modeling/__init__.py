@@ -2,12 +2,13 @@
 modeling_<m>.py. These files ship inside every checkpoint of their method.
 
 Importing this package registers the classes with the transformers Auto* factories, so
-`AutoModelForCausalLM.from_pretrained` works on a PESC checkpoint without remote code
+`AutoModelForCausalLM.from_pretrained` works on a PESC or LoRAMoE checkpoint without remote code
 whenever pesc is installed, and `save_pretrained` copies the model code into the folder.
 """
 
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from .configuration_loramoe import LoramoeConfig
 from .configuration_pesc import PescConfig
 from .modeling_pesc import (
     PescAdapter,
@@ -17,14 +18,18 @@ from .modeling_pesc import (
     PescRouter,
     init_expert_weights,
 )
+from .modeling_loramoe import LoramoeForCausalLM
 from .moe_core import RoutingRecord, attach_sibling, emit_routing_record, load_balancing_loss, record_routing
 
-AutoConfig.register(PescConfig.model_type, PescConfig, exist_ok=True)
-AutoModelForCausalLM.register(PescConfig, PescForCausalLM, exist_ok=True)
-PescConfig.register_for_auto_class()
-PescForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+for config_class, model_class in ((PescConfig, PescForCausalLM), (LoramoeConfig, LoramoeForCausalLM)):
+    AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
+    AutoModelForCausalLM.register(config_class, model_class, exist_ok=True)
+    config_class.register_for_auto_class()
+    model_class.register_for_auto_class("AutoModelForCausalLM")
 
 __all__ = [
+    "LoramoeConfig",
+    "LoramoeForCausalLM",
     "PescAdapter",
     "PescConfig",
     "PescForCausalLM",

@@ -23,14 +23,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .configuration_loramoe import SITE_PARENTS, LoramoeConfig
+from .moe_core import MoEForCausalLM, attach_sibling, emit_routing_record
+
 # Added to the denominator of the LBC, as the official code's cv_squared.
 _LBC_EPS = 1e-10
-# The linears a LoRAMoE site may sit on, and the module of a decoder layer that holds each.
-SITE_PARENTS = {
-    "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp",
-    "q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
-}  # fmt: skip
-OFFICIAL_SITES = ("gate_proj", "up_proj", "down_proj")
 
 
 class LoramoeRouter(nn.Linear):
@@ -48,8 +45,10 @@ class LoramoeExpertsB(nn.Linear):
 class LoramoeExperts(nn.Module):
     """A router and N LoRA experts beside one linear: adds sum_i p_i * B_i A_i dropout(x) * alpha / r to its output."""
 
-    def __init__(self, in_features: int, out_features: int, num_experts: int, rank: int, alpha: float, dropout: float):
+    def __init__(self, in_features: int, out_features: int, num_experts: int, rank: int, alpha: float, dropout: float,
+                 site: str = "", layer_idx: int = 0):  # fmt: skip
         super().__init__()
+        self.site, self.layer_idx = site, layer_idx  # what its routing records say
         self.num_experts = num_experts
         self.rank = rank
         self.scaling = alpha / rank
@@ -79,6 +78,12 @@ class LoramoeExperts(nn.Module):
         else:  # experts kept in float32 beside a half-precision (or 4-bit) linear, as QLoRA training has them
             out = base + self.experts_B(scaled).to(base.dtype)
         return out.view(linear_output.shape), router_logits
+
+    def linear_output_hook(self, linear: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        """The forward hook on the site's linear (moe_core.attach_sibling): its output plus the experts'."""
+        out, router_logits = self(args[0], output)
+        emit_routing_record(self.site, self.layer_idx, router_logits)
+        return out
 
 
 @torch.no_grad()
@@ -171,23 +176,57 @@ def localized_balancing_loss(
     return stacked.sum() if reduction == "sum" else stacked.mean()
 
 
-def sample_index_of_tokens(batch_size: int, seq_len: int, position_ids: torch.Tensor | None = None) -> torch.Tensor:
-    """Which sample each token of the flattened [batch, seq] batch belongs to.
+class LoramoeForCausalLM(MoEForCausalLM):
+    """Causal LM of a dense family with a LoRAMoE site (router + N LoRA experts) beside each of the `sites`
+    linears of every layer (moe_core.MoEForCausalLM: the family's own modules run unchanged)."""
 
-    A padded batch: row b is sample b. A packed batch (one row, several sequences told apart by
-    position_ids restarting at 0): each restart begins the next sample.
-    """
-    if batch_size == 1 and position_ids is not None:
-        starts = (position_ids.reshape(-1) == 0).long()
-        starts[0] = 1
-        return starts.cumsum(0) - 1
-    device = position_ids.device if position_ids is not None else None
-    return torch.arange(batch_size, device=device).repeat_interleave(seq_len)
+    config_class = LoramoeConfig
+    method_label = "LoRAMoE"
+    sample_fields = ("task_type",)
+
+    def add_method_modules(self, layer: nn.Module, layer_idx: int, config: LoramoeConfig) -> None:
+        for site in config.sites:
+            parent = getattr(layer, SITE_PARENTS[site], None)
+            linear = getattr(parent, site, None)
+            if not isinstance(linear, nn.Linear):
+                raise ValueError(
+                    f"LoRAMoE cannot wrap model family {config.base_model_type!r}: its decoder layers have no linear "
+                    f"{SITE_PARENTS[site]}.{site}"
+                )
+            experts = LoramoeExperts(linear.in_features, linear.out_features, config.num_experts, config.expert_rank,
+                                     config.expert_alpha, config.expert_dropout, site, layer_idx)  # fmt: skip
+            attach_sibling(parent, site, f"loramoe_{site}", experts, "output")
+
+    def init_method_module(self, module: nn.Module) -> bool:
+        """Routers and A kaiming-uniform, B zero (the official init); their containers nothing."""
+        if isinstance(module, (LoramoeRouter, LoramoeExpertsA, LoramoeExpertsB)):
+            init_loramoe_weights(module)
+        return isinstance(module, (LoramoeRouter, LoramoeExpertsA, LoramoeExpertsB, LoramoeExperts))
+
+    def aux_loss_coefficients(self) -> dict[str, float]:
+        return {"lbc_loss": self.config.lbc_loss_coef}
+
+    def compute_aux_losses(self, records, attention_mask, sample_values) -> dict:
+        """`lbc_loss` when the batch's task types are given (never at inference, which has none)."""
+        token_types = sample_values.get("task_type")
+        if token_types is None:
+            return {}
+        sample_index = sample_values["sample_index"]
+        num_samples = int(sample_index.max()) + 1
+        sample_types = token_types.new_zeros(num_samples).scatter_(0, sample_index, token_types)
+        token_weight = None
+        if not self.config.lbc_include_padding and attention_mask is not None and attention_mask.dim() == 2:
+            if attention_mask.numel() == sample_index.numel():
+                token_weight = attention_mask.reshape(-1)
+        config = self.config
+        groups = config.lbc_groups or official_lbc_groups(config.num_experts)
+        loss = localized_balancing_loss([record.logits for record in records], sample_index, sample_types, groups,
+                                        config.lbc_delta, token_weight, config.lbc_reduction)  # fmt: skip
+        return {"lbc_loss": loss}
 
 
 __all__ = [
-    "OFFICIAL_SITES",
-    "SITE_PARENTS",
+    "LoramoeForCausalLM",
     "LoramoeExperts",
     "LoramoeExpertsA",
     "LoramoeExpertsB",
@@ -197,5 +236,4 @@ __all__ = [
     "lbc_importance",
     "localized_balancing_loss",
     "official_lbc_groups",
-    "sample_index_of_tokens",
 ]
