@@ -14,9 +14,9 @@ SITE_PARENTS = {
 }  # fmt: skip
 OFFICIAL_SITES = ("gate_proj", "up_proj", "down_proj")
 
-# The LoRAMoE settings with the paper's values; everything else belongs to the dense family.
+# The LoRAMoE settings with the paper's values (FlatMoEConfig adds base_model_type, moe_dtype and
+# output_router_logits); everything else belongs to the dense family.
 LORAMOE_DEFAULTS = {
-    "base_model_type": "llama",
     "num_experts": 6,
     "expert_rank": 4,
     "expert_alpha": 32,
@@ -27,8 +27,6 @@ LORAMOE_DEFAULTS = {
     "lbc_groups": None,  # None: the official halves (type 0 the last N/2 experts, type 1 the first N/2)
     "lbc_reduction": "sum",
     "lbc_include_padding": False,
-    "moe_dtype": None,
-    "output_router_logits": False,
 }
 
 
