@@ -6,11 +6,9 @@ reversing: type 0). The questions are those of data/make_tiny_instruct.py. Run
 `python data/make_tiny_two_tasks.py` to rebuild the file (same output every time).
 """
 
-import json
 import random
-from pathlib import Path
 
-from make_tiny_instruct import TASKS, capital
+from make_tiny_instruct import TASKS, capital, write_jsonl
 
 
 def make_rows(n: int = 240, seed: int = 1) -> list[dict]:
@@ -26,11 +24,7 @@ def make_rows(n: int = 240, seed: int = 1) -> list[dict]:
 
 
 def main() -> None:
-    out = Path(__file__).with_name("tiny_two_tasks.jsonl")
-    with out.open("w", encoding="utf-8") as f:
-        for row in make_rows():
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    print(f"wrote {out} ({out.stat().st_size} bytes)")
+    write_jsonl(make_rows(), "tiny_two_tasks.jsonl")
 
 
 if __name__ == "__main__":

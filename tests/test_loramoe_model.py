@@ -182,6 +182,20 @@ def test_import_errors_write_nothing(capsys, tmp_path, tiny_llama_dir, tiny_dens
     assert_nothing_left(tmp_path)
 
 
+def run_standalone(folder, ids, new_tokens: int) -> dict:
+    """Logits and greedy generation of the checkpoint in `folder`, in an interpreter where pesc cannot be imported."""
+    return run_without_pesc(f"""
+        import torch
+        from transformers import AutoModelForCausalLM
+        model = AutoModelForCausalLM.from_pretrained({str(folder)!r}, trust_remote_code=True, dtype=torch.float32).eval()
+        ids = torch.tensor({ids.tolist()})
+        with torch.no_grad():
+            logits = model(ids).logits
+            generated = model.generate(ids, max_new_tokens={new_tokens}, do_sample=False)
+        emit({{"class": type(model).__name__, "logits": logits.tolist(), "generated": generated.tolist()}})
+    """)
+
+
 def test_imported_checkpoint_runs_without_pesc(capsys, tmp_path, tiny_llama_dir, official_adapter):
     adapter, _ = official_adapter
     code, _, err = run_cli(capsys, "import", "loramoe", adapter, tmp_path / "out", "--base", tiny_llama_dir)
@@ -191,17 +205,7 @@ def test_imported_checkpoint_runs_without_pesc(capsys, tmp_path, tiny_llama_dir,
     with torch.no_grad():
         logits = model(ids).logits
         generated = model.generate(ids, max_new_tokens=5, do_sample=False)
-    result = run_without_pesc(f"""
-        import torch
-        from transformers import AutoModelForCausalLM
-        model = AutoModelForCausalLM.from_pretrained({str(tmp_path / "out")!r}, trust_remote_code=True,
-                                                     dtype=torch.float32).eval()
-        ids = torch.tensor({ids.tolist()})
-        with torch.no_grad():
-            logits = model(ids).logits
-            generated = model.generate(ids, max_new_tokens=5, do_sample=False)
-        emit({{"class": type(model).__name__, "logits": logits.tolist(), "generated": generated.tolist()}})
-    """)
+    result = run_standalone(tmp_path / "out", ids, 5)
     assert result["class"] == "LoramoeForCausalLM"
     assert torch.equal(torch.tensor(result["logits"]), logits)
     assert result["generated"] == generated.tolist()
@@ -285,17 +289,7 @@ def test_export_loads_and_generates_without_pesc(capsys, loramoe_run, tmp_path):
     ids = _ids(1, 6)
     with torch.no_grad():
         trained = peft_model(input_ids=ids).logits
-    result = run_without_pesc(f"""
-        import torch
-        from transformers import AutoModelForCausalLM
-        model = AutoModelForCausalLM.from_pretrained({str(tmp_path / "export")!r}, trust_remote_code=True,
-                                                     dtype=torch.float32).eval()
-        ids = torch.tensor({ids.tolist()})
-        with torch.no_grad():
-            logits = model(ids).logits
-            generated = model.generate(ids, max_new_tokens=4, do_sample=False)
-        emit({{"logits": logits.tolist(), "generated": generated.tolist()}})
-    """)
+    result = run_standalone(tmp_path / "export", ids, 4)
     # the LoRA merged into o_proj in float32: equal to the unmerged model up to float32 rounding
     torch.testing.assert_close(torch.tensor(result["logits"]), trained, rtol=1e-4, atol=1e-4)
     assert len(result["generated"][0]) == 6 + 4
