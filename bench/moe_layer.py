@@ -31,6 +31,7 @@ grouped-query heads, head_dim 64, plus the FFN), its weights frozen as training 
     python bench/moe_layer.py --device cuda --hidden 1024 4096 --tokens 2048 8192
     python bench/moe_layer.py --methods mov molora --dtype float32 --hidden 1024 2048
     python bench/moe_layer.py --moelora --hidden 1024 2048     # the MoELoRA site table instead (bench_moelora)
+    python bench/moe_layer.py --methods loramoe --dtype float32 bfloat16   # LoRAMoE's three FFN sites (moe_layer_loramoe.py)
 """
 
 import argparse
@@ -42,6 +43,9 @@ import torch
 import torch.nn.functional as F
 from transformers.models.llama.modeling_llama import LlamaConfig, LlamaDecoderLayer, LlamaMLP, LlamaRotaryEmbedding
 
+from moe_layer_loramoe import HEADER as LORAMOE_HEADER
+from moe_layer_loramoe import add_arguments as add_loramoe_arguments
+from moe_layer_loramoe import loramoe_row
 from pesc.modeling import PescConfig
 from pesc.modeling.modeling_molora import MoLoRAExperts
 from pesc.modeling.modeling_mov import MoVScaling
@@ -210,7 +214,7 @@ def pesc_table(args, devices) -> None:
     )
     rows = []
     for device_name, dtype_name, hidden, tokens, adapter_dim in itertools.product(
-        devices, args.dtype, args.hidden, args.tokens, args.adapter_dim
+        devices, args.dtype, args.hidden, args.tokens, args.adapter_dim if "pesc" in args.method else []
     ):
         device = torch.device(device_name)
         dtype = DTYPES[dtype_name]
@@ -400,7 +404,7 @@ def soft_table(args, devices) -> None:
               "| ours/dense | loop/dense | loop/ours | lora16/dense |")
     rows = []
     for device_name, dtype_name, hidden, tokens, method in itertools.product(
-        devices, args.dtype, args.hidden, args.tokens, [m for m in args.methods if m != "pesc"]
+        devices, args.dtype, args.hidden, args.tokens, [m for m in args.methods if m in ("mov", "molora")]
     ):
         device = torch.device(device_name)
         dtype = DTYPES[dtype_name]
@@ -453,7 +457,8 @@ def print_table(header: str, rows: list) -> None:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--methods", nargs="+", default=["pesc", "mov", "molora"], choices=["pesc", "mov", "molora"])
+    parser.add_argument("--methods", nargs="+", default=["pesc", "mov", "molora"],
+                        choices=["pesc", "mov", "molora", "loramoe"])
     parser.add_argument("--device", nargs="+", default=None, help="cpu, cuda (default: cpu, plus cuda if available)")
     parser.add_argument("--hidden", type=int, nargs="+", default=[1024])
     parser.add_argument("--intermediate", type=int, default=None, help="default: ~8/3 x hidden rounded to 256")
@@ -475,6 +480,7 @@ def main(argv=None):
     parser.add_argument("--dropout", type=float, default=0.1, help="adapter dropout of the 'pesc dropout' timing")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--moelora", action="store_true", help="time a MoELoRA site instead (see bench_moelora)")
+    add_loramoe_arguments(parser)
     args = parser.parse_args(argv)
 
     if args.threads:
@@ -488,8 +494,26 @@ def main(argv=None):
     print()
     if "pesc" in args.methods:
         pesc_table(args, devices)
-    if set(args.methods) - {"pesc"}:
+    if set(args.methods) & {"mov", "molora"}:
         soft_table(args, devices)
+    if "loramoe" in args.methods:
+        loramoe_table(args, devices)
+
+
+def loramoe_table(args, devices) -> None:
+    """LoRAMoE's rows (bench/moe_layer_loramoe.py): its three FFN sites against the dense FFN and the official loop."""
+    rows = []
+    for device_name, dtype_name, hidden, tokens in itertools.product(devices, args.dtype, args.hidden, args.tokens):
+        repeats, warmup, inner = run_settings(args, torch.device(device_name))
+        intermediate = args.intermediate or intermediate_for(hidden)
+        rows.append(loramoe_row(args, device_name, DTYPES[dtype_name], dtype_name, hidden, intermediate, tokens,
+                                time_fwd_bwd, (warmup, repeats, inner)))
+        print(f"row {rows[-1]}", flush=True)
+    print()
+    print(LORAMOE_HEADER)
+    print("|" + "---|" * (LORAMOE_HEADER.count("|") - 1))
+    for row in rows:
+        print(row)
 
 
 def format_row(device_name, dtype_name, hidden, intermediate, tokens, adapter_dim, t) -> str:

@@ -69,12 +69,17 @@ def make_rows(n: int = 300, seed: int = 0) -> list[dict]:
     return rows
 
 
-def main() -> None:
-    out = Path(__file__).with_name("tiny_instruct.jsonl")
+def write_jsonl(rows: list[dict], name: str) -> None:
+    """The rows as JSON lines in data/NAME."""
+    out = Path(__file__).with_name(name)
     with out.open("w", encoding="utf-8") as f:
-        for row in make_rows():
+        for row in rows:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
     print(f"wrote {out} ({out.stat().st_size} bytes)")
+
+
+def main() -> None:
+    write_jsonl(make_rows(), "tiny_instruct.jsonl")
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ new tensors (or the largest tensor of a `.bin`), whatever the model's depth.
 from __future__ import annotations
 
 import errno
+import functools
 import json
 import math
 import os
@@ -615,9 +616,10 @@ def link_or_copy(src: Path, dst: Path, progress=None, notice: Callable[[str], No
     return True
 
 
-def _write_expert_shard(path: Path, shard: ExpertShard, method, config, seed: int, progress=None) -> None:
+def _write_expert_shard(path: Path, shard: ExpertShard, layer_state: Callable[[int], dict], progress=None) -> None:
     """Write each layer's added tensors while workers already draw the next layers'.
 
+    `layer_state(layer_idx)` gives one layer's tensors (convert: the method's seeded `initial_state`).
     At most 1 + _DRAW_AHEAD layers are in memory; every layer has its own seeded RNG, so
     drawing ahead, in any number of threads, changes no value.
     """
@@ -629,7 +631,7 @@ def _write_expert_shard(path: Path, shard: ExpertShard, method, config, seed: in
             if layer not in drawn:
                 position = layers.index(layer)
                 drawn = {
-                    upcoming: drawn.get(upcoming) or pool.submit(method.initial_state, config, upcoming, seed)
+                    upcoming: drawn.get(upcoming) or pool.submit(layer_state, upcoming)
                     for upcoming in layers[position : position + 1 + _DRAW_AHEAD]
                 }
             yield drawn[layer].result().pop(name)
@@ -793,19 +795,22 @@ def write_rest(
     card=None,
     marker_file: str = MARKER_FILE,
     written_by: str = "pesc convert",
+    layer_state: Callable[[int], dict] | None = None,
 ) -> ConvertResult:
     """The expert shards (while the base shards are still being written), then index, config, code, card.
 
-    `card` (default: the converted model's) and the marker let an import reuse the same writer."""
+    `card` (default: the converted model's), the marker and `layer_state` (each layer's added tensors by
+    their names inside the layer; default: the method's seeded draw) let an import reuse the same writer."""
     from pesc import __version__
 
     config = plan.config
+    if layer_state is None:
+        layer_state = functools.partial(plan.settings.method.initial_state, config, seed=plan.settings.seed)
     weight_map: dict[str, str] = {}
     total_size = 0
     for number, shard in enumerate(plan.expert_shards, len(plan.sources) + 1):
         base.check()  # a failed copy stops the conversion now
-        _write_expert_shard(folder / plan.shard_name(number), shard, plan.settings.method, config, plan.settings.seed,
-                            progress)
+        _write_expert_shard(folder / plan.shard_name(number), shard, layer_state, progress)
         for _, _, info in shard.entries:
             weight_map[info.name] = plan.shard_name(number)
             total_size += info.nbytes

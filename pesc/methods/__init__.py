@@ -7,13 +7,14 @@ import difflib
 
 from pesc.errors import PescError
 from pesc.methods.base import Method, SampleField, Setting, check_flags
+from pesc.methods.loramoe import LORAMOE
 from pesc.methods.moelora import MOELORA
 from pesc.methods.molora import MOLORA
 from pesc.methods.mov import MOV
 from pesc.methods.pesc import PESC
 
 DEFAULT_METHOD = "pesc"
-METHODS: dict[str, Method] = {method.name: method for method in (PESC, MOV, MOLORA, MOELORA)}
+METHODS: dict[str, Method] = {method.name: method for method in (PESC, LORAMOE, MOV, MOLORA, MOELORA)}
 
 
 def register_method(method: Method) -> Method:

@@ -2,13 +2,14 @@
 modeling_<m>.py. These files ship inside every checkpoint of their method.
 
 Importing this package registers the classes with the transformers Auto* factories, so
-`AutoModelForCausalLM.from_pretrained` works on a checkpoint of a shipped method (PESC, MoV,
-MoLoRA) without remote code whenever pesc is installed, and `save_pretrained` copies the model
-code into the folder.
+`AutoModelForCausalLM.from_pretrained` works on a checkpoint of a shipped method (PESC, LoRAMoE,
+MoV, MoLoRA, MoELoRA) without remote code whenever pesc is installed, and `save_pretrained` copies the
+model code into the folder.
 """
 
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from .configuration_loramoe import LoramoeConfig
 from .configuration_moelora import MoELoraConfig
 from .configuration_molora import MoLoRAConfig
 from .configuration_mov import MoVConfig
@@ -24,10 +25,12 @@ from .modeling_pesc import (
     PescRouter,
     init_expert_weights,
 )
+from .modeling_loramoe import LoramoeForCausalLM
 from .moe_core import RoutingRecord, attach_sibling, emit_routing_record, load_balancing_loss, record_routing
 
 for _config_class, _model_class in (
     (PescConfig, PescForCausalLM),
+    (LoramoeConfig, LoramoeForCausalLM),
     (MoVConfig, MoVForCausalLM),
     (MoLoRAConfig, MoLoRAForCausalLM),
     (MoELoraConfig, MoELoraForCausalLM),
@@ -38,6 +41,8 @@ for _config_class, _model_class in (
     _model_class.register_for_auto_class("AutoModelForCausalLM")
 
 __all__ = [
+    "LoramoeConfig",
+    "LoramoeForCausalLM",
     "MoELoraConfig",
     "MoELoraForCausalLM",
     "MoLoRAConfig",

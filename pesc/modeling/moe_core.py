@@ -476,7 +476,8 @@ class MoEForCausalLM(MoEPreTrainedModel, GenerationMixin):
         return {}
 
     def compute_aux_losses(self, records: tuple, attention_mask, sample_values: dict) -> dict[str, torch.Tensor]:
-        """The method's named aux losses from this forward's routing records (and per-token sample values)."""
+        """The method's named aux losses from this forward's routing records and per-token sample values (each
+        given field's value at every token, and `sample_index`: the sample each token belongs to)."""
         return {}
 
     def get_input_embeddings(self):
@@ -546,6 +547,11 @@ class MoEForCausalLM(MoEPreTrainedModel, GenerationMixin):
                 name: per_token(value.to(records[0].logits.device), tokens, attention_mask, position_ids)
                 for name, value in samples.items()
             }
+            if samples:  # which sample each token belongs to, told apart by the same rule
+                count = next(iter(samples.values())).numel()
+                sample_values["sample_index"] = per_token(
+                    torch.arange(count, device=records[0].logits.device), tokens, attention_mask, position_ids
+                )
             aux_losses = self.compute_aux_losses(records, attention_mask, sample_values)
             if self.training:
                 self._warn_if_router_gradient_lost(router_logits)

@@ -1,0 +1,172 @@
+"""LoRAMoE (Dou et al., arXiv 2312.09979): a router and N LoRA experts beside each FFN linear, all experts
+active, with the localized balancing constraint over task types (docs/methods/loramoe.md).
+
+The shipped code is pesc/modeling/{configuration,modeling}_loramoe.py; official adapters import with
+pesc/loramoe_import.py.
+"""
+
+import functools
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from pesc.errors import PescError
+from pesc.methods.base import Method, SampleField, Setting
+
+# The official code's task types: 1 = world knowledge (closed-book QA), 0 = every other task.
+TASK_TYPE_NAMES = {"task": 0, "knowledge": 1}
+
+
+@dataclass(frozen=True)
+class TaskTypeField(SampleField):
+    """`task_type`: a name (`task` = 0, `knowledge` = 1, the official types) or an integer >= 0 (an index into
+    `lbc_groups`, for more than two types)."""
+
+    def encode(self, value, where: str) -> int:
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+            return value
+        if value in self.values:
+            return self.values[value]
+        raise PescError(
+            f"{where}: {self.name} {value!r} is not {', '.join(self.values)} or an integer >= 0 (an index into lbc_groups)"
+        )
+
+
+def _truthy(value, where: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    words = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
+    if str(value).strip().lower() not in words:
+        raise PescError(f"{where} must be true or false, got {value!r}")
+    return words[str(value).strip().lower()]
+
+
+class Loramoe(Method):
+    name = "loramoe"
+    label = "LoRAMoE"
+    description = (
+        "LoRAMoE (arXiv 2312.09979): a router and N LoRA experts beside each FFN linear, dense softmax over "
+        "all experts; aux loss: localized balancing constraint over task types (lbc_loss)"
+    )
+    settings = (
+        Setting("num_experts", (int,), 6, "LoRA experts per site", bounds="positive", structural=True),
+        Setting("expert_rank", (int,), 4, "rank r of every LoRA expert", bounds="positive", structural=True),
+        Setting("expert_alpha", (int, float), 32, "LoRA alpha of the experts (output scaled by alpha / r)",
+                bounds="positive-number", structural=True),
+        Setting("expert_dropout", (int, float), 0.05, "dropout on the experts' input", bounds="fraction"),
+        Setting("sites", (list, str), ["gate_proj", "up_proj", "down_proj"],
+                "linears that get experts (a list, or comma-separated on the command line)", structural=True),
+        Setting("lbc_delta", (int, float), 0.1, "delta of the localized balancing constraint", bounds="fraction"),
+        Setting("lbc_loss_coef", (int, float), 0.1, "beta: weight of lbc_loss in the training loss",
+                bounds="non-negative"),
+        Setting("lbc_groups", (list, str), None,
+                "experts of each task type's group, a list of lists (JSON on the command line); "
+                "default: the official halves"),
+        Setting("lbc_reduction", (str,), "sum", "reduction of the constraint over sites and layers",
+                choices=("sum", "mean")),
+        Setting("lbc_include_padding", (bool, str), False, "sum router weights over padding tokens too (official)"),
+    )
+    modeling_dir = Path(__file__).resolve().parent.parent / "modeling"
+    modeling_files = ("moe_core.py", "configuration_loramoe.py", "modeling_loramoe.py")
+    prefix = "loramoe_"
+    sample_fields = (
+        TaskTypeField("task_type", values=TASK_TYPE_NAMES, required=True,
+                      help="task, knowledge, or an integer index into lbc_groups"),
+    )  # fmt: skip
+    card_tags = ("loramoe", "lora-experts")
+
+    # The classes are imported on first use: listing the methods (the CLI's flags) must not import torch.
+    @property
+    def config_class(self):
+        from pesc.modeling.configuration_loramoe import LoramoeConfig
+
+        return LoramoeConfig
+
+    @property
+    def model_class(self):
+        from pesc.modeling.modeling_loramoe import LoramoeForCausalLM
+
+        return LoramoeForCausalLM
+
+    @property
+    def zero3_leaf_modules(self):
+        from pesc.modeling.modeling_loramoe import LoramoeExperts
+
+        return (LoramoeExperts,)
+
+    def check_settings(self, values: dict) -> None:
+        """Command-line strings to their values, then what the config refuses (one line, naming the setting)."""
+        if isinstance(values["sites"], str):
+            values["sites"] = [site.strip() for site in values["sites"].split(",") if site.strip()]
+        if isinstance(values["lbc_groups"], str):
+            try:
+                values["lbc_groups"] = json.loads(values["lbc_groups"])
+            except ValueError:
+                raise PescError(f"lbc_groups must be a JSON list of lists, got {values['lbc_groups']!r}") from None
+        values["lbc_include_padding"] = _truthy(values["lbc_include_padding"], "lbc_include_padding")
+        try:
+            self.config_class(**{s.field: values[s.name] for s in self.settings if s.field is not None})
+        except ValueError as error:
+            raise PescError(str(error)) from None
+
+    def default_lora_targets(self, config) -> list[str]:
+        """None: LoRAMoE trains only its routers and experts, as the official code does."""
+        return []
+
+    def initial_state(self, config, layer_idx: int, seed: int) -> dict:
+        """Each site's router and A drawn kaiming-uniform (a=sqrt 5) from the layer's seeded generator, B zero."""
+        import torch
+
+        from pesc.modeling.configuration_loramoe import SITE_PARENTS
+        from pesc.modeling.modeling_loramoe import LoramoeExperts, init_loramoe_weights
+        from pesc.upcycling import layer_generator
+
+        generator = layer_generator(seed, layer_idx)
+        dtype = getattr(torch, config.moe_dtype) if config.moe_dtype else torch.float32
+        shapes = site_shapes(config)
+        state = {}
+        for site in config.sites:
+            in_features, out_features = shapes[site]
+            module = LoramoeExperts(in_features, out_features, config.num_experts, config.expert_rank,
+                                    config.expert_alpha, 0.0)  # fmt: skip
+            init_loramoe_weights(module, generator)
+            prefix = f"{SITE_PARENTS[site]}.loramoe_{site}"
+            for name, tensor in module.state_dict().items():
+                state[f"{prefix}.{name}"] = tensor.to(dtype)
+        return state
+
+    def card_text(self, config, base_model: str, converted: bool = False) -> str:
+        state = (
+            " The experts' B matrices start at zero, so this checkpoint computes exactly what the base model "
+            "computes until it is trained (`pesc train`)." if converted else ""
+        )
+        return (
+            f"A LoRAMoE model (arXiv 2312.09979) made from the dense {base_model} with pesc: each of "
+            f"{', '.join(f'`{s}`' for s in config.sites)} in every layer has a router and {config.num_experts} LoRA "
+            f"experts of rank {config.expert_rank} beside it, all active for every token (dense softmax), trained "
+            "with the localized balancing constraint over task types. The base tensors keep their names; each site "
+            "adds `loramoe_<linear>.router.weight`, `.experts_A.weight` (the experts' A stacked) and "
+            f"`.experts_B.weight` (their B side by side).{state}"
+        )
+
+
+def site_shapes(config) -> dict[str, tuple[int, int]]:
+    """(in_features, out_features) of each site's linear in a model of `config`."""
+    return dict(_site_shapes(config.to_json_string(use_diff=False)))
+
+
+@functools.lru_cache(maxsize=4)
+def _site_shapes(config_json: str) -> tuple:
+    """Read off a model built on the meta device, once per config (convert asks for every layer)."""
+    import torch
+
+    from pesc.modeling.configuration_loramoe import SITE_PARENTS
+
+    config = LORAMOE.config_class.from_dict(json.loads(config_json))
+    with torch.device("meta"):
+        layer = LORAMOE.model_class(config).model.layers[0]
+    linears = {site: getattr(getattr(layer, SITE_PARENTS[site]), site) for site in config.sites}
+    return tuple((site, (linear.in_features, linear.out_features)) for site, linear in linears.items())
+
+
+LORAMOE = Loramoe()
