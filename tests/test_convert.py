@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -49,8 +50,9 @@ def assert_nothing_left(parent, out_name="out"):
 
 
 def read_tensors(folder):
+    """Every tensor of a checkpoint folder, over all its safetensors shards."""
     tensors = {}
-    for path in sorted(folder.glob("*.safetensors")):
+    for path in sorted(Path(folder).glob("*.safetensors")):
         tensors.update(load_file(path))
     return tensors
 

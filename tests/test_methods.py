@@ -25,6 +25,7 @@ import pesc.modeling
 from pesc.cli import main
 from pesc.methods import METHODS, Method, SampleField, Setting, register_method
 from pesc.testing.isolated import run_without_pesc
+from test_convert import read_tensors
 
 CONFIGURATION = '''
 from .moe_core import FlatMoEConfig
@@ -143,13 +144,6 @@ def converted(toyvec, tiny_llama_dir, tmp_path_factory):
     return out
 
 
-def _tensors(folder: Path) -> dict[str, torch.Tensor]:
-    tensors = {}
-    for shard in sorted(folder.glob("*.safetensors")):
-        tensors.update(load_file(shard))
-    return tensors
-
-
 def test_convert_writes_the_method_layout_and_code(toyvec, converted, tiny_llama_dir):
     config = json.loads((converted / "config.json").read_text())
     assert config["model_type"] == "pesc_toyvec" and config["num_experts"] == 2 and config["task_loss_coef"] == 0.5
@@ -157,7 +151,7 @@ def test_convert_writes_the_method_layout_and_code(toyvec, converted, tiny_llama
                                   "AutoModelForCausalLM": "modeling_toyvec.ToyVecForCausalLM"}
     for name in toyvec.modeling_files:
         assert (converted / name).read_bytes() == (toyvec.modeling_dir / name).read_bytes()
-    tensors, dense = _tensors(converted), _tensors(Path(tiny_llama_dir))
+    tensors, dense = read_tensors(converted), read_tensors(Path(tiny_llama_dir))
     for name, tensor in dense.items():  # base tensors keep their names and bytes
         assert torch.equal(tensors[name], tensor), name
     added = sorted(set(tensors) - set(dense))
@@ -181,7 +175,7 @@ def test_inspect_counts_every_vector_active_under_dense_routing(toyvec, converte
     hidden, layers = config["hidden_size"], config["num_hidden_layers"]
     q_out = config["num_attention_heads"] * config["head_dim"]
     added = layers * 2 * (hidden + q_out)
-    dense_total = sum(t.numel() for t in _tensors(Path(tiny_llama_dir)).values())
+    dense_total = sum(t.numel() for t in read_tensors(Path(tiny_llama_dir)).values())
     assert summary["method"] == "toyvec" and summary["settings"] == {"num_experts": 2, "task_loss_coef": 0.5}
     assert summary["trainable_params"] == added
     assert summary["total_params"] == summary["active_params"] == dense_total + added
@@ -279,7 +273,7 @@ def test_export_loads_without_pesc_and_computes_the_trained_model(toyvec, toy_ru
     for name in toyvec.modeling_files:
         assert (out / name).is_file()
     trained = load_file(toy_run / "final" / "experts.safetensors")
-    exported = _tensors(out)
+    exported = read_tensors(out)
     for name, tensor in trained.items():  # the added modules as trained, bit for bit
         assert torch.equal(exported[name], tensor.float()), name
     ids = [[5, 17, 33, 2, 71, 8]]

@@ -10,13 +10,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from pesc.cli import main
 from pesc.methods.molora import MOLORA
 from pesc.modeling.modeling_molora import MoLoRAExperts
 from pesc.testing import TINY_FAMILIES
+from test_convert import read_tensors
 
 CLOSE = dict(rtol=1e-5, atol=1e-6)
 IN, OUT, EXPERTS, RANK, ALPHA = 12, 10, 5, 3, 16.0
@@ -163,13 +163,6 @@ SITES = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o
          "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
 
 
-def _tensors(folder: Path) -> dict[str, torch.Tensor]:
-    tensors = {}
-    for shard in sorted(Path(folder).glob("*.safetensors")):
-        tensors.update(load_file(shard))
-    return tensors
-
-
 @pytest.fixture(scope="module")
 def molora_checkpoints(tiny_dense_dirs, tmp_path_factory):
     """`pesc convert --method molora` (3 experts of rank 2, alpha 8, top-2 renormalised) of each tiny family."""
@@ -193,7 +186,7 @@ def test_convert_writes_the_molora_sites_with_the_seeded_draw(molora_checkpoints
     assert (config["model_type"], config["num_experts"], config["expert_rank"], config["expert_alpha"],
             config["router_topk"], config["router_topk_weights"]) == ("pesc_molora", 3, 2, 8, 2, "renormalized")
     assert config["molora_sites"] == list(SITES)
-    tensors, dense = _tensors(folder), _tensors(tiny_llama_dir)
+    tensors, dense = read_tensors(folder), read_tensors(tiny_llama_dir)
     for name, tensor in dense.items():
         assert torch.equal(tensors[name], tensor), name
     layers = config["num_hidden_layers"]
@@ -269,7 +262,7 @@ def closed_form(config: dict, experts: int, rank: int, sites, top_k: int = 0) ->
 
 def test_inspect_counts_equal_the_closed_form(molora_checkpoints, tiny_llama_dir, capsys):
     config = json.loads((molora_checkpoints["llama"] / "config.json").read_text())
-    dense_total = sum(t.numel() for t in _tensors(tiny_llama_dir).values())
+    dense_total = sum(t.numel() for t in read_tensors(tiny_llama_dir).values())
     main(["inspect", str(molora_checkpoints["llama"]), "--json"])
     summary = json.loads(capsys.readouterr().out)
     added, inactive = closed_form(config, 3, 2, SITES, top_k=2)
@@ -307,6 +300,6 @@ def test_molora_emits_a_routing_record_per_site_with_its_top_k(molora_checkpoint
 def test_the_toolkit_and_the_shipped_code_know_the_same_sites():
     """pesc/methods/molora.py keeps its own copy (importing the shipped file would load torch for the CLI)."""
     from pesc.methods.molora import SITE_PARENTS
-    from pesc.modeling.configuration_molora import MOLORA_SITE_PARENTS
+    from pesc.modeling.moe_core import LINEAR_PARENTS
 
-    assert SITE_PARENTS == MOLORA_SITE_PARENTS
+    assert SITE_PARENTS == LINEAR_PARENTS

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 from transformers.models.llama.modeling_llama import LlamaAttention, LlamaConfig, LlamaRotaryEmbedding
 
@@ -18,6 +17,7 @@ from pesc.cli import main
 from pesc.methods.mov import MOV
 from pesc.modeling.modeling_mov import MoVScaling
 from pesc.testing import TINY_FAMILIES
+from test_convert import read_tensors
 
 CLOSE = dict(rtol=1e-5, atol=1e-6)
 
@@ -151,13 +151,6 @@ def test_mov_ffn_site_rescales_down_proj_input():
 EXPERTS = 3
 
 
-def _tensors(folder: Path) -> dict[str, torch.Tensor]:
-    tensors = {}
-    for shard in sorted(Path(folder).glob("*.safetensors")):
-        tensors.update(load_file(shard))
-    return tensors
-
-
 @pytest.fixture(scope="module")
 def mov_checkpoints(tiny_dense_dirs, tmp_path_factory):
     """`pesc convert --method mov` of each tiny family (llama, mistral, qwen2: 4 heads, 2 key/value heads)."""
@@ -180,7 +173,7 @@ def test_convert_writes_the_mov_sites_with_the_seeded_draw(mov_checkpoints, tiny
     assert config["model_type"] == "pesc_mov" and config["num_experts"] == EXPERTS
     kv_heads, head_dim, intermediate = config["num_key_value_heads"], config["head_dim"], config["intermediate_size"]
     assert kv_heads < config["num_attention_heads"]  # grouped-query attention: the kv heads route
-    tensors, dense = _tensors(folder), _tensors(tiny_llama_dir)
+    tensors, dense = read_tensors(folder), read_tensors(tiny_llama_dir)
     for name, tensor in dense.items():
         assert torch.equal(tensors[name], tensor), name
     expected_shapes = {
@@ -246,7 +239,7 @@ def test_inspect_counts_equal_the_closed_form(mov_checkpoints, tiny_llama_dir, c
     """Per layer: keys and values each a router [E, head_dim] + vectors [kv_heads, E, head_dim]; the FFN a
     router [E, I] + vectors [E, I]. Dense routing: every parameter is active."""
     config = json.loads((mov_checkpoints["llama"] / "config.json").read_text())
-    dense_total = sum(t.numel() for t in _tensors(tiny_llama_dir).values())
+    dense_total = sum(t.numel() for t in read_tensors(tiny_llama_dir).values())
 
     def closed_form(experts):
         head_dim, kv_heads = config["head_dim"], config["num_key_value_heads"]

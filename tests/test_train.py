@@ -10,6 +10,7 @@ from torch import nn
 
 from pesc.errors import PescError
 from pesc.training.config import load_config, validate
+from test_convert import read_tensors
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -394,9 +395,7 @@ def test_a_run_without_lora_trains_saves_resumes_and_exports_only_the_added_modu
         torch.testing.assert_close(resumed[name], trained[name], rtol=0, atol=0, msg=name)
 
     out = export(final.parent, tmp_path / "export", dtype="float32", log=lambda message: None)
-    exported = {}
-    for shard in out.glob("*.safetensors"):
-        exported.update(load_file(shard))
+    exported = read_tensors(out)
     base = load_file(tiny_llama_dir / "model.safetensors")
     assert {k for k in exported if ".moe_adapter." not in k} == set(base) - {"lm_head.weight"} or \
         {k for k in exported if ".moe_adapter." not in k} == set(base)
