@@ -16,7 +16,6 @@ that loramoe and official give the same output and input gradient.
 """
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers.models.llama.modeling_llama import LlamaConfig, LlamaMLP
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from pesc.convert import _load_bin, read_safetensors_header
 from pesc.errors import PescError
-from pesc.modeling.configuration_loramoe import SITE_PARENTS
+from pesc.modeling.moe_core import LINEAR_PARENTS
 
 _OFFICIAL_NAME = re.compile(
     r"^(?:base_model\.model\.)?model\.layers\.(?P<layer>\d+)\.(?P<parent>\w+)\.(?P<site>\w+)\."
@@ -45,7 +45,7 @@ class OfficialAdapter:
 
 def layer_tensor_name(site: str, part: str) -> str:
     """The name, inside a decoder layer, of a site's `router`, `experts_A` or `experts_B` weight."""
-    return f"{SITE_PARENTS[site]}.loramoe_{site}.{part}.weight"
+    return f"{LINEAR_PARENTS[site]}.loramoe_{site}.{part}.weight"
 
 
 def expert_tensor_name(layer_idx: int, site: str, part: str) -> str:
@@ -54,7 +54,7 @@ def expert_tensor_name(layer_idx: int, site: str, part: str) -> str:
 
 
 def _official_name(layer_idx: int, site: str, part: str) -> str:
-    return f"base_model.model.model.layers.{layer_idx}.{SITE_PARENTS[site]}.{site}.{part}.weight"
+    return f"base_model.model.model.layers.{layer_idx}.{LINEAR_PARENTS[site]}.{site}.{part}.weight"
 
 
 def _positive_int(raw: dict, name: str, src: str) -> int:
@@ -140,7 +140,7 @@ def _group_by_site(state: dict, src: str, num_experts: int) -> dict:
     for name, tensor in state.items():
         match = _OFFICIAL_NAME.match(name)
         site = match and match["site"]
-        if not match or SITE_PARENTS.get(site) != match["parent"]:
+        if not match or LINEAR_PARENTS.get(site) != match["parent"]:
             raise PescError(
                 f"{src} holds {name}, which is not a LoRAMoE router or expert of a model layer's linear: "
                 "give an adapter saved by the official LoRAMoE code"
@@ -166,11 +166,11 @@ def read_official_adapter(adapter_dir: str | Path, base_config, base_label: str)
     num_experts, rank = settings["num_experts"], settings["expert_rank"]
     state, weights_file = _weights(folder, src)
     found = _group_by_site(state, src, num_experts)
-    sites = tuple(s for s in SITE_PARENTS if any(site == s for _, site in found))
+    sites = tuple(s for s in LINEAR_PARENTS if any(site == s for _, site in found))
     if not sites:
         raise PescError(f"{src}: {weights_file.name} holds no LoRAMoE tensors: give an adapter the official code saved")
     targets = raw.get("target_modules")
-    if isinstance(targets, list) and set(sites) != set(targets) & set(SITE_PARENTS):
+    if isinstance(targets, list) and set(sites) != set(targets) & set(LINEAR_PARENTS):
         raise PescError(
             f"{src}: adapter_config.json targets {', '.join(map(str, targets))}, but {weights_file.name} holds "
             f"experts on {', '.join(sites)}: the adapter is incomplete; save it again"

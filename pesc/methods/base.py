@@ -76,14 +76,29 @@ class Method:
     label: str  # how messages name it ("PESC")
     description: str  # one line for `pesc methods`: paper, where the experts sit, routing, aux losses
     settings: tuple[Setting, ...]
-    config_class: type
-    model_class: type
-    modeling_dir: Path  # the folder holding `modeling_files`
+    # The shipped classes as "file.Class" inside pesc/modeling, imported on first use: listing the methods (the
+    # CLI's flags) must not import torch. A method whose classes live elsewhere sets `config_class` /
+    # `model_class` / `zero3_leaf_modules` themselves instead.
+    config_class_path: str = ""
+    model_class_path: str = ""
+    zero3_leaf_module_paths: tuple[str, ...] = ()  # modules DeepSpeed ZeRO-3 must gather whole (routed blocks)
+    modeling_dir: Path = Path(__file__).resolve().parent.parent / "modeling"  # the folder holding `modeling_files`
     modeling_files: tuple[str, ...]  # shipped in every checkpoint: moe_core.py + the method's own files
     prefix: str  # the first characters of every module the method adds (PESC: "moe_adapter")
     sample_fields: tuple[SampleField, ...] = ()
     card_tags: tuple[str, ...] = ()
-    zero3_leaf_modules: tuple[type, ...] = ()  # modules DeepSpeed ZeRO-3 must gather whole (routed blocks)
+
+    @property
+    def config_class(self) -> type:
+        return _shipped_class(self.config_class_path)
+
+    @property
+    def model_class(self) -> type:
+        return _shipped_class(self.model_class_path)
+
+    @property
+    def zero3_leaf_modules(self) -> tuple[type, ...]:
+        return tuple(_shipped_class(path) for path in self.zero3_leaf_module_paths)
 
     # ---- settings ----
     def all_settings(self) -> tuple[Setting, ...]:
@@ -204,6 +219,14 @@ def check_flags(method: Method, flags: dict) -> dict:
         known = ", ".join(s.flag for s in method.all_settings())
         raise PescError(f"{flag} is not a setting of method {method.name} (its settings: {known})")
     return given
+
+
+def _shipped_class(path: str) -> type:
+    """The class "file.Class" of pesc/modeling (imported now, not when the method is declared)."""
+    import importlib
+
+    module, name = path.rsplit(".", 1)
+    return getattr(importlib.import_module(f"pesc.modeling.{module}"), name)
 
 
 def _registered():

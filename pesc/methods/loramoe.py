@@ -8,7 +8,6 @@ pesc/loramoe_import.py.
 import functools
 import json
 from dataclasses import dataclass
-from pathlib import Path
 
 from pesc.errors import PescError
 from pesc.methods.base import Method, SampleField, Setting
@@ -66,7 +65,6 @@ class Loramoe(Method):
                 choices=("sum", "mean")),
         Setting("lbc_include_padding", (bool, str), False, "sum router weights over padding tokens too (official)"),
     )
-    modeling_dir = Path(__file__).resolve().parent.parent / "modeling"
     modeling_files = ("moe_core.py", "configuration_loramoe.py", "modeling_loramoe.py")
     prefix = "loramoe_"
     sample_fields = (
@@ -75,24 +73,9 @@ class Loramoe(Method):
     )  # fmt: skip
     card_tags = ("loramoe", "lora-experts")
 
-    # The classes are imported on first use: listing the methods (the CLI's flags) must not import torch.
-    @property
-    def config_class(self):
-        from pesc.modeling.configuration_loramoe import LoramoeConfig
-
-        return LoramoeConfig
-
-    @property
-    def model_class(self):
-        from pesc.modeling.modeling_loramoe import LoramoeForCausalLM
-
-        return LoramoeForCausalLM
-
-    @property
-    def zero3_leaf_modules(self):
-        from pesc.modeling.modeling_loramoe import LoramoeExperts
-
-        return (LoramoeExperts,)
+    config_class_path = "configuration_loramoe.LoramoeConfig"
+    model_class_path = "modeling_loramoe.LoramoeForCausalLM"
+    zero3_leaf_module_paths = ("modeling_loramoe.LoramoeExperts",)
 
     def check_settings(self, values: dict) -> None:
         """Command-line strings to their values, then what the config refuses (one line, naming the setting)."""
@@ -117,7 +100,7 @@ class Loramoe(Method):
         """Each site's router and A drawn kaiming-uniform (a=sqrt 5) from the layer's seeded generator, B zero."""
         import torch
 
-        from pesc.modeling.configuration_loramoe import SITE_PARENTS
+        from pesc.modeling.moe_core import LINEAR_PARENTS
         from pesc.modeling.modeling_loramoe import LoramoeExperts, init_loramoe_weights
         from pesc.upcycling import layer_generator
 
@@ -130,7 +113,7 @@ class Loramoe(Method):
             module = LoramoeExperts(in_features, out_features, config.num_experts, config.expert_rank,
                                     config.expert_alpha, 0.0)  # fmt: skip
             init_loramoe_weights(module, generator)
-            prefix = f"{SITE_PARENTS[site]}.loramoe_{site}"
+            prefix = f"{LINEAR_PARENTS[site]}.loramoe_{site}"
             for name, tensor in module.state_dict().items():
                 state[f"{prefix}.{name}"] = tensor.to(dtype)
         return state
@@ -160,12 +143,12 @@ def _site_shapes(config_json: str) -> tuple:
     """Read off a model built on the meta device, once per config (convert asks for every layer)."""
     import torch
 
-    from pesc.modeling.configuration_loramoe import SITE_PARENTS
+    from pesc.modeling.moe_core import LINEAR_PARENTS
 
     config = LORAMOE.config_class.from_dict(json.loads(config_json))
     with torch.device("meta"):
         layer = LORAMOE.model_class(config).model.layers[0]
-    linears = {site: getattr(getattr(layer, SITE_PARENTS[site]), site) for site in config.sites}
+    linears = {site: getattr(getattr(layer, LINEAR_PARENTS[site]), site) for site in config.sites}
     return tuple((site, (linear.in_features, linear.out_features)) for site, linear in linears.items())
 
 

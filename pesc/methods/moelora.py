@@ -7,7 +7,6 @@ add w_i (alpha/r) B_i A_i dropout(x) to the linear's output. Aux losses: the Swi
 the contrastive form, its temperature and weights are our defaults (docs/methods/moelora.md).
 """
 
-from pathlib import Path
 
 from pesc.errors import PescError
 from pesc.methods.base import Method, Setting
@@ -39,23 +38,12 @@ class MoELora(Method):
                 bounds="non-negative"),
         Setting("contrastive_form", (str,), "same_expert", "which contrastive loss", choices=("same_expert",)),
     )
-    modeling_dir = Path(__file__).resolve().parent.parent / "modeling"
     modeling_files = ("moe_core.py", "configuration_moelora.py", "modeling_moelora.py")
     prefix = "moelora_"
     card_tags = ("moelora", "lora-experts")
 
-    # The classes are imported on first use: listing the methods (the CLI's flags) must not import torch.
-    @property
-    def config_class(self):
-        from pesc.modeling import MoELoraConfig
-
-        return MoELoraConfig
-
-    @property
-    def model_class(self):
-        from pesc.modeling import MoELoraForCausalLM
-
-        return MoELoraForCausalLM
+    config_class_path = "configuration_moelora.MoELoraConfig"
+    model_class_path = "modeling_moelora.MoELoraForCausalLM"
 
     def check_settings(self, values: dict) -> None:
         """top_k <= num_experts (the site names are checked by the config, which knows the linears)."""
@@ -69,7 +57,8 @@ class MoELora(Method):
         generator per layer, so any layer can be drawn alone."""
         import torch
 
-        from pesc.modeling.configuration_moelora import SITE_PARENTS, site_list
+        from pesc.modeling.configuration_moelora import site_list
+        from pesc.modeling.moe_core import LINEAR_PARENTS
         from pesc.modeling.modeling_moelora import SITE_PREFIX, MoELoraSite, init_site
 
         generator = torch.Generator().manual_seed(seed * 1_000_003 + layer_idx)
@@ -79,7 +68,7 @@ class MoELora(Method):
             site = MoELoraSite(*site_features(config, name), config, name, layer_idx)
             init_site(site, generator)
             for key, tensor in site.state_dict().items():
-                state[f"{SITE_PARENTS[name]}.{SITE_PREFIX}{name}.{key}"] = tensor.to(dtype)
+                state[f"{LINEAR_PARENTS[name]}.{SITE_PREFIX}{name}.{key}"] = tensor.to(dtype)
         return state
 
     def default_lora_targets(self, config) -> list[str]:

@@ -4,7 +4,6 @@ each site a float32 softmax router on its input; optional top-k and jitter; no a
 The decoder mapping is ours (the paper's code is T5): docs/methods/mov-molora.md.
 """
 
-from pathlib import Path
 
 from pesc.errors import PescError
 from pesc.methods.base import Method, Setting
@@ -38,23 +37,12 @@ class MoLoRA(Method):
         Setting("router_jitter", (int, float), 0.0, "multiplicative U(1-j, 1+j) noise on router inputs in training",
                 bounds="fraction"),
     )
-    modeling_dir = Path(__file__).resolve().parent.parent / "modeling"
     modeling_files = ("moe_core.py", "soft_merging.py", "configuration_molora.py", "modeling_molora.py")
     prefix = "molora_"
     card_tags = ("molora", "lora-experts", "soft-merging")
 
-    # The classes are imported on first use: listing the methods (the CLI's flags) must not import torch.
-    @property
-    def config_class(self):
-        from pesc.modeling import MoLoRAConfig
-
-        return MoLoRAConfig
-
-    @property
-    def model_class(self):
-        from pesc.modeling import MoLoRAForCausalLM
-
-        return MoLoRAForCausalLM
+    config_class_path = "configuration_molora.MoLoRAConfig"
+    model_class_path = "modeling_molora.MoLoRAForCausalLM"
 
     def resolve_settings(self, values: dict, where: str = "moe.") -> dict:
         """As every method, with `sites` given as "q_proj,v_proj" read as a list."""

@@ -4,7 +4,6 @@ head) and the FFN intermediate activation; dense float32 softmax routers; no aux
 The decoder mapping is ours (the paper's code is T5): docs/methods/mov-molora.md.
 """
 
-from pathlib import Path
 
 from pesc.methods.base import Method, Setting
 from pesc.methods.soft_merging import attention_dims, draw_sites
@@ -21,23 +20,12 @@ class MoV(Method):
         Setting("num_experts", (int,), 10, "vectors per site (MoV-10; the paper also has 30 and 60)",
                 bounds="positive", structural=True),
     )
-    modeling_dir = Path(__file__).resolve().parent.parent / "modeling"
     modeling_files = ("moe_core.py", "soft_merging.py", "configuration_mov.py", "modeling_mov.py")
     prefix = "mov_"
     card_tags = ("mov", "ia3", "soft-merging")
 
-    # The classes are imported on first use: listing the methods (the CLI's flags) must not import torch.
-    @property
-    def config_class(self):
-        from pesc.modeling import MoVConfig
-
-        return MoVConfig
-
-    @property
-    def model_class(self):
-        from pesc.modeling import MoVForCausalLM
-
-        return MoVForCausalLM
+    config_class_path = "configuration_mov.MoVConfig"
+    model_class_path = "modeling_mov.MoVForCausalLM"
 
     def default_lora_targets(self, config) -> list[str]:
         return []  # only the routers and vectors train

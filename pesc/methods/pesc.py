@@ -5,7 +5,6 @@ Every expert shares the dense FFN; each expert owns a bottleneck adapter on the 
 (`mlp.moe_adapter.router`) picks the experts of each token. One aux loss: the Switch balance loss.
 """
 
-from pathlib import Path
 
 from pesc.errors import PescError
 from pesc.methods.base import Method, Setting
@@ -29,30 +28,13 @@ class Pesc(Method):
         Setting("router_aux_loss_coef", (int, float), 0.01, "weight of the load-balancing loss", bounds="non-negative"),
         Setting("adapter_dropout", (int, float), 0.1, "dropout on each adapter's input", bounds="fraction"),
     )
-    modeling_dir = Path(__file__).resolve().parent.parent / "modeling"
     modeling_files = ("moe_core.py", "configuration_pesc.py", "modeling_pesc.py")
     prefix = "moe_adapter"
     card_tags = ("pesc", "adapter-experts")
 
-    # The classes are imported on first use: listing the methods (the CLI's flags) must not import torch.
-    @property
-    def config_class(self):
-        from pesc.modeling import PescConfig
-
-        return PescConfig
-
-    @property
-    def model_class(self):
-        from pesc.modeling import PescForCausalLM
-
-        return PescForCausalLM
-
-    @property
-    def zero3_leaf_modules(self):
-        from pesc.modeling import PescMoEAdapter
-
-        return (PescMoEAdapter,)
-
+    config_class_path = "configuration_pesc.PescConfig"
+    model_class_path = "modeling_pesc.PescForCausalLM"
+    zero3_leaf_module_paths = ("modeling_pesc.PescMoEAdapter",)
 
     def check_settings(self, values: dict) -> None:
         if values["top_k"] > values["num_experts"]:

@@ -5,13 +5,8 @@ shares) and modeling_loramoe.py. Flat like every pesc config: the dense family's
 level, next to the LoRAMoE fields below, and `base_model_type` naming the family.
 """
 
-from .moe_core import FlatMoEConfig
+from .moe_core import LINEAR_PARENTS, FlatMoEConfig
 
-# The linears a LoRAMoE site may sit on, and the module of a decoder layer that holds each.
-SITE_PARENTS = {
-    "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp",
-    "q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
-}  # fmt: skip
 OFFICIAL_SITES = ("gate_proj", "up_proj", "down_proj")
 
 # The LoRAMoE settings with the paper's values (FlatMoEConfig adds base_model_type, moe_dtype and
@@ -82,9 +77,9 @@ class LoramoeConfig(FlatMoEConfig):
             raise ValueError(f"lbc_loss_coef must be a number >= 0, got {self.lbc_loss_coef!r}")
         sites = self.sites
         if not isinstance(sites, (list, tuple)) or not sites or len(set(sites)) != len(sites) or any(
-            s not in SITE_PARENTS for s in sites
+            s not in LINEAR_PARENTS for s in sites
         ):
-            raise ValueError(f"sites must be a non-empty list of distinct names from {', '.join(SITE_PARENTS)}, got {sites!r}")
+            raise ValueError(f"sites must be a non-empty list of distinct names from {', '.join(LINEAR_PARENTS)}, got {sites!r}")
         if self.lbc_reduction not in ("sum", "mean"):
             raise ValueError(f"lbc_reduction must be 'sum' or 'mean', got {self.lbc_reduction!r}")
         groups = self.lbc_groups

@@ -5,13 +5,7 @@ method shares: imports only torch and transformers). The dense family's fields s
 top level, `base_model_type` names the family.
 """
 
-from .moe_core import FlatMoEConfig
-
-# The linears a site may sit on, and the decoder-layer module that holds each.
-SITE_PARENTS = {
-    "q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
-    "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp",
-}
+from .moe_core import LINEAR_PARENTS, FlatMoEConfig
 
 # The contrastive-loss forms the model knows (modeling_moelora.CONTRASTIVE_FORMS computes them).
 CONTRASTIVE_FORMS = ("same_expert",)
@@ -67,9 +61,9 @@ class MoELoraConfig(FlatMoEConfig):
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if self.topk > self.num_experts:
             raise ValueError(f"topk ({self.topk}) cannot exceed num_experts ({self.num_experts})")
-        unknown = [name for name in site_list(self.sites) if name not in SITE_PARENTS]
+        unknown = [name for name in site_list(self.sites) if name not in LINEAR_PARENTS]
         if unknown or not site_list(self.sites):
-            raise ValueError(f"sites {self.sites!r}: each must be one of {', '.join(SITE_PARENTS)}")
+            raise ValueError(f"sites {self.sites!r}: each must be one of {', '.join(LINEAR_PARENTS)}")
         if self.contrastive_form not in CONTRASTIVE_FORMS:
             raise ValueError(f"contrastive_form must be one of {', '.join(CONTRASTIVE_FORMS)}, got {self.contrastive_form!r}")
         if not 0.0 <= self.lora_dropout < 1.0:

@@ -4,18 +4,8 @@ Shipped inside every MoLoRA checkpoint beside moe_core.py (the flat-config machi
 method shares): the dense family's fields sit flat at the top level, next to MoLoRA's own.
 """
 
-from .moe_core import FlatMoEConfig
+from .moe_core import LINEAR_PARENTS, FlatMoEConfig
 
-# The linears MoLoRA may sit on, and the decoder-layer module that holds each.
-MOLORA_SITE_PARENTS = {
-    "q_proj": "self_attn",
-    "k_proj": "self_attn",
-    "v_proj": "self_attn",
-    "o_proj": "self_attn",
-    "gate_proj": "mlp",
-    "up_proj": "mlp",
-    "down_proj": "mlp",
-}
 
 
 class MoLoRAConfig(FlatMoEConfig):
@@ -40,7 +30,7 @@ class MoLoRAConfig(FlatMoEConfig):
         "num_experts": 10,
         "expert_rank": 4,
         "expert_alpha": 16.0,
-        "molora_sites": list(MOLORA_SITE_PARENTS),
+        "molora_sites": list(LINEAR_PARENTS),
         "router_topk": 0,
         "router_topk_weights": "masked",
         "router_jitter": 0.0,
@@ -61,11 +51,11 @@ class MoLoRAConfig(FlatMoEConfig):
         if not 0.0 <= self.router_jitter < 1.0:
             raise ValueError(f"router_jitter must be in [0, 1), got {self.router_jitter!r}")
         sites = list(self.molora_sites)
-        unknown = [site for site in sites if site not in MOLORA_SITE_PARENTS]
+        unknown = [site for site in sites if site not in LINEAR_PARENTS]
         if unknown or not sites or len(set(sites)) != len(sites):
             raise ValueError(
-                f"molora_sites must name distinct linears among {', '.join(MOLORA_SITE_PARENTS)}, got {sites!r}"
+                f"molora_sites must name distinct linears among {', '.join(LINEAR_PARENTS)}, got {sites!r}"
             )
 
 
-__all__ = ["MoLoRAConfig", "MOLORA_SITE_PARENTS"]
+__all__ = ["MoLoRAConfig"]

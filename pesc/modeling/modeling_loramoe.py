@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .configuration_loramoe import SITE_PARENTS, LoramoeConfig
-from .moe_core import MoEForCausalLM, attach_sibling, emit_routing_record
+from .configuration_loramoe import LoramoeConfig
+from .moe_core import LINEAR_PARENTS, MoEForCausalLM, attach_sibling, emit_routing_record, linear_on
 
 # Added to the denominator of the LBC, as the official code's cv_squared.
 _LBC_EPS = 1e-10
@@ -186,16 +186,10 @@ class LoramoeForCausalLM(MoEForCausalLM):
 
     def add_method_modules(self, layer: nn.Module, layer_idx: int, config: LoramoeConfig) -> None:
         for site in config.sites:
-            parent = getattr(layer, SITE_PARENTS[site], None)
-            linear = getattr(parent, site, None)
-            if not isinstance(linear, nn.Linear):
-                raise ValueError(
-                    f"LoRAMoE cannot wrap model family {config.base_model_type!r}: its decoder layers have no linear "
-                    f"{SITE_PARENTS[site]}.{site}"
-                )
+            linear = linear_on(layer, LINEAR_PARENTS[site], site, config.base_model_type, self.method_label)
             experts = LoramoeExperts(linear.in_features, linear.out_features, config.num_experts, config.expert_rank,
                                      config.expert_alpha, config.expert_dropout, site, layer_idx)  # fmt: skip
-            attach_sibling(parent, site, f"loramoe_{site}", experts, "output")
+            attach_sibling(getattr(layer, LINEAR_PARENTS[site]), site, f"loramoe_{site}", experts, "output")
 
     def init_method_module(self, module: nn.Module) -> bool:
         """Routers and A kaiming-uniform, B zero (the official init); their containers nothing."""

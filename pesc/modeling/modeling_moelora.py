@@ -26,11 +26,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .configuration_moelora import SITE_PARENTS, MoELoraConfig, site_list
+from .configuration_moelora import MoELoraConfig, site_list
 from .moe_core import (
+    LINEAR_PARENTS,
     MoEForCausalLM,
     attach_sibling,
     emit_routing_record,
+    linear_on,
     load_balancing_loss,
     routed_dispatch,
     token_mask,
@@ -173,15 +175,9 @@ class MoELoraForCausalLM(MoEForCausalLM):
 
     def add_method_modules(self, layer: nn.Module, layer_idx: int, config: MoELoraConfig) -> None:
         for name in site_list(config.sites):
-            parent = getattr(layer, SITE_PARENTS[name], None)
-            linear = getattr(parent, name, None)
-            if not isinstance(linear, nn.Linear):
-                raise ValueError(
-                    f"MoELoRA cannot put experts on {name} of model family {config.base_model_type!r}: its decoder "
-                    f"layer has no linear {SITE_PARENTS[name]}.{name}"
-                )
+            linear = linear_on(layer, LINEAR_PARENTS[name], name, config.base_model_type, self.method_label)
             site = MoELoraSite(linear.in_features, linear.out_features, config, name, layer_idx)
-            attach_sibling(parent, name, SITE_PREFIX + name, site, "output")
+            attach_sibling(getattr(layer, LINEAR_PARENTS[name]), name, SITE_PREFIX + name, site, "output")
 
     def init_method_module(self, module: nn.Module) -> bool:
         if isinstance(module, MoELoraSite):

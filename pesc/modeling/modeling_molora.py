@@ -15,9 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .configuration_molora import MOLORA_SITE_PARENTS, MoLoRAConfig
-from .moe_core import MoEForCausalLM, attach_sibling, emit_routing_record
-from .soft_merging import SoftRouter, linear_on
+from .configuration_molora import MoLoRAConfig
+from .moe_core import LINEAR_PARENTS, MoEForCausalLM, attach_sibling, emit_routing_record, linear_on
+from .soft_merging import SoftRouter
 
 EXPERTS_A_INIT_STD = 0.02
 
@@ -79,7 +79,7 @@ class MoLoRAForCausalLM(MoEForCausalLM):
 
     def add_method_modules(self, layer: nn.Module, layer_idx: int, config: MoLoRAConfig) -> None:
         for linear_name in config.molora_sites:
-            parent_name = MOLORA_SITE_PARENTS[linear_name]
+            parent_name = LINEAR_PARENTS[linear_name]
             linear = linear_on(layer, parent_name, linear_name, config.base_model_type, self.method_label)
             site = MoLoRAExperts(
                 linear.in_features, linear.out_features, config.num_experts, config.expert_rank, config.expert_alpha,

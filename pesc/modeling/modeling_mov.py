@@ -17,8 +17,8 @@ import torch
 from torch import nn
 
 from .configuration_mov import MoVConfig
-from .moe_core import MoEForCausalLM, attach_sibling, emit_routing_record
-from .soft_merging import SoftRouter, linear_on
+from .moe_core import MoEForCausalLM, attach_sibling, emit_routing_record, linear_on
+from .soft_merging import SoftRouter
 
 
 class MoVScaling(nn.Module):

@@ -357,6 +357,23 @@ class _SiblingConnection:
         self._hooked = linear
 
 
+# The linears a method's site may sit on, and the module of a decoder layer that holds each (the
+# gated-MLP families: llama, mistral, qwen2, ...).
+LINEAR_PARENTS = {
+    "q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
+    "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp",
+}  # fmt: skip
+def linear_on(layer: nn.Module, parent_name: str, linear_name: str, base_model_type: str, label: str) -> nn.Linear:
+    """`layer.<parent>.<linear>` of a decoder layer, or a one-line error saying the family has no such linear."""
+    linear = getattr(getattr(layer, parent_name, None), linear_name, None)
+    if not isinstance(linear, nn.Linear):
+        raise ValueError(
+            f"{label} cannot wrap model family {base_model_type!r}: its decoder layers have no linear "
+            f"{parent_name}.{linear_name}"
+        )
+    return linear
+
+
 def attach_sibling(parent: nn.Module, linear: str, sibling_name: str, sibling: nn.Module, position: str) -> None:
     """Add `sibling` as `parent.<sibling_name>` and let it act on `parent.<linear>` at `position`.
 

@@ -50,16 +50,4 @@ class SoftRouter(nn.Module):
         return torch.zeros_like(probabilities).scatter(-1, selected, kept), selected
 
 
-
-def linear_on(layer: nn.Module, parent_name: str, linear_name: str, base_model_type: str, label: str) -> nn.Linear:
-    """`layer.<parent>.<linear>` of a decoder layer, or a one-line error saying the family has no such linear."""
-    linear = getattr(getattr(layer, parent_name, None), linear_name, None)
-    if not isinstance(linear, nn.Linear):
-        raise ValueError(
-            f"{label} cannot wrap model family {base_model_type!r}: its decoder layers have no linear "
-            f"{parent_name}.{linear_name}"
-        )
-    return linear
-
-
-__all__ = ["SoftRouter", "ROUTER_INIT_STD", "linear_on"]
+__all__ = ["SoftRouter", "ROUTER_INIT_STD"]
