@@ -64,10 +64,7 @@ class LoramoeConfig(FlatMoEConfig):
 
     def validate_moe_settings(self):
         """Refuse settings that cannot describe a working LoRAMoE model, naming the field."""
-        for name in ("num_experts", "expert_rank"):
-            value = getattr(self, name)
-            if not _is_int(value) or value <= 0:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        self.require_positive_integers("num_experts", "expert_rank")
         if not _is_number(self.expert_alpha) or self.expert_alpha <= 0:
             raise ValueError(f"expert_alpha must be a positive number, got {self.expert_alpha!r}")
         for name in ("expert_dropout", "lbc_delta"):

@@ -55,10 +55,7 @@ class MoELoraConfig(FlatMoEConfig):
 
     def validate_moe_settings(self):
         """Refuse settings that cannot describe a working model, naming the field."""
-        for name in ("num_experts", "topk", "lora_rank"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        self.require_positive_integers("num_experts", "topk", "lora_rank")
         if self.topk > self.num_experts:
             raise ValueError(f"topk ({self.topk}) cannot exceed num_experts ({self.num_experts})")
         unknown = [name for name in site_list(self.sites) if name not in LINEAR_PARENTS]

@@ -40,10 +40,7 @@ class MoLoRAConfig(FlatMoEConfig):
         super().__init__(**kwargs)
 
     def validate_moe_settings(self):
-        for name in ("num_experts", "expert_rank"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        self.require_positive_integers("num_experts", "expert_rank")
         if not 0 <= self.router_topk <= self.num_experts:
             raise ValueError(f"router_topk must be in [0, num_experts={self.num_experts}], got {self.router_topk!r}")
         if self.router_topk_weights not in ("masked", "renormalized"):

@@ -24,8 +24,7 @@ class MoVConfig(FlatMoEConfig):
         super().__init__(**kwargs)
 
     def validate_moe_settings(self):
-        if not isinstance(self.num_experts, int) or isinstance(self.num_experts, bool) or self.num_experts <= 0:
-            raise ValueError(f"num_experts must be a positive integer, got {self.num_experts!r}")
+        self.require_positive_integers("num_experts")
 
 
 __all__ = ["MoVConfig"]

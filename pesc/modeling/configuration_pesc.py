@@ -52,10 +52,7 @@ class PescConfig(FlatMoEConfig):
 
     def validate_moe_settings(self):
         """Refuse settings that cannot describe a working MoE, naming the field."""
-        for name in ("num_experts", "topk", "adapter_dim"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        self.require_positive_integers("num_experts", "topk", "adapter_dim")
         if self.topk > self.num_experts:
             raise ValueError(f"topk ({self.topk}) cannot exceed num_experts ({self.num_experts})")
         if not 0.0 <= self.adapter_dropout < 1.0:

@@ -101,6 +101,13 @@ class FlatMoEConfig(PreTrainedConfig):
     def validate_moe_settings(self):
         """Refuse settings that cannot describe a working model, naming the field (each method's own checks)."""
 
+    def require_positive_integers(self, *names: str) -> None:
+        """The named fields are positive integers (not bools), or a ValueError naming the first that is not."""
+        for name in names:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
     def base_config(self) -> PreTrainedConfig:
         """The dense family's own config, rebuilt from our flat fields."""
         own = {**self.common_defaults, **self.method_defaults}
