@@ -15,7 +15,17 @@ import torch
 
 from pesc.errors import PescError
 from pesc.modeling.moe_core import RoutingRecord
-from pesc.training.trainer import routing_load
+
+
+def routing_load(record: RoutingRecord, keep: torch.Tensor | None) -> torch.Tensor:
+    """How much routing each expert of one site got: top-k picks (sparse) or softmax weight (dense), summed
+    over the tokens `keep` marks (all if None). Training's logs and `pesc routes` both count with it."""
+    logits = record.logits if keep is None else record.logits[keep.to(record.logits.device)]
+    experts = logits.shape[-1]
+    if record.selected is None:
+        return torch.softmax(logits.float(), dim=-1).sum(0).cpu().double()
+    selected = record.selected if keep is None else record.selected[keep.to(record.selected.device)]
+    return torch.bincount(selected.reshape(-1), minlength=experts).cpu().double()
 
 
 def entropy_sum(record: RoutingRecord) -> float:

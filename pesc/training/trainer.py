@@ -24,6 +24,7 @@ from transformers import Trainer
 from transformers.trainer import TRAINING_ARGS_NAME
 
 from pesc.methods import method_of
+from pesc.routing_analysis.tally import routing_load
 from pesc.run_files import EXPERTS_FILE, load_expert_state, save_trained_state
 
 EXPERT_LOAD_FILE = "expert_load.jsonl"
@@ -65,16 +66,6 @@ def load_experts_into(model: torch.nn.Module, directory) -> int:
     if loaded != len(state):
         raise ValueError(f"{directory}/{EXPERTS_FILE} holds {len(state)} tensors, the model takes {loaded}")
     return loaded
-
-
-def routing_load(record, keep: torch.Tensor | None) -> torch.Tensor:
-    """How much routing each expert of one site got: top-k picks (sparse) or softmax weight (dense), summed."""
-    logits = record.logits if keep is None else record.logits[keep.to(record.logits.device)]
-    experts = logits.shape[-1]
-    if record.selected is None:
-        return torch.softmax(logits.float(), dim=-1).sum(0).cpu().double()
-    selected = record.selected if keep is None else record.selected[keep.to(record.selected.device)]
-    return torch.bincount(selected.reshape(-1), minlength=experts).cpu().double()
 
 
 @contextmanager
