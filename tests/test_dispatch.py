@@ -52,6 +52,16 @@ def reference(block: PescMoEAdapter, router_input: torch.Tensor, ffn_output: tor
     return torch.stack(rows).reshape(ffn_output.shape)
 
 
+def assert_same_value_and_gradients(block, ffn_output, got, want):
+    """got == want (1e-12), and so are the gradients of their square sums for ffn_output and every parameter (1e-10)."""
+    wrt = [ffn_output, *block.parameters()]
+    got_grads = torch.autograd.grad(got.square().sum(), wrt)
+    want_grads = torch.autograd.grad(want.square().sum(), wrt)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    for got_grad, want_grad in zip(got_grads, want_grads):
+        torch.testing.assert_close(got_grad, want_grad, rtol=1e-10, atol=1e-10)
+
+
 def inputs(tokens: int, seed: int = 1):
     generator = torch.Generator().manual_seed(seed)
     return (
@@ -78,13 +88,8 @@ def test_training_dispatch_equals_the_formula_in_value_and_gradient(dispatch):
     router_input, ffn_output = inputs(9)
     router_input.requires_grad_(True)
     ffn_output.requires_grad_(True)
-    got = block(router_input, ffn_output)
-    got_grads = torch.autograd.grad(got.square().sum(), [ffn_output, *block.parameters()])
-    want = reference(block, router_input, ffn_output)
-    want_grads = torch.autograd.grad(want.square().sum(), [ffn_output, *block.parameters()])
-    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
-    for got_grad, want_grad in zip(got_grads, want_grads):
-        torch.testing.assert_close(got_grad, want_grad, rtol=1e-10, atol=1e-10)
+    assert_same_value_and_gradients(block, ffn_output, block(router_input, ffn_output),
+                                    reference(block, router_input, ffn_output))
 
 
 @pytest.mark.parametrize("tokens", [1, 2])
@@ -184,13 +189,8 @@ def test_routed_dropout_applies_one_mask_per_token_and_expert_with_the_keep_scal
     router_input, ffn_output = inputs(9)
     ffn_output.requires_grad_(True)
     got = block(router_input, ffn_output)
-    got_grads = torch.autograd.grad(got.square().sum(), [ffn_output, *block.parameters()])
-
     want = reference(block, router_input, ffn_output, dropout=lambda h: h.index_fill(-1, dropped_columns, 0) * keep_scale)
-    want_grads = torch.autograd.grad(want.square().sum(), [ffn_output, *block.parameters()])
-    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
-    for got_grad, want_grad in zip(got_grads, want_grads):
-        torch.testing.assert_close(got_grad, want_grad, rtol=1e-10, atol=1e-10)
+    assert_same_value_and_gradients(block, ffn_output, got, want)
 
 
 @pytest.mark.parametrize("p", [0.05, 0.5])
