@@ -214,7 +214,7 @@ def pesc_table(args, devices) -> None:
     )
     rows = []
     for device_name, dtype_name, hidden, tokens, adapter_dim in itertools.product(
-        devices, args.dtype, args.hidden, args.tokens, args.adapter_dim if "pesc" in args.method else []
+        devices, args.dtype, args.hidden, args.tokens, args.adapter_dim
     ):
         device = torch.device(device_name)
         dtype = DTYPES[dtype_name]
