@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM
 from pesc.checkpoint import read_config
 from pesc.methods import get_method
 from pesc.testing import TINY_FAMILIES
-from pesc.testing.isolated import run_without_pesc
+from pesc.testing.isolated import checkpoint_outputs_without_pesc
 from test_convert import assert_clean_error, assert_nothing_left, run_cli
 from test_loramoe_import import official_state, write_adapter
 from test_loramoe_layer import _lbc_by_hand
@@ -182,20 +182,6 @@ def test_import_errors_write_nothing(capsys, tmp_path, tiny_llama_dir, tiny_dens
     assert_nothing_left(tmp_path)
 
 
-def run_standalone(folder, ids, new_tokens: int) -> dict:
-    """Logits and greedy generation of the checkpoint in `folder`, in an interpreter where pesc cannot be imported."""
-    return run_without_pesc(f"""
-        import torch
-        from transformers import AutoModelForCausalLM
-        model = AutoModelForCausalLM.from_pretrained({str(folder)!r}, trust_remote_code=True, dtype=torch.float32).eval()
-        ids = torch.tensor({ids.tolist()})
-        with torch.no_grad():
-            logits = model(ids).logits
-            generated = model.generate(ids, max_new_tokens={new_tokens}, do_sample=False)
-        emit({{"class": type(model).__name__, "logits": logits.tolist(), "generated": generated.tolist()}})
-    """)
-
-
 def test_imported_checkpoint_runs_without_pesc(capsys, tmp_path, tiny_llama_dir, official_adapter):
     adapter, _ = official_adapter
     code, _, err = run_cli(capsys, "import", "loramoe", adapter, tmp_path / "out", "--base", tiny_llama_dir)
@@ -205,10 +191,10 @@ def test_imported_checkpoint_runs_without_pesc(capsys, tmp_path, tiny_llama_dir,
     with torch.no_grad():
         logits = model(ids).logits
         generated = model.generate(ids, max_new_tokens=5, do_sample=False)
-    result = run_standalone(tmp_path / "out", ids, 5)
+    result = checkpoint_outputs_without_pesc(tmp_path / "out", ids.tolist(), new_tokens=5)
     assert result["class"] == "LoramoeForCausalLM"
     assert torch.equal(torch.tensor(result["logits"]), logits)
-    assert result["generated"] == generated.tolist()
+    assert result["cached"] == generated.tolist()
 
 
 def test_convert_and_inspect_count_every_expert_as_active(capsys, tmp_path, tiny_llama_dir):
@@ -289,10 +275,10 @@ def test_export_loads_and_generates_without_pesc(capsys, loramoe_run, tmp_path):
     ids = _ids(1, 6)
     with torch.no_grad():
         trained = peft_model(input_ids=ids).logits
-    result = run_standalone(tmp_path / "export", ids, 4)
+    result = checkpoint_outputs_without_pesc(tmp_path / "export", ids.tolist(), new_tokens=4)
     # no LoRA to merge: the exported model computes what the trained one does, up to float32 reordering
     torch.testing.assert_close(torch.tensor(result["logits"]), trained, rtol=1e-4, atol=1e-4)
-    assert len(result["generated"][0]) == 6 + 4
+    assert len(result["cached"][0]) == 6 + 4
 
 
 @pytest.mark.parametrize(

@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 import pesc.modeling
 from pesc.cli import main
 from pesc.methods import METHODS, Method, SampleField, Setting, register_method
-from pesc.testing.isolated import run_without_pesc
+from pesc.testing.isolated import checkpoint_outputs_without_pesc
 from test_convert import read_tensors
 
 CONFIGURATION = '''
@@ -277,14 +277,7 @@ def test_export_loads_without_pesc_and_computes_the_trained_model(toyvec, toy_ru
     for name, tensor in trained.items():  # the added modules as trained, bit for bit
         assert torch.equal(exported[name], tensor.float()), name
     ids = [[5, 17, 33, 2, 71, 8]]
-    fresh = run_without_pesc(f"""
-        import torch
-        from transformers import AutoModelForCausalLM
-        model = AutoModelForCausalLM.from_pretrained({str(out)!r}, trust_remote_code=True, dtype=torch.float32).eval()
-        with torch.no_grad():
-            logits = model(input_ids=torch.tensor({ids})).logits
-        emit({{"class": type(model).__name__, "logits": logits.tolist()}})
-    """)
+    fresh = checkpoint_outputs_without_pesc(out, ids)
     assert fresh["class"] == "ToyVecForCausalLM"
     peft_model, _, _ = load_trained_model(toy_run, dtype=torch.float32)
     with torch.no_grad():

@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM
 from pesc.cli import main
 from pesc.methods.moelora import MOELORA
 from pesc.modeling.modeling_moelora import MoELoraForCausalLM, same_expert_infonce
-from pesc.testing.isolated import run_without_pesc
+from pesc.testing.isolated import checkpoint_outputs_without_pesc
 
 
 def moelora_model(dense_dir, **settings):
@@ -289,14 +289,7 @@ def test_export_loads_without_pesc_and_computes_the_trained_model(moelora_runs, 
     for name in MOELORA.modeling_files:
         assert (out / name).is_file()
     ids = [[5, 17, 33, 2, 71, 8]]
-    fresh = run_without_pesc(f"""
-        import torch
-        from transformers import AutoModelForCausalLM
-        model = AutoModelForCausalLM.from_pretrained({str(out)!r}, trust_remote_code=True, dtype=torch.float32).eval()
-        with torch.no_grad():
-            logits = model(input_ids=torch.tensor({ids})).logits
-        emit({{"class": type(model).__name__, "logits": logits.tolist()}})
-    """)
+    fresh = checkpoint_outputs_without_pesc(out, ids)
     assert fresh["class"] == "MoELoraForCausalLM"
     model, _, _ = load_trained_model(full, dtype=torch.float32)  # no LoRA: the model itself
     with torch.no_grad():

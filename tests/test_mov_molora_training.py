@@ -11,7 +11,7 @@ import yaml
 from safetensors.torch import load_file
 
 from pesc.cli import main
-from pesc.testing.isolated import run_without_pesc
+from pesc.testing.isolated import checkpoint_outputs_without_pesc
 from pesc.training.run import train
 
 MOE = {"mov": {"num_experts": 3, "seed": 1}, "molora": {"num_experts": 3, "expert_rank": 2, "seed": 1}}
@@ -82,17 +82,7 @@ def test_export_loads_without_pesc_and_generates(method_run, tmp_path):
     out = tmp_path / "export"
     main(["export", str(run), str(out), "--dtype", "float32"])
     ids = [[5, 17, 33, 2, 71, 8]]
-    fresh = run_without_pesc(f"""
-        import torch
-        from transformers import AutoModelForCausalLM
-        model = AutoModelForCausalLM.from_pretrained({str(out)!r}, trust_remote_code=True, dtype=torch.float32).eval()
-        ids = torch.tensor({ids})
-        with torch.no_grad():
-            logits = model(input_ids=ids).logits
-        kwargs = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
-        cached, uncached = (model.generate(ids, use_cache=c, **kwargs).tolist() for c in (True, False))
-        emit({{"class": type(model).__name__, "logits": logits.tolist(), "cached": cached, "uncached": uncached}})
-    """)
+    fresh = checkpoint_outputs_without_pesc(out, ids, new_tokens=8)
     assert fresh["class"] == {"mov": "MoVForCausalLM", "molora": "MoLoRAForCausalLM"}[method]
     assert fresh["cached"] == fresh["uncached"] and len(fresh["cached"][0]) == len(ids[0]) + 8
     trained, _, _ = load_trained_model(run, dtype=torch.float32)

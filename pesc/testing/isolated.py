@@ -47,3 +47,23 @@ def run_without_pesc(
     if not marker:
         raise RuntimeError(f"isolated interpreter emitted no result:\n{completed.stdout[-4000:]}")
     return json.loads(payload.strip())
+
+
+def checkpoint_outputs_without_pesc(folder, ids: list[list[int]], new_tokens: int = 0) -> dict:
+    """What the checkpoint in `folder` computes when plain transformers loads it with its shipped code, pesc not
+    importable: {"class", "logits"} for `ids`, and with `new_tokens`, greedy generations with and without the
+    cache ("cached", "uncached")."""
+    return run_without_pesc(f"""
+        import torch
+        from transformers import AutoModelForCausalLM
+        model = AutoModelForCausalLM.from_pretrained({str(folder)!r}, trust_remote_code=True, dtype=torch.float32).eval()
+        ids = torch.tensor({ids!r})
+        result = {{"class": type(model).__name__}}
+        with torch.no_grad():
+            result["logits"] = model(input_ids=ids).logits.tolist()
+            if {new_tokens}:
+                for name, cache in (("cached", True), ("uncached", False)):
+                    result[name] = model.generate(ids, max_new_tokens={new_tokens}, do_sample=False, pad_token_id=0,
+                                                  use_cache=cache).tolist()
+        emit(result)
+    """)
