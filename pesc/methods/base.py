@@ -78,6 +78,7 @@ class Method:
     settings: tuple[Setting, ...]
     config_class: type
     model_class: type
+    auto_model_class: type  # the backbone without LM head (a moe_core.MoEModel): AutoModel, vLLM's Transformers backend
     modeling_dir: Path  # the folder holding `modeling_files`
     modeling_files: tuple[str, ...]  # shipped in every checkpoint: moe_core.py + the method's own files
     prefix: str  # the first characters of every module the method adds (PESC: "moe_adapter")
@@ -190,6 +191,7 @@ class Method:
         """config.json's auto_map: the shipped files' classes, so trust_remote_code finds them."""
         return {
             "AutoConfig": f"{self.config_class.__module__.rsplit('.', 1)[-1]}.{self.config_class.__name__}",
+            "AutoModel": f"{self.auto_model_class.__module__.rsplit('.', 1)[-1]}.{self.auto_model_class.__name__}",
             "AutoModelForCausalLM": f"{self.model_class.__module__.rsplit('.', 1)[-1]}.{self.model_class.__name__}",
         }
 

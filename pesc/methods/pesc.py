@@ -48,6 +48,12 @@ class Pesc(Method):
         return PescForCausalLM
 
     @property
+    def auto_model_class(self):
+        from pesc.modeling import PescModel
+
+        return PescModel
+
+    @property
     def zero3_leaf_modules(self):
         from pesc.modeling import PescMoEAdapter
 

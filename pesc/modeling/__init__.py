@@ -6,13 +6,14 @@ Importing this package registers the classes with the transformers Auto* factori
 whenever pesc is installed, and `save_pretrained` copies the model code into the folder.
 """
 
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from .configuration_pesc import PescConfig
 from .modeling_pesc import (
     PescAdapter,
     PescForCausalLM,
     PescMLP,
+    PescModel,
     PescMoEAdapter,
     PescRouter,
     init_expert_weights,
@@ -20,15 +21,18 @@ from .modeling_pesc import (
 from .moe_core import RoutingRecord, attach_sibling, emit_routing_record, load_balancing_loss, record_routing
 
 AutoConfig.register(PescConfig.model_type, PescConfig, exist_ok=True)
+AutoModel.register(PescConfig, PescModel, exist_ok=True)
 AutoModelForCausalLM.register(PescConfig, PescForCausalLM, exist_ok=True)
 PescConfig.register_for_auto_class()
 PescForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+PescModel.register_for_auto_class("AutoModel")
 
 __all__ = [
     "PescAdapter",
     "PescConfig",
     "PescForCausalLM",
     "PescMLP",
+    "PescModel",
     "PescMoEAdapter",
     "PescRouter",
     "init_expert_weights",

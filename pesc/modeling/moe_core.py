@@ -394,6 +394,20 @@ class MoEPreTrainedModel(PreTrainedModel):
         return False
 
 
+class MoEModel(MoEPreTrainedModel):
+    """What `AutoModel` loads (vLLM's Transformers backend among others): the backbone of `causal_lm_class`.
+
+    Instantiating it returns that causal LM's `model`: an instance of the dense family's own
+    backbone class with the method's modules in its layers, so its parameter names, forward
+    and attention (through ALL_ATTENTION_FUNCTIONS, kwargs passed down) are the family's.
+    """
+
+    causal_lm_class: type = None
+
+    def __new__(cls, config, *args, **kwargs):
+        return cls.causal_lm_class(config, *args, **kwargs).model
+
+
 class MoEForCausalLM(MoEPreTrainedModel, GenerationMixin):
     """Causal LM of a dense family plus a method's modules (`add_method_modules`, once per decoder layer).
 
