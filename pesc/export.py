@@ -374,6 +374,7 @@ def export(
     config.moe_dtype = dtype
     config.use_cache = True
     config.architectures = [method.model_class.__name__]
+    config.auto_map = method.auto_map  # AutoModel too (vLLM's Transformers backend loads it), not only what save_pretrained names
     if hasattr(config, "quantization_config"):
         del config.quantization_config
 

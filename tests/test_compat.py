@@ -9,7 +9,10 @@ references computed here with this environment's (newest) transformers:
 - the exported model: the trained (unmerged LoRA) model's logits within 1e-5 (the merge
   reorders float32 operations: see tests/test_export.py);
 - all: exactly the same logits and greedy tokens (generated with the cache) as here, and
-  `logits_to_keep=1` (4.x names it num_logits_to_keep) gives the last position's logits only.
+  `logits_to_keep=1` (4.x names it num_logits_to_keep) gives the last position's logits only;
+- all: `AutoModel` (what vLLM's Transformers backend loads) gives the backbone with the shipped
+  layers, whose last hidden state through the LM head is exactly the logits, and the top-k
+  reads as `num_experts_per_tok`.
 An environment that cannot be built skips the test on a developer's machine and fails it in CI.
 """
 
@@ -42,7 +45,7 @@ VERSIONS = tuple(filter(None, os.environ.get("PESC_COMPAT_TRANSFORMERS", ",".joi
 
 PROBE = """
 import json, torch, transformers
-from transformers import AutoModelForCausalLM
+from transformers import AutoModel, AutoModelForCausalLM
 spec = json.loads(@SPEC@)
 ids, mask = torch.tensor(spec["input_ids"]), torch.tensor(spec["attention_mask"])
 results = {"transformers": transformers.__version__}
@@ -54,7 +57,14 @@ for name, folder in spec["checkpoints"].items():
         logits = full[mask.bool()]
         generated = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=spec["new_tokens"],
                                    do_sample=False, use_cache=True, pad_token_id=spec["pad"])
+    # AutoModel (vLLM's Transformers backend loads it): the backbone, whose last hidden state gives the logits
+    backbone = AutoModel.from_pretrained(folder, trust_remote_code=True).eval()
+    with torch.no_grad():
+        backbone_logits = model.lm_head(backbone(input_ids=ids, attention_mask=mask).last_hidden_state)[mask.bool()]
     results[name] = {"module": type(model).__module__, "logits": logits.tolist(),
+                     "backbone_mlp_module": type(backbone.layers[0].mlp).__module__,
+                     "backbone_logits_equal": torch.equal(backbone_logits, logits),
+                     "top_k_alias": model.config.num_experts_per_tok == model.config.topk,
                      "generated": generated[:, ids.shape[1]:].tolist(), "kept_shape": list(kept.shape),
                      "kept_vs_last": (kept[:, -1] - full[:, -1]).abs().max().item()}
 emit(results)
@@ -174,6 +184,8 @@ def test_checkpoints_run_exactly_on_transformers(version, probes, checkpoints):
     for name in checkpoints["folders"]:
         got = result[name]
         assert got["module"].startswith("transformers_modules."), (name, got["module"])  # the shipped code ran
+        assert got["backbone_mlp_module"].startswith("transformers_modules."), (name, got["backbone_mlp_module"])
+        assert got["backbone_logits_equal"] and got["top_k_alias"], name
         logits, expected = torch.tensor(got["logits"]), checkpoints["logits"][name]
         if name.startswith("converted"):
             assert torch.equal(logits, expected), (name, (logits - expected).abs().max().item())

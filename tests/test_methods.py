@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .configuration_toyvec import ToyVecConfig
-from .moe_core import MoEForCausalLM, attach_sibling, emit_routing_record
+from .moe_core import MoEForCausalLM, MoEModel, attach_sibling, emit_routing_record
 
 
 class ToyVecSite(nn.Module):
@@ -88,6 +88,11 @@ class ToyVecForCausalLM(MoEForCausalLM):
             return {}
         losses = [F.cross_entropy(r.logits.float(), task.to(r.logits.device) % r.logits.shape[-1]) for r in records]
         return {"task_loss": torch.stack(losses).mean()}
+
+
+class ToyVecModel(MoEModel):
+    config_class = ToyVecConfig
+    causal_lm_class = ToyVecForCausalLM
 '''
 
 
@@ -114,6 +119,7 @@ def toyvec(tmp_path_factory):
         )
         config_class = modeling.ToyVecConfig
         model_class = modeling.ToyVecForCausalLM
+        auto_model_class = modeling.ToyVecModel
         modeling_dir = package
         modeling_files = ("moe_core.py", "configuration_toyvec.py", "modeling_toyvec.py")
         prefix = "toyvec_"
@@ -148,6 +154,7 @@ def test_convert_writes_the_method_layout_and_code(toyvec, converted, tiny_llama
     config = json.loads((converted / "config.json").read_text())
     assert config["model_type"] == "pesc_toyvec" and config["num_experts"] == 2 and config["task_loss_coef"] == 0.5
     assert config["auto_map"] == {"AutoConfig": "configuration_toyvec.ToyVecConfig",
+                                  "AutoModel": "modeling_toyvec.ToyVecModel",
                                   "AutoModelForCausalLM": "modeling_toyvec.ToyVecForCausalLM"}
     for name in toyvec.modeling_files:
         assert (converted / name).read_bytes() == (toyvec.modeling_dir / name).read_bytes()

@@ -19,12 +19,14 @@ METHODS: dict[str, Method] = {method.name: method for method in (PESC, LORAMOE, 
 
 def register_method(method: Method) -> Method:
     """Make `method` known to every command (and its config class known to transformers' Auto* factories)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
     METHODS[method.name] = method
     AutoConfig.register(method.config_class.model_type, method.config_class, exist_ok=True)
+    AutoModel.register(method.config_class, method.auto_model_class, exist_ok=True)
     AutoModelForCausalLM.register(method.config_class, method.model_class, exist_ok=True)
     method.config_class.register_for_auto_class()
+    method.auto_model_class.register_for_auto_class("AutoModel")
     method.model_class.register_for_auto_class("AutoModelForCausalLM")
     return method
 

@@ -78,9 +78,11 @@ class Method:
     settings: tuple[Setting, ...]
     # The shipped classes as "file.Class" inside pesc/modeling, imported on first use: listing the methods (the
     # CLI's flags) must not import torch. A method whose classes live elsewhere sets `config_class` /
-    # `model_class` / `zero3_leaf_modules` themselves instead.
+    # `model_class` / `auto_model_class` / `zero3_leaf_modules` themselves instead.
     config_class_path: str = ""
     model_class_path: str = ""
+    # the backbone without LM head (a moe_core.MoEModel): what AutoModel, and so vLLM's Transformers backend, loads
+    auto_model_class_path: str = ""
     zero3_leaf_module_paths: tuple[str, ...] = ()  # modules DeepSpeed ZeRO-3 must gather whole (routed blocks)
     modeling_dir: Path = Path(__file__).resolve().parent.parent / "modeling"  # the folder holding `modeling_files`
     modeling_files: tuple[str, ...]  # shipped in every checkpoint: moe_core.py + the method's own files
@@ -95,6 +97,10 @@ class Method:
     @property
     def model_class(self) -> type:
         return _shipped_class(self.model_class_path)
+
+    @property
+    def auto_model_class(self) -> type:
+        return _shipped_class(self.auto_model_class_path)
 
     @property
     def zero3_leaf_modules(self) -> tuple[type, ...]:
@@ -205,6 +211,7 @@ class Method:
         """config.json's auto_map: the shipped files' classes, so trust_remote_code finds them."""
         return {
             "AutoConfig": f"{self.config_class.__module__.rsplit('.', 1)[-1]}.{self.config_class.__name__}",
+            "AutoModel": f"{self.auto_model_class.__module__.rsplit('.', 1)[-1]}.{self.auto_model_class.__name__}",
             "AutoModelForCausalLM": f"{self.model_class.__module__.rsplit('.', 1)[-1]}.{self.model_class.__name__}",
         }
 

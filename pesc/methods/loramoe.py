@@ -75,6 +75,7 @@ class Loramoe(Method):
 
     config_class_path = "configuration_loramoe.LoramoeConfig"
     model_class_path = "modeling_loramoe.LoramoeForCausalLM"
+    auto_model_class_path = "modeling_loramoe.LoramoeModel"
     zero3_leaf_module_paths = ("modeling_loramoe.LoramoeExperts",)
 
     def check_settings(self, values: dict) -> None:

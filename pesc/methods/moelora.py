@@ -44,6 +44,7 @@ class MoELora(Method):
 
     config_class_path = "configuration_moelora.MoELoraConfig"
     model_class_path = "modeling_moelora.MoELoraForCausalLM"
+    auto_model_class_path = "modeling_moelora.MoELoraModel"
 
     def check_settings(self, values: dict) -> None:
         """top_k <= num_experts (the site names are checked by the config, which knows the linears)."""

@@ -43,6 +43,7 @@ class MoLoRA(Method):
 
     config_class_path = "configuration_molora.MoLoRAConfig"
     model_class_path = "modeling_molora.MoLoRAForCausalLM"
+    auto_model_class_path = "modeling_molora.MoLoRAModel"
 
     def resolve_settings(self, values: dict, where: str = "moe.") -> dict:
         """As every method, with `sites` given as "q_proj,v_proj" read as a list."""

@@ -26,6 +26,7 @@ class MoV(Method):
 
     config_class_path = "configuration_mov.MoVConfig"
     model_class_path = "modeling_mov.MoVForCausalLM"
+    auto_model_class_path = "modeling_mov.MoVModel"
 
     def default_lora_targets(self, config) -> list[str]:
         return []  # only the routers and vectors train

@@ -34,6 +34,7 @@ class Pesc(Method):
 
     config_class_path = "configuration_pesc.PescConfig"
     model_class_path = "modeling_pesc.PescForCausalLM"
+    auto_model_class_path = "modeling_pesc.PescModel"
     zero3_leaf_module_paths = ("modeling_pesc.PescMoEAdapter",)
 
     def check_settings(self, values: dict) -> None:

@@ -44,6 +44,8 @@ class PescConfig(FlatMoEConfig):
     """
 
     model_type = "pesc"
+    # The top-k also under the name serving engines read (vLLM's Transformers backend), stored once as `topk`.
+    attribute_map = {"num_experts_per_tok": "topk"}
 
     method_defaults = PESC_DEFAULTS
 

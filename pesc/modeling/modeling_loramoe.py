@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .configuration_loramoe import LoramoeConfig
-from .moe_core import LINEAR_PARENTS, MoEForCausalLM, attach_sibling, emit_routing_record, linear_on
+from .moe_core import LINEAR_PARENTS, MoEForCausalLM, MoEModel, attach_sibling, emit_routing_record, linear_on
 
 # Added to the denominator of the LBC, as the official code's cv_squared.
 _LBC_EPS = 1e-10
@@ -219,8 +219,16 @@ class LoramoeForCausalLM(MoEForCausalLM):
         return {"lbc_loss": loss}
 
 
+class LoramoeModel(MoEModel):
+    """The LoRAMoE backbone without the LM head (what `AutoModel` and vLLM's Transformers backend load)."""
+
+    config_class = LoramoeConfig
+    causal_lm_class = LoramoeForCausalLM
+
+
 __all__ = [
     "LoramoeForCausalLM",
+    "LoramoeModel",
     "LoramoeExperts",
     "LoramoeExpertsA",
     "LoramoeExpertsB",

@@ -30,6 +30,7 @@ from .configuration_moelora import MoELoraConfig, site_list
 from .moe_core import (
     LINEAR_PARENTS,
     MoEForCausalLM,
+    MoEModel,
     attach_sibling,
     emit_routing_record,
     linear_on,
@@ -200,4 +201,11 @@ class MoELoraForCausalLM(MoEForCausalLM):
         return losses
 
 
-__all__ = ["MoELoraForCausalLM", "MoELoraSite", "MoELoraRouter", "init_site", "same_expert_infonce", "contrastive_loss"]
+class MoELoraModel(MoEModel):
+    """The MoELoRA backbone without the LM head (what `AutoModel` and vLLM's Transformers backend load)."""
+
+    config_class = MoELoraConfig
+    causal_lm_class = MoELoraForCausalLM
+
+
+__all__ = ["MoELoraForCausalLM", "MoELoraModel", "MoELoraSite", "MoELoraRouter", "init_site", "same_expert_infonce", "contrastive_loss"]

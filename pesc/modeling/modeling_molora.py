@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .configuration_molora import MoLoRAConfig
-from .moe_core import LINEAR_PARENTS, MoEForCausalLM, attach_sibling, emit_routing_record, linear_on
+from .moe_core import LINEAR_PARENTS, MoEForCausalLM, MoEModel, attach_sibling, emit_routing_record, linear_on
 from .soft_merging import SoftRouter
 
 EXPERTS_A_INIT_STD = 0.02
@@ -95,4 +95,11 @@ class MoLoRAForCausalLM(MoEForCausalLM):
         return isinstance(module, SoftRouter)  # drawn with its site
 
 
-__all__ = ["MoLoRAExperts", "MoLoRAForCausalLM", "EXPERTS_A_INIT_STD"]
+class MoLoRAModel(MoEModel):
+    """The MoLoRA backbone without the LM head (what `AutoModel` and vLLM's Transformers backend load)."""
+
+    config_class = MoLoRAConfig
+    causal_lm_class = MoLoRAForCausalLM
+
+
+__all__ = ["MoLoRAExperts", "MoLoRAForCausalLM", "MoLoRAModel", "EXPERTS_A_INIT_STD"]

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .configuration_mov import MoVConfig
-from .moe_core import MoEForCausalLM, attach_sibling, emit_routing_record, linear_on
+from .moe_core import MoEForCausalLM, MoEModel, attach_sibling, emit_routing_record, linear_on
 from .soft_merging import SoftRouter
 
 
@@ -106,4 +106,11 @@ class MoVForCausalLM(MoEForCausalLM):
         return isinstance(module, SoftRouter)  # drawn with its site
 
 
-__all__ = ["MoVForCausalLM", "MoVScaling"]
+class MoVModel(MoEModel):
+    """The MoV backbone without the LM head (what `AutoModel` and vLLM's Transformers backend load)."""
+
+    config_class = MoVConfig
+    causal_lm_class = MoVForCausalLM
+
+
+__all__ = ["MoVForCausalLM", "MoVModel", "MoVScaling"]

@@ -23,6 +23,7 @@ from torch import nn
 from .configuration_pesc import PescConfig
 from .moe_core import (
     MoEForCausalLM,
+    MoEModel,
     emit_routing_record,
     load_balancing_loss,
     routed_dispatch,
@@ -170,6 +171,9 @@ class PescMoEAdapter(nn.Module):
         return dispatches[self._choose_dispatch(ffn_rows)](ffn_rows, routing_weights, selected).reshape(shape)
 
     def _choose_dispatch(self, ffn_rows: torch.Tensor) -> str:
+        if torch.compiler.is_compiling() and not torch.is_grad_enabled():
+            # A graph traced once for every token count (vLLM's): fixed shapes, no host sync, any linears.
+            return "all"
         # "selected" needs the picks on the host: not with autograd, nor inside a compiled graph.
         can_select = not torch.is_grad_enabled() and not torch.compiler.is_compiling()
         rows = ffn_rows.shape[0]
@@ -299,7 +303,7 @@ class PescMoEAdapter(nn.Module):
     def _all_experts_forward(self, ffn_rows, routing_weights, selected):
         """ffn_rows plus every expert on every row, weighted by the (mostly zero) routing weights."""
         experts = list(self.experts.values())
-        dtype = _projection_weights(experts[0])[0].dtype
+        dtype = experts[0]._modules["adapter_down"].weight.dtype  # any linear: vLLM swaps them for its own
         scalings = {e.scaling for e in experts}
         if len(scalings) == 1:  # always so for PescMoEAdapter's own experts: no per-step host-to-device copy
             scaled = routing_weights * scalings.pop()
@@ -431,8 +435,16 @@ class PescForCausalLM(MoEForCausalLM):
         return {"aux_loss": load_balancing_loss(logits, self.config.num_experts, self.config.topk, attention_mask)}
 
 
+class PescModel(MoEModel):
+    """The PESC backbone without the LM head (what `AutoModel` and vLLM's Transformers backend load)."""
+
+    config_class = PescConfig
+    causal_lm_class = PescForCausalLM
+
+
 __all__ = [
     "PescForCausalLM",
+    "PescModel",
     "PescMLP",
     "PescMoEAdapter",
     "PescAdapter",

@@ -88,7 +88,7 @@ class FlatMoEConfig(PreTrainedConfig):
         family_config_class = CONFIG_MAPPING[self.base_model_type]
         base_fields = _rope_fields_for(family_config_class, {k: v for k, v in kwargs.items() if k not in _NOT_BASE_FIELDS})
         base_config = family_config_class(**base_fields)
-        own = {k: kwargs[k] for k in ("auto_map",) if k in kwargs}
+        own = {k: kwargs[k] for k in ("auto_map", "architectures") if k in kwargs}
         kwargs = {k: v for k, v in base_config.to_dict().items() if k not in _NOT_BASE_FIELDS} | own
         # Families that alias standard names (GPT-2's n_embd -> hidden_size) get the standard name too.
         for alias in family_config_class.attribute_map:
@@ -451,6 +451,20 @@ class MoEPreTrainedModel(PreTrainedModel):
     def init_method_module(self, module: nn.Module) -> bool:
         """Initialise `module` if the method added it and return True; False hands it to the family."""
         return False
+
+
+class MoEModel(MoEPreTrainedModel):
+    """What `AutoModel` loads (vLLM's Transformers backend among others): the backbone of `causal_lm_class`.
+
+    Instantiating it returns that causal LM's `model`: an instance of the dense family's own
+    backbone class with the method's modules in its layers, so its parameter names, forward
+    and attention (through ALL_ATTENTION_FUNCTIONS, kwargs passed down) are the family's.
+    """
+
+    causal_lm_class: type = None
+
+    def __new__(cls, config, *args, **kwargs):
+        return cls.causal_lm_class(config, *args, **kwargs).model
 
 
 class MoEForCausalLM(MoEPreTrainedModel, GenerationMixin):

@@ -1,0 +1,1 @@
+"""Serving pesc exports with vLLM (docs/serving.md)."""
