@@ -1,13 +1,20 @@
-"""vLLM serves pesc exports through its Transformers backend (`vllm serve OUT --trust-remote-code`).
+"""vLLM serves every method's checkpoints through its Transformers backend (`vllm serve OUT --trust-remote-code`).
 
-For a Llama and a Qwen2 tiny PESC export (head_dim 64, as vLLM's CPU attention needs; random
-non-zero LoRA merged, routers and adapters), one real `vllm serve` per model on 127.0.0.1,
-shared by the tests below and stopped at the end of the module:
-- greedy tokens from the server (a completion from token ids) equal transformers generate here;
-- a chat completion sent by the `openai` client (run in the vLLM environment, where it is
-  installed) gives the text transformers generate gives for the chat template's prompt.
-vLLM lives in .venv-vllm (scripts/setup_vllm.sh, which .ci/run runs): without it the tests skip on
-a developer's machine and fail in CI.
+- Without vLLM: `AutoModel` of each method's checkpoint (remote code, pesc not importable) is the
+  backbone whose last hidden state through the LM head is exactly the causal LM's logits, and it
+  compiles as one graph for every token count (what vLLM traces).
+- Greedy tokens: for a tiny checkpoint of every method (PESC on Llama and Qwen2; MoV, MoLoRA,
+  MoELoRA and LoRAMoE on Llama; head_dim 64, as vLLM's CPU attention needs; added tensors
+  perturbed, so the experts change the output: the dense model's tokens differ), one process in
+  the vLLM environment runs `LLM(...)` on each in turn, two prompts batched; its tokens equal
+  transformers generate here, prompt by prompt.
+- A real server: one `vllm serve` of a tiny trained PESC export (random non-zero LoRA merged,
+  routers and adapters) on 127.0.0.1, stopped at the end of the module: greedy tokens of a
+  completion equal transformers generate; a chat completion sent by the `openai` client (run in
+  the vLLM environment, where it is installed) gives the text transformers generate gives for the
+  chat template's prompt.
+vLLM lives in .venv-vllm (scripts/setup_vllm.sh, which .ci/run runs): without it the vLLM tests skip
+on a developer's machine and fail in CI.
 """
 
 import json
@@ -22,13 +29,24 @@ from pesc.export import export
 from pesc.serving.vllm_server import get_json, vllm_environment, vllm_python, vllm_server
 from pesc.testing import save_tiny_dense
 from pesc.testing.isolated import run_without_pesc
+from pesc.testing.perturbed import save_perturbed_checkpoint
 from pesc.testing.trained_run import save_fake_trained_run
 
 # head_dim 128 / 2 = 64: vLLM's CPU attention refuses head_dim 16 (the other tests' tiny shape)
 SERVE_SHAPE = dict(hidden_size=128, intermediate_size=256, num_attention_heads=2, num_key_value_heads=1)
 NEW_TOKENS = 12
 PROMPT_IDS = [17, 42, 99, 5, 130, 61, 8, 200]
+PROMPTS = [PROMPT_IDS, [3, 9, 27]]  # batched together in vLLM: two lengths in one step
 MESSAGES = [{"role": "user", "content": "What is two plus two?"}]
+# (method, family, settings) of the checkpoints vLLM generates from; settings small, every method's defaults else
+CHECKPOINTS = {
+    "pesc-llama": ("pesc", "llama", {"num_experts": 4, "top_k": 2, "adapter_dim": 16}),
+    "pesc-qwen2": ("pesc", "qwen2", {"num_experts": 4, "top_k": 2, "adapter_dim": 16}),
+    "mov-llama": ("mov", "llama", {"num_experts": 3}),
+    "molora-llama": ("molora", "llama", {"num_experts": 3, "expert_rank": 2}),
+    "moelora-llama": ("moelora", "llama", {"num_experts": 4}),
+    "loramoe-llama": ("loramoe", "llama", {"num_experts": 4}),
+}
 
 OPENAI_CHAT = """
 import json, sys
@@ -41,6 +59,21 @@ choice = answer.choices[0]
 print(json.dumps({"text": choice.message.content, "token_ids": choice.model_extra["token_ids"]}))
 """
 
+# One process, one engine per checkpoint in turn (importing vLLM once): greedy tokens of every prompt, EOS ignored.
+VLLM_GREEDY = """
+import json, sys
+from vllm import LLM, SamplingParams
+spec = json.loads(sys.argv[1])
+results = {}
+for name, folder in spec["checkpoints"].items():
+    llm = LLM(folder, trust_remote_code=True, dtype="float32", max_model_len=256, kv_cache_memory_bytes=64 << 20)
+    params = SamplingParams(max_tokens=spec["new_tokens"], temperature=0, ignore_eos=True)
+    outputs = llm.generate([{"prompt_token_ids": ids} for ids in spec["prompts"]], params, use_tqdm=False)
+    results[name] = [list(output.outputs[0].token_ids) for output in outputs]
+    del llm
+print("@@vllm-greedy@@" + json.dumps(results), flush=True)
+"""
+
 
 def _require_vllm():
     if vllm_python() is None:
@@ -50,53 +83,10 @@ def _require_vllm():
         pytest.skip(reason)
 
 
-@pytest.fixture(scope="module", params=["llama", "qwen2"])
-def served(request, tmp_path_factory):
-    """(family, export folder, server base URL): a tiny trained PESC export served by vLLM."""
-    _require_vllm()
-    family = request.param
-    root = tmp_path_factory.mktemp(f"serve-{family}")
-    dense = save_tiny_dense(root / "dense", family, **SERVE_SHAPE)
-    run = root / "run"
-    save_fake_trained_run(run, dense)
-    out = root / "export"
-    export(run, out, dtype="float32", log=lambda message: None)
-    log = root / "vllm-serve.log"
-    with vllm_server(out, "--dtype", "float32", "--max-model-len", "256", "--served-model-name", "pesc",
-                     log_path=log) as base_url:
-        yield family, out, base_url
-
-
-def test_export_loads_as_automodel_backbone(exported):
-    """What vLLM's Transformers backend asks of the shipped code, checked without vLLM (loaded as remote code)."""
-    config = json.loads((exported / "config.json").read_text())
-    assert config["auto_map"]["AutoModel"] == "modeling_pesc.PescModel"
-    result = run_without_pesc(f"""
-import torch
-from transformers import AutoModel, AutoModelForCausalLM
-ids = torch.tensor([{PROMPT_IDS!r}])
-model = AutoModelForCausalLM.from_pretrained({str(exported)!r}, trust_remote_code=True).eval()
-backbone = AutoModel.from_pretrained({str(exported)!r}, trust_remote_code=True).eval()
-with torch.no_grad():
-    logits = model(input_ids=ids).logits
-    from_backbone = model.lm_head(backbone(input_ids=ids).last_hidden_state)
-    compiled = torch.compile(backbone, backend="eager", dynamic=True, fullgraph=True)
-    compiled_logits = model.lm_head(compiled(input_ids=ids, use_cache=False).last_hidden_state)
-emit({{"equal": torch.equal(logits, from_backbone), "compiled": (compiled_logits - logits).abs().max().item(),
-       "supports_backend": type(backbone)._supports_attention_backend, "experts": type(backbone.layers[0].mlp.moe_adapter.experts).__name__,
-       "mlp": type(backbone.layers[0].mlp).__module__, "top_k": [backbone.config.num_experts_per_tok, backbone.config.topk]}})
-""")
-    assert result["mlp"].startswith("transformers_modules."), result["mlp"]
-    assert result["equal"], "AutoModel's last hidden state through the LM head is not the causal LM's logits"
-    # one graph for every token count, as vLLM traces it (fullgraph: a host sync or a data-dependent shape fails)
-    # (1e-5: in a graph the experts run one by one, eagerly as one stacked matmul: float32 sums in another order)
-    assert result["compiled"] <= 1e-5, result["compiled"]
-    assert result["supports_backend"] and result["experts"] == "ModuleDict"
-    assert result["top_k"][0] == result["top_k"][1] == 2
-
-
-def _transformers_greedy(folder, input_ids: list[int]) -> list[int]:
+def _transformers_greedy(folder, input_ids: list[int], ignore_eos: bool = False) -> list[int]:
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    if ignore_eos:
+        model.generation_config.eos_token_id = None
     ids = torch.tensor([input_ids])
     with torch.no_grad():
         generated = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS,
@@ -104,8 +94,123 @@ def _transformers_greedy(folder, input_ids: list[int]) -> list[int]:
     return generated[0, ids.shape[1]:].tolist()
 
 
-def test_vllm_greedy_tokens_equal_transformers(served):
-    family, out, base_url = served
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """{name: (checkpoint folder, its dense model's folder)} for every entry of CHECKPOINTS."""
+    root = tmp_path_factory.mktemp("vllm-checkpoints")
+    dense = {family: save_tiny_dense(root / f"dense-{family}", family, **SERVE_SHAPE)
+             for family in {family for _, family, _ in CHECKPOINTS.values()}}
+    return {name: (save_perturbed_checkpoint(dense[family], root / name, method, scale=0.5, **settings), dense[family])
+            for name, (method, family, settings) in CHECKPOINTS.items()}
+
+
+@pytest.fixture(scope="module")
+def vllm_greedy(checkpoints, tmp_path_factory):
+    """{name: greedy tokens of each prompt} from vLLM, every checkpoint served in turn by one process."""
+    _require_vllm()
+    spec = {"checkpoints": {name: str(folder) for name, (folder, _) in checkpoints.items()}, "prompts": PROMPTS,
+            "new_tokens": NEW_TOKENS}
+    log = tmp_path_factory.mktemp("vllm-greedy") / "vllm.log"
+    with open(log, "w") as output:
+        completed = subprocess.run([str(vllm_python()), "-c", VLLM_GREEDY, json.dumps(spec)], stdout=subprocess.PIPE,
+                                   stderr=output, text=True, timeout=1800, env=vllm_environment())
+    assert completed.returncode == 0, log.read_text()[-5000:]
+    return json.loads(completed.stdout.rpartition("@@vllm-greedy@@")[2])
+
+
+@pytest.mark.parametrize("name", list(CHECKPOINTS))
+def test_vllm_greedy_tokens_equal_transformers(name, checkpoints, vllm_greedy):
+    folder, dense = checkpoints[name]
+    expected = [_transformers_greedy(folder, prompt, ignore_eos=True) for prompt in PROMPTS]
+    # the experts act: a vLLM that ran the dense model (experts dropped or never called) would fail below
+    assert expected != [_transformers_greedy(dense, prompt, ignore_eos=True) for prompt in PROMPTS]
+    assert vllm_greedy[name] == expected, f"{name}: vLLM greedy {vllm_greedy[name]} != transformers {expected}"
+
+
+def test_every_method_has_a_vllm_checkpoint():
+    from pesc.methods import METHODS
+
+    assert {method for method, _, _ in CHECKPOINTS.values()} == set(METHODS)
+
+
+# (parent in the decoder layer, linear) that each method's default sites include (PESC: a linear it leaves alone)
+SITED = {"pesc": ("mlp", "gate_proj"), "mov": ("self_attn", "k_proj"), "molora": ("self_attn", "q_proj"),
+         "moelora": ("self_attn", "v_proj"), "loramoe": ("mlp", "up_proj")}
+
+
+@pytest.fixture(scope="module")
+def small_checkpoints(tiny_llama_dir, tmp_path_factory):
+    """{method: folder}: every method's tiny (head_dim 16) checkpoint, added tensors perturbed."""
+    from pesc.methods import METHODS
+
+    root = tmp_path_factory.mktemp("automodel")
+    return {method: save_perturbed_checkpoint(tiny_llama_dir, root / method, method, scale=0.5) for method in METHODS}
+
+
+def test_automodel_is_the_backbone_and_compiles_for_every_shape(small_checkpoints):
+    """What vLLM's Transformers backend asks of the shipped code, checked without vLLM (loaded as remote code)."""
+    result = run_without_pesc(f"""
+import torch
+from transformers import AutoModel, AutoModelForCausalLM
+ids = torch.tensor([{PROMPT_IDS!r}])
+results = {{}}
+for method, folder in {({m: str(f) for m, f in small_checkpoints.items()})!r}.items():
+    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
+    backbone = AutoModel.from_pretrained(folder, trust_remote_code=True).eval()
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+        from_backbone = model.lm_head(backbone(input_ids=ids).last_hidden_state)
+        compiled = torch.compile(backbone, backend="eager", dynamic=True, fullgraph=True)
+        compiled_logits = model.lm_head(compiled(input_ids=ids, use_cache=False).last_hidden_state)
+    layer = backbone.layers[0]
+    results[method] = {{
+        "equal": torch.equal(logits, from_backbone), "compiled": (compiled_logits - logits).abs().max().item(),
+        "layer_module": type(layer.mlp).__module__ if method == "pesc" else type(layer).__module__,
+        "supports_backend": type(backbone)._supports_attention_backend,
+        "sited_linear": type(getattr(getattr(layer, {SITED!r}[method][0]), {SITED!r}[method][1])).__name__,
+        "experts_per_token": backbone.config.num_experts_per_tok, "num_experts": backbone.config.num_experts,
+    }}
+    if method == "pesc":
+        results[method]["experts"] = type(layer.mlp.moe_adapter.experts).__name__
+emit(results)
+""")
+    for method, found in result.items():
+        assert found["equal"], f"{method}: AutoModel's last hidden state through the LM head is not the logits"
+        # one graph for every token count, as vLLM traces it (fullgraph: a host sync or a data-dependent shape
+        # fails); 1e-5: the compiled routing runs every expert, the eager one each expert on its own rows
+        assert found["compiled"] <= 1e-5, (method, found["compiled"])
+        assert found["supports_backend"], method
+    assert result["pesc"]["layer_module"].startswith("transformers_modules."), result["pesc"]["layer_module"]
+    # ModuleDict: vLLM's MoE wrapper replaces a ModuleList called `experts` by its FusedMoE
+    assert result["pesc"]["experts"] == "ModuleDict"
+    # a linear a site hooks is an UnmergedLinear (nn.Linear would let vLLM merge q/k/v and gate/up away from under
+    # the hook); PESC hooks none
+    assert {method: found["sited_linear"] for method, found in result.items()} == {
+        method: "Linear" if method == "pesc" else "UnmergedLinear" for method in result}
+    # the top-k under the name vLLM reads (its MoE wrapper asserts it): every expert for the dense routers
+    assert result["pesc"]["experts_per_token"] == 2 and result["moelora"]["experts_per_token"] == 2
+    for method in ("mov", "molora", "loramoe"):
+        assert result[method]["experts_per_token"] == result[method]["num_experts"], method
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """(export folder, server base URL): a tiny trained PESC export served by `vllm serve`."""
+    _require_vllm()
+    root = tmp_path_factory.mktemp("serve")
+    dense = save_tiny_dense(root / "dense", "llama", **SERVE_SHAPE)
+    run = root / "run"
+    save_fake_trained_run(run, dense)
+    out = root / "export"
+    export(run, out, dtype="float32", log=lambda message: None)
+    log = root / "vllm-serve.log"
+    with vllm_server(out, "--dtype", "float32", "--max-model-len", "256", "--served-model-name", "pesc",
+                     log_path=log) as base_url:
+        yield out, base_url
+
+
+def test_served_completion_tokens_equal_transformers(served):
+    out, base_url = served
     expected = _transformers_greedy(out, PROMPT_IDS)
     answer = get_json(f"{base_url}/v1/completions", {
         "model": "pesc", "prompt": PROMPT_IDS, "max_tokens": NEW_TOKENS, "temperature": 0,
@@ -113,11 +218,11 @@ def test_vllm_greedy_tokens_equal_transformers(served):
     })
     tokens = answer["choices"][0]["token_ids"]
     assert len(expected) >= 4, "the reference stopped at once: the comparison would say little"
-    assert tokens == expected, f"{family}: vLLM greedy {tokens} != transformers {expected}"
+    assert tokens == expected, f"vLLM served greedy {tokens} != transformers {expected}"
 
 
 def test_openai_chat_completion_equals_transformers(served):
-    family, out, base_url = served
+    out, base_url = served
     tokenizer = AutoTokenizer.from_pretrained(out)
     prompt = tokenizer.apply_chat_template(MESSAGES, add_generation_prompt=True, tokenize=True, return_dict=False)
     expected_ids = _transformers_greedy(out, list(prompt))
@@ -128,9 +233,9 @@ def test_openai_chat_completion_equals_transformers(served):
     )
     assert completed.returncode == 0, completed.stderr[-3000:]
     answer = json.loads(completed.stdout.strip().splitlines()[-1])
-    assert answer["token_ids"] == expected_ids, f"{family}: vLLM chat tokens {answer['token_ids']} != {expected_ids}"
+    assert answer["token_ids"] == expected_ids, f"vLLM chat tokens {answer['token_ids']} != {expected_ids}"
     if "\ufffd" not in expected:
         # Text too, where the tokens decode to whole characters: a random model may emit bytes of a split
         # character, which transformers decodes as U+FFFD and vLLM's incremental detokenizer holds back.
         assert expected.strip(), "the reference generated no text: the comparison would say little"
-        assert answer["text"] == expected, f"{family}: vLLM chat {answer['text']!r} != transformers {expected!r}"
+        assert answer["text"] == expected, f"vLLM chat {answer['text']!r} != transformers {expected!r}"

@@ -36,6 +36,8 @@ class MoELoraConfig(FlatMoEConfig):
 
     model_type = "pesc_moelora"
 
+    top_k_field = "topk"
+
     method_defaults = {
         "num_experts": 8,
         "topk": 2,

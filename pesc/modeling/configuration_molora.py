@@ -26,6 +26,8 @@ class MoLoRAConfig(FlatMoEConfig):
     """
 
     model_type = "pesc_molora"
+    top_k_field = "router_topk"
+
     method_defaults = {
         "num_experts": 10,
         "expert_rank": 4,

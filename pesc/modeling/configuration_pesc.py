@@ -44,8 +44,7 @@ class PescConfig(FlatMoEConfig):
     """
 
     model_type = "pesc"
-    # The top-k also under the name serving engines read (vLLM's Transformers backend), stored once as `topk`.
-    attribute_map = {"num_experts_per_tok": "topk"}
+    top_k_field = "topk"
 
     method_defaults = PESC_DEFAULTS
 

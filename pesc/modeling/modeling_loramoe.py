@@ -60,7 +60,10 @@ class LoramoeExperts(nn.Module):
     def forward(self, x: torch.Tensor, linear_output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(the linear's output W0 x plus what the experts add; router logits [tokens, N] in the experts' dtype)."""
         rows = x.reshape(-1, x.shape[-1]).to(self.experts_A.weight.dtype)
-        if self.dropout.p == 0 or not self.training:
+        # The fused matmuls read the linears' weights: only while they are ours (a serving engine may have put its
+        # own linears in, whose weights are stored in another layout)
+        own_linears = type(self.router) is LoramoeRouter and type(self.experts_A) is LoramoeExpertsA
+        if own_linears and (self.dropout.p == 0 or not self.training):
             # router and experts read the same x: one matmul (and one input gradient) for both
             both = F.linear(rows, torch.cat([self.router.weight, self.experts_A.weight]))
             router_logits, hidden = both.split([self.num_experts, self.num_experts * self.rank], dim=-1)
@@ -71,7 +74,7 @@ class LoramoeExperts(nn.Module):
         weights = torch.softmax(router_logits, dim=-1, dtype=softmax_dtype).to(rows.dtype)
         scaled = (hidden.view(-1, self.num_experts, self.rank) * (weights * self.scaling).unsqueeze(-1)).view(hidden.shape)
         base = linear_output.reshape(-1, linear_output.shape[-1])
-        if base.dtype == scaled.dtype:
+        if base.dtype == scaled.dtype and type(self.experts_B) is LoramoeExpertsB:
             # the add fused into the matmul: a separate half-precision add of the [tokens, out] output costs
             # more than the experts' matmuls on a CPU
             out = torch.addmm(base, scaled, self.experts_B.weight.t())

@@ -37,6 +37,7 @@ from .moe_core import (
     load_balancing_loss,
     routed_dispatch,
     token_mask,
+    traced_for_every_shape,
 )
 
 SITE_PREFIX = "moelora_"
@@ -68,10 +69,20 @@ class MoELoraSite(nn.Module):
         weights = torch.softmax(top_logits, dim=-1, dtype=torch.float32)
         extras = self._contrastive_sample(rows, selected) if self.sample_size and self.training and torch.is_grad_enabled() else None
         emit_routing_record(self.site, self.layer_idx, logits, selected, extras)
-        experts = list(range(self.num_experts))
-        mixed = routed_dispatch(rows.to(self.down.dtype), weights, selected, experts, self._weighted_expert_output,
-                                input_dropout=self.dropout if self.training else None)
+        if traced_for_every_shape():
+            mixed = self._all_experts_output(rows.to(self.down.dtype), weights, selected)
+        else:
+            mixed = routed_dispatch(rows.to(self.down.dtype), weights, selected, list(range(self.num_experts)),
+                                    self._weighted_expert_output, input_dropout=self.dropout if self.training else None)
         return output + mixed.to(output.dtype).reshape(output.shape)
+
+    def _all_experts_output(self, rows: torch.Tensor, weights: torch.Tensor, selected: torch.Tensor) -> torch.Tensor:
+        """The same sum with every expert on every row, the weights zero off each row's top-k: fixed shapes (no
+        dropout: inference only)."""
+        dense = torch.zeros(rows.shape[0], self.num_experts, dtype=weights.dtype, device=rows.device)
+        dense = dense.scatter(-1, selected, weights) * self.scaling
+        hidden = torch.einsum("ti,eri->ter", rows, self.down) * dense.to(rows.dtype).unsqueeze(-1)
+        return torch.einsum("ter,eor->to", hidden, self.up)
 
     def _weighted_expert_output(self, expert: int, rows: torch.Tensor, weights: torch.Tensor,
                                 keep_scale: float = 1.0) -> torch.Tensor:

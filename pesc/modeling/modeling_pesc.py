@@ -27,6 +27,7 @@ from .moe_core import (
     emit_routing_record,
     load_balancing_loss,
     routed_dispatch,
+    traced_for_every_shape,
 )
 
 class PescRouter(nn.Module):
@@ -171,9 +172,8 @@ class PescMoEAdapter(nn.Module):
         return dispatches[self._choose_dispatch(ffn_rows)](ffn_rows, routing_weights, selected).reshape(shape)
 
     def _choose_dispatch(self, ffn_rows: torch.Tensor) -> str:
-        if torch.compiler.is_compiling() and not torch.is_grad_enabled():
-            # A graph traced once for every token count (vLLM's): fixed shapes, no host sync, any linears.
-            return "all"
+        if traced_for_every_shape():
+            return "all"  # fixed shapes, no host sync, whatever linears the engine put in
         # "selected" needs the picks on the host: not with autograd, nor inside a compiled graph.
         can_select = not torch.is_grad_enabled() and not torch.compiler.is_compiling()
         rows = ffn_rows.shape[0]

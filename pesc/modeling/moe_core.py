@@ -98,6 +98,16 @@ class FlatMoEConfig(PreTrainedConfig):
         super().__init__(**kwargs)
         self.validate_moe_settings()
 
+    # The method's field holding how many experts a token is routed to (None, or a value of 0: every expert).
+    top_k_field = None
+
+    @property
+    def num_experts_per_tok(self) -> int:
+        """Experts active per token, under the name serving engines read: vLLM's Transformers backend takes any
+        config with `num_experts` for an MoE model and requires this of it."""
+        top_k = getattr(self, self.top_k_field) if self.top_k_field else 0
+        return top_k or self.num_experts
+
     def validate_moe_settings(self):
         """Refuse settings that cannot describe a working model, naming the field (each method's own checks)."""
 
@@ -238,6 +248,12 @@ class CombineRows(torch.autograd.Function):
         return GatherRows.apply(grad, source, inverse, ctx.top_k, None), None, None, None
 
 
+
+
+def traced_for_every_shape() -> bool:
+    """Whether this runs inside a compiled inference graph that must serve every token count (vLLM traces one so):
+    routing there needs fixed shapes, with no host sync and no shape read from the data (`routed_dispatch` has both)."""
+    return torch.compiler.is_compiling() and not torch.is_grad_enabled()
 
 
 def routed_dispatch(rows: torch.Tensor, routing_weights: torch.Tensor, selected: torch.Tensor, experts: list,
@@ -393,7 +409,31 @@ def attach_sibling(parent: nn.Module, linear: str, sibling_name: str, sibling: n
     if not isinstance(parent._modules.get(linear), nn.Module):
         raise ValueError(f"{type(parent).__name__} has no module {linear!r} to attach {sibling_name!r} to")
     parent.add_module(sibling_name, sibling)
-    parent.register_forward_pre_hook(_SiblingConnection(linear, sibling_name, position).reconnect)
+    connection = _SiblingConnection(linear, sibling_name, position)
+    connection.reconnect(parent, ())  # now: a compiled first forward (vLLM's) cannot register hooks
+    parent.register_forward_pre_hook(connection.reconnect)
+
+
+class UnmergedLinear(nn.Module):
+    """nn.Linear's computation under a class that is not nn.Linear (what `MoEModel` makes of a linear a site acts on).
+
+    Serving engines merge sibling linears they recognise by type (vLLM's Transformers backend turns q/k/v
+    and gate/up into one linear and deletes the three), which would leave a site's hook on nothing.
+    """
+
+    forward = nn.Linear.forward
+    extra_repr = nn.Linear.extra_repr
+
+
+def site_linears(model: nn.Module) -> list[tuple[nn.Module, str]]:
+    """(parent, linear name) of every linear a sibling site acts on."""
+    found = []
+    for parent in model.modules():
+        for hook in parent._forward_pre_hooks.values():
+            connection = getattr(hook, "__self__", None)
+            if isinstance(connection, _SiblingConnection):
+                found.append((parent, connection.linear))
+    return found
 
 
 # ---------------------------------------------------------------------------------------
@@ -444,7 +484,14 @@ class MoEPreTrainedModel(PreTrainedModel):
 
     @torch.no_grad()
     def _init_weights(self, module):
-        """The method's modules get the method's init (`init_method_module`); everything else the family's."""
+        """The method's modules get the method's init (`init_method_module`); everything else the family's.
+
+        A module whose parameters were all loaded is left alone: transformers skips loaded tensors only in
+        custom classes or through its guarded init functions, and `AutoModel` of a checkpoint is the family's
+        own backbone class, whose load would otherwise re-draw the method's modules over their weights."""
+        parameters = list(module.parameters())
+        if parameters and all(getattr(p, "_is_hf_initialized", False) for p in parameters):
+            return
         if not self.init_method_module(module):
             self._family_init_weights(module)
 
@@ -458,13 +505,20 @@ class MoEModel(MoEPreTrainedModel):
 
     Instantiating it returns that causal LM's `model`: an instance of the dense family's own
     backbone class with the method's modules in its layers, so its parameter names, forward
-    and attention (through ALL_ATTENTION_FUNCTIONS, kwargs passed down) are the family's.
+    and attention (through ALL_ATTENTION_FUNCTIONS, kwargs passed down) are the family's. The
+    linears that sibling sites act on become `UnmergedLinear`s (same tensors, same computation),
+    which serving engines do not merge away from under their hooks; so bitsandbytes and peft, which
+    look for nn.Linear, do not touch them here (train the causal LM, not this backbone).
     """
 
     causal_lm_class: type = None
 
     def __new__(cls, config, *args, **kwargs):
-        return cls.causal_lm_class(config, *args, **kwargs).model
+        backbone = cls.causal_lm_class(config, *args, **kwargs).model
+        for parent, name in site_linears(backbone):
+            if type(parent._modules[name]) is nn.Linear:
+                parent._modules[name].__class__ = UnmergedLinear
+        return backbone
 
 
 class MoEForCausalLM(MoEPreTrainedModel, GenerationMixin):
