@@ -486,11 +486,13 @@ class MoEPreTrainedModel(PreTrainedModel):
     def _init_weights(self, module):
         """The method's modules get the method's init (`init_method_module`); everything else the family's.
 
-        A module whose parameters were all loaded is left alone: transformers skips loaded tensors only in
-        custom classes or through its guarded init functions, and `AutoModel` of a checkpoint is the family's
-        own backbone class, whose load would otherwise re-draw the method's modules over their weights."""
+        A method's module (a class of the shipped code, not of torch or transformers) whose parameters were all
+        loaded is left alone: transformers skips loaded tensors only in custom model classes or through its
+        guarded init functions, and `AutoModel` of a checkpoint is the family's own backbone class, whose load
+        would otherwise re-draw the method's modules over their weights."""
         parameters = list(module.parameters())
-        if parameters and all(getattr(p, "_is_hf_initialized", False) for p in parameters):
+        ours = type(module).__module__.split(".")[0] not in ("torch", "transformers")
+        if ours and parameters and all(getattr(p, "_is_hf_initialized", False) for p in parameters):
             return
         if not self.init_method_module(module):
             self._family_init_weights(module)
