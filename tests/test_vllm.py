@@ -6,11 +6,12 @@
 - Greedy tokens: for a tiny checkpoint of every method (PESC on Llama and Qwen2; MoV, MoLoRA,
   MoELoRA and LoRAMoE on Llama; head_dim 64, as vLLM's CPU attention needs; added tensors
   perturbed, so the experts change the output: the dense model's tokens differ), one process in
-  the vLLM environment runs `LLM(...)` on each in turn, two prompts batched; its tokens equal
-  transformers generate here, prompt by prompt.
+  the vLLM environment runs `LLM(...)` on each in turn (`model_impl="transformers"`), two prompts
+  batched; its tokens equal transformers generate here, prompt by prompt. The two PESC checkpoints
+  run again on pesc's native vLLM model (`model_impl="vllm"`: the plugin's PescForCausalLM).
 - A real server: one `vllm serve` of a tiny trained PESC export (random non-zero LoRA merged,
-  routers and adapters) on 127.0.0.1, stopped at the end of the module: greedy tokens of a
-  completion equal transformers generate; a chat completion sent by the `openai` client (run in
+  routers and adapters; vLLM picks the native model, the plugin being installed) on 127.0.0.1,
+  stopped at the end of the module: greedy tokens of a completion equal transformers generate; a chat completion sent by the `openai` client (run in
   the vLLM environment, where it is installed) gives the text transformers generate gives for the
   chat template's prompt.
 vLLM lives in .venv-vllm (scripts/setup_vllm.sh, which .ci/run runs): without it the vLLM tests skip
@@ -59,14 +60,19 @@ choice = answer.choices[0]
 print(json.dumps({"text": choice.message.content, "token_ids": choice.model_extra["token_ids"]}))
 """
 
-# One process, one engine per checkpoint in turn (importing vLLM once): greedy tokens of every prompt, EOS ignored.
+# PESC checkpoints vLLM also runs with pesc's native model (pesc.serving.vllm_model, the plugin)
+NATIVE = ("pesc-llama", "pesc-qwen2")
+
+# One process, one engine per run in turn (importing vLLM once): greedy tokens of every prompt, EOS ignored.
+# model_impl "transformers": the Transformers backend; "vllm": a native model (an error if none is registered).
 VLLM_GREEDY = """
 import json, sys
 from vllm import LLM, SamplingParams
 spec = json.loads(sys.argv[1])
 results = {}
-for name, folder in spec["checkpoints"].items():
-    llm = LLM(folder, trust_remote_code=True, dtype="float32", max_model_len=256, kv_cache_memory_bytes=64 << 20)
+for name, folder, model_impl in spec["runs"]:
+    llm = LLM(folder, trust_remote_code=True, dtype="float32", max_model_len=256, kv_cache_memory_bytes=64 << 20,
+              model_impl=model_impl)
     params = SamplingParams(max_tokens=spec["new_tokens"], temperature=0, ignore_eos=True)
     outputs = llm.generate([{"prompt_token_ids": ids} for ids in spec["prompts"]], params, use_tqdm=False)
     results[name] = [list(output.outputs[0].token_ids) for output in outputs]
@@ -106,10 +112,12 @@ def checkpoints(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def vllm_greedy(checkpoints, tmp_path_factory):
-    """{name: greedy tokens of each prompt} from vLLM, every checkpoint served in turn by one process."""
+    """{run: greedy tokens of each prompt} from vLLM, every checkpoint through the Transformers backend (run: its
+    name) and the NATIVE ones through pesc's native model too (run: name + "+native"), in turn in one process."""
     _require_vllm()
-    spec = {"checkpoints": {name: str(folder) for name, (folder, _) in checkpoints.items()}, "prompts": PROMPTS,
-            "new_tokens": NEW_TOKENS}
+    runs = [(name, str(folder), "transformers") for name, (folder, _) in checkpoints.items()]
+    runs += [(name + "+native", str(checkpoints[name][0]), "vllm") for name in NATIVE]
+    spec = {"runs": runs, "prompts": PROMPTS, "new_tokens": NEW_TOKENS}
     log = tmp_path_factory.mktemp("vllm-greedy") / "vllm.log"
     with open(log, "w") as output:
         completed = subprocess.run([str(vllm_python()), "-c", VLLM_GREEDY, json.dumps(spec)], stdout=subprocess.PIPE,
@@ -118,13 +126,28 @@ def vllm_greedy(checkpoints, tmp_path_factory):
     return json.loads(completed.stdout.rpartition("@@vllm-greedy@@")[2])
 
 
+@pytest.fixture(scope="module")
+def reference_greedy(checkpoints):
+    """{name: (transformers greedy tokens of each prompt, the dense model's)}, EOS ignored."""
+    return {name: tuple([_transformers_greedy(model, prompt, ignore_eos=True) for prompt in PROMPTS]
+                        for model in (folder, dense))
+            for name, (folder, dense) in checkpoints.items()}
+
+
 @pytest.mark.parametrize("name", list(CHECKPOINTS))
-def test_vllm_greedy_tokens_equal_transformers(name, checkpoints, vllm_greedy):
-    folder, dense = checkpoints[name]
-    expected = [_transformers_greedy(folder, prompt, ignore_eos=True) for prompt in PROMPTS]
+def test_vllm_greedy_tokens_equal_transformers(name, reference_greedy, vllm_greedy):
+    expected, dense = reference_greedy[name]
     # the experts act: a vLLM that ran the dense model (experts dropped or never called) would fail below
-    assert expected != [_transformers_greedy(dense, prompt, ignore_eos=True) for prompt in PROMPTS]
+    assert expected != dense
     assert vllm_greedy[name] == expected, f"{name}: vLLM greedy {vllm_greedy[name]} != transformers {expected}"
+
+
+@pytest.mark.parametrize("name", NATIVE)
+def test_native_vllm_model_greedy_tokens_equal_transformers(name, reference_greedy, vllm_greedy):
+    """pesc's native vLLM model (vLLM's own decoder layers, stacked experts) on a PESC checkpoint."""
+    expected, _ = reference_greedy[name]
+    native = vllm_greedy[name + "+native"]
+    assert native == expected, f"{name}: native vLLM greedy {native} != transformers {expected}"
 
 
 def test_every_method_has_a_vllm_checkpoint():

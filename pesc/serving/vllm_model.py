@@ -1,0 +1,100 @@
+"""PESC as a native vLLM model: vLLM's own Llama / Mistral / Qwen2 decoder layers, each FFN followed by the PESC
+experts as stacked tensors (the fast path; the Transformers backend runs every method, slower).
+
+Registered by `pesc.serving.vllm_plugin` (the `vllm.general_plugins` entry point) for the architecture
+`PescForCausalLM`. Runs inside vLLM's environment: imports vLLM and torch, nothing of pesc.
+
+Per token, with F(x) the family's FFN output (vLLM's merged gate/up kernel), the k router picks and w their
+float32 softmax weights (arXiv 2401.02731, Eq. 7-10; pesc/modeling/modeling_pesc.py):
+    y = F(x) + sum_{i in topk(x)} w_i * s * up_i(GELU(down_i(F(x))))
+computed for every expert at once with the weights zero off the top-k: fixed shapes, two batched matmuls.
+"""
+
+import re
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from vllm.model_executor.models.llama import LlamaDecoderLayer, LlamaForCausalLM, LlamaModel
+from vllm.model_executor.models.qwen2 import Qwen2DecoderLayer, Qwen2Model
+
+_EXPERT_TENSOR = re.compile(r"^experts\.expert_(\d+)\.adapter_(down|up)\.weight$")
+
+
+class PescExperts(nn.Module):
+    """The router and the E adapters of one layer, stacked: `down` [E, d, H], `up` [E, H, d]."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.top_k, self.scaling = config.topk, config.moe_scaling
+        self.router = nn.Linear(config.hidden_size, config.num_experts, bias=False)
+        self.down = nn.Parameter(torch.empty(config.num_experts, config.adapter_dim, config.hidden_size))
+        self.up = nn.Parameter(torch.empty(config.num_experts, config.hidden_size, config.adapter_dim))
+
+    def forward(self, router_input: torch.Tensor, ffn_output: torch.Tensor) -> torch.Tensor:
+        logits = F.linear(router_input.to(self.router.weight.dtype), self.router.weight)
+        top_logits, selected = torch.topk(logits, self.top_k, dim=-1)
+        weights = torch.softmax(top_logits, dim=-1, dtype=torch.float32)
+        dense = torch.zeros_like(logits, dtype=torch.float32).scatter(-1, selected, weights) * self.scaling
+        rows = ffn_output.to(self.down.dtype)
+        hidden = F.gelu(torch.einsum("th,edh->ted", rows, self.down)) * dense.to(rows.dtype).unsqueeze(-1)
+        return ffn_output + torch.einsum("ted,ehd->th", hidden, self.up).to(ffn_output.dtype)
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        """Our checkpoint names (`router.weight`, `experts.expert_J.adapter_{down,up}.weight`) into the stacks;
+        returns the parameters filled (a stack once every expert's slice came)."""
+        loaded, slices = set(), {"down": set(), "up": set()}
+        for name, tensor in weights:
+            if name == "router.weight":
+                self.router.weight.data.copy_(tensor)
+                loaded.add(name)
+            elif (match := _EXPERT_TENSOR.match(name)) is not None:
+                getattr(self, match.group(2)).data[int(match.group(1))].copy_(tensor)
+                slices[match.group(2)].add(int(match.group(1)))
+            else:
+                raise ValueError(f"unexpected PESC tensor {name!r}")
+        return loaded | {part for part, experts in slices.items() if len(experts) == getattr(self, part).shape[0]}
+
+
+class PescMLP(nn.Module):
+    """The family's FFN (kept as vLLM built it, under its own names) followed by the experts on its output."""
+
+    def __init__(self, dense_mlp: nn.Module, config):
+        super().__init__()
+        self.dense_mlp = dense_mlp
+        self.moe_adapter = PescExperts(config)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.moe_adapter(hidden_states, self.dense_mlp(hidden_states))
+
+
+class PescLlamaDecoderLayer(LlamaDecoderLayer):
+    def __init__(self, vllm_config, prefix: str = "", **kwargs):
+        super().__init__(vllm_config=vllm_config, prefix=prefix, **kwargs)
+        self.mlp = PescMLP(self.mlp, vllm_config.model_config.hf_config)
+
+
+class PescQwen2DecoderLayer(Qwen2DecoderLayer):
+    def __init__(self, config, *args, **kwargs):
+        super().__init__(config, *args, **kwargs)
+        self.mlp = PescMLP(self.mlp, config)
+
+
+class PescForCausalLM(LlamaForCausalLM):
+    """A PESC checkpoint (config `base_model_type` llama, mistral or qwen2) on vLLM's own layers."""
+
+    def _init_model(self, vllm_config, prefix: str = "", layer_type=None):
+        family = vllm_config.model_config.hf_config.base_model_type
+        if family in ("llama", "mistral"):
+            return LlamaModel(vllm_config=vllm_config, prefix=prefix, layer_type=PescLlamaDecoderLayer)
+        if family == "qwen2":
+            return Qwen2Model(vllm_config=vllm_config, prefix=prefix, decoder_layer_type=PescQwen2DecoderLayer)
+        raise ValueError(f"pesc's native vLLM model runs llama, mistral and qwen2 PESC checkpoints, not {family!r}: "
+                         "serve it with --model-impl transformers")
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        """The dense FFN's tensors sit one level down here (`mlp.dense_mlp.`): renamed on the way in."""
+        renamed = ((re.sub(r"\.mlp\.(gate_proj|up_proj|down_proj)\.", r".mlp.dense_mlp.\1.", name), tensor)
+                   for name, tensor in weights)
+        return super().load_weights(renamed)
