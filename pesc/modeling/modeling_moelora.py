@@ -102,10 +102,14 @@ class MoELoraSite(nn.Module):
         experts, rank, in_features = self.down.shape
         return experts * rank <= in_features
 
-    def _stacked_up(self) -> torch.Tensor:
-        """The B's side by side, [out, E*r]: column block e is expert e's B."""
+    def _stacked_up_t(self) -> torch.Tensor:
+        """The B's transposed and stacked, a contiguous [E*r, out]: row block e is expert e's B^T.
+
+        Contiguous as the second GEMM operand, so that its gradient is hidden^T @ grad; a transposed view
+        would make autograd form grad^T @ hidden, which copies the [tokens, out] grad for half-precision GEMMs.
+        """
         experts, out_features, rank = self.up.shape
-        return self.up.permute(1, 0, 2).reshape(out_features, experts * rank)
+        return self.up.transpose(1, 2).reshape(experts * rank, out_features)
 
     def _mixed_forward(self, base: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor, selected: torch.Tensor,
                        scaling: float) -> torch.Tensor:
@@ -116,8 +120,8 @@ class MoELoraSite(nn.Module):
         hidden = F.linear(rows, self.down.reshape(experts * rank, in_features)).view(-1, experts, rank)
         mixed_hidden = (hidden * gates.unsqueeze(-1)).view(-1, experts * rank)
         if base.dtype == mixed_hidden.dtype:  # the add fused into the second GEMM: one pass less over the output
-            return torch.addmm(base, mixed_hidden, self._stacked_up().t())
-        return base + F.linear(mixed_hidden, self._stacked_up()).to(base.dtype)
+            return torch.addmm(base, mixed_hidden, self._stacked_up_t())
+        return base + (mixed_hidden @ self._stacked_up_t()).to(base.dtype)
 
     def _weighted_expert_output(self, expert: int, rows: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """w B_e A_e rows (w holds the scaling); the weights scale the r-wide bottleneck, not the out-wide output."""
@@ -142,7 +146,7 @@ class MoELoraSite(nn.Module):
         sampled = rows.detach().index_select(0, sample).to(self.down.dtype)
         hidden = F.linear(sampled, self.down.reshape(experts * rank, in_features))
         picked = F.one_hot(picks, experts).to(hidden.dtype).unsqueeze(-1) * hidden.view(-1, 1, experts, rank)
-        outputs = F.linear(picked.view(-1, experts * rank), self._stacked_up())
+        outputs = picked.view(-1, experts * rank) @ self._stacked_up_t()
         return {"sample_rows": sample, "sample_outputs": outputs.view(sample.numel(), self.top_k, -1)}
 
 
