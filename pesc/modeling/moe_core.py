@@ -444,7 +444,17 @@ class MoEPreTrainedModel(PreTrainedModel):
 
     @torch.no_grad()
     def _init_weights(self, module):
-        """The method's modules get the method's init (`init_method_module`); everything else the family's."""
+        """The method's modules get the method's init (`init_method_module`); everything else the family's.
+
+        A module whose own parameters were all loaded (and which holds no buffer of its own) is left alone.
+        transformers 5 flags each loaded tensor (`_is_hf_initialized`) and, in 5.0-5.2, still calls this for
+        its module afterwards, guarding only `torch.nn.init` calls on the flagged tensors themselves: an init
+        through a view (one expert of a stacked parameter) or a tensor method would overwrite loaded values.
+        """
+        own = list(module.parameters(recurse=False))
+        loaded = own and all(getattr(parameter, "_is_hf_initialized", False) for parameter in own)
+        if loaded and next(module.buffers(recurse=False), None) is None:
+            return
         if not self.init_method_module(module):
             self._family_init_weights(module)
 
