@@ -30,11 +30,12 @@ grouped-query heads, head_dim 64, plus the FFN), its weights frozen as training 
     python bench/moe_layer.py                      # CPU (and CUDA if present), defaults
     python bench/moe_layer.py --device cuda --hidden 1024 4096 --tokens 2048 8192
     python bench/moe_layer.py --methods mov molora --dtype float32 --hidden 1024 2048
-    python bench/moe_layer.py --moelora --hidden 1024 2048     # the MoELoRA site table instead (bench_moelora)
+    python bench/moe_layer.py --methods moelora --hidden 1024 2048   # one MoELoRA site (moe_layer_moelora.py)
     python bench/moe_layer.py --methods loramoe --dtype float32 bfloat16   # LoRAMoE's three FFN sites (moe_layer_loramoe.py)
 """
 
 import argparse
+import functools
 import itertools
 import statistics
 import time
@@ -46,6 +47,9 @@ from transformers.models.llama.modeling_llama import LlamaConfig, LlamaDecoderLa
 from moe_layer_loramoe import HEADER as LORAMOE_HEADER
 from moe_layer_loramoe import add_arguments as add_loramoe_arguments
 from moe_layer_loramoe import loramoe_row
+from moe_layer_moelora import HEADER as MOELORA_HEADER
+from moe_layer_moelora import add_arguments as add_moelora_arguments
+from moe_layer_moelora import moelora_row
 from pesc.modeling import PescConfig
 from pesc.modeling.modeling_molora import MoLoRAExperts
 from pesc.modeling.modeling_mov import MoVScaling
@@ -125,7 +129,11 @@ def time_fwd_bwd(fns: dict, layer, x, grad, warmup: int, repeats: int, inner: in
     def step(fn):
         layer.zero_grad(set_to_none=True)
         x.grad = None
-        fn(x).backward(grad)
+        result = fn(x)  # the output, or (output, an added loss)
+        if isinstance(result, torch.Tensor):
+            result.backward(grad)
+        else:
+            torch.autograd.backward(list(result), [grad, None])
 
     for fn in fns.values():
         for _ in range(warmup):
@@ -458,7 +466,7 @@ def print_table(header: str, rows: list) -> None:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--methods", nargs="+", default=["pesc", "mov", "molora"],
-                        choices=["pesc", "mov", "molora", "loramoe"])
+                        choices=["pesc", "mov", "molora", "loramoe", "moelora"])
     parser.add_argument("--device", nargs="+", default=None, help="cpu, cuda (default: cpu, plus cuda if available)")
     parser.add_argument("--hidden", type=int, nargs="+", default=[1024])
     parser.add_argument("--intermediate", type=int, default=None, help="default: ~8/3 x hidden rounded to 256")
@@ -479,14 +487,12 @@ def main(argv=None):
                         help="cpu: the thread's CPU time (CPU runs with --threads 1 on a shared machine)")
     parser.add_argument("--dropout", type=float, default=0.1, help="adapter dropout of the 'pesc dropout' timing")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--moelora", action="store_true", help="time a MoELoRA site instead (see bench_moelora)")
     add_loramoe_arguments(parser)
+    add_moelora_arguments(parser)
     args = parser.parse_args(argv)
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.moelora:
-        return bench_moelora(args)
     devices = args.device or (["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
     print(f"torch {torch.__version__}, CPU threads {torch.get_num_threads()}", end="")
     if torch.cuda.is_available():
@@ -497,23 +503,44 @@ def main(argv=None):
     if set(args.methods) & {"mov", "molora"}:
         soft_table(args, devices)
     if "loramoe" in args.methods:
-        loramoe_table(args, devices)
+        loramoe_table(args, devices, functools.partial(time_fwd_bwd, clock=args.clock))
+    if "moelora" in args.methods:
+        moelora_table(args, devices, functools.partial(time_fwd_bwd, clock=args.clock))
 
 
-def loramoe_table(args, devices) -> None:
-    """LoRAMoE's rows (bench/moe_layer_loramoe.py): its three FFN sites against the dense FFN and the official loop."""
+def side_table(header: str, rows_of) -> None:
+    """Print the rows (each printed as it is timed, so a long run shows progress), then the table."""
     rows = []
-    for device_name, dtype_name, hidden, tokens in itertools.product(devices, args.dtype, args.hidden, args.tokens):
-        repeats, warmup, inner = run_settings(args, torch.device(device_name))
-        intermediate = args.intermediate or intermediate_for(hidden)
-        rows.append(loramoe_row(args, device_name, DTYPES[dtype_name], dtype_name, hidden, intermediate, tokens,
-                                time_fwd_bwd, (warmup, repeats, inner)))
-        print(f"row {rows[-1]}", flush=True)
+    for row in rows_of:
+        rows.append(row)
+        print(f"row {row}", flush=True)
     print()
-    print(LORAMOE_HEADER)
-    print("|" + "---|" * (LORAMOE_HEADER.count("|") - 1))
+    print(header)
+    print("|" + "---|" * (header.count("|") - 1))
     for row in rows:
         print(row)
+
+
+def loramoe_table(args, devices, timer) -> None:
+    """LoRAMoE's rows (bench/moe_layer_loramoe.py): its three FFN sites against the dense FFN and the official loop."""
+    side_table(LORAMOE_HEADER, (
+        loramoe_row(args, device_name, DTYPES[dtype_name], dtype_name, hidden, args.intermediate or intermediate_for(hidden),
+                    tokens, timer, warmup_repeats_inner(args, device_name))
+        for device_name, dtype_name, hidden, tokens in itertools.product(devices, args.dtype, args.hidden, args.tokens)
+    ))  # fmt: skip
+
+
+def moelora_table(args, devices, timer) -> None:
+    """MoELoRA's rows (bench/moe_layer_moelora.py): one site against a single LoRA of its size and a masked loop."""
+    side_table(MOELORA_HEADER, (
+        moelora_row(args, device_name, hidden, tokens, timer, warmup_repeats_inner(args, device_name))
+        for device_name, hidden, tokens in itertools.product(devices, args.hidden, args.tokens)
+    ))  # fmt: skip
+
+
+def warmup_repeats_inner(args, device_name: str) -> tuple[int, int, int]:
+    repeats, warmup, inner = run_settings(args, torch.device(device_name))
+    return warmup, repeats, inner
 
 
 def format_row(device_name, dtype_name, hidden, intermediate, tokens, adapter_dim, t) -> str:
@@ -531,123 +558,5 @@ def format_row(device_name, dtype_name, hidden, intermediate, tokens, adapter_di
 # contrastive loss included, against a single LoRA of the same trainable size on the same linear
 # (the paper's baseline) and against a per-expert boolean-mask loop of the same experts.
 # ---------------------------------------------------------------------------------------
-def build_moelora_site(hidden: int, num_experts: int, top_k: int, rank: int, seed: int):
-    """(frozen linear, MoELoraSite with non-zero B, its config); dropout 0 so every variant does the same work."""
-    from pesc.modeling.configuration_moelora import MoELoraConfig
-    from pesc.modeling.modeling_moelora import MoELoraSite, init_site
-
-    torch.manual_seed(seed)
-    config = MoELoraConfig(base_model_type="llama", hidden_size=hidden, num_experts=num_experts, topk=top_k,
-                           lora_rank=rank, lora_dropout=0.0)
-    linear = torch.nn.Linear(hidden, hidden, bias=False).requires_grad_(False)
-    site = MoELoraSite(hidden, hidden, config, "q_proj", 0)
-    generator = torch.Generator().manual_seed(seed)
-    init_site(site, generator)
-    with torch.no_grad():
-        site.up.normal_(0.0, 0.02, generator=generator)
-    return linear, site.train(), config
-
-
-def moelora_forward(linear, site, config, with_contrastive: bool):
-    """The site's output as training computes it, plus (optionally) its contrastive loss; returns a loss fn."""
-    from pesc.modeling.modeling_moelora import contrastive_loss
-    from pesc.modeling.moe_core import record_routing
-
-    def loss(x, grad):
-        site.sample_size = config.contrastive_sample_size if with_contrastive else 0
-        with record_routing() as records:
-            out = site.linear_output_hook(linear, (x,), linear(x))
-        total = (out * grad).sum()
-        if with_contrastive:
-            total = total + config.contrastive_loss_coef * contrastive_loss(records, None, config.contrastive_temperature)
-        return total
-
-    return loss
-
-
-def masked_loop_forward(linear, site):
-    """The same top-k experts by a Python loop over experts with boolean masks (the dispatch we avoid)."""
-
-    def loss(x, grad):
-        logits = site.router(x)
-        top, selected = torch.topk(logits, site.top_k, dim=-1)
-        weights = torch.softmax(top, dim=-1, dtype=torch.float32)
-        out = linear(x)
-        for e in range(site.num_experts):
-            hit = selected == e  # [tokens, k]
-            rows = hit.any(-1)
-            w = (weights * hit).sum(-1, keepdim=True)[rows]
-            delta = (x[rows] @ site.down[e].t()) @ site.up[e].t() * (w * site.scaling)
-            out = out.index_put((rows.nonzero().squeeze(-1),), delta, accumulate=True)
-        return (out * grad).sum()
-
-    return loss
-
-
-def single_lora_forward(linear, rank: int, scaling: float, seed: int):
-    """y = W0 x + s B A x with one LoRA of rank `rank` (B non-zero): the paper's baseline. Returns (fn, params)."""
-    generator = torch.Generator().manual_seed(seed + 7)
-    a = (torch.randn(rank, linear.in_features, generator=generator) / linear.in_features**0.5).requires_grad_(True)
-    b = (0.02 * torch.randn(linear.out_features, rank, generator=generator)).requires_grad_(True)
-
-    def loss(x, grad):
-        return ((linear(x) + (x @ a.t()) @ b.t() * scaling) * grad).sum()
-
-    return loss, (a, b)
-
-
-def bench_moelora(args) -> None:
-    rank = 8
-    print(f"MoELoRA site (frozen square linear, E={args.experts} top-{args.top_k} rank {rank}, contrastive sample "
-          f"128): forward+backward, train mode, float32, median ms over {args.repeats or 5} repeats")
-    header = ("| hidden | tokens | single LoRA (rank) ms | moelora ms | moelora + contrastive ms | masked loop ms "
-              "| moelora+cl / LoRA | loop / moelora |")
-    rows = []
-    for hidden, tokens in itertools.product(args.hidden, args.tokens):
-        linear, site, config = build_moelora_site(hidden, args.experts, args.top_k, rank, args.seed)
-        trainable = sum(p.numel() for p in site.parameters())
-        lora_rank = round(trainable / (2 * hidden))  # the same trainable size on the same linear
-        lora, lora_params = single_lora_forward(linear, lora_rank, config.lora_alpha / config.lora_rank, args.seed)
-        gen = torch.Generator().manual_seed(args.seed + 1)
-        x = torch.randn(tokens, hidden, generator=gen)
-        grad = torch.randn(tokens, hidden, generator=gen)
-        fns = {"lora": lora, "moelora": moelora_forward(linear, site, config, False),
-               "moelora_cl": moelora_forward(linear, site, config, True), "loop": masked_loop_forward(linear, site)}
-        with torch.no_grad():
-            routed, looped = fns["moelora"](x, grad), fns["loop"](x, grad)
-        if not torch.allclose(routed, looped, rtol=1e-4, atol=1e-3 * float(routed.abs())):
-            raise SystemExit(f"moelora and the masked loop differ ({float(routed)} vs {float(looped)}); not timing")
-        times = time_moelora({name: fn for name, fn in fns.items()}, [*site.parameters(), *lora_params], x, grad,
-                             args.warmup if args.warmup is not None else 2, args.repeats or 5)
-        rows.append(f"| {hidden} | {tokens} | {times['lora']:.2f} ({lora_rank}) | {times['moelora']:.2f} "
-                    f"| {times['moelora_cl']:.2f} | {times['loop']:.2f} | {times['moelora_cl'] / times['lora']:.3f} "
-                    f"| {times['loop'] / times['moelora']:.3f} |")
-        print(f"row {rows[-1]}", flush=True)
-    print()
-    print(header)
-    print("|" + "---|" * (header.count("|") - 1))
-    print("\n".join(rows))
-
-
-def time_moelora(fns: dict, params: list, x, grad, warmup: int, repeats: int) -> dict:
-    """Median ms of one forward+backward of each loss fn, taking turns within every repeat (as time_fwd_bwd)."""
-
-    def step(fn):
-        for p in params:
-            p.grad = None
-        fn(x, grad).backward()
-
-    for fn in fns.values():
-        for _ in range(warmup):
-            step(fn)
-    samples = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            step(fn)
-            samples[name].append((time.perf_counter() - start) * 1000.0)
-    return {name: statistics.median(values) for name, values in samples.items()}
-
-
 if __name__ == "__main__":
     main()

@@ -8,7 +8,7 @@ only routers and experts, and the input gradient flows on to the layers below):
             router, then all N experts as two matmuls over the stacked A and B
 * official  the official code's per-site loop (Ablustrund/LoRAMoE, peft/tuners/lora.py, Linear.forward),
             written here: float32 softmax of the router cast back, then for each expert
-            `result += p_i * B_i(A_i(dropout(x))) * scaling`, each A_i and B_i its own nn.Linear
+            `result += p_i * B_i(A_i(dropout(x))) * scaling` (dropout 0 here), each A_i and B_i its own nn.Linear
 * loramoe dropout   our layer with expert dropout on (`--loramoe-dropout`, the paper's 0.05)
 
 Expert dropout is 0 in the first three, so they do the same work. Before timing, each row checks
@@ -31,7 +31,7 @@ class OfficialSite(nn.Module):
         super().__init__()
         num, rank = ours.num_experts, ours.rank
         in_features, out_features = ours.experts_A.in_features, ours.experts_B.out_features
-        self.num_experts, self.scaling, self.dropout = num, ours.scaling, ours.dropout
+        self.num_experts, self.scaling = num, ours.scaling
         self.lora_route = nn.Linear(in_features, num, bias=False)
         self.lora_A = nn.ModuleList(nn.Linear(in_features, rank, bias=False) for _ in range(num))
         self.lora_B = nn.ModuleList(nn.Linear(rank, out_features, bias=False) for _ in range(num))
@@ -44,7 +44,7 @@ class OfficialSite(nn.Module):
     def forward(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         route_weight = torch.softmax(self.lora_route(x), dim=-1, dtype=torch.float32).to(result.dtype)
         for i in range(self.num_experts):
-            result = result + route_weight[:, i : i + 1] * self.lora_B[i](self.lora_A[i](self.dropout(x))) * self.scaling
+            result = result + route_weight[:, i : i + 1] * self.lora_B[i](self.lora_A[i](x)) * self.scaling
         return result
 
 
@@ -87,12 +87,12 @@ class LoramoeLayer(nn.Module):
     def with_dropout(self, p: float):
         def forward(x):
             for site in self.sites.values():
-                site.dropout.p = p
+                site.dropout = p
             try:
                 return self.loramoe(x)
             finally:
                 for site in self.sites.values():
-                    site.dropout.p = 0.0
+                    site.dropout = 0.0
 
         return forward
 

@@ -2,32 +2,40 @@
 
 In a cached environment per release (pesc.testing.compat_envs) where pesc cannot be
 imported, a converted Llama (llama3 rope, which transformers 4.x spells differently), a
-converted Qwen2, a converted Gemma (tied embeddings, an init that calls super()) and an
-exported trained Llama are loaded with `trust_remote_code=True` and must give, against
-references computed here with this environment's (newest) transformers:
+converted Qwen2, a converted Gemma (tied embeddings, an init that calls super()), an
+exported trained Llama, and a Llama converted with every other method (its added tensors
+perturbed, so that the method's own code computes something) are loaded with
+`trust_remote_code=True` and must give, against references computed here with this
+environment's (newest) transformers:
 - the converted models: exactly the dense model's logits;
 - the exported model: the trained (unmerged LoRA) model's logits within 1e-5 (the merge
   reorders float32 operations: see tests/test_export.py);
+- the other methods' checkpoints: what they are compared with below, pesc's classes here (each
+  method's own tests check those against float64 references of its formula);
 - all: exactly the same logits and greedy tokens (generated with the cache) as here, and
   `logits_to_keep=1` (4.x names it num_logits_to_keep) gives the last position's logits only;
 - all: `AutoModel` (what vLLM's Transformers backend loads) gives the backbone with the shipped
-  layers, whose last hidden state through the LM head is exactly the logits, and the top-k
-  reads as `num_experts_per_tok`.
+  layers, whose last hidden state through the LM head is exactly the logits, and the experts
+  per token read as `num_experts_per_tok`, as here.
 An environment that cannot be built skips the test on a developer's machine and fails it in CI.
 """
 
 import json
 import os
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 import torch
 import transformers
+from transformers import AutoConfig
+from safetensors.torch import load_file, save_file
 
+from pesc.cli import main as cli_main
 from pesc.convert import ConvertSettings, convert
 from pesc.export import export, load_trained_model
 from pesc.model_card import TESTED_TRANSFORMERS
-from pesc.modeling import PescForCausalLM
+from pesc.methods import DEFAULT_METHOD, METHODS, get_method
 from pesc.testing import save_tiny_dense
 from pesc.testing.compat_envs import EnvBuildError, ensure_envs
 from pesc.testing.isolated import run_without_pesc
@@ -62,9 +70,10 @@ for name, folder in spec["checkpoints"].items():
     with torch.no_grad():
         backbone_logits = model.lm_head(backbone(input_ids=ids, attention_mask=mask).last_hidden_state)[mask.bool()]
     results[name] = {"module": type(model).__module__, "logits": logits.tolist(),
-                     "backbone_mlp_module": type(backbone.layers[0].mlp).__module__,
+                     "backbone_runs_shipped_code": any(type(m).__module__.startswith("transformers_modules.")
+                                                       for m in backbone.layers[0].modules()),
                      "backbone_logits_equal": torch.equal(backbone_logits, logits),
-                     "top_k_alias": model.config.num_experts_per_tok == model.config.topk,
+                     "experts_per_token": backbone.config.num_experts_per_tok,
                      "generated": generated[:, ids.shape[1]:].tolist(), "kept_shape": list(kept.shape),
                      "kept_vs_last": (kept[:, -1] - full[:, -1]).abs().max().item()}
 emit(results)
@@ -83,11 +92,31 @@ def _logits(model) -> torch.Tensor:
 
 @torch.no_grad()
 def _pesc_reference(folder) -> tuple[torch.Tensor, list]:
-    """The checkpoint's logits and greedy tokens here (newest transformers)."""
-    model = PescForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    """The checkpoint's logits and greedy tokens here (newest transformers, pesc's classes for every method)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     inputs = _inputs()
     out = model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False, use_cache=True, pad_token_id=PAD)
     return _logits(model), out[:, len(INPUT_IDS[0]) :].tolist()
+
+
+def _converted_with_method(dense: Path, out: Path, method: str) -> Path:
+    """`pesc convert --method METHOD`, then every added tensor moved off its initial value (zero B's, unit
+    vectors and fresh routers would leave parts of the method's code without effect), in place."""
+    cli_main(["convert", str(dense), str(out), "--method", method])
+    generator = torch.Generator().manual_seed(len(method))
+    perturbed = 0
+    for shard in sorted(out.glob("*.safetensors")):
+        tensors = load_file(shard)
+        added = [name for name in tensors if get_method(method).is_added(name)]
+        for name in added:
+            tensors[name] = tensors[name] + 0.3 * torch.randn(tensors[name].shape, generator=generator).to(tensors[name].dtype)
+        if added:
+            save_file(tensors, shard, metadata={"format": "pt"})
+        perturbed += len(added)
+    assert perturbed > 0, method
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -107,6 +136,9 @@ def checkpoints(tmp_path_factory):
     for family, folder in dense.items():
         folders[f"converted-{family}"] = root / f"converted-{family}"
         convert(folder, folders[f"converted-{family}"], settings, echo=lambda message: None)
+    for method in METHODS:
+        if method != DEFAULT_METHOD:
+            folders[f"method-{method}"] = _converted_with_method(dense["llama"], root / f"method-{method}", method)
     run = root / "run"
     save_fake_trained_run(run, dense["llama"], num_experts=4, top_k=2, adapter_dim=16, final=True)
     folders["exported-llama"] = root / "exported-llama"
@@ -184,13 +216,15 @@ def test_checkpoints_run_exactly_on_transformers(version, probes, checkpoints):
     for name in checkpoints["folders"]:
         got = result[name]
         assert got["module"].startswith("transformers_modules."), (name, got["module"])  # the shipped code ran
-        assert got["backbone_mlp_module"].startswith("transformers_modules."), (name, got["backbone_mlp_module"])
-        assert got["backbone_logits_equal"] and got["top_k_alias"], name
-        logits, expected = torch.tensor(got["logits"]), checkpoints["logits"][name]
+        assert got["backbone_runs_shipped_code"] and got["backbone_logits_equal"], name
+        assert got["experts_per_token"] == AutoConfig.from_pretrained(checkpoints["folders"][name]).num_experts_per_tok
+        logits = torch.tensor(got["logits"])
         if name.startswith("converted"):
+            expected = checkpoints["logits"][name]
             assert torch.equal(logits, expected), (name, (logits - expected).abs().max().item())
-        else:
-            assert (logits - expected).abs().max().item() <= 1e-5, name
+        elif name.startswith("exported"):
+            assert (logits - checkpoints["logits"][name]).abs().max().item() <= 1e-5, name
+        # the other methods' checkpoints: against pesc's own classes here (below), their only reference
         here_logits, here_generated = checkpoints["here"][name]
         assert torch.equal(logits, here_logits), (name, (logits - here_logits).abs().max().item())
         assert got["generated"] == here_generated, name

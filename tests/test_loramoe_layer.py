@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from pesc.modeling import modeling_loramoe
 from pesc.modeling.modeling_loramoe import (
     LoramoeExperts,
     init_loramoe_weights,
@@ -59,11 +60,23 @@ def test_forward_is_the_routed_sum_of_every_expert():
     assert added.abs().max() > 0.1  # the experts contribute: the comparison is not of two zeros
 
 
-def test_router_reads_undropped_input_and_experts_the_dropped_one():
-    """With dropout forced to drop everything, the experts add exactly zero while the router still sees x."""
-    site = _site(dropout=0.0).train()
-    site.dropout.p = 1.0
+def fixed_dropout(monkeypatch, drop, keep_scale):
+    """moe_core.dropout_mask, as the site calls it, replaced by a known mask; returns the shapes it was asked for."""
+    asked = []
+
+    def mask(shape, p, device):
+        asked.append(tuple(shape))
+        return drop, keep_scale
+
+    monkeypatch.setattr(modeling_loramoe, "dropout_mask", mask)
+    return asked
+
+
+def test_router_reads_undropped_input_and_experts_the_dropped_one(monkeypatch):
+    """With a mask that drops everything, the experts add exactly zero while the router still sees x."""
+    site = _site(dropout=0.5).train()
     x = torch.randn(7, IN, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    fixed_dropout(monkeypatch, torch.ones(7, IN, dtype=torch.bool), 2.0)
     base = torch.randn(7, OUT, dtype=torch.float64)
     out, logits = site(x, base)
     assert torch.equal(out, base)
@@ -71,19 +84,23 @@ def test_router_reads_undropped_input_and_experts_the_dropped_one():
     assert logits.abs().max() > 0
 
 
-def test_training_dropout_masks_the_experts_input_once():
-    """Train mode, dropout 0.5: the router sees x; every expert sees the same dropped x (torch's mask for that seed)."""
+def test_training_dropout_masks_the_experts_input_once(monkeypatch):
+    """Train mode, dropout 0.5: the router sees x; every expert sees the same dropped x (one mask a site), scaled by 1/(1-p)."""
     site = _site(dropout=0.5).train()
     x = torch.randn(9, IN, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    drop = torch.rand(9, IN, generator=torch.Generator().manual_seed(4)) < 0.5
+    asked = fixed_dropout(monkeypatch, drop, 2.0)
     base = torch.zeros(9, OUT, dtype=torch.float64)
-    torch.manual_seed(11)
     out, logits = site(x, base)
-    torch.manual_seed(11)
-    dropped = F.dropout(x, 0.5, training=True)
+    assert asked == [(9, IN)]  # one mask over the site's input, not one per expert
+    dropped = x.masked_fill(drop, 0) * 2.0
     with torch.no_grad():
         p = torch.softmax(x @ site.router.weight.T, dim=-1)
         expected = sum(p[:, i : i + 1] * (dropped @ _expert_matrices(site, i)[0].T) @ _expert_matrices(site, i)[1].T
                        for i in range(N)) * (ALPHA / R)  # fmt: skip
+        undropped = sum(p[:, i : i + 1] * (x @ _expert_matrices(site, i)[0].T) @ _expert_matrices(site, i)[1].T
+                        for i in range(N)) * (ALPHA / R)  # fmt: skip
+    assert (expected - undropped).abs().max() > 0.1  # the mask matters
     torch.testing.assert_close(out.detach(), expected, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(logits.detach(), x @ site.router.weight.T, rtol=0, atol=0)
 

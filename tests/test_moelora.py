@@ -16,7 +16,8 @@ from transformers import AutoModelForCausalLM
 
 from pesc.cli import main
 from pesc.methods.moelora import MOELORA
-from pesc.modeling.modeling_moelora import MoELoraForCausalLM, same_expert_infonce
+from pesc.modeling import modeling_moelora
+from pesc.modeling.modeling_moelora import MoELoraForCausalLM, MoELoraSite, same_expert_infonce
 from pesc.testing.isolated import checkpoint_outputs_without_pesc
 
 
@@ -59,23 +60,68 @@ def test_exact_at_init_and_not_after(family, tiny_dense_dirs):
         assert not torch.allclose(model(input_ids=IDS, attention_mask=MASK).logits, expected, atol=1e-3)
 
 
-def reference_site(x, weight, bias, site):
-    """W0 x (+ b) + sum over the two largest router logits of w_i (alpha/r) B_i A_i x, token by token, float64."""
+def reference_site(x, weight, bias, site, keep=None, keep_scale=1.0):
+    """W0 x (+ b) + sum over the two largest router logits of w_i (alpha/r) B_i A_i dropout(x), token by token,
+    float64. dropout(x) = keep * x * keep_scale (keep: the 0/1 mask, None: no dropout); the router reads x."""
     x, weight, router = x.double(), weight.double(), site.router.weight.double()
     down, up = site.down.double(), site.up.double()
     rows = []
-    for token in x.reshape(-1, x.shape[-1]):
+    tokens = x.reshape(-1, x.shape[-1])
+    keeps = torch.ones_like(tokens) if keep is None else keep.reshape(tokens.shape).double()
+    for token, kept in zip(tokens, keeps):
         y = weight @ token + (bias.double() if bias is not None else 0)
         logits = router @ token
         top = sorted(range(len(logits)), key=lambda e: -float(logits[e]))[: site.top_k]
         norm = sum(math.exp(float(logits[e])) for e in top)
         for e in top:
-            y = y + math.exp(float(logits[e])) / norm * site.scaling * (up[e] @ (down[e] @ token))
+            y = y + math.exp(float(logits[e])) / norm * site.scaling * (up[e] @ (down[e] @ (token * kept * keep_scale)))
         rows.append(y)
     return torch.stack(rows).reshape(*x.shape[:-1], -1)
 
 
-def test_forward_matches_a_float64_loop(tiny_llama_dir):
+def test_both_dispatches_apply_one_dropout_mask_per_token_as_the_formula(tiny_llama_dir, monkeypatch):
+    """In training, dropout(x) is one mask over the site's input shared by a token's experts (drawn by
+    moe_core.dropout_mask, fixed here), scaled by 1/(1-p); the router reads the undropped x. Both dispatches
+    give the float64 formula, and the same gradients for every parameter and the input."""
+    _, model = moelora_model(tiny_llama_dir, num_experts=4, lora_dropout=0.5)
+    perturb_experts(model)
+    site = model.model.layers[0].self_attn.moelora_q_proj
+    linear = model.model.layers[0].self_attn.q_proj
+    generator = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 7, linear.in_features, generator=generator)
+    drop = torch.rand(14, linear.in_features, generator=generator) < 0.5
+    drawn = []
+
+    def fixed_mask(shape, p, device):
+        assert tuple(shape) == tuple(drop.shape) and p == 0.5
+        drawn.append(shape)
+        return drop, 2.0
+
+    monkeypatch.setattr(modeling_moelora, "dropout_mask", fixed_mask)
+    site.train()
+    results = {}
+    for dispatch in ("mixed", "routed"):
+        monkeypatch.setattr(site, "_dispatch", dispatch)
+        xi = x.clone().requires_grad_(True)
+        site.zero_grad(set_to_none=True)
+        # the linear alone (calling it would run the site too: its hook is connected when the model is built)
+        out = site.linear_output_hook(linear, (xi,), torch.nn.functional.linear(xi, linear.weight, linear.bias))
+        out.backward(torch.ones_like(out))
+        results[dispatch] = (out.detach(), xi.grad, site.down.grad, site.up.grad, site.router.weight.grad)
+    assert len(drawn) == 2  # one mask per forward, not one per expert
+    with torch.no_grad():
+        expected = reference_site(x, linear.weight, linear.bias, site, keep=~drop, keep_scale=2.0)
+        undropped = reference_site(x, linear.weight, linear.bias, site)
+    assert (expected - undropped).abs().max() > 1e-2  # the mask matters well beyond the tolerance below
+    torch.testing.assert_close(results["mixed"][0].double(), expected, rtol=0, atol=2e-5)  # float32 sums ~1e-6
+    for mixed, routed in zip(results["mixed"], results["routed"]):
+        assert mixed is not None and routed is not None
+        torch.testing.assert_close(mixed, routed, rtol=1e-5, atol=1e-6)  # same sums in another order
+
+
+@pytest.mark.parametrize("dispatch", ["mixed", "routed"])
+def test_forward_matches_a_float64_loop(tiny_llama_dir, dispatch, monkeypatch):
+    monkeypatch.setattr(MoELoraSite, "_dispatch", dispatch)
     _, model = moelora_model(tiny_llama_dir, num_experts=4, lora_alpha=24, lora_dropout=0.0)
     perturb_experts(model)
     attention = model.model.layers[1].self_attn

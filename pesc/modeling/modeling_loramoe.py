@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .configuration_loramoe import LoramoeConfig
-from .moe_core import LINEAR_PARENTS, MoEForCausalLM, MoEModel, attach_sibling, emit_routing_record, linear_on
+from .moe_core import LINEAR_PARENTS, MoEForCausalLM, MoEModel, attach_sibling, dropout_mask, emit_routing_record, linear_on
 
 # Added to the denominator of the LBC, as the official code's cv_squared.
 _LBC_EPS = 1e-10
@@ -55,29 +55,36 @@ class LoramoeExperts(nn.Module):
         self.router = LoramoeRouter(in_features, num_experts, bias=False)
         self.experts_A = LoramoeExpertsA(in_features, num_experts * rank, bias=False)
         self.experts_B = LoramoeExpertsB(num_experts * rank, out_features, bias=False)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = dropout  # p of the experts' input dropout: one mask over the site's input, all N experts share it
 
     def forward(self, x: torch.Tensor, linear_output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(the linear's output W0 x plus what the experts add; router logits [tokens, N] in the experts' dtype)."""
         rows = x.reshape(-1, x.shape[-1]).to(self.experts_A.weight.dtype)
+        scaling = self.scaling
         # The fused matmuls read the linears' weights: only while they are ours (a serving engine may have put its
         # own linears in, whose weights are stored in another layout)
         own_linears = type(self.router) is LoramoeRouter and type(self.experts_A) is LoramoeExpertsA
-        if own_linears and (self.dropout.p == 0 or not self.training):
+        if own_linears and (self.dropout == 0 or not self.training):
             # router and experts read the same x: one matmul (and one input gradient) for both
             both = F.linear(rows, torch.cat([self.router.weight, self.experts_A.weight]))
             router_logits, hidden = both.split([self.num_experts, self.num_experts * self.rank], dim=-1)
-        else:
-            router_logits, hidden = self.router(rows), self.experts_A(self.dropout(rows))
+        else:  # moe_core's mask (cheaper than F.dropout's), its keep scale moved onto the N*r-wide middle
+            expert_input = rows
+            if self.training and self.dropout:
+                drop, keep_scale = dropout_mask(tuple(rows.shape), self.dropout, rows.device)
+                expert_input, scaling = rows.masked_fill(drop, 0), scaling * keep_scale
+            router_logits, hidden = self.router(rows), self.experts_A(expert_input)
         # float32 for half-precision experts (as the official code), float64 stays float64
         softmax_dtype = torch.promote_types(router_logits.dtype, torch.float32)
         weights = torch.softmax(router_logits, dim=-1, dtype=softmax_dtype).to(rows.dtype)
-        scaled = (hidden.view(-1, self.num_experts, self.rank) * (weights * self.scaling).unsqueeze(-1)).view(hidden.shape)
+        scaled = (hidden.view(-1, self.num_experts, self.rank) * (weights * scaling).unsqueeze(-1)).view(hidden.shape)
         base = linear_output.reshape(-1, linear_output.shape[-1])
         if base.dtype == scaled.dtype and type(self.experts_B) is LoramoeExpertsB:
             # the add fused into the matmul: a separate half-precision add of the [tokens, out] output costs
             # more than the experts' matmuls on a CPU
-            out = torch.addmm(base, scaled, self.experts_B.weight.t())
+            # B as a contiguous [N*r, out] copy (small): its gradient is then scaled^T @ grad, where a transposed
+            # view would make autograd form grad^T @ scaled, which copies the [tokens, out] grad for half-precision GEMMs
+            out = torch.addmm(base, scaled, self.experts_B.weight.t().contiguous())
         else:  # experts kept in float32 beside a half-precision (or 4-bit) linear, as QLoRA training has them
             out = base + self.experts_B(scaled).to(base.dtype)
         return out.view(linear_output.shape), router_logits

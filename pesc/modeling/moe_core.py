@@ -486,13 +486,14 @@ class MoEPreTrainedModel(PreTrainedModel):
     def _init_weights(self, module):
         """The method's modules get the method's init (`init_method_module`); everything else the family's.
 
-        A method's module (a class of the shipped code, not of torch or transformers) whose parameters were all
-        loaded is left alone: transformers skips loaded tensors only in custom model classes or through its
-        guarded init functions, and `AutoModel` of a checkpoint is the family's own backbone class, whose load
-        would otherwise re-draw the method's modules over their weights."""
-        parameters = list(module.parameters())
-        ours = type(module).__module__.split(".")[0] not in ("torch", "transformers")
-        if ours and parameters and all(getattr(p, "_is_hf_initialized", False) for p in parameters):
+        A module whose own parameters were all loaded (and which holds no buffer of its own) is left alone.
+        transformers 5 flags each loaded tensor (`_is_hf_initialized`) and, in 5.0-5.2, still calls this for
+        its module afterwards, guarding only `torch.nn.init` calls on the flagged tensors themselves: an init
+        through a view (one expert of a stacked parameter) or a tensor method would overwrite loaded values.
+        """
+        own = list(module.parameters(recurse=False))
+        loaded = own and all(getattr(parameter, "_is_hf_initialized", False) for parameter in own)
+        if loaded and next(module.buffers(recurse=False), None) is None:
             return
         if not self.init_method_module(module):
             self._family_init_weights(module)
