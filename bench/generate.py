@@ -129,10 +129,8 @@ def profile_decode(model, input_ids, new_tokens: int, label: str) -> None:
     print(prof.key_averages().table(sort_by=sort, row_limit=18))
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", nargs="+", default=None, help="cpu, cuda (default: cpu, plus cuda if available)")
-    parser.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default: float32 on cpu, bfloat16 on cuda")
+def add_model_arguments(parser) -> None:
+    """The synthetic model's shape flags (what `build_models` reads), shared with bench/serve.py."""
     parser.add_argument("--hidden", type=int, default=768)
     parser.add_argument("--intermediate", type=int, default=None)
     parser.add_argument("--layers", type=int, default=6)
@@ -142,6 +140,13 @@ def main(argv=None):
     parser.add_argument("--experts", type=int, default=8)
     parser.add_argument("--top-k", type=int, default=2)
     parser.add_argument("--adapter-dim", type=int, default=96, help="default 96: hidden/8, as Camelidae's 512 for 4096")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", nargs="+", default=None, help="cpu, cuda (default: cpu, plus cuda if available)")
+    parser.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default: float32 on cpu, bfloat16 on cuda")
+    add_model_arguments(parser)
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=64)
