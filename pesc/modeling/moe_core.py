@@ -448,10 +448,6 @@ class MoECausalLMOutput(MoeCausalLMOutputWithPast):
     routing_records: tuple | None = None
 
 
-# The output field that carries the cache: `cache` since transformers 5.24, `past_key_values` before.
-_CACHE_FIELD = "cache" if "cache" in {f.name for f in dataclasses.fields(MoeCausalLMOutputWithPast)} else "past_key_values"
-
-
 def per_token(values: torch.Tensor, tokens: int, attention_mask=None, position_ids=None) -> torch.Tensor:
     """One value per sample spread to one per token row of the flattened batch.
 
