@@ -63,6 +63,7 @@ def main(argv=None):
         workdir = Path(tmp)
         dense, pesc = build_models(args, workdir)
         log_dir = Path(args.log_dir) if args.log_dir else workdir
+        log_dir.mkdir(parents=True, exist_ok=True)
         rates = {}
         for name, folder in (("dense", dense), ("pesc", pesc)):
             server_args = ["--dtype", dtype, "--served-model-name", "bench", "--max-model-len",
