@@ -170,6 +170,7 @@ def test_exported_layout_is_camelidae(exported):
     assert config["architectures"] == ["PescForCausalLM"]
     assert config["auto_map"] == {
         "AutoConfig": "configuration_pesc.PescConfig",
+        "AutoModel": "modeling_pesc.PescModel",
         "AutoModelForCausalLM": "modeling_pesc.PescForCausalLM",
     }
     assert (config["num_experts"], config["topk"], config["adapter_dim"]) == (NUM_EXPERTS, TOP_K, ADAPTER_DIM)

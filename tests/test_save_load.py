@@ -24,6 +24,7 @@ def test_saved_model_loads_in_a_process_without_pesc(tmp_path):
     assert config["model_type"] == "pesc" and config["base_model_type"] == "qwen2"
     assert config["auto_map"] == {
         "AutoConfig": "configuration_pesc.PescConfig",
+        "AutoModel": "modeling_pesc.PescModel",
         "AutoModelForCausalLM": "modeling_pesc.PescForCausalLM",
     }
     assert {"num_experts", "topk", "adapter_dim", "moe_scaling", "moe_dtype", "router_aux_loss_coef"} <= set(config)

@@ -143,6 +143,7 @@ class Method:
             **fields,
         )
         config.architectures = [self.model_class.__name__]
+        config.auto_map = self.auto_map  # save_pretrained names only the saved class; AutoModel too (vLLM loads it)
         return config
 
     def config_settings(self, config) -> dict:
