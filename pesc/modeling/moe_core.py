@@ -483,8 +483,8 @@ class MoEPreTrainedModel(PreTrainedModel):
         """The method's modules get the method's init (`init_method_module`); everything else the family's.
 
         A module whose own parameters were all loaded (and which holds no buffer of its own) is left alone.
-        transformers 5 flags each loaded tensor (`_is_hf_initialized`) and, in 5.0-5.2, still calls this for
-        its module afterwards, guarding only `torch.nn.init` calls on the flagged tensors themselves: an init
+        transformers 5 flags each loaded tensor (`_is_hf_initialized`); 5.0 (not 5.3 on) still calls this for
+        the module afterwards, guarding only `torch.nn.init` calls on the flagged tensors themselves: an init
         through a view (one expert of a stacked parameter) or a tensor method would overwrite loaded values.
         """
         own = list(module.parameters(recurse=False))
