@@ -514,11 +514,7 @@ def side_table(header: str, rows_of) -> None:
     for row in rows_of:
         rows.append(row)
         print(f"row {row}", flush=True)
-    print()
-    print(header)
-    print("|" + "---|" * (header.count("|") - 1))
-    for row in rows:
-        print(row)
+    print_table(header, rows)
 
 
 def loramoe_table(args, devices, timer) -> None:

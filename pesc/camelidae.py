@@ -79,7 +79,6 @@ def plan_import(src: str, out: Path, link: bool, force: bool) -> tuple[Plan, str
         )
     except (ValueError, TypeError) as error:
         raise PescError(f"cannot import {src}: {error}") from None
-    config.auto_map = method.auto_map
     sources = find_weight_files(folder)
     check_weights(method, meta_model(method, config), config, sources, folder, with_experts=True)
     return Plan(folder, hub_id, out, settings, config, sources, [], link, force), raw["model_type"]

@@ -512,7 +512,6 @@ def plan_conversion(src: str, early: EarlySources, out: Path, settings: ConvertS
         raise PescError(f"cannot convert {src}: {error}") from None
     if config.moe_dtype not in _TORCH_DTYPE_NAMES.values() or not config.moe_dtype.startswith(("float", "bfloat")):
         raise PescError(f"cannot store experts in dtype {config.moe_dtype!r}: the base model must be floating point")
-    config.auto_map = method.auto_map
     if getattr(config, "dtype", None) is None:  # as save_pretrained records it: the dtype of the weights
         dense_dtype = getattr(dense_config, "dtype", None)
         config.dtype = str(dense_dtype).removeprefix("torch.") if dense_dtype is not None else config.moe_dtype
