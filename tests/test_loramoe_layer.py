@@ -138,9 +138,11 @@ def sample_index_of_tokens(batch: int, seq: int) -> torch.Tensor:
     return torch.arange(batch).repeat_interleave(seq)
 
 
-def _lbc_by_hand(site_logits, sample_of_token, types, groups, delta, keep, reduction) -> float:
+def _lbc_by_hand(site_logits, sample_of_token, types, groups, delta, keep, reduction, direction) -> float:
     """Issue #12's LBC, entry by entry in float64: Q[m][n] summed over sample m's kept tokens,
-    I[m][n] = 1 + delta if n is in the group of m's type else 1 - delta, cv^2 of Z = I * Q."""
+    I[m][n] = 1 + delta if n is in the group of m's type else 1 - delta (official; the two swapped
+    towards the own group), cv^2 of Z = I * Q."""
+    own, other = (1 + delta, 1 - delta) if direction == "official" else (1 - delta, 1 + delta)
     losses = []
     num_samples = len(types)
     for logits in site_logits:
@@ -155,13 +157,14 @@ def _lbc_by_hand(site_logits, sample_of_token, types, groups, delta, keep, reduc
         z = []
         for m in range(num_samples):
             group = groups[types[m]] if 0 <= types[m] < len(groups) else ()
-            z += [(1 + delta if n in group else 1 - delta) * q[m][n] for n in range(experts)]
+            z += [(own if n in group else other) * q[m][n] for n in range(experts)]
         mean = sum(z) / len(z)
         var = sum((v - mean) ** 2 for v in z) / (len(z) - 1)
         losses.append(var / (mean**2 + 1e-10))
     return sum(losses) if reduction == "sum" else sum(losses) / len(losses)
 
 
+@pytest.mark.parametrize("direction", ["official", "towards_own_group"])
 @pytest.mark.parametrize("reduction", ["sum", "mean"])
 @pytest.mark.parametrize("include_padding", [False, True])
 @pytest.mark.parametrize(
@@ -172,7 +175,7 @@ def _lbc_by_hand(site_logits, sample_of_token, types, groups, delta, keep, reduc
         (((5,), (0, 2, 4)), [1, 0, 1, 7]),  # uneven groups; type 7 has no group (all 1 - delta)
     ],
 )
-def test_lbc_matches_the_formula_token_by_token(groups, types, include_padding, reduction):
+def test_lbc_matches_the_formula_token_by_token(groups, types, include_padding, reduction, direction):
     """Three sites, a padded batch of four samples. Tolerance rel 1e-5: the loss sums in float32."""
     generator = torch.Generator().manual_seed(3)
     batch, seq = len(types), 5
@@ -184,9 +187,9 @@ def test_lbc_matches_the_formula_token_by_token(groups, types, include_padding, 
     keep = [True] * (batch * seq) if include_padding else mask.reshape(-1).bool().tolist()
     loss = localized_balancing_loss(
         site_logits, sample_of_token, torch.tensor(types), groups, delta=0.1,
-        token_weight=None if include_padding else mask.reshape(-1), reduction=reduction,
+        token_weight=None if include_padding else mask.reshape(-1), reduction=reduction, direction=direction,
     )  # fmt: skip
-    expected = _lbc_by_hand(site_logits, sample_of_token.tolist(), types, groups, 0.1, keep, reduction)
+    expected = _lbc_by_hand(site_logits, sample_of_token.tolist(), types, groups, 0.1, keep, reduction, direction)
     assert loss.item() == pytest.approx(expected, rel=1e-5)
     assert expected > 1e-3
 
@@ -248,14 +251,15 @@ def test_lbc_grows_as_load_moves_to_the_other_groups_samples():
     assert all(b > a for a, b in zip(losses, losses[1:])) and losses[0] > 0
 
 
-def test_lbc_alone_pushes_uniform_routing_off_the_own_group():
-    """At uniform routing Z is larger on a sample's own group ((1 + delta) Q), so a descent step on the LBC
-    lowers the own group's logits: the constraint balances Z, it does not pull samples to their group
-    (docs/methods/loramoe.md)."""
+@pytest.mark.parametrize("direction, own_group_sign", [("official", 1), ("towards_own_group", -1)])
+def test_lbc_alone_pulls_uniform_routing_the_way_its_direction_says(direction, own_group_sign):
+    """official: at uniform routing Z is larger on a sample's own group ((1 + delta) Q), so a descent step
+    on the LBC lowers the own group's logits: the constraint balances Z, it does not pull samples to their
+    group (docs/methods/loramoe.md). towards_own_group weighs the own group 1 - delta: the step raises them."""
     logits = torch.zeros(4, N, requires_grad=True)  # a knowledge sample (type 1), then a task sample, 2 tokens each
     localized_balancing_loss([logits], sample_index_of_tokens(2, 2), torch.tensor([1, 0]), official_lbc_groups(N),
-                             delta=0.1).backward()  # fmt: skip
-    knowledge_rows, task_rows = logits.grad[:2], logits.grad[2:]
+                             delta=0.1, direction=direction).backward()  # fmt: skip
+    knowledge_rows, task_rows = logits.grad[:2] * own_group_sign, logits.grad[2:] * own_group_sign
     assert (knowledge_rows[:, :3] > 0).all() and (knowledge_rows[:, 3:] < 0).all()
     assert (task_rows[:, 3:] > 0).all() and (task_rows[:, :3] < 0).all()
 

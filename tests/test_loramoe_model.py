@@ -77,7 +77,7 @@ def test_lbc_through_the_model_padded_batch(tiny_llama_dir):
         plain = model(ids, attention_mask=mask, labels=ids)
     assert len(out.router_logits) == 2 * 3
     expected = _lbc_by_hand(out.router_logits, [m for m in range(3) for _ in range(8)], types.tolist(),
-                            ((2, 3), (0, 1)), 0.1, mask.reshape(-1).bool().tolist(), "sum")  # fmt: skip
+                            ((2, 3), (0, 1)), 0.1, mask.reshape(-1).bool().tolist(), "sum", "official")  # fmt: skip
     assert out.aux_losses["lbc_loss"].item() == pytest.approx(expected, rel=1e-5)
     assert expected > 1e-3
     assert out.loss.item() == pytest.approx(plain.loss.item() + 0.3 * expected, rel=1e-5)
@@ -85,8 +85,10 @@ def test_lbc_through_the_model_padded_batch(tiny_llama_dir):
 
 
 def test_lbc_through_the_model_packed_batch(tiny_llama_dir):
-    """One packed row of three sequences (position_ids restart, no mask): each sequence is one sample."""
-    model = _with_random_experts(loramoe_from_dense(tiny_llama_dir, num_experts=4, lbc_reduction="mean"))
+    """One packed row of three sequences (position_ids restart, no mask): each sequence is one sample; the
+    config's reduction and direction reach the loss."""
+    model = _with_random_experts(loramoe_from_dense(tiny_llama_dir, num_experts=4, lbc_reduction="mean",
+                                                    lbc_direction="towards_own_group"))  # fmt: skip
     lengths = (4, 7, 5)
     ids = _ids(1, sum(lengths))
     positions = torch.cat([torch.arange(n) for n in lengths]).unsqueeze(0)
@@ -96,7 +98,7 @@ def test_lbc_through_the_model_packed_batch(tiny_llama_dir):
                     use_cache=False)  # fmt: skip
     sample_of_token = [m for m, n in enumerate(lengths) for _ in range(n)]
     expected = _lbc_by_hand(out.router_logits, sample_of_token, types.tolist(), ((2, 3), (0, 1)), 0.1,
-                            [True] * sum(lengths), "mean")  # fmt: skip
+                            [True] * sum(lengths), "mean", "towards_own_group")  # fmt: skip
     assert out.aux_losses["lbc_loss"].item() == pytest.approx(expected, rel=1e-5)
 
 
@@ -220,16 +222,14 @@ def test_convert_and_inspect_count_every_expert_as_active(capsys, tmp_path, tiny
 TWO_TASKS = Path(__file__).resolve().parents[1] / "data" / "tiny_two_tasks.jsonl"
 
 
-@pytest.fixture(scope="module")
-def loramoe_run(tmp_path_factory, tiny_llama_dir):
+def _tiny_loramoe_run(root: Path, base: Path, **moe) -> Path:
     """configs/loramoe-tiny.yaml, shortened: 4-bit base, 4 experts per FFN linear, task types per row."""
     from pesc.training.run import train
 
-    root = tmp_path_factory.mktemp("loramoe-run")
     config = {
         "method": "loramoe",
-        "base_model": str(tiny_llama_dir),
-        "moe": {"num_experts": 4, "lbc_loss_coef": 0.1, "seed": 0},
+        "base_model": str(base),
+        "moe": {"num_experts": 4, "lbc_loss_coef": 0.1, "seed": 0, **moe},
         # no lora_target_modules: LoRAMoE's default is none, only routers and experts train
         "datasets": [{"path": str(TWO_TASKS), "type": "messages"}],
         "chat_template": "chatml",
@@ -250,6 +250,12 @@ def loramoe_run(tmp_path_factory, tiny_llama_dir):
     path.write_text(yaml.safe_dump(config))
     train(str(path))
     return root / "run"
+
+
+@pytest.fixture(scope="module")
+def loramoe_run(tmp_path_factory, tiny_llama_dir):
+    """The official constraint (the default direction)."""
+    return _tiny_loramoe_run(tmp_path_factory.mktemp("loramoe-run"), tiny_llama_dir)
 
 
 def test_tiny_run_with_two_task_types_logs_lbc_and_learns(loramoe_run):
@@ -281,6 +287,47 @@ def test_export_loads_and_generates_without_pesc(capsys, loramoe_run, tmp_path):
     assert len(result["cached"][0]) == 6 + 4
 
 
+def _knowledge_group_share(model, data_dir: Path, out: Path) -> dict[str, float]:
+    """`pesc routes` on MODEL: the mean router weight on the knowledge group (experts 0 and 1, the official
+    halves for 4 experts) over every site and layer, for the knowledge rows and for the task rows."""
+    from pesc.routing_analysis.run import run_routes
+
+    data = [f"{task}={data_dir / task}.jsonl" for task in ("knowledge", "task")]
+    run_routes(str(model), data, out, chat_template="chatml", sequence_len=64,
+               expert_group=["knowledge=0,1", "task=2,3"], echo=lambda *args: None)  # fmt: skip
+    shares = json.loads((out / "routes.json").read_text())["group_shares"]
+    return {task: sum(sum(site[task]["knowledge"]) / len(site[task]["knowledge"]) for site in shares.values())
+            / len(shares) for task in ("knowledge", "task")}  # fmt: skip
+
+
+def test_towards_own_group_moves_knowledge_samples_to_the_knowledge_group(capsys, tmp_path, tiny_llama_dir,
+                                                                        loramoe_run):
+    """The same tiny run (same init, same batches) in both directions of the constraint, the routing read off with
+    `pesc routes` on the data split by task type. towards_own_group: knowledge rows put more weight on the
+    knowledge group than at init, and their lead over the task rows there grows, well beyond the official run's
+    (whose constraint pulls each type off its own group; test_loramoe_layer pins that direction)."""
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    rows = [json.loads(line) for line in TWO_TASKS.read_text().splitlines()]
+    for task in ("knowledge", "task"):
+        (data_dir / f"{task}.jsonl").write_text("".join(json.dumps({"messages": r["messages"]}) + "\n"
+                                                        for r in rows if r["task_type"] == task))
+    code, _, err = run_cli(capsys, "convert", tiny_llama_dir, tmp_path / "init", "--method", "loramoe",
+                           "--num-experts", "4", "--seed", "0")  # the runs' step 0  # fmt: skip
+    assert code == 0, err
+    (tmp_path / "towards").mkdir()
+    towards = _tiny_loramoe_run(tmp_path / "towards", tiny_llama_dir, lbc_direction="towards_own_group")
+    init, moved, official = (_knowledge_group_share(model, data_dir, tmp_path / f"routes-{name}")
+                             for name, model in (("init", tmp_path / "init"), ("towards", towards),
+                                                 ("official", loramoe_run)))  # fmt: skip
+    lead = {name: shares["knowledge"] - shares["task"] for name, shares in
+            (("init", init), ("towards", moved), ("official", official))}  # fmt: skip
+    # seen: knowledge rows 0.461 at init, 0.527 towards, 0.475 official; leads -0.015, +0.035, -0.019
+    assert moved["knowledge"] > init["knowledge"] + 0.03, (init, moved)
+    assert lead["towards"] > lead["init"] + 0.03, lead
+    assert lead["towards"] > lead["official"] + 0.03, lead
+
+
 @pytest.mark.parametrize(
     "flags, message",
     [
@@ -289,6 +336,7 @@ def test_export_loads_and_generates_without_pesc(capsys, loramoe_run, tmp_path):
         (("--lbc-groups", "[[0, 1], [1, 9]]"), "lbc_groups must be a list"),
         (("--lbc-groups", "[[0"), "lbc_groups must be a JSON list of lists"),
         (("--lbc-reduction", "max"), "lbc_reduction must be one of sum, mean"),
+        (("--lbc-direction", "inwards"), "lbc_direction must be one of official, towards_own_group"),
         (("--expert-dropout", "1.5"), "expert_dropout must be in [0, 1)"),
         (("--top-k", "2"), "--top-k is not a setting of method loramoe"),
     ],

@@ -64,6 +64,9 @@ class Loramoe(Method):
         Setting("lbc_reduction", (str,), "sum", "reduction of the constraint over sites and layers",
                 choices=("sum", "mean")),
         Setting("lbc_include_padding", (bool, str), False, "sum router weights over padding tokens too (official)"),
+        Setting("lbc_direction", (str,), "official",
+                "official: a sample's own group weighs 1 + delta (pulls its routing off the group); "
+                "towards_own_group: 1 - delta (pulls it onto the group)", choices=("official", "towards_own_group")),
     )
     modeling_files = ("moe_core.py", "configuration_loramoe.py", "modeling_loramoe.py")
     prefix = "loramoe_"

@@ -22,7 +22,12 @@ LORAMOE_DEFAULTS = {
     "lbc_groups": None,  # None: the official halves (type 0 the last N/2 experts, type 1 the first N/2)
     "lbc_reduction": "sum",
     "lbc_include_padding": False,
+    "lbc_direction": "official",
 }
+
+# Which way the constraint weighs a sample's own group: `official` 1 + delta (the paper's Eq. 7 and the official
+# code), `towards_own_group` 1 - delta (modeling_loramoe.lbc_importance).
+LBC_DIRECTIONS = ("official", "towards_own_group")
 
 
 def _is_int(value) -> bool:
@@ -50,6 +55,8 @@ class LoramoeConfig(FlatMoEConfig):
         lbc_groups (`list[list[int]]`, *optional*): for each task type, the experts of its group.
         lbc_reduction (`str`): `sum` (official) or `mean` of the constraint over sites and layers.
         lbc_include_padding (`bool`): sum router weights over padding tokens too (official).
+        lbc_direction (`str`): `official` weighs a sample's own group by 1 + delta, which pulls its routing off
+            that group; `towards_own_group` by 1 - delta, which pulls it onto the group.
         moe_dtype (`str`, *optional*): dtype the routers and experts are stored in.
         output_router_logits (`bool`): return router logits and the aux losses by default.
         kwargs: the dense family's config fields, and the common config fields.
@@ -79,6 +86,8 @@ class LoramoeConfig(FlatMoEConfig):
             raise ValueError(f"sites must be a non-empty list of distinct names from {', '.join(LINEAR_PARENTS)}, got {sites!r}")
         if self.lbc_reduction not in ("sum", "mean"):
             raise ValueError(f"lbc_reduction must be 'sum' or 'mean', got {self.lbc_reduction!r}")
+        if self.lbc_direction not in LBC_DIRECTIONS:
+            raise ValueError(f"lbc_direction must be one of {', '.join(LBC_DIRECTIONS)}, got {self.lbc_direction!r}")
         groups = self.lbc_groups
         if groups is None:
             if self.num_experts % 2 and self.lbc_loss_coef > 0:

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .configuration_loramoe import LoramoeConfig
+from .configuration_loramoe import LBC_DIRECTIONS, LoramoeConfig
 from .moe_core import LINEAR_PARENTS, MoEForCausalLM, MoEModel, attach_sibling, dropout_mask, emit_routing_record, linear_on
 
 # Added to the denominator of the LBC, as the official code's cv_squared.
@@ -122,17 +122,24 @@ def official_lbc_groups(num_experts: int) -> tuple[tuple[int, ...], tuple[int, .
     return tuple(range(half, 2 * half)), tuple(range(half))
 
 
-def lbc_importance(groups: Sequence[Sequence[int]], num_experts: int, delta: float, sample_types: torch.Tensor) -> torch.Tensor:
-    """I [samples, N]: 1 + delta where expert n is in the group of sample m's type, else 1 - delta.
+def lbc_importance(groups: Sequence[Sequence[int]], num_experts: int, delta: float, sample_types: torch.Tensor,
+                   direction: str = "official") -> torch.Tensor:
+    """I [samples, N]: 1 + delta where expert n is in the group of sample m's type, else 1 - delta (`official`:
+    the paper's Eq. 7 and the official code); `towards_own_group` swaps the two.
 
-    A type with no group (outside 0 .. len(groups)-1) matches no expert, as in the official code.
+    cv^2(I * Q) is least where I * Q is flat, so a sample's routing is pulled towards the experts its row of
+    I weighs less: off its own group for `official`, onto it for `towards_own_group`. A type with no group
+    (outside 0 .. len(groups)-1) matches no expert, as in the official code.
     """
+    if direction not in LBC_DIRECTIONS:
+        raise ValueError(f"lbc direction must be one of {', '.join(LBC_DIRECTIONS)}, got {direction!r}")
+    own, other = (1.0 + delta, 1.0 - delta) if direction == "official" else (1.0 - delta, 1.0 + delta)
     member = torch.zeros(len(groups) + 1, num_experts, dtype=torch.bool, device=sample_types.device)
     for task_type, experts in enumerate(groups):
         member[task_type, list(experts)] = True
     known = (sample_types >= 0) & (sample_types < len(groups))
     rows = torch.where(known, sample_types, len(groups)).long()  # unknown types -> the all-False last row
-    return torch.where(member[rows], 1.0 + delta, 1.0 - delta).float()
+    return torch.where(member[rows], own, other).float()
 
 
 def cv_squared(values: torch.Tensor) -> torch.Tensor:
@@ -155,13 +162,14 @@ def localized_balancing_loss(
     delta: float,
     token_weight: torch.Tensor | None = None,
     reduction: str = "sum",
+    direction: str = "official",
 ) -> torch.Tensor:
     """The LBC of every site, reduced over sites (`sum`: the official code; `mean`), without the coefficient beta.
 
     router_logits: one [tokens, N] tensor per site. sample_index [tokens]: which sample each token
     belongs to (0 .. samples-1). sample_types [samples]: each sample's task type, an index into
     `groups` (the experts each type should use). token_weight [tokens]: 1 for a real token, 0 for
-    padding (None counts every token, as the official code does).
+    padding (None counts every token, as the official code does). `direction`: see `lbc_importance`.
 
     Per site: Q[m, n] = sum over sample m's tokens of p_n (float32 softmax), Z = I * Q with I from
     `lbc_importance`, loss = cv_squared(Z).
@@ -173,7 +181,7 @@ def localized_balancing_loss(
     num_experts = router_logits[0].shape[-1]
     device = router_logits[0].device
     sample_index = sample_index.to(device).long()
-    importance = lbc_importance(groups, num_experts, delta, sample_types.to(device))
+    importance = lbc_importance(groups, num_experts, delta, sample_types.to(device), direction)
     weight = None if token_weight is None else token_weight.to(device=device, dtype=torch.float32).reshape(-1, 1)
     losses = []
     for logits in router_logits:
@@ -225,7 +233,8 @@ class LoramoeForCausalLM(MoEForCausalLM):
         config = self.config
         groups = config.lbc_groups or official_lbc_groups(config.num_experts)
         loss = localized_balancing_loss([record.logits for record in records], sample_index, sample_types, groups,
-                                        config.lbc_delta, token_weight, config.lbc_reduction)  # fmt: skip
+                                        config.lbc_delta, token_weight, config.lbc_reduction,
+                                        config.lbc_direction)  # fmt: skip
         return {"lbc_loss": loss}
 
 
@@ -243,6 +252,7 @@ __all__ = [
     "LoramoeExpertsA",
     "LoramoeExpertsB",
     "LoramoeRouter",
+    "LBC_DIRECTIONS",
     "cv_squared",
     "init_loramoe_weights",
     "lbc_importance",
