@@ -17,9 +17,18 @@ if ! python -c "import vllm" 2>/dev/null; then
   # (torchvision::nms does not exist): vLLM serves text models without them.
   python -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
 fi
-if ! python -c "import pesc.serving.vllm_plugin" 2>/dev/null; then
-  # pesc itself (its native vLLM model, registered by its vllm.general_plugins entry point), without its
-  # dependencies: vLLM's own torch and transformers stay.
+# pesc itself (its native vLLM model, registered by its vllm.general_plugins entry point), without its
+# dependencies: vLLM's own torch and transformers stay. Checked from outside this folder, where `import pesc`
+# alone succeeds from the source tree with nothing installed, leaving vLLM without the plugin.
+if ! (cd / && python - "$PWD" 2>/dev/null <<'EOF'
+import sys
+from importlib.metadata import entry_points
+
+import pesc
+
+assert entry_points(group="vllm.general_plugins", name="pesc") and pesc.__file__.startswith(sys.argv[1] + "/")
+EOF
+); then
   python -m pip install -q --no-deps -e .
 fi
 python -c "import vllm, openai, pesc.serving.vllm_plugin" >/dev/null

@@ -7,7 +7,8 @@ Registered by `pesc.serving.vllm_plugin` (the `vllm.general_plugins` entry point
 Per token, with F(x) the family's FFN output (vLLM's merged gate/up kernel), the k router picks and w their
 float32 softmax weights (arXiv 2401.02731, Eq. 7-10; pesc/modeling/modeling_pesc.py):
     y = F(x) + sum_{i in topk(x)} w_i * s * up_i(GELU(down_i(F(x))))
-computed for every expert at once with the weights zero off the top-k: fixed shapes, two batched matmuls.
+computed for every expert at once with the weights zero off the top-k: fixed shapes, two plain matmuls over the
+experts stacked side by side (no per-call copy or permute of the weights).
 """
 
 import re
@@ -23,23 +24,27 @@ _EXPERT_TENSOR = re.compile(r"^experts\.expert_(\d+)\.adapter_(down|up)\.weight$
 
 
 class PescExperts(nn.Module):
-    """The router and the E adapters of one layer, stacked: `down` [E, d, H], `up` [E, H, d]."""
+    """The router and the E adapters of one layer, stacked as two [E*d, H] matrices: rows e*d .. (e+1)*d-1 of
+    `down` hold expert e's down projection, the same rows of `up` its up projection transposed."""
 
     def __init__(self, config):
         super().__init__()
         self.top_k, self.scaling = config.topk, config.moe_scaling
+        self.num_experts, self.adapter_dim = config.num_experts, config.adapter_dim
+        stacked = (config.num_experts * config.adapter_dim, config.hidden_size)
         self.router = nn.Linear(config.hidden_size, config.num_experts, bias=False)
-        self.down = nn.Parameter(torch.empty(config.num_experts, config.adapter_dim, config.hidden_size))
-        self.up = nn.Parameter(torch.empty(config.num_experts, config.hidden_size, config.adapter_dim))
+        self.down = nn.Parameter(torch.empty(stacked))
+        self.up = nn.Parameter(torch.empty(stacked))
 
     def forward(self, router_input: torch.Tensor, ffn_output: torch.Tensor) -> torch.Tensor:
         logits = F.linear(router_input.to(self.router.weight.dtype), self.router.weight)
         top_logits, selected = torch.topk(logits, self.top_k, dim=-1)
         weights = torch.softmax(top_logits, dim=-1, dtype=torch.float32)
-        dense = torch.zeros_like(logits, dtype=torch.float32).scatter(-1, selected, weights) * self.scaling
+        gates = torch.zeros_like(logits, dtype=torch.float32).scatter(-1, selected, weights) * self.scaling
         rows = ffn_output.to(self.down.dtype)
-        hidden = F.gelu(torch.einsum("th,edh->ted", rows, self.down)) * dense.to(rows.dtype).unsqueeze(-1)
-        return ffn_output + torch.einsum("ted,ehd->th", hidden, self.up).to(ffn_output.dtype)
+        hidden = F.gelu(F.linear(rows, self.down)).view(-1, self.num_experts, self.adapter_dim)
+        hidden = (hidden * gates.to(rows.dtype).unsqueeze(-1)).view(rows.shape[0], -1)
+        return torch.addmm(rows, hidden, self.up).to(ffn_output.dtype)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """Our checkpoint names (`router.weight`, `experts.expert_J.adapter_{down,up}.weight`) into the stacks;
@@ -50,11 +55,13 @@ class PescExperts(nn.Module):
                 self.router.weight.data.copy_(tensor)
                 loaded.add(name)
             elif (match := _EXPERT_TENSOR.match(name)) is not None:
-                getattr(self, match.group(2)).data[int(match.group(1))].copy_(tensor)
-                slices[match.group(2)].add(int(match.group(1)))
+                part, expert = match.group(2), int(match.group(1))
+                rows = slice(expert * self.adapter_dim, (expert + 1) * self.adapter_dim)
+                getattr(self, part).data[rows].copy_(tensor if part == "down" else tensor.t())
+                slices[part].add(expert)
             else:
                 raise ValueError(f"unexpected PESC tensor {name!r}")
-        return loaded | {part for part, experts in slices.items() if len(experts) == getattr(self, part).shape[0]}
+        return loaded | {part for part, experts in slices.items() if len(experts) == self.num_experts}
 
 
 class PescMLP(nn.Module):
