@@ -3,12 +3,14 @@
 - Without vLLM: `AutoModel` of each method's checkpoint (remote code, pesc not importable) is the
   backbone whose last hidden state through the LM head is exactly the causal LM's logits, and it
   compiles as one graph for every token count (what vLLM traces).
-- Greedy tokens: for a tiny checkpoint of every method (PESC on Llama and Qwen2; MoV, MoLoRA,
+- Greedy tokens: for a tiny checkpoint of every method (PESC on Llama, Qwen2 and Mistral; MoV, MoLoRA,
   MoELoRA and LoRAMoE on Llama; head_dim 64, as vLLM's CPU attention needs; added tensors
   perturbed, so the experts change the output: the dense model's tokens differ), one process in
   the vLLM environment runs `LLM(...)` on each in turn (`model_impl="transformers"`), two prompts
-  batched; its tokens equal transformers generate here, prompt by prompt. The two PESC checkpoints
-  run again on pesc's native vLLM model (`model_impl="vllm"`: the plugin's PescForCausalLM).
+  batched; its tokens equal transformers generate here, prompt by prompt. The three PESC checkpoints
+  run again on pesc's native vLLM model (`model_impl="vllm"`: the plugin's PescForCausalLM); the
+  Llama one has its first layer's experts in two shards, as a large export's shard boundary can
+  put them (vLLM then loads that layer's experts in two calls).
 - A real server: one `vllm serve` of a tiny trained PESC export (random non-zero LoRA merged,
   routers and adapters; vLLM picks the native model, the plugin being installed) on 127.0.0.1,
   stopped at the end of the module: greedy tokens of a completion equal transformers generate; a chat completion sent by the `openai` client (run in
@@ -21,9 +23,11 @@ on a developer's machine and fail in CI.
 import json
 import os
 import subprocess
+from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from pesc.export import export
@@ -43,6 +47,7 @@ MESSAGES = [{"role": "user", "content": "What is two plus two?"}]
 CHECKPOINTS = {
     "pesc-llama": ("pesc", "llama", {"num_experts": 4, "top_k": 2, "adapter_dim": 16}),
     "pesc-qwen2": ("pesc", "qwen2", {"num_experts": 4, "top_k": 2, "adapter_dim": 16}),
+    "pesc-mistral": ("pesc", "mistral", {"num_experts": 4, "top_k": 2, "adapter_dim": 16}),
     "mov-llama": ("mov", "llama", {"num_experts": 3}),
     "molora-llama": ("molora", "llama", {"num_experts": 3, "expert_rank": 2}),
     "moelora-llama": ("moelora", "llama", {"num_experts": 4}),
@@ -61,7 +66,7 @@ print(json.dumps({"text": choice.message.content, "token_ids": choice.model_extr
 """
 
 # PESC checkpoints vLLM also runs with pesc's native model (pesc.serving.vllm_model, the plugin)
-NATIVE = ("pesc-llama", "pesc-qwen2")
+NATIVE = ("pesc-llama", "pesc-qwen2", "pesc-mistral")
 
 # One process, one engine per run in turn (importing vLLM once): greedy tokens of every prompt, EOS ignored.
 # model_impl "transformers": the Transformers backend; "vllm": a native model (an error if none is registered).
@@ -100,14 +105,33 @@ def _transformers_greedy(folder, input_ids: list[int], ignore_eos: bool = False)
     return generated[0, ids.shape[1]:].tolist()
 
 
+def split_layer_experts_across_shards(folder: Path, layer: int = 0) -> None:
+    """Move the second half of one layer's expert tensors into a shard of their own, listed last, as a large
+    export's shard boundary can fall: the native model's load_weights then gets that layer's experts in two calls."""
+    index_path = folder / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    prefix = f"model.layers.{layer}.mlp.moe_adapter.experts."
+    names = sorted((n for n in index["weight_map"] if n.startswith(prefix)), key=lambda n: int(n.split(".")[6][7:]))
+    moved = names[len(names) // 2:]
+    source = folder / index["weight_map"][moved[0]]
+    tensors = load_file(source)
+    save_file({n: tensors.pop(n) for n in moved}, folder / "model-zz-split-experts.safetensors", metadata={"format": "pt"})
+    save_file(tensors, source, metadata={"format": "pt"})
+    index["weight_map"].update({n: "model-zz-split-experts.safetensors" for n in moved})
+    index_path.write_text(json.dumps(index, indent=2))
+
+
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
-    """{name: (checkpoint folder, its dense model's folder)} for every entry of CHECKPOINTS."""
+    """{name: (checkpoint folder, its dense model's folder)} for every entry of CHECKPOINTS; pesc-llama's first
+    layer has its experts in two shards."""
     root = tmp_path_factory.mktemp("vllm-checkpoints")
     dense = {family: save_tiny_dense(root / f"dense-{family}", family, **SERVE_SHAPE)
              for family in {family for _, family, _ in CHECKPOINTS.values()}}
-    return {name: (save_perturbed_checkpoint(dense[family], root / name, method, scale=0.5, **settings), dense[family])
+    made = {name: (save_perturbed_checkpoint(dense[family], root / name, method, scale=0.5, **settings), dense[family])
             for name, (method, family, settings) in CHECKPOINTS.items()}
+    split_layer_experts_across_shards(made["pesc-llama"][0])
+    return made
 
 
 @pytest.fixture(scope="module")

@@ -35,6 +35,7 @@ class PescExperts(nn.Module):
         self.router = nn.Linear(config.hidden_size, config.num_experts, bias=False)
         self.down = nn.Parameter(torch.empty(stacked))
         self.up = nn.Parameter(torch.empty(stacked))
+        self._filled = {"down": set(), "up": set()}  # experts whose slice came, over every load_weights call
 
     def forward(self, router_input: torch.Tensor, ffn_output: torch.Tensor) -> torch.Tensor:
         logits = F.linear(router_input.to(self.router.weight.dtype), self.router.weight)
@@ -48,8 +49,10 @@ class PescExperts(nn.Module):
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """Our checkpoint names (`router.weight`, `experts.expert_J.adapter_{down,up}.weight`) into the stacks;
-        returns the parameters filled (a stack once every expert's slice came)."""
-        loaded, slices = set(), {"down": set(), "up": set()}
+        returns the parameters filled (a stack once every expert's slice came). vLLM calls this once per run of
+        consecutive names, so a layer whose experts sit in two shards comes in two calls: the slices are counted
+        over all of them."""
+        loaded = set()
         for name, tensor in weights:
             if name == "router.weight":
                 self.router.weight.data.copy_(tensor)
@@ -58,10 +61,12 @@ class PescExperts(nn.Module):
                 part, expert = match.group(2), int(match.group(1))
                 rows = slice(expert * self.adapter_dim, (expert + 1) * self.adapter_dim)
                 getattr(self, part).data[rows].copy_(tensor if part == "down" else tensor.t())
-                slices[part].add(expert)
+                self._filled[part].add(expert)
+                if len(self._filled[part]) == self.num_experts:
+                    loaded.add(part)
             else:
                 raise ValueError(f"unexpected PESC tensor {name!r}")
-        return loaded | {part for part, experts in slices.items() if len(experts) == self.num_experts}
+        return loaded
 
 
 class PescMLP(nn.Module):
