@@ -11,6 +11,8 @@
   run again on pesc's native vLLM model (`model_impl="vllm"`: the plugin's PescForCausalLM); the
   Llama one has its first layer's experts in two shards, as a large export's shard boundary can
   put them (vLLM then loads that layer's experts in two calls).
+- Two tensor-parallel ranks (CPU, one core each): the native PESC model and LoRAMoE (FFN sites) give the
+  same tokens; MoELoRA (attention sites) is refused with one line, where it gave wrong tokens before.
 - A real server: one `vllm serve` of a tiny trained PESC export (random non-zero LoRA merged,
   routers and adapters; vLLM picks the native model, the plugin being installed) on 127.0.0.1,
   stopped at the end of the module: greedy tokens of a completion equal transformers generate; a chat completion sent by the `openai` client (run in
@@ -172,6 +174,49 @@ def test_native_vllm_model_greedy_tokens_equal_transformers(name, reference_gree
     expected, _ = reference_greedy[name]
     native = vllm_greedy[name + "+native"]
     assert native == expected, f"{name}: native vLLM greedy {native} != transformers {expected}"
+
+
+# Two tensor-parallel ranks (one core each) on one prompt: greedy tokens, or the error that stopped the engine.
+VLLM_TWO_RANKS = """
+import json, sys
+from vllm import LLM, SamplingParams
+if __name__ == "__main__":
+    folder, model_impl, prompt, new_tokens = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), int(sys.argv[4])
+    llm = LLM(folder, trust_remote_code=True, dtype="float32", max_model_len=256, kv_cache_memory_bytes=64 << 20,
+              model_impl=model_impl, tensor_parallel_size=2, distributed_executor_backend="mp")
+    params = SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True)
+    output = llm.generate([{"prompt_token_ids": prompt}], params, use_tqdm=False)[0]
+    print("@@tokens@@" + json.dumps(list(output.outputs[0].token_ids)), flush=True)
+"""
+
+
+def _two_ranks(folder, model_impl: str, tmp_path) -> tuple[int, str]:
+    script = tmp_path / "two_ranks.py"  # a file: vLLM's worker processes re-import the main module
+    script.write_text(VLLM_TWO_RANKS)
+    env = dict(vllm_environment(), VLLM_CPU_OMP_THREADS_BIND="0|1", CUDA_VISIBLE_DEVICES="")
+    completed = subprocess.run([str(vllm_python()), str(script), str(folder), model_impl, json.dumps(PROMPT_IDS),
+                                str(NEW_TOKENS)], capture_output=True, text=True, timeout=900, env=env, cwd=tmp_path)
+    return completed.returncode, completed.stdout + completed.stderr
+
+
+@pytest.mark.parametrize("name, model_impl", [("pesc-llama", "vllm"), ("loramoe-llama", "transformers")])
+def test_two_tensor_parallel_ranks_give_the_same_tokens(name, model_impl, checkpoints, reference_greedy, tmp_path):
+    """The native model's experts replicated over vLLM's sharded Llama; LoRAMoE's FFN sites (hooked linears
+    whole) beside vLLM's sharded attention."""
+    _require_vllm()
+    code, output = _two_ranks(checkpoints[name][0], model_impl, tmp_path)
+    assert code == 0, output[-5000:]
+    assert json.loads(output.rpartition("@@tokens@@")[2].splitlines()[0]) == reference_greedy[name][0][0]
+
+
+def test_attention_sites_refuse_two_tensor_parallel_ranks(checkpoints, tmp_path):
+    """MoELoRA's q/v sites: vLLM would split the heads while the hooked linears stay whole (wrong tokens, no
+    error, before the check); the shipped code stops the engine with a line naming the fix."""
+    _require_vllm()
+    code, output = _two_ranks(checkpoints["moelora-llama"][0], "transformers", tmp_path)
+    assert code != 0 and "@@tokens@@" not in output
+    assert ("sites act on attention linears (q_proj, v_proj), which vLLM cannot split across 2 ranks: serve it "
+            "with tensor_parallel_size=1") in output
 
 
 def test_every_method_has_a_vllm_checkpoint():

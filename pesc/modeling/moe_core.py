@@ -514,10 +514,29 @@ class MoEModel(MoEPreTrainedModel):
 
     def __new__(cls, config, *args, **kwargs):
         backbone = cls.causal_lm_class(config, *args, **kwargs).model
-        for parent, name in site_linears(backbone):
+        hooked = site_linears(backbone)
+        refuse_sharded_attention_sites(config, [name for _, name in hooked])
+        for parent, name in hooked:
             if type(parent._modules[name]) is nn.Linear:
                 parent._modules[name].__class__ = UnmergedLinear
         return backbone
+
+
+def refuse_sharded_attention_sites(config, hooked_linears: list[str]) -> None:
+    """A clear error where vLLM would shard attention over several ranks while sites hook attention linears.
+
+    vLLM splits the attention heads across tensor-parallel ranks, but a linear a site acts on stays whole
+    (`UnmergedLinear`), so attention would mix whole and sharded projections: at 2 ranks MoELoRA's q/v sites
+    gave wrong tokens without an error and MoV's k/v sites a shape error. Sites on the FFN only shard fine.
+    """
+    attention = sorted({name for name in hooked_linears if LINEAR_PARENTS.get(name) == "self_attn"})
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    if attention and config._attn_implementation == "vllm" and distributed and torch.distributed.get_world_size() > 1:
+        raise ValueError(
+            f"this model's sites act on attention linears ({', '.join(attention)}), which vLLM cannot split across "
+            f"{torch.distributed.get_world_size()} ranks: serve it with tensor_parallel_size=1 and "
+            "pipeline_parallel_size=1"
+        )
 
 
 class MoEForCausalLM(MoEPreTrainedModel, GenerationMixin):
