@@ -12,7 +12,8 @@
   Llama one has its first layer's experts in two shards, as a large export's shard boundary can
   put them (vLLM then loads that layer's experts in two calls).
 - Two tensor-parallel ranks (CPU, one core each): the native PESC model and LoRAMoE (FFN sites) give the
-  same tokens; MoELoRA (attention sites) is refused with one line, where it gave wrong tokens before.
+  same tokens; MoELoRA (attention sites) is refused with one line, where it gave wrong tokens before, and
+  gives transformers' tokens on two pipeline stages.
 - A real server: one `vllm serve` of a tiny trained PESC export (random non-zero LoRA merged,
   routers and adapters; vLLM picks the native model, the plugin being installed) on 127.0.0.1,
   stopped at the end of the module: greedy tokens of a completion equal transformers generate; a chat completion sent by the `openai` client (run in
@@ -176,27 +177,34 @@ def test_native_vllm_model_greedy_tokens_equal_transformers(name, reference_gree
     assert native == expected, f"{name}: native vLLM greedy {native} != transformers {expected}"
 
 
-# Two tensor-parallel ranks (one core each) on one prompt: greedy tokens, or the error that stopped the engine.
+# Two tensor- or pipeline-parallel ranks (one core each) on one prompt: greedy tokens, or the error that stopped
+# the engine.
 VLLM_TWO_RANKS = """
 import json, sys
 from vllm import LLM, SamplingParams
 if __name__ == "__main__":
     folder, model_impl, prompt, new_tokens = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), int(sys.argv[4])
+    parallel = {sys.argv[5] + "_parallel_size": 2}
     llm = LLM(folder, trust_remote_code=True, dtype="float32", max_model_len=256, kv_cache_memory_bytes=64 << 20,
-              model_impl=model_impl, tensor_parallel_size=2, distributed_executor_backend="mp")
+              model_impl=model_impl, distributed_executor_backend="mp", **parallel)
     params = SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True)
     output = llm.generate([{"prompt_token_ids": prompt}], params, use_tqdm=False)[0]
     print("@@tokens@@" + json.dumps(list(output.outputs[0].token_ids)), flush=True)
 """
 
 
-def _two_ranks(folder, model_impl: str, tmp_path) -> tuple[int, str]:
+def _two_ranks(folder, model_impl: str, tmp_path, parallel: str = "tensor") -> tuple[int, str]:
     script = tmp_path / "two_ranks.py"  # a file: vLLM's worker processes re-import the main module
     script.write_text(VLLM_TWO_RANKS)
     env = dict(vllm_environment(), VLLM_CPU_OMP_THREADS_BIND="0|1", CUDA_VISIBLE_DEVICES="")
     completed = subprocess.run([str(vllm_python()), str(script), str(folder), model_impl, json.dumps(PROMPT_IDS),
-                                str(NEW_TOKENS)], capture_output=True, text=True, timeout=900, env=env, cwd=tmp_path)
+                                str(NEW_TOKENS), parallel], capture_output=True, text=True, timeout=900, env=env,
+                               cwd=tmp_path)  # fmt: skip
     return completed.returncode, completed.stdout + completed.stderr
+
+
+def _tokens(output: str) -> list[int]:
+    return json.loads(output.rpartition("@@tokens@@")[2].splitlines()[0])
 
 
 @pytest.mark.parametrize("name, model_impl", [("pesc-llama", "vllm"), ("loramoe-llama", "transformers")])
@@ -206,17 +214,23 @@ def test_two_tensor_parallel_ranks_give_the_same_tokens(name, model_impl, checkp
     _require_vllm()
     code, output = _two_ranks(checkpoints[name][0], model_impl, tmp_path)
     assert code == 0, output[-5000:]
-    assert json.loads(output.rpartition("@@tokens@@")[2].splitlines()[0]) == reference_greedy[name][0][0]
+    assert _tokens(output) == reference_greedy[name][0][0]
 
 
-def test_attention_sites_refuse_two_tensor_parallel_ranks(checkpoints, tmp_path):
+def test_attention_sites_refuse_two_tensor_parallel_ranks_and_run_on_two_pipeline_stages(
+        checkpoints, reference_greedy, tmp_path):  # fmt: skip
     """MoELoRA's q/v sites: vLLM would split the heads while the hooked linears stay whole (wrong tokens, no
-    error, before the check); the shipped code stops the engine with a line naming the fix."""
+    error, before the check); the shipped code stops the engine with a line naming the fix. Pipeline stages
+    keep whole layers: the same checkpoint runs there, with transformers' tokens."""
     _require_vllm()
-    code, output = _two_ranks(checkpoints["moelora-llama"][0], "transformers", tmp_path)
+    folder = checkpoints["moelora-llama"][0]
+    code, output = _two_ranks(folder, "transformers", tmp_path, "pipeline")
+    assert code == 0, output[-5000:]
+    assert _tokens(output) == reference_greedy["moelora-llama"][0][0]
+    code, output = _two_ranks(folder, "transformers", tmp_path)
     assert code != 0 and "@@tokens@@" not in output
-    assert ("sites act on attention linears (q_proj, v_proj), which vLLM cannot split across 2 ranks: serve it "
-            "with tensor_parallel_size=1") in output
+    assert ("sites act on attention linears (q_proj, v_proj), which vLLM cannot split across 2 tensor-parallel "
+            "ranks: serve it with tensor_parallel_size=1") in output
 
 
 def test_every_method_has_a_vllm_checkpoint():

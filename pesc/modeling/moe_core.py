@@ -20,6 +20,7 @@ computes the method's named aux losses from them and adds their weighted sum to 
 import dataclasses
 import inspect
 import math
+import sys
 import warnings
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -523,20 +524,29 @@ class MoEModel(MoEPreTrainedModel):
 
 
 def refuse_sharded_attention_sites(config, hooked_linears: list[str]) -> None:
-    """A clear error where vLLM would shard attention over several ranks while sites hook attention linears.
+    """A clear error where vLLM would split attention over tensor-parallel ranks while sites hook attention linears.
 
     vLLM splits the attention heads across tensor-parallel ranks, but a linear a site acts on stays whole
     (`UnmergedLinear`), so attention would mix whole and sharded projections: at 2 ranks MoELoRA's q/v sites
-    gave wrong tokens without an error and MoV's k/v sites a shape error. Sites on the FFN only shard fine.
+    gave wrong tokens without an error and MoV's k/v sites a shape error. Sites on the FFN only, and pipeline
+    parallelism (whole layers per rank), run fine.
     """
     attention = sorted({name for name in hooked_linears if LINEAR_PARENTS.get(name) == "self_attn"})
-    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-    if attention and config._attn_implementation == "vllm" and distributed and torch.distributed.get_world_size() > 1:
+    ranks = vllm_tensor_parallel_ranks() if config._attn_implementation == "vllm" else 1
+    if attention and ranks > 1:
         raise ValueError(
             f"this model's sites act on attention linears ({', '.join(attention)}), which vLLM cannot split across "
-            f"{torch.distributed.get_world_size()} ranks: serve it with tensor_parallel_size=1 and "
-            "pipeline_parallel_size=1"
+            f"{ranks} tensor-parallel ranks: serve it with tensor_parallel_size=1 (pipeline parallelism works)"
         )
+
+
+def vllm_tensor_parallel_ranks() -> int:
+    """vLLM's tensor-parallel size while vLLM builds this model (read from its already loaded module: the shipped
+    code imports nothing of vLLM), else 1."""
+    state = sys.modules.get("vllm.distributed.parallel_state")
+    if state is None or not state.model_parallel_is_initialized():
+        return 1
+    return state.get_tensor_model_parallel_world_size()
 
 
 class MoEForCausalLM(MoEPreTrainedModel, GenerationMixin):
