@@ -31,5 +31,5 @@ EOF
 ); then
   python -m pip install -q --no-deps -e .
 fi
-python -c "import vllm, openai, pesc.serving.vllm_plugin" >/dev/null
+python -c "import vllm, openai" >/dev/null  # pesc: checked above, from outside this folder
 echo "vLLM is installed in .venv-vllm (see docs/serving.md)"
