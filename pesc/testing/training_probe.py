@@ -12,12 +12,15 @@ Per process, into `OUT_DIR/probe-rank{R}.pt` when training ends:
 - `wrapper`: the class that wrapped the model for training (DistributedDataParallel, DeepSpeedEngine,
   FullyShardedDataParallel / FSDP...: which engine actually ran), `quant_storage`: the storage dtypes
   of the 4-bit weights (empty when not quantized), and `z3_leaves`: the classes of the modules flagged as
-  DeepSpeed ZeRO-3 leaves (gathered whole).
+  DeepSpeed ZeRO-3 leaves (gathered whole);
+- `process_group_at_exit`: whether torch.distributed's process group was still up when `pesc train` returned
+  (added then, by `main`): one left to interpreter shutdown can abort a finished run.
 
 `python -m pesc.testing.training_probe [--aux-gradients] OUT_DIR CONFIG [pesc train options]` runs
 `pesc train CONFIG ...` under the probe: the script a test hands to torchrun or accelerate launch.
 """
 
+import os
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -102,6 +105,8 @@ def main(argv: list[str]) -> None:
     out_dir, *train_args = argv[1:] if aux_gradients else argv
     with probed_training(out_dir, aux_gradients):
         pesc_main(["train", *train_args])
+    path = Path(out_dir) / f"probe-rank{os.environ.get('RANK', 0)}.pt"  # a failed run has exited above
+    torch.save({**torch.load(path), "process_group_at_exit": torch.distributed.is_initialized()}, path)
 
 
 if __name__ == "__main__":
