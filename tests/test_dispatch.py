@@ -5,6 +5,8 @@ compared to the plain formula with float64 weights and inputs, where a reorderin
 results by ~1e-16; the tolerance 1e-12 is far above that and far below any real bug.
 """
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -193,21 +195,61 @@ def test_routed_dropout_applies_one_mask_per_token_and_expert_with_the_keep_scal
     assert_same_value_and_gradients(block, ffn_output, got, want)
 
 
-@pytest.mark.parametrize("p", [0.05, 0.5])
-def test_dropout_mask_drops_at_rate_p_independently(p):
+@pytest.mark.parametrize("p, kind", [(0.05, "positions"), (0.125, "positions"), (0.5, "mask")])
+def test_dropout_mask_drops_at_rate_p_independently(p, kind):
     from pesc.modeling.moe_core import dropout_mask
 
     torch.manual_seed(0)
     shape = (1000, 1001)  # an odd count: the last 32-bit draw is half used
     drop, keep_scale = dropout_mask(shape, p, torch.device("cpu"))
+    if kind == "positions":  # the CPU's sparse form for small p: sorted, distinct flat indices in range
+        assert drop.dtype == torch.int64 and drop.dim() == 1
+        assert bool((drop.diff() > 0).all()) and 0 <= int(drop[0]) and int(drop[-1]) < math.prod(shape)
+        drop = torch.zeros(math.prod(shape), dtype=torch.bool).index_fill_(0, drop, True).view(shape)
     assert drop.shape == shape and drop.dtype == torch.bool
     assert keep_scale == pytest.approx(1 / (1 - p), rel=1e-9)
     sigma = (p * (1 - p) / drop.numel()) ** 0.5
     assert abs(drop.float().mean().item() - p) < 6 * sigma
     rows = drop.float().mean(1)  # rows are not copies of each other
     assert rows.std().item() > 0.5 * (p * (1 - p) / shape[1]) ** 0.5
+    # neither the first nor the last elements are favoured (the draw of positions stops exactly at the end)
+    for part in (drop[:100], drop[-100:]):
+        assert abs(part.float().mean().item() - p) < 6 * (p * (1 - p) / part.numel()) ** 0.5
     again, _ = dropout_mask(shape, p, torch.device("cpu"))
     assert not torch.equal(drop, again)
+
+
+@pytest.mark.parametrize("numel", [1, 7, 64])
+def test_drop_positions_of_small_tensors_can_be_empty_and_stay_in_range(numel):
+    """Few elements: often no drop at all (0.9**7 ~ 0.48), never an index past the end."""
+    from pesc.modeling.moe_core import _drop_positions
+
+    torch.manual_seed(0)
+    counts = []
+    for _ in range(400):
+        positions = _drop_positions(numel, 0.1)
+        assert positions.numel() == 0 or (int(positions[-1]) < numel and bool((positions.diff() > 0).all()))
+        counts.append(positions.numel())
+    mean, sigma = numel * 0.1, (numel * 0.1 * 0.9 / 400) ** 0.5
+    assert abs(sum(counts) / 400 - mean) < 6 * sigma
+
+
+def test_zero_dropped_is_the_same_for_positions_and_mask_with_gradients():
+    from pesc.modeling.moe_core import zero_dropped
+
+    torch.manual_seed(0)
+    x = torch.randn(6, 5, requires_grad=True)
+    mask = torch.rand(6, 5) < 0.3
+    positions = mask.reshape(-1).nonzero().squeeze(1)
+    results = []
+    for drop in (mask, positions):
+        x.grad = None
+        out = zero_dropped(x * 1.0, drop)
+        out.backward(torch.arange(30.0).view(6, 5))
+        results.append((out.detach(), x.grad.clone()))
+        assert torch.equal(zero_dropped(x.detach().clone(), drop, in_place=True), out.detach())
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+    assert torch.equal(results[0][0] == 0, mask | (x == 0))
 
 
 def test_experts_with_different_dropouts_keep_their_own_masks():

@@ -24,7 +24,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from .configuration_loramoe import LBC_DIRECTIONS, LoramoeConfig
-from .moe_core import LINEAR_PARENTS, MoEForCausalLM, MoEModel, attach_sibling, dropout_mask, emit_routing_record, linear_on
+from .moe_core import (
+    LINEAR_PARENTS,
+    MoEForCausalLM,
+    MoEModel,
+    attach_sibling,
+    dropout_mask,
+    emit_routing_record,
+    linear_on,
+    zero_dropped,
+)
 
 # Added to the denominator of the LBC, as the official code's cv_squared.
 _LBC_EPS = 1e-10
@@ -72,7 +81,7 @@ class LoramoeExperts(nn.Module):
             expert_input = rows
             if self.training and self.dropout:
                 drop, keep_scale = dropout_mask(tuple(rows.shape), self.dropout, rows.device)
-                expert_input, scaling = rows.masked_fill(drop, 0), scaling * keep_scale
+                expert_input, scaling = zero_dropped(rows, drop), scaling * keep_scale
             router_logits, hidden = self.router(rows), self.experts_A(expert_input)
         # float32 for half-precision experts (as the official code), float64 stays float64
         softmax_dtype = torch.promote_types(router_logits.dtype, torch.float32)

@@ -39,6 +39,7 @@ from .moe_core import (
     routed_dispatch,
     token_mask,
     traced_for_every_shape,
+    zero_dropped,
 )
 
 SITE_PREFIX = "moelora_"
@@ -90,7 +91,7 @@ class MoELoraSite(nn.Module):
         expert_input, scaling = rows.to(self.down.dtype), self.scaling
         if self.training and self.dropout:
             drop, keep_scale = dropout_mask(tuple(expert_input.shape), self.dropout, expert_input.device)
-            expert_input, scaling = expert_input.masked_fill(drop, 0), scaling * keep_scale
+            expert_input, scaling = zero_dropped(expert_input, drop), scaling * keep_scale
         base = output.reshape(-1, output.shape[-1])
         if self._uses_mixed_dispatch():
             return self._mixed_forward(base, expert_input, weights, selected, scaling).view(output.shape)
