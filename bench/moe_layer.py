@@ -115,8 +115,20 @@ def sync(device: torch.device) -> None:
 CLOCKS = {"wall": time.perf_counter, "cpu": time.thread_time}
 
 
-def time_fwd_bwd(fns: dict, layer, x, grad, warmup: int, repeats: int, inner: int, clock: str = "wall") -> dict:
-    """Median milliseconds of one forward+backward of each function.
+class Timings(dict):
+    """Median milliseconds per variant; `ratio(a, b)` is the median over repeats of a's time over b's in the
+    same repeat, which a slow spell of the host (it moves both) disturbs less than a ratio of two medians."""
+
+    def __init__(self, samples: dict):
+        super().__init__({name: statistics.median(values) for name, values in samples.items()})
+        self.samples = samples
+
+    def ratio(self, name: str, base: str) -> float:
+        return statistics.median(a / b for a, b in zip(self.samples[name], self.samples[base]))
+
+
+def time_fwd_bwd(fns: dict, layer, x, grad, warmup: int, repeats: int, inner: int, clock: str = "wall") -> Timings:
+    """Milliseconds of one forward+backward of each function (see `Timings`).
 
     The functions take turns inside every repeat, so that load from other processes
     (a shared CPU) falls on all of them alike rather than on whichever ran last.
@@ -147,7 +159,7 @@ def time_fwd_bwd(fns: dict, layer, x, grad, warmup: int, repeats: int, inner: in
                 step(fn)
             sync(device)
             samples[name].append((now() - start) * 1000.0 / inner)
-    return {name: statistics.median(values) for name, values in samples.items()}
+    return Timings(samples)
 
 
 def routed_only(layer):
@@ -430,12 +442,11 @@ def soft_table(args, devices) -> None:
         grad = torch.randn(1, tokens, hidden, generator=gen).to(device=device, dtype=dtype)
         with torch.no_grad():
             rope = rotary.to(device)(x, torch.arange(tokens, device=device).unsqueeze(0))
-        fns = {name: with_sites(layer, rope, hooks) for name, hooks in variants.items()}
+        fns = {("ours" if name == method else name): with_sites(layer, rope, hooks) for name, hooks in variants.items()}
         label = f"{device_name} {dtype_name} H={hidden} I={intermediate} T={tokens}"
         print(f"check {method} {label}: {check_same_soft(fns, x, grad, dtype)}", flush=True)
         times = time_fwd_bwd({"dense": with_sites(layer, rope, []), **fns}, holder, x, grad, warmup, repeats, inner,
                              args.clock)
-        times["ours"] = times.pop(method)
         rows.append(format_soft_row(device_name, dtype_name, hidden, intermediate, tokens, method, times))
         print(f"row {rows[-1]}", flush=True)
         del layer, holder, x, grad
@@ -446,11 +457,11 @@ def soft_table(args, devices) -> None:
 
 def format_soft_row(device_name, dtype_name, hidden, intermediate, tokens, method, t) -> str:
     lora16 = t.get("lora16")
-    lora16_ms, lora16_ratio = (f"{lora16:.2f}", f"{lora16 / t['dense']:.3f}") if lora16 else ("-", "-")
+    lora16_ms, lora16_ratio = (f"{lora16:.2f}", f"{t.ratio('lora16', 'dense'):.3f}") if lora16 else ("-", "-")
     return (
         f"| {device_name} | {dtype_name} | {hidden} | {intermediate} | {tokens} | {method} "
         f"| {t['dense']:.2f} | {t['ours']:.2f} | {t['loop']:.2f} | {lora16_ms} "
-        f"| {t['ours'] / t['dense']:.3f} | {t['loop'] / t['dense']:.3f} | {t['loop'] / t['ours']:.3f} | {lora16_ratio} |"
+        f"| {t.ratio('ours', 'dense'):.3f} | {t.ratio('loop', 'dense'):.3f} | {t.ratio('loop', 'ours'):.3f} | {lora16_ratio} |"
     )
 
 
@@ -543,9 +554,9 @@ def format_row(device_name, dtype_name, hidden, intermediate, tokens, adapter_di
     return (
         f"| {device_name} | {dtype_name} | {hidden} | {intermediate} | {tokens} | {adapter_dim} "
         f"| {t['dense']:.2f} | {t['pesc']:.2f} ({t['path']}) | {t['reference']:.2f} "
-        f"| {t['pesc'] / t['dense']:.3f} | {t['reference'] / t['dense']:.3f} | {t['reference'] / t['pesc']:.3f} "
-        f"| {t['pesc_routed']:.2f} | {t['pesc_routed'] / t['dense']:.3f} "
-        f"| {t['pesc_dropout']:.2f} | {t['pesc_dropout'] / t['dense']:.3f} |"
+        f"| {t.ratio('pesc', 'dense'):.3f} | {t.ratio('reference', 'dense'):.3f} | {t.ratio('reference', 'pesc'):.3f} "
+        f"| {t['pesc_routed']:.2f} | {t.ratio('pesc_routed', 'dense'):.3f} "
+        f"| {t['pesc_dropout']:.2f} | {t.ratio('pesc_dropout', 'dense'):.3f} |"
     )
 
 

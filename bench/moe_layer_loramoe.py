@@ -144,8 +144,8 @@ def loramoe_row(args, device_name, dtype, dtype_name, hidden, intermediate, toke
     return (
         f"| {device_name} | {dtype_name} | {hidden} | {intermediate} | {tokens} | {args.loramoe_experts} "
         f"| {args.loramoe_rank} | {t['dense']:.2f} | {t['loramoe']:.2f} | {t['official']:.2f} "
-        f"| {t['loramoe'] / t['dense']:.3f} | {t['official'] / t['dense']:.3f} | {t['official'] / t['loramoe']:.3f} "
-        f"| {t['dropout']:.2f} | {t['dropout'] / t['dense']:.3f} |"
+        f"| {t.ratio('loramoe', 'dense'):.3f} | {t.ratio('official', 'dense'):.3f} | {t.ratio('official', 'loramoe'):.3f} "
+        f"| {t['dropout']:.2f} | {t.ratio('dropout', 'dense'):.3f} |"
     )
 
 

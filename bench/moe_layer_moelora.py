@@ -21,7 +21,7 @@ from torch import nn
 
 from pesc.modeling.configuration_moelora import MoELoraConfig
 from pesc.modeling.modeling_moelora import MoELoraSite, contrastive_loss, init_site
-from pesc.modeling.moe_core import dropout_mask, record_routing
+from pesc.modeling.moe_core import dropout_mask, record_routing, zero_dropped
 
 RANK = 8
 
@@ -60,7 +60,7 @@ class SiteBench(nn.Module):
         rows, scaling = x, self.config.lora_alpha / self.config.lora_rank
         if self.dropout:
             drop, keep_scale = dropout_mask(tuple(x.shape), self.dropout, x.device)
-            rows, scaling = x.masked_fill(drop, 0), scaling * keep_scale
+            rows, scaling = zero_dropped(x, drop), scaling * keep_scale
         return self.linear(x) + F.linear(F.linear(rows, self.lora_a), self.lora_b) * scaling
 
     def moelora(self, dispatch: str):
@@ -116,4 +116,4 @@ def moelora_row(args, device_name, hidden, tokens, time_fwd_bwd, timing) -> str:
     del bench.site._dispatch
     return (f"| {device_name} | {hidden} | {tokens} | {args.moelora_experts} | {args.moelora_top_k} "
             f"| {t['lora']:.2f} ({bench.lora_rank}) | {t['mixed']:.2f} | {t['routed']:.2f} | {t['loop']:.2f} "
-            f"| {t['mixed'] / t['lora']:.3f} | {t['routed'] / t['lora']:.3f} | {t['loop'] / t['mixed']:.3f} |")
+            f"| {t.ratio('mixed', 'lora'):.3f} | {t.ratio('routed', 'lora'):.3f} | {t.ratio('loop', 'mixed'):.3f} |")
