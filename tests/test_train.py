@@ -489,3 +489,28 @@ def test_gradient_accumulation_gives_coef_times_mean_aux_over_micro_batches(tmp_
     assert any(".router." in n and g.abs().sum() > 0 for n, g in expected.items())
     for name in sorted(expected, key=lambda name: ".router." not in name):  # the aux term's own gradient first
         torch.testing.assert_close(trained[name], expected[name], rtol=1e-5, atol=1e-9, msg=name)
+
+
+def test_the_process_group_set_up_during_training_is_destroyed_and_a_callers_is_kept(tmp_path):
+    """pesc train destroys the group it set up (left to interpreter shutdown, gloo's threads can abort the
+    finished process), also when the run fails, and leaves a group its caller had set up before."""
+    import torch.distributed as dist
+
+    from pesc.training.run import process_group_destroyed_at_end
+
+    def init(name):
+        dist.init_process_group("gloo", init_method=f"file://{tmp_path / name}", rank=0, world_size=1)
+
+    with pytest.raises(RuntimeError, match="a failing run"):
+        with process_group_destroyed_at_end():
+            init("store-1")
+            raise RuntimeError("a failing run")
+    assert not dist.is_initialized()
+
+    init("store-2")
+    try:
+        with process_group_destroyed_at_end():
+            pass
+        assert dist.is_initialized()
+    finally:
+        dist.destroy_process_group()

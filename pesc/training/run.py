@@ -154,16 +154,18 @@ def resume_checkpoint(output_dir: Path, with_lora: bool = True) -> Path:
 
 @contextmanager
 def process_group_destroyed_at_end():
-    """Destroy torch.distributed's process group when the block ends, however it ends.
+    """Destroy the torch.distributed process group that the block set up, when the block ends, however it ends.
 
     Left to interpreter shutdown, gloo's worker threads can outlive the objects they hold and abort the
     process ("terminate called without an active exception", SIGABRT) after a run that saved everything:
-    the launcher then reports a failed run.
+    the launcher then reports a failed run. A group that was up before the block (a caller's own) is left up.
     """
+    available = torch.distributed.is_available()
+    already_up = available and torch.distributed.is_initialized()
     try:
         yield
     finally:
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
+        if available and not already_up and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
 
 
@@ -216,8 +218,8 @@ def train(config_path: str, overrides: list[str] = (), resume: bool = False) -> 
         max_dropped_fraction=config["max_dropped_fraction"],
         sample_fields=method.sample_fields,
     )
-    args = training_arguments(config, has_eval=eval_ds is not None)  # sets up torch.distributed when launched
     with process_group_destroyed_at_end():
+        args = training_arguments(config, has_eval=eval_ds is not None)  # sets up torch.distributed when launched
 
         model = load_base_model(config)
         model = prepare_for_training(model, config)
