@@ -24,16 +24,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .configuration_loramoe import LBC_DIRECTIONS, LoramoeConfig
-from .moe_core import (
-    LINEAR_PARENTS,
-    MoEForCausalLM,
-    MoEModel,
-    attach_sibling,
-    dropout_mask,
-    emit_routing_record,
-    linear_on,
-    zero_dropped,
-)
+from .moe_core import (LINEAR_PARENTS, MoEForCausalLM, MoEModel, attach_sibling, dropout_mask, emit_routing_record,
+                       linear_on, zero_dropped)
 
 # Added to the denominator of the LBC, as the official code's cv_squared.
 _LBC_EPS = 1e-10
