@@ -154,7 +154,7 @@ def resume_checkpoint(output_dir: Path, with_lora: bool = True) -> Path:
 
 @contextmanager
 def process_group_destroyed_at_end():
-    """Destroy the torch.distributed process group that the block set up, when the block ends, however it ends.
+    """Destroy the torch.distributed process group that the block (or decorated call) set up, however it ends.
 
     Left to interpreter shutdown, gloo's worker threads can outlive the objects they hold and abort the
     process ("terminate called without an active exception", SIGABRT) after a run that saved everything:
@@ -169,6 +169,7 @@ def process_group_destroyed_at_end():
             torch.distributed.destroy_process_group()
 
 
+@process_group_destroyed_at_end()
 def train(config_path: str, overrides: list[str] = (), resume: bool = False) -> Path:
     """Run (or resume) a training run; returns the run's final/ folder."""
     from transformers import AutoTokenizer, set_seed
@@ -218,42 +219,41 @@ def train(config_path: str, overrides: list[str] = (), resume: bool = False) -> 
         max_dropped_fraction=config["max_dropped_fraction"],
         sample_fields=method.sample_fields,
     )
-    with process_group_destroyed_at_end():
-        args = training_arguments(config, has_eval=eval_ds is not None)  # sets up torch.distributed when launched
+    args = training_arguments(config, has_eval=eval_ds is not None)  # sets up torch.distributed when launched
 
-        model = load_base_model(config)
-        model = prepare_for_training(model, config)
-        register_deepspeed_leaf_modules(model, method)
-        counts = trainable_summary(model, method)
-        logger.info(
-            "trainable parameters: LoRA %s, routers+adapters %s (of %s)",
-            f"{counts['lora']:,}", f"{counts['experts']:,}", f"{counts['total']:,}",
-        )
-        if counts["other"]:
-            raise PescError(f"{counts['other']} parameters outside LoRA and the experts would train: refusing")
+    model = load_base_model(config)
+    model = prepare_for_training(model, config)
+    register_deepspeed_leaf_modules(model, method)
+    counts = trainable_summary(model, method)
+    logger.info(
+        "trainable parameters: LoRA %s, routers+adapters %s (of %s)",
+        f"{counts['lora']:,}", f"{counts['experts']:,}", f"{counts['total']:,}",
+    )
+    if counts["other"]:
+        raise PescError(f"{counts['other']} parameters outside LoRA and the experts would train: refusing")
 
-        if args.should_save:
-            output_dir.mkdir(parents=True, exist_ok=True)
-            (output_dir / TRAIN_CONFIG_FILE).write_text(dump_config(config))
-        trainer = MoETrainer(
-            model=model,
-            args=args,
-            train_dataset=train_ds,
-            eval_dataset=eval_ds,
-            data_collator=make_collator(tokenizer, sample_packing=config["sample_packing"],
-                                        sample_fields=tuple(field.name for field in method.sample_fields)),
-            processing_class=tokenizer,
-            model_config=saved_model_config(unwrapped_model(model).config),
-            callbacks=[TrainingCurvesCallback()],
-        )
-        trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-        final = output_dir / FINAL_DIR
-        trainer.save_model(str(final))
-        if eval_ds is not None and trainer.state.global_step % args.eval_steps:
-            trainer.evaluate()  # the last step was not an eval step
-        if args.should_save:
-            trainer.state.save_to_json(str(output_dir / "trainer_state.json"))
-        return final
+    if args.should_save:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / TRAIN_CONFIG_FILE).write_text(dump_config(config))
+    trainer = MoETrainer(
+        model=model,
+        args=args,
+        train_dataset=train_ds,
+        eval_dataset=eval_ds,
+        data_collator=make_collator(tokenizer, sample_packing=config["sample_packing"],
+                                    sample_fields=tuple(field.name for field in method.sample_fields)),
+        processing_class=tokenizer,
+        model_config=saved_model_config(unwrapped_model(model).config),
+        callbacks=[TrainingCurvesCallback()],
+    )
+    trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    final = output_dir / FINAL_DIR
+    trainer.save_model(str(final))
+    if eval_ds is not None and trainer.state.global_step % args.eval_steps:
+        trainer.evaluate()  # the last step was not an eval step
+    if args.should_save:
+        trainer.state.save_to_json(str(output_dir / "trainer_state.json"))
+    return final
 
 
 def setup_logging() -> None:
