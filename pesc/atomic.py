@@ -8,7 +8,9 @@ interrupted or failed run never leaves a half-written folder at OUT, and so that
 import errno
 import json
 import os
+import re
 import shutil
+import sys
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -110,6 +112,7 @@ def atomic_output_dir(out: str | Path, force: bool = False, *, allow_empty: bool
     Missing parent folders of `out` are created, and removed again if the command fails.
     """
     out = Path(out)
+    recover_leftovers(out.parent)
     check_output_dir(out, force, allow_empty=allow_empty, has_force=has_force)
     tmp = out.parent / f".{out.name}{_TMP_TAG}{os.getpid()}"
     parents: list[Path] = []
@@ -134,16 +137,62 @@ def atomic_output_dir(out: str | Path, force: bool = False, *, allow_empty: bool
             shutil.rmtree(old, ignore_errors=True)
         else:
             tmp.rename(out)
-    except OSError as error:
+    except BaseException as error:
         shutil.rmtree(tmp, ignore_errors=True)
         remove_if_empty(parents)
-        if error.errno == errno.ENOSPC:
+        if is_disk_full(error):
             raise PescError(f"disk full while writing {out}: nothing was left behind; free some space") from None
-        raise PescError(
-            f"could not write {out} ({error.strerror or error}): nothing was left behind; check that {out.parent} "
-            "is writable"
-        ) from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        remove_if_empty(parents)
+        if isinstance(error, OSError):
+            raise PescError(
+                f"could not write {out} ({error.strerror or error}): nothing was left behind; check that "
+                f"{out.parent} is writable"
+            ) from None
         raise
+
+
+def is_disk_full(error: BaseException) -> bool:
+    """A full disk, however the writer reports it: OSError ENOSPC, or safetensors' and torch's own errors, which
+    are not OSErrors and only carry the OS message ("os error 28", "No space left on device")."""
+    if isinstance(error, OSError):
+        return error.errno == errno.ENOSPC
+    text = str(error)
+    return "os error 28" in text or os.strerror(errno.ENOSPC) in text
+
+
+_LEFTOVER = re.compile(rf"^\.(?P<name>.+){re.escape(_TMP_TAG)}(?P<old>old-)?(?P<pid>\d+)$")
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's live process
+    return True
+
+
+def recover_leftovers(parent: Path, echo=None) -> None:
+    """Clean up after pesc processes that died mid-write (SIGKILL, a crash) in `parent`: their temporary folders
+    are removed, and a folder being replaced when they died (`old-`) is put back when its OUT is missing, so an
+    interrupted --force never loses the previous output."""
+    echo = echo or (lambda message: print(message, file=sys.stderr))
+    try:
+        entries = list(parent.iterdir())
+    except OSError:
+        return
+    for entry in entries:
+        match = _LEFTOVER.match(entry.name)
+        if match is None or not entry.is_dir() or _process_alive(int(match["pid"])):
+            continue
+        out = parent / match["name"]
+        try:
+            if match["old"] and not out.exists():
+                entry.rename(out)
+                echo(f"restored {out}, which an interrupted pesc process (pid {match['pid']}) was replacing")
+            else:
+                shutil.rmtree(entry)
+                echo(f"removed {entry}, left by an interrupted pesc process (pid {match['pid']})")
+        except OSError as error:
+            echo(f"could not remove {entry}, left by an interrupted pesc process ({error.strerror or error}): "
+                 f"remove it with: rm -rf '{entry}'")

@@ -2,7 +2,9 @@
 
 import json
 import os
+import signal
 import sys
+import threading
 
 import click
 
@@ -40,6 +42,11 @@ def method_setting_options() -> list[click.Option]:
                                     help=f"{setting.help} ({', '.join(owners)}; default {setting.default})."))
     return options
 
+
+TRUST_REMOTE_CODE_OPTION = click.option(
+    "--trust-remote-code", is_flag=True,
+    help="Run Python code the model folder carries (its auto_map modules), as transformers' trust_remote_code does. "
+    "Never needed for pesc's own methods or for families transformers ships.")
 
 METHOD_OPTION = click.option("--method", "method_name", help="The method (default pesc; `pesc methods` lists them).")
 
@@ -124,12 +131,15 @@ def export(source, out, dtype, max_shard_size, base, base_model_id, force, eval_
 @click.option("--commit-message", help="Commit message of the upload.")
 @click.option("--dry-run", is_flag=True, help="List the files that would be uploaded and print the card; send nothing.")
 @click.option("--token", help="Hub token (default: HF_TOKEN, then the `hf auth login` cache).")
-def push(folder, repo_id, private, revision, commit_message, dry_run, token):
+@click.option("--include-file", "include_files", multiple=True, metavar="PATH",
+              help="Upload this file although its name looks like a secret (.env, *token*, *.pem, id_*, ...), which "
+              "push otherwise leaves out. Repeatable.")
+def push(folder, repo_id, private, revision, commit_message, dry_run, token, include_files):
     """Publish a model folder (from pesc export or pesc convert) to the Hugging Face Hub."""
     from pesc.hub import push as run_push
 
     run_push(folder, repo_id, private=private, revision=revision, commit_message=commit_message,
-             dry_run=dry_run, token=token, echo=click.echo)
+             dry_run=dry_run, token=token, include_files=include_files, echo=click.echo)
 
 
 @cli.command()
@@ -139,12 +149,13 @@ def push(folder, repo_id, private, revision, commit_message, dry_run, token):
 @click.option("--max-new-tokens", type=int, default=128, show_default=True)
 @click.option("--temperature", type=float, default=0.0, show_default=True, help="0 is greedy decoding.")
 @click.option("--no-chat-template", is_flag=True, help="Feed the prompt as plain text.")
-def generate(path, prompt, system, max_new_tokens, temperature, no_chat_template):
+@TRUST_REMOTE_CODE_OPTION
+def generate(path, prompt, system, max_new_tokens, temperature, no_chat_template, trust_remote_code):
     """Generate a reply from a PESC (or dense) model folder, streaming tokens to the terminal."""
     from pesc.generate import generate as run_generate
 
     run_generate(path, prompt, system=system, max_new_tokens=max_new_tokens, temperature=temperature,
-                 chat_template=not no_chat_template)
+                 chat_template=not no_chat_template, trust_remote_code=trust_remote_code)
 
 
 @cli.command()
@@ -230,11 +241,12 @@ def from_gguf(gguf_file, out, dtype, force):
 @click.argument("model_b", type=click.Path(path_type=str))
 @click.option("--prompt", default=None, help="Text to run both models on (default: a fixed sentence).")
 @click.option("--atol", type=float, help="Fail (exit 1) if the largest logit difference exceeds this.")
-def compare(model_a, model_b, prompt, atol):
+@TRUST_REMOTE_CODE_OPTION
+def compare(model_a, model_b, prompt, atol, trust_remote_code):
     """Print the largest |logit difference| of two models on one prompt (e.g. converted vs dense)."""
     from pesc.compare import DEFAULT_PROMPT, max_logit_difference
 
-    difference = max_logit_difference(model_a, model_b, prompt or DEFAULT_PROMPT)
+    difference = max_logit_difference(model_a, model_b, prompt or DEFAULT_PROMPT, trust_remote_code=trust_remote_code)
     click.echo(f"max |logits({model_a}) - logits({model_b})| = {difference:.3g}")
     if atol is not None and difference > atol:
         raise PescError(f"the models differ by {difference:.3g}, more than --atol {atol:g}")
@@ -256,6 +268,7 @@ def compare(model_a, model_b, prompt, atol):
 @click.option("--load-in-4bit", is_flag=True, help="A training run: load its base in 4-bit, as it was trained.")
 @click.option("--confirm-run-unsafe-code", is_flag=True,
               help="Allow code-execution tasks (humaneval, mbpp): they RUN the model's generated code on this machine.")
+@TRUST_REMOTE_CODE_OPTION
 def eval_command(model, out, **options):
     """Benchmark MODEL (exported or converted PESC folder, dense folder, or a training run / checkpoint) with
     lm-evaluation-harness; writes results.json and a Markdown table (results.md) and prints the table."""
@@ -283,6 +296,7 @@ def eval_command(model, out, **options):
               "Repeatable.")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True)
 @click.option("--load-in-4bit", is_flag=True, help="A training run: load its base in 4-bit, as it was trained.")
+@TRUST_REMOTE_CODE_OPTION
 def routes(model, data, out, **options):
     """Run data through MODEL (PESC folder, export or training run) and write what its routers do: expert load
     per layer and task (heatmaps, per-layer balance), router entropy, as PNGs, JSON and CSV; see docs/routes.md."""
@@ -291,9 +305,16 @@ def routes(model, data, out, **options):
     run_routes(model, list(data), out, echo=click.echo, **options)
 
 
+def _terminated(signum, frame):
+    """SIGTERM (`kill`, a scheduler's stop) unwinds like Ctrl-C, so every temporary folder is removed."""
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: user errors become one line on stderr and exit status 1 (PESC_DEBUG=1 shows tracebacks)."""
     silence_bitsandbytes_cpu_kernel_notice()
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminated)
     try:
         cli.main(args=argv, prog_name="pesc", standalone_mode=False)
     except (click.exceptions.Abort, KeyboardInterrupt) as error:

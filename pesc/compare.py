@@ -9,24 +9,35 @@ from pathlib import Path
 import torch
 
 from pesc.errors import PescError
-from pesc.generate import check_model_folder, load_causal_lm
+from pesc.generate import check_model_folder, load_causal_lm, load_tokenizer
+from pesc.trust import remote_code_allowed
 
 DEFAULT_PROMPT = "The capital of France is Paris. The capital of Italy is"
 
 
-def max_logit_difference(path_a: str | Path, path_b: str | Path, prompt: str = DEFAULT_PROMPT) -> float:
+def max_logit_difference(path_a: str | Path, path_b: str | Path, prompt: str = DEFAULT_PROMPT,
+                         trust_remote_code: bool = False) -> float:
     """Largest absolute difference between the two models' float32 logits on `prompt` (tokenized by A)."""
-    from transformers import AutoTokenizer
-
     for path in (path_a, path_b):  # both, before either loads
         check_model_folder(path)
-    model_a = load_causal_lm(path_a, dtype=torch.float32)
-    model_b = load_causal_lm(path_b, dtype=torch.float32)
+        remote_code_allowed(path, trust_remote_code)
+    model_a = load_causal_lm(path_a, dtype=torch.float32, trust_remote_code=trust_remote_code)
+    model_b = load_causal_lm(path_b, dtype=torch.float32, trust_remote_code=trust_remote_code)
     if model_a.config.vocab_size != model_b.config.vocab_size:
         raise PescError(
             f"the models have different vocabularies ({model_a.config.vocab_size} vs {model_b.config.vocab_size} "
             "tokens): they cannot compute the same function"
         )
-    ids = AutoTokenizer.from_pretrained(path_a)(prompt, return_tensors="pt")["input_ids"]
+    ids = load_tokenizer(path_a, trust_remote_code)(prompt, return_tensors="pt")["input_ids"]
     with torch.no_grad():
-        return (model_a(ids).logits - model_b(ids).logits).abs().max().item()
+        logits = [_finite_logits(model, ids, path) for model, path in ((model_a, path_a), (model_b, path_b))]
+    return (logits[0] - logits[1]).abs().max().item()
+
+
+def _finite_logits(model, ids, path) -> torch.Tensor:
+    """The logits, or a one-line error: a NaN would make the difference NaN, which no --atol can judge."""
+    logits = model(ids).logits
+    if not torch.isfinite(logits).all():
+        raise PescError(f"{path} computes non-finite logits (NaN or inf) on the prompt: its weights are damaged "
+                        "(`pesc inspect` and the tool that wrote them can tell which)")
+    return logits

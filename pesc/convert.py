@@ -40,6 +40,7 @@ from typing import Callable, Iterable
 
 from pesc.atomic import atomic_output_dir, check_output_dir, nearest_existing, write_marker
 from pesc.errors import PescError
+from pesc.finite import refuse_non_finite
 from pesc.gguf import is_gguf_file, save_dense_from_gguf
 
 MARKER_FILE = ".pesc-convert"
@@ -443,6 +444,24 @@ def meta_model(method, config):
         raise PescError(f"unsupported architecture: {error}") from None
 
 
+def _check_added_size(out: Path, method, config) -> None:
+    """Refuse settings whose added tensors cannot fit beside OUT, sized before the model is built: a huge
+    --num-experts would otherwise hang while its millions of modules are made."""
+    import torch
+
+    from pesc.summary import human_count
+
+    params = method.added_params_estimate(config)
+    needed = params * getattr(torch, config.moe_dtype).itemsize
+    free = shutil.disk_usage(nearest_existing(out.parent)).free
+    if needed > free:
+        raise PescError(
+            f"these settings add {human_count(params)} parameters ({_human(needed)} in {config.moe_dtype}; "
+            f"{config.num_experts:,} experts per site), more than the {_human(free)} free beside {out}: lower "
+            "--num-experts or the experts' size"
+        )
+
+
 def check_weights(method, model, config, sources: list[SourceFile], folder: Path, with_experts: bool = False) -> None:
     """Every source tensor must be one the method's model has, with its shape; every required one present.
 
@@ -515,6 +534,7 @@ def plan_conversion(src: str, early: EarlySources, out: Path, settings: ConvertS
     if getattr(config, "dtype", None) is None:  # as save_pretrained records it: the dtype of the weights
         dense_dtype = getattr(dense_config, "dtype", None)
         config.dtype = str(dense_dtype).removeprefix("torch.") if dense_dtype is not None else config.moe_dtype
+    _check_added_size(out, method, config)
     model = meta_model(method, config)
     check_weights(method, model, config, sources, folder)
 
@@ -553,6 +573,7 @@ def write_safetensors(path: Path, infos: list[TensorInfo], tensors: Iterable, pr
         for info, tensor in zip(infos, tensors, strict=True):
             if tuple(tensor.shape) != info.shape or _safetensors_dtype(tensor.dtype) != info.dtype:
                 raise RuntimeError(f"internal error: {info.name} does not match its planned shape or dtype")
+            refuse_non_finite([(info.name, tensor)], f"(written into {path.parent.name})")
             data = tensor.detach().contiguous().reshape(-1).view(_byte_dtype())
             if data.any():  # on the bytes, so that -0.0 is written, not left as a hole
                 handle.write(memoryview(data.numpy()))

@@ -26,6 +26,7 @@ import torch
 from pesc import __version__
 from pesc.atomic import atomic_output_dir, check_output_dir, write_marker
 from pesc.errors import PescError, first_line
+from pesc.finite import refuse_non_finite
 from pesc.methods import method_of
 from pesc.quiet import peft_deprecation_warnings_silenced
 from pesc.run_files import (
@@ -299,7 +300,7 @@ def load_run_tokenizer(checkpoint: Path, run_dir: Path | None, base: str):
     if source is None:
         raise PescError(f"no tokenizer found in {checkpoint}, the run folder or the base model {base}")
     try:
-        return AutoTokenizer.from_pretrained(source)
+        return AutoTokenizer.from_pretrained(source, trust_remote_code=False)  # no code from a run's folders
     except (OSError, ValueError) as error:
         raise PescError(f"cannot load the tokenizer from {source} ({error})") from None
 
@@ -368,6 +369,7 @@ def export(
     for param in model.parameters():
         if param.dtype != torch_dtype:
             param.data = param.data.to(torch_dtype)
+    refuse_non_finite(model.state_dict().items(), f"of the merged {checkpoint}")
 
     config = model.config
     config.dtype = torch_dtype

@@ -4,6 +4,7 @@ import sys
 from pathlib import Path
 
 from pesc.errors import PescError
+from pesc.trust import remote_code_allowed
 from pesc.weights import check_model_weights
 
 
@@ -28,26 +29,33 @@ def check_model_folder(path: str | Path) -> None:
     check_model_weights(path)
 
 
-def load_causal_lm(path: str | Path, dtype="auto"):
-    """The model of a folder, in eval mode; PESC code comes from pesc itself or the folder's shipped files.
+def load_causal_lm(path: str | Path, dtype="auto", trust_remote_code: bool = False):
+    """The model of a folder, in eval mode; a pesc method's code comes from the installed pesc, never the folder.
 
     Commands check the folder first (`check_model_folder`), before torch and transformers import."""
     from transformers import AutoModelForCausalLM
 
     import pesc.modeling  # noqa: F401 - registers the PESC classes with the Auto factories
 
-    return AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True, dtype=dtype).eval()
+    trusted = remote_code_allowed(path, trust_remote_code)
+    return AutoModelForCausalLM.from_pretrained(path, trust_remote_code=trusted, dtype=dtype).eval()
 
 
-def load_model(path: str | Path, device: str | None = None):
+def load_tokenizer(path: str | Path, trust_remote_code: bool = False):
+    """The tokenizer of a model folder, running the folder's code only where the user trusts it."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path, trust_remote_code=remote_code_allowed(path, trust_remote_code))
+
+
+def load_model(path: str | Path, device: str | None = None, trust_remote_code: bool = False):
     """(model, tokenizer) of a model folder, on the GPU when there is one."""
     import torch
-    from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # the terminal is for the generated tokens
-    model = load_causal_lm(path)
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = load_causal_lm(path, trust_remote_code=trust_remote_code)
+    tokenizer = load_tokenizer(path, trust_remote_code)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     return model.to(device), tokenizer
 
@@ -62,6 +70,7 @@ def generate(
     temperature: float = 0.0,
     seed: int = 0,
     stream=None,
+    trust_remote_code: bool = False,
 ) -> str:
     """Generate a reply to `prompt`, streaming it to `stream` (stdout); returns the generated text."""
     if max_new_tokens <= 0:
@@ -69,10 +78,11 @@ def generate(
     if temperature < 0:
         raise PescError(f"--temperature must be >= 0, got {temperature}")
     check_model_folder(path)  # before torch and transformers import: bad input fails at once
+    remote_code_allowed(path, trust_remote_code)
     import torch
-    from transformers import TextStreamer
+    from transformers import LogitsProcessor, LogitsProcessorList, TextStreamer
 
-    model, tokenizer = load_model(path)
+    model, tokenizer = load_model(path, trust_remote_code=trust_remote_code)
     inputs = {k: v.to(model.device) for k, v in build_inputs(tokenizer, prompt, system, chat_template).items()}
 
     class _Streamer(TextStreamer):
@@ -81,12 +91,23 @@ def generate(
             out.write(text + ("\n" if stream_end else ""))
             out.flush()
 
+    class _RefuseNonFinite(LogitsProcessor):
+        """A NaN or +inf score would pick a token silently (often a special one, so nothing prints): stop instead.
+        (-inf is left alone: sampling's top-k / top-p put it there on purpose.)"""
+
+        def __call__(self, input_ids, scores):
+            if scores.isnan().any() or scores.isposinf().any():
+                raise PescError(f"{path} computes non-finite logits (NaN or inf): its weights are damaged, so it "
+                                "cannot generate; check them with `pesc compare` against its base")
+            return scores
+
     streamer = _Streamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
     torch.manual_seed(seed)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     with torch.no_grad():
         output = model.generate(
-            **inputs, max_new_tokens=max_new_tokens, streamer=streamer, pad_token_id=pad, **sampling
+            **inputs, max_new_tokens=max_new_tokens, streamer=streamer, pad_token_id=pad,
+            logits_processor=LogitsProcessorList([_RefuseNonFinite()]), **sampling
         )
     return tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)

@@ -5,6 +5,7 @@ pesc's own marker files (`.pesc-export`, `.pesc-convert`). The `HfApi` is made b
 factory argument, so tests pass a fake and nothing reaches the network.
 """
 
+import fnmatch
 import json
 import os
 from collections.abc import Callable
@@ -15,6 +16,11 @@ from pesc.atomic import MARKER_PREFIX
 from pesc.errors import PescError, first_line
 
 IGNORE_PATTERNS = [f"{MARKER_PREFIX}*", ".git/*", ".cache/*"]
+# File names that usually hold credentials: left out of an upload unless named with --include-file. Hugging
+# Face's own tokenizer files contain "token" and are model files.
+SECRET_LOOKING = (".env", ".env.*", "*.env", "*.pem", "*.key", "id_*", ".netrc", "*credential*", "*secret*",
+                  "*token*", "*password*")
+MODEL_FILES_NAMED_TOKEN = ("tokenizer*", "special_tokens_map.json", "added_tokens.json")
 _LOGIN_HINT = "log in with `hf auth login`, set HF_TOKEN, or pass --token"
 
 
@@ -23,6 +29,7 @@ class UploadPlan:
     folder: Path
     files: list[tuple[str, int]]  # (path relative to the folder, bytes), sorted by path
     card: str
+    left_out: list[str]  # files that look like secrets, not uploaded
 
     @property
     def total_bytes(self) -> int:
@@ -42,8 +49,17 @@ def _ignored(relative: str) -> bool:
     return first.startswith(MARKER_PREFIX) or first in (".git", ".cache")
 
 
-def plan_upload(folder: str | Path) -> UploadPlan:
-    """Check that `folder` is a publishable model folder and list exactly the files an upload sends."""
+def looks_secret(relative: str) -> bool:
+    """A file whose name says it may hold a credential (.env, a key, a token file)."""
+    name = relative.rsplit("/", 1)[-1].lower()
+    if any(fnmatch.fnmatch(name, pattern) for pattern in MODEL_FILES_NAMED_TOKEN):
+        return False
+    return any(fnmatch.fnmatch(name, pattern) for pattern in SECRET_LOOKING)
+
+
+def plan_upload(folder: str | Path, include: tuple[str, ...] = ()) -> UploadPlan:
+    """Check that `folder` is a publishable model folder and list exactly the files an upload sends; files that
+    look like secrets are left out unless `include` names them."""
     from huggingface_hub import ModelCard
 
     folder = Path(folder)
@@ -74,7 +90,13 @@ def plan_upload(folder: str | Path) -> UploadPlan:
         for path in folder.rglob("*")
         if path.is_file() and not _ignored(path.relative_to(folder).as_posix())
     )
-    return UploadPlan(folder=folder, files=files, card=str(card))
+    names = {name for name, _ in files}
+    unknown = sorted(set(include) - names)
+    if unknown:
+        raise PescError(f"--include-file {unknown[0]} is not a file of {folder} (give its path relative to the folder)")
+    left_out = [name for name, _ in files if looks_secret(name) and name not in include]
+    files = [(name, size) for name, size in files if name not in left_out]
+    return UploadPlan(folder=folder, files=files, card=str(card), left_out=left_out)
 
 
 def check_repo_id(repo_id: str) -> None:
@@ -118,12 +140,15 @@ def push(
     commit_message: str | None = None,
     dry_run: bool = False,
     token: str | None = None,
+    include_files: tuple[str, ...] = (),
     api_factory: Callable[[str], object] | None = None,
     echo: Callable[[str], None] = print,
 ) -> UploadPlan:
     """Create the repo (if needed) and upload the folder in one commit; `dry_run` only prints the plan."""
     check_repo_id(repo_id)
-    plan = plan_upload(folder)
+    plan = plan_upload(folder, tuple(include_files))
+    for name in plan.left_out:
+        echo(f"left out {name}: its name looks like a secret (pass --include-file {name} to upload it)")
     target = f"{repo_id}" + (f" (revision {revision})" if revision else "")
     if dry_run:
         echo(f"dry run: would create {'private ' if private else ''}model repo {target} if missing and upload "
@@ -147,7 +172,7 @@ def push(
             repo_type="model",
             revision=revision,
             commit_message=message,
-            ignore_patterns=IGNORE_PATTERNS,
+            ignore_patterns=IGNORE_PATTERNS + plan.left_out,
         )
     except PescError:
         raise

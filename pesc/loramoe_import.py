@@ -20,6 +20,7 @@ from pathlib import Path
 
 from pesc.convert import _load_bin, read_safetensors_header
 from pesc.errors import PescError
+from pesc.finite import refuse_non_finite
 from pesc.modeling.moe_core import LINEAR_PARENTS
 
 _OFFICIAL_NAME = re.compile(
@@ -211,6 +212,7 @@ def read_official_adapter(adapter_dir: str | Path, base_config, base_label: str)
                         f"{src}: {_official_name(layer_idx, site, part)} has shape {list(parts[part].shape)}, but "
                         f"{base_label} with r {rank} and lora_nums {num_experts} needs {list(shape)}: {other_base}"
                     )
+            refuse_non_finite(((_official_name(layer_idx, site, part), parts[part]) for part in expected), f"in {src}")
             tensors[layer_tensor_name(site, "router")] = parts["lora_route"]
             tensors[layer_tensor_name(site, "experts_A")] = torch.cat([parts[f"lora_A{i}"] for i in range(num_experts)])
             tensors[layer_tensor_name(site, "experts_B")] = torch.cat(

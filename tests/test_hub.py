@@ -143,3 +143,41 @@ def test_push_a_converted_checkpoint(tiny_llama_dir, tmp_path, capsys):
     expected = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file() and not p.name.startswith(".pesc-")}
     assert set(api.uploaded) == expected == {name for name, _ in plan.files}
     assert json.loads(api.uploaded["config.json"])["model_type"] == "pesc"
+
+
+SECRETS = [".env", "token.txt", "hf_token", "deploy.pem", "id_ed25519", "notes/.env.local", "credentials.json"]
+
+
+@pytest.fixture
+def folder_with_secrets(exported, tmp_path):
+    import shutil
+
+    folder = shutil.copytree(exported, tmp_path / "with-secrets")
+    for name in SECRETS:
+        (folder / name).parent.mkdir(exist_ok=True)
+        (folder / name).write_text("HF_TOKEN=hf_secret\n")
+    return folder
+
+
+def test_files_that_look_like_secrets_are_left_out_and_named(folder_with_secrets, capsys):
+    lines = []
+    push(folder_with_secrets, "someone/pesc-tiny", token="hf_fake", api_factory=FakeHfApi, echo=lines.append)
+    uploaded = set(FakeHfApi.instances[-1].uploaded)
+    assert not uploaded & set(SECRETS)
+    assert {"tokenizer.json", "tokenizer_config.json", "config.json"} <= uploaded  # model files named *token* go
+    assert sorted(line.split()[2].rstrip(":") for line in lines if line.startswith("left out")) == sorted(SECRETS)
+    main(["push", str(folder_with_secrets), "--repo-id", "someone/pesc-tiny", "--dry-run"])
+    listing = capsys.readouterr().out
+    listed = [line.split()[-1] for line in listing.splitlines() if line.startswith("  ")]
+    assert not set(listed) & set(SECRETS) and "config.json" in listed
+    assert all(f"left out {name}" in listing for name in SECRETS)
+
+
+def test_include_file_uploads_a_secret_looking_file_the_user_names(folder_with_secrets, capsys):
+    push(folder_with_secrets, "someone/pesc-tiny", token="hf_fake", api_factory=FakeHfApi, echo=lambda line: None,
+         include_files=("token.txt",))
+    uploaded = set(FakeHfApi.instances[-1].uploaded)
+    assert "token.txt" in uploaded and not uploaded & (set(SECRETS) - {"token.txt"})
+    with pytest.raises(SystemExit):
+        main(["push", str(folder_with_secrets), "--repo-id", "someone/x", "--dry-run", "--include-file", "nope.txt"])
+    assert "--include-file nope.txt is not a file" in capsys.readouterr().err

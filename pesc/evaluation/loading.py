@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from pesc.errors import PescError
+from pesc.trust import remote_code_allowed
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -26,8 +27,9 @@ def source_kind(path: str | Path) -> str:
     return "folder" if (Path(path) / "config.json").is_file() else "run"
 
 
-def check_eval_source(path: str | Path) -> None:
-    """PATH, a model folder or a run, is complete as far as its files tell (nothing loaded)."""
+def check_eval_source(path: str | Path, trust_remote_code: bool = False) -> None:
+    """PATH, a model folder or a run, is complete as far as its files tell, and loads with code the user trusts
+    (nothing loaded)."""
     from pesc.export import adapter_base, find_checkpoint, resolve_base_config
     from pesc.generate import check_model_folder
     from pesc.run_files import load_trained_config
@@ -38,6 +40,7 @@ def check_eval_source(path: str | Path) -> None:
         raise PescError(f"{path} does not exist: give a model folder, a training run folder or one of its checkpoints")
     if source_kind(path) == "folder":
         check_model_folder(path)
+        remote_code_allowed(path, trust_remote_code)
         return
     checkpoint, _ = find_checkpoint(path)
     base = adapter_base(checkpoint)
@@ -57,20 +60,20 @@ def _run_quantization_config(run_dir: Path | None, checkpoint: Path):
     return quantization_config(load_config(run_dir / TRAIN_CONFIG_FILE))
 
 
-def load_source_tokenizer(path: str | Path):
+def load_source_tokenizer(path: str | Path, trust_remote_code: bool = False):
     """The tokenizer of PATH, a model folder or a run (checked by `check_eval_source`), without the model."""
-    from transformers import AutoTokenizer
-
     from pesc.export import adapter_base, find_checkpoint, load_run_tokenizer
+    from pesc.generate import load_tokenizer
 
     if source_kind(path) == "folder":
-        return AutoTokenizer.from_pretrained(path)
+        return load_tokenizer(path, trust_remote_code)
     checkpoint, run_dir = find_checkpoint(path)
     return load_run_tokenizer(checkpoint, run_dir, adapter_base(checkpoint))
 
 
 def load_eval_model(
-    path: str | Path, *, dtype: str = "float32", load_in_4bit: bool = False, tokenizer=None
+    path: str | Path, *, dtype: str = "float32", load_in_4bit: bool = False, tokenizer=None,
+    trust_remote_code: bool = False,
 ) -> EvalModel:
     """The model of PATH in eval mode, on the GPU when there is one, with its tokenizer (`tokenizer` if given)."""
     from pesc.export import find_checkpoint, load_run_tokenizer, load_trained_model
@@ -82,8 +85,8 @@ def load_eval_model(
     if kind == "folder":
         if load_in_4bit:
             raise PescError("--load-in-4bit is for training runs (their base as trained); a model folder loads as saved")
-        model = load_causal_lm(path, dtype=DTYPES[dtype]).to(device)
-        tokenizer = load_source_tokenizer(path) if tokenizer is None else tokenizer
+        model = load_causal_lm(path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code).to(device)
+        tokenizer = load_source_tokenizer(path, trust_remote_code) if tokenizer is None else tokenizer
         description["kind"] = "model folder"
         return EvalModel(model, tokenizer, description)
     checkpoint, run_dir = find_checkpoint(path)

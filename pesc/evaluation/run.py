@@ -44,6 +44,7 @@ def run_eval(
     dtype: str = "float32",
     load_in_4bit: bool = False,
     confirm_run_unsafe_code: bool = False,
+    trust_remote_code: bool = False,
     echo=print,
 ) -> Path:
     """Evaluate MODEL (and the --compare baseline); writes results.json and results.md into OUT; returns OUT."""
@@ -55,11 +56,11 @@ def run_eval(
     if out.exists() and not out.is_dir():
         raise PescError(f"--out {out} is a file: give a folder for the results")
     for path in [model] + ([compare] if compare else []):
-        check_eval_source(path)
+        check_eval_source(path, trust_remote_code)
     check_tasks(specs, include_path, confirm_run_unsafe_code)
     settings = dict(include_path=include_path, limit=limit, batch_size=batch_size,
                     confirm_run_unsafe_code=confirm_run_unsafe_code)
-    load = dict(dtype=dtype, load_in_4bit=load_in_4bit)
+    load = dict(dtype=dtype, load_in_4bit=load_in_4bit, trust_remote_code=trust_remote_code)
 
     results, description = _evaluate_one(model, specs, settings, load)
     files = {RESULTS_FILE: results_json(results, description)}

@@ -9,6 +9,7 @@ method's flags before it decides what to load), so a method imports its classes 
 
 from __future__ import annotations
 
+import copy
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -174,6 +175,26 @@ class Method:
         """The seeded draw of one layer's added tensors, keyed by their names inside the decoder layer
         (`mlp.moe_adapter.router.weight`). `pesc convert --seed` writes it; training from dense uses it."""
         raise NotImplementedError
+
+    def added_params_estimate(self, config) -> int:
+        """The added parameter count at `config`'s num_experts, from two meta models with 1 and 2 experts.
+
+        Every method's added tensors grow linearly with the experts (E adapters, an E-wide router), so the count
+        extends exactly; no module per expert is built, and a huge --num-experts is sized in milliseconds
+        (refused by the disk or memory check) instead of hanging while millions of modules are made."""
+        import torch
+
+        counts = []
+        for experts in (1, 2):
+            probe = copy.deepcopy(config)
+            probe.num_experts = experts
+            for setting in self.settings:
+                if setting.name == "top_k" and getattr(probe, setting.field, 0) > experts:
+                    setattr(probe, setting.field, experts)
+            with torch.device("meta"):
+                model = self.model_class(probe)
+            counts.append(sum(p.numel() for n, p in model.named_parameters() if self.is_added(n)))
+        return counts[0] + (counts[1] - counts[0]) * (config.num_experts - 1)
 
     # ---- what users read ----
     def parameter_summary(self, config):

@@ -103,6 +103,7 @@ def run_routes(
     expert_group: list[str] = (),
     dtype: str = "float32",
     load_in_4bit: bool = False,
+    trust_remote_code: bool = False,
     echo=print,
 ) -> Path:
     """Run the --data files through MODEL and write the routing numbers and figures into OUT (which must not exist)."""
@@ -116,15 +117,16 @@ def run_routes(
     expert_groups = parse_expert_groups(list(expert_group))
     out = Path(out)
     check_output_dir(out, False, (model,), has_force=False)
-    check_eval_source(model)
+    check_eval_source(model, trust_remote_code)
     trained_template, trained_len = _training_settings(model)
     chat_template = trained_template if chat_template is None else chat_template
     sequence_len = trained_len if sequence_len is None else sequence_len
 
-    tokenizer = load_source_tokenizer(model)
+    tokenizer = load_source_tokenizer(model, trust_remote_code)
     tasks = load_tasks(data, tokenizer, data_type=data_type, chat_template=chat_template, sequence_len=sequence_len,
                        limit=limit)
-    eval_model = load_eval_model(model, dtype=dtype, load_in_4bit=load_in_4bit, tokenizer=tokenizer)
+    eval_model = load_eval_model(model, dtype=dtype, load_in_4bit=load_in_4bit, tokenizer=tokenizer,
+                                 trust_remote_code=trust_remote_code)
     stats = _tally(eval_model.model, tasks, batch_size, tokenizer).stats()
     for site, site_stats in stats.items():
         check_expert_range(expert_groups, site_stats.num_experts, site)
