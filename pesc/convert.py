@@ -441,7 +441,12 @@ def meta_model(method, config):
         with torch.device("meta"):
             return method.model_class(config)
     except ValueError as error:
-        raise PescError(f"unsupported architecture: {error}") from None
+        raise unsupported_architecture(error) from None
+
+
+def unsupported_architecture(error: ValueError) -> PescError:
+    """The model class refused the family (no gated FFN, no `layers` list, ...)."""
+    return PescError(f"unsupported architecture: {error}")
 
 
 def _check_added_size(out: Path, method, config) -> None:
@@ -451,14 +456,17 @@ def _check_added_size(out: Path, method, config) -> None:
 
     from pesc.summary import human_count
 
-    params = method.added_params_estimate(config)
+    try:
+        params = method.added_params_estimate(config)
+    except ValueError as error:
+        raise unsupported_architecture(error) from None
     needed = params * getattr(torch, config.moe_dtype).itemsize
     free = shutil.disk_usage(nearest_existing(out.parent)).free
     if needed > free:
         raise PescError(
-            f"these settings add {human_count(params)} parameters ({_human(needed)} in {config.moe_dtype}; "
-            f"{config.num_experts:,} experts per site), more than the {_human(free)} free beside {out}: lower "
-            "--num-experts or the experts' size"
+            f"not enough disk space beside {out}: these settings add {human_count(params)} parameters "
+            f"({_human(needed)} in {config.moe_dtype}; {config.num_experts:,} experts per site), {_human(free)} is "
+            "free; lower --num-experts or the experts' size, or free some space"
         )
 
 
