@@ -79,6 +79,11 @@ def numbered_checkpoints(run_dir: str | Path) -> list[Path]:
     return [p for _, p in sorted(steps)]
 
 
+def is_training_run(path: str | Path) -> bool:
+    """True for a folder `pesc train` wrote: it holds the resolved training config or a training checkpoint."""
+    return (Path(path) / TRAIN_CONFIG_FILE).is_file() or latest_checkpoint(path) is not None
+
+
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
     """The run's final folder if training finished, else its highest-numbered checkpoint-N, else None."""
     run_dir = Path(run_dir)

@@ -145,6 +145,56 @@ def test_dense_base_without_moe_is_refused(tmp_path, tiny_llama_dir, data_file, 
         train(str(path))
 
 
+def test_train_refuses_a_folder_of_other_files_and_takes_an_empty_one_or_a_run(tmp_path, tiny_llama_dir, data_file,
+                                                                              monkeypatch, capsys):
+    """A run writes checkpoints and logs among whatever output_dir holds: a folder of the user's files is refused
+    (one line, before the model loads, nothing written), with or without --resume; an empty folder and a pesc run
+    folder are taken."""
+    from pesc.cli import main
+    from pesc.training.run import check_run_folder
+
+    _no_model_load(monkeypatch)
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    path = make_config(tmp_path, tiny_llama_dir, data_file)
+    for extra in ([], ["--resume"]):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["train", str(path), *extra])
+        assert exit_info.value.code == 1
+        error = capsys.readouterr().err.strip()
+        assert error == f"Error: output_dir {out} holds files and is not a pesc training run: give a new or empty " \
+                        "folder"
+    assert [p.name for p in out.iterdir()] == ["notes.txt"] and (out / "notes.txt").read_text() == "mine"
+
+    check_run_folder(tmp_path / "new")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    check_run_folder(empty)
+    (out / "pesc_train_config.yaml").write_text("output_dir: run\n")  # a run killed before its first save
+    check_run_folder(out)
+    (out / "pesc_train_config.yaml").unlink()
+    (out / "checkpoint-2").mkdir()
+    (out / "checkpoint-2" / "experts.safetensors").write_bytes(b"")  # a run's checkpoint: the folder is pesc's
+    check_run_folder(out)
+
+
+def test_drop_records_after_keeps_the_steps_up_to_the_resumed_one(tmp_path):
+    from pesc.training.trainer import drop_records_after
+
+    path = tmp_path / "expert_load.jsonl"
+    lines = [json.dumps({"step": step, "expert_load": [[0.5, 0.5]]}) + "\n" for step in (1, 2, 3, 4)]
+    path.write_text("".join(lines) + '{"step": 5, "expert_lo')  # killed while writing step 5
+    drop_records_after(path, 4)
+    assert path.read_text() == "".join(lines)
+    drop_records_after(path, 2)
+    assert path.read_text() == "".join(lines[:2])
+    drop_records_after(path, 0)  # a fresh run in a folder a run was killed in before its first save
+    assert not path.exists()
+    drop_records_after(path, 0)  # no file: nothing to do
+    assert [p.name for p in tmp_path.iterdir()] == []
+
+
 # ---------------------------------------------------------------- the model
 
 
@@ -293,13 +343,23 @@ def test_training_curves_draw_exactly_the_logged_values(tmp_path):
     assert plot_training_curves([{"train_runtime": 1.0, "step": 0}], tmp_path / "none.png") is None
 
 
+def _step_logs(run_dir: Path) -> list[dict]:
+    """The run's per-step log entries (training and eval), without their timings."""
+    history = json.loads((run_dir / "trainer_state.json").read_text())["log_history"]
+    return [{k: v for k, v in entry.items() if not k.endswith(("_runtime", "_per_second"))}
+            for entry in history if "loss" in entry or "eval_loss" in entry]
+
+
 def test_train_resume_equals_uninterrupted(tmp_path, tiny_llama_dir, data_file, monkeypatch):
+    """A run killed after checkpoint-3 (steps 4 and 5 already logged) and resumed ends with the weights and logs of an
+    uninterrupted run, bit for bit, with evaluation on: at steps 2 and 4 (not save steps) and 6 (one)."""
     from pesc.run_files import load_trained_config
     from pesc.training import train
 
+    with_eval = {"val_set_size": 8, "eval_steps": 2}
     full_dir = tmp_path / "full"
     full_dir.mkdir()
-    final = train(str(make_config(full_dir, tiny_llama_dir, data_file)))
+    final = train(str(make_config(full_dir, tiny_llama_dir, data_file, **with_eval)))
     run = full_dir / "run"
     assert final == run / "final"
     for folder in (run / "checkpoint-3", run / "checkpoint-6", final):
@@ -311,52 +371,59 @@ def test_train_resume_equals_uninterrupted(tmp_path, tiny_llama_dir, data_file, 
     saved = load_trained_config(final)
     assert saved.num_experts == 4 and saved.adapter_dim == 8 and not hasattr(saved, "quantization_config")
 
-    history = json.loads((run / "trainer_state.json").read_text())["log_history"]
-    losses = [h["loss"] for h in history if "loss" in h]
+    logs = _step_logs(run)
+    losses = [entry["loss"] for entry in logs if "loss" in entry]
     assert len(losses) == 6 and losses[-1] < losses[0] - 0.05, losses
-    assert all("aux_loss" in h and "expert_load_max" in h and "learning_rate" in h for h in history if "loss" in h)
+    assert [entry["step"] for entry in logs if "eval_loss" in entry] == [2, 4, 6]
+    assert all("aux_loss" in h and "expert_load_max" in h and "learning_rate" in h for h in logs if "loss" in h)
     load = [json.loads(line) for line in (run / "expert_load.jsonl").read_text().splitlines()]
-    assert len(load) == 6 and len(load[0]["expert_load"]) == 2  # one row per layer
+    assert [record["step"] for record in load] == [1, 2, 3, 4, 5, 6]
+    assert len(load[0]["expert_load"]) == 2  # one row per layer
     assert all(abs(sum(row) - 1) < 1e-3 and len(row) == 4 for row in load[0]["expert_load"])
     assert_curves_picture(run / "curves.png", panels=3)  # loss + eval loss, aux_loss, expert_load_max
 
-    # the same run, crashed right after checkpoint-3 was written, then resumed
+    # the same run, killed after step 5 had logged (checkpoint-3 is its newest), then resumed
     part_dir = tmp_path / "part"
     part_dir.mkdir()
-    config = str(make_config(part_dir, tiny_llama_dir, data_file))
-    _run_with_crash_at(3, config, monkeypatch)
-    assert not (part_dir / "run" / "final").exists()
+    config = str(make_config(part_dir, tiny_llama_dir, data_file, **with_eval))
+    part = part_dir / "run"
+    _run_with_crash_at(5, config, monkeypatch, event="on_log")
+    assert not (part / "final").exists() and not (part / "checkpoint-6").exists()
+    killed_lines = (part / "expert_load.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in killed_lines] == [1, 2, 3, 4, 5]
     with pytest.raises(PescError, match="already holds checkpoints"):
         train(config)
-    assert_curves_picture(part_dir / "run" / "curves.png", panels=3)  # drawn at the save before the crash
-    first_drawing = (part_dir / "run" / "curves.png").read_bytes()
+    assert_curves_picture(part / "curves.png", panels=3)  # drawn at the save before the crash
     train(config, resume=True)
-    assert_curves_picture(part_dir / "run" / "curves.png", panels=3)
-    assert (part_dir / "run" / "curves.png").read_bytes() != first_drawing  # redrawn with the resumed steps
 
-    full, resumed = _trained_state(run), _trained_state(part_dir / "run")
+    full, resumed = _trained_state(run), _trained_state(part)
     assert full.keys() == resumed.keys() and any("router" in k for k in full)
     for name in full:
-        torch.testing.assert_close(resumed[name], full[name], rtol=0, atol=0, msg=name)
+        assert torch.equal(resumed[name], full[name]), name
+    # the killed run's lines of steps 4 and 5 are gone: every log reads as the uninterrupted run's
+    assert (part / "expert_load.jsonl").read_text() == (run / "expert_load.jsonl").read_text()
+    assert _step_logs(part) == _step_logs(run)
+    assert (part / "curves.png").read_bytes() == (run / "curves.png").read_bytes()
 
 
-def _run_with_crash_at(step: int, config: str, monkeypatch):
-    """Train `config`, crashing right after checkpoint-`step` is written (as a killed job would)."""
+def _run_with_crash_at(step: int, config: str, monkeypatch, event: str = "on_save"):
+    """Train `config`, crashing (as a killed job would) at the first callback `event` of step `step`: "on_save"
+    right after checkpoint-`step` is written, "on_log" right after that step's training logs are."""
     from transformers import TrainerCallback
 
     from pesc.training import train
     from pesc.training import trainer as trainer_module
 
-    class CrashAfterSave(TrainerCallback):
-        def on_save(self, args, state, control, **kwargs):
-            if state.global_step == step:
-                raise _Crash()
+    def crash(self, args, state, control, **kwargs):
+        if state.global_step == step:
+            raise _Crash()
 
+    crash_callback = type("Crash", (TrainerCallback,), {event: crash})()
     original_init = trainer_module.MoETrainer.__init__
 
     def init_with_crash(self, *args, **kwargs):
         original_init(self, *args, **kwargs)
-        self.add_callback(CrashAfterSave())
+        self.add_callback(crash_callback)
 
     monkeypatch.setattr(trainer_module.MoETrainer, "__init__", init_with_crash)
     with pytest.raises(_Crash):

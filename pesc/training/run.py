@@ -20,6 +20,7 @@ from pesc.run_files import (
     PESC_CONFIG_FILE,
     TRAIN_CONFIG_FILE,
     experts_path,
+    is_training_run,
     numbered_checkpoints,
 )
 from pesc.training.config import dump_config, load_config, to_list
@@ -113,7 +114,9 @@ def saved_model_config(model_config):
 
 
 def check_run_folder(output_dir: Path) -> None:
-    """output_dir is a folder, or can become one: the missing folders are created when training starts."""
+    """output_dir is a folder, or can become one: the missing folders are created when training starts. An existing
+    folder must be empty or a pesc run (to resume, or to start over before its first checkpoint): a run writes its
+    checkpoints and logs among whatever else it holds, and nothing tells the user's files from the run's."""
     if output_dir.exists() and not output_dir.is_dir():
         raise PescError(f"output_dir {output_dir} is a file: give the path of a folder")
     existing = nearest_existing(output_dir.absolute())
@@ -121,6 +124,9 @@ def check_run_folder(output_dir: Path) -> None:
         raise PescError(f"output_dir {output_dir} cannot be created: {existing} is a file; give another path")
     if not os.access(output_dir if output_dir.exists() else existing, os.W_OK | os.X_OK):
         raise PescError(f"output_dir {output_dir} is not writable: give a folder you can write to")
+    if output_dir.is_dir() and any(output_dir.iterdir()) and not is_training_run(output_dir):
+        raise PescError(f"output_dir {output_dir} holds files and is not a pesc training run: give a new or empty "
+                        "folder")
 
 
 def check_reporting_installed(report_to: str | list[str]) -> None:

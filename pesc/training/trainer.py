@@ -11,7 +11,9 @@
   share of the routing each expert got: the top-k picks of a sparse router, the softmax weights of a
   dense one, from the routing records) are added to the logs; the full per-site table also goes to
   `OUTPUT_DIR/expert_load.jsonl`. Both are over the global batch: summed across ranks (DDP, FSDP,
-  ZeRO-3), equal to what one process computes on the same micro batches.
+  ZeRO-3), equal to what one process computes on the same micro batches. When training starts, the file keeps only
+  the steps up to the one it starts from: a resumed run's file equals an uninterrupted run's (no lines of the killed
+  run past its checkpoint), a fresh run's starts empty.
 """
 
 import json
@@ -20,7 +22,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
 from transformers.trainer import TRAINING_ARGS_NAME
 
 from pesc.methods import method_of
@@ -68,6 +70,37 @@ def load_experts_into(model: torch.nn.Module, directory) -> int:
     return loaded
 
 
+def drop_records_after(path: Path, step: int) -> None:
+    """Keep the lines of a JSON-lines log (one record a step, in step order) up to `step`; remove it if none is left.
+
+    A killed run may have cut its last line short: that line goes too (its step is past every checkpoint's, since a
+    step's line is written before its checkpoint)."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines(keepends=True):
+        try:
+            if json.loads(line)["step"] > step:
+                break
+        except json.JSONDecodeError:
+            break
+        kept.append(line)
+    if not kept:
+        path.unlink()
+        return
+    partial = path.with_name(path.name + ".tmp")
+    partial.write_text("".join(kept))
+    os.replace(partial, path)  # a kill while writing leaves the old file, never half of it
+
+
+class _ExpertLoadFromStartStep(TrainerCallback):
+    """At train begin (state restored, on resume), drop what a killed run logged past the step training goes on from."""
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if args.should_save:
+            drop_records_after(Path(args.output_dir) / EXPERT_LOAD_FILE, state.global_step)
+
+
 @contextmanager
 def _added_modules_count_as_adapters():
     """transformers refuses to train a quantized model that carries no peft adapter. A run without LoRA trains
@@ -94,6 +127,7 @@ class MoETrainer(Trainer):
         with _added_modules_count_as_adapters():
             super().__init__(*args, **kwargs)
         self.model_config = model_config if model_config is not None else unwrapped_model(self.model).config
+        self.add_callback(_ExpertLoadFromStartStep())
         self._reset_stats()
 
     # ---- loss and statistics ----
