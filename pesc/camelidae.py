@@ -53,6 +53,11 @@ def _published_config(folder: Path, src: str) -> dict:
     missing = [name for name in ("num_experts", "topk", "adapter_dim") if name not in raw]
     if missing:
         raise PescError(f"{src}/config.json lacks {', '.join(missing)}: it is not a complete {model_type} config")
+    topk, experts = raw["topk"], raw["num_experts"]
+    if isinstance(topk, int) and isinstance(experts, int) and topk > experts:  # other bad values: ConvertSettings
+        # the router's rows fix num_experts; topk is read from config.json alone (the import has no flag for it)
+        raise PescError(f"{src}/config.json routes each token to topk {topk} of its num_experts {experts} experts: "
+                        f"set topk there to at most {experts} (the published models use 2)")
     return raw
 
 

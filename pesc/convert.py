@@ -231,10 +231,17 @@ def _load_bin(path: Path) -> dict:
                 raise
             state = torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
     except Exception as error:  # noqa: BLE001 - torch raises many types for a damaged pickle
+        refused = re.search(r"GLOBAL (\S+) was not an allowed global", str(error))  # weights_only's refusal
+        if refused:
+            raise PescError(
+                f"{path} holds objects other than tensors ({refused.group(1)}), which pesc does not unpickle: it "
+                "loads .bin files with weights_only=True for safety; save the state dict of tensors alone (or as "
+                "safetensors)"
+            ) from None
         detail = " ".join(str(error).split())[:200] or type(error).__name__
         raise _corrupt(path, f"torch.load failed: {detail}") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise _corrupt(path, "it is not a state dict of tensors")
+        raise PescError(f"{path} is not a state dict of tensors (a dict of name -> tensor): save one to load it")
     return state
 
 

@@ -49,7 +49,27 @@ def check_gguf_source(gguf_file: str | Path) -> Path:
         raise PescError(f"{gguf_file} is not a GGUF file (it does not start with 'GGUF'): give a .gguf model file")
     if importlib.util.find_spec("gguf") is None:
         raise PescError("reading GGUF files needs the gguf package: pip install gguf")
+    _check_complete(gguf_file)
     return gguf_file
+
+
+def _check_complete(gguf_file: Path) -> None:
+    """The file holds the header and every tensor its header describes (else a PescError naming the damage).
+
+    transformers reads GGUF files with gguf's GGUFReader, so this is its first step, done alone: on a short file
+    it fails with numpy's reshape or struct errors, which transformers' load reports like an unsupported
+    architecture. Tensor data is memory-mapped, not read.
+    """
+    from gguf import GGUFReader
+
+    try:
+        GGUFReader(gguf_file)
+    except Exception as error:  # noqa: BLE001 - a damaged file fails in struct, numpy or gguf's own checks
+        detail = " ".join(str(error).split())[:200] or type(error).__name__
+        raise PescError(
+            f"{gguf_file} is truncated or damaged: gguf cannot read the header and tensors it describes from its "
+            f"{gguf_file.stat().st_size} bytes ({detail}); download or copy it again"
+        ) from None
 
 
 def _load_gguf(gguf_file: Path, dtype: str):

@@ -328,3 +328,58 @@ def test_convert_and_export_refuse_an_out_inside_the_input(dense_copy, fake_run,
 def test_push_checks_the_repo_id_as_the_hub_does(repo_id, tmp_path, capsys):
     error = one_line_error(capsys, "push", tmp_path, "--repo-id", repo_id, "--dry-run")
     assert error.startswith("Error: --repo-id is not a valid Hub repository id (") and repo_id in error
+
+
+# ---------------------------------------------------------------- messages that say what happened
+
+
+class NotATensor:
+    """An object a pickle can hold besides tensors (what a training script may leave in a .bin)."""
+
+
+def test_a_bin_holding_objects_other_than_tensors_is_named_so(dense_copy, tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    state = load_file(dense_copy / "model.safetensors")
+    (dense_copy / "model.safetensors").unlink()
+    torch.save({**state, "extra": NotATensor()}, dense_copy / "pytorch_model.bin")
+    error = one_line_error(capsys, "convert", dense_copy, tmp_path / "out", "--num-experts", "4")
+    assert "pytorch_model.bin holds objects other than tensors" in error and "NotATensor" in error
+    assert "weights_only=True" in error and "truncated or corrupt" not in error
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_truncated_gguf_file_is_named_truncated_not_unsupported(tmp_path, capsys):
+    from pesc.testing.tiny_gguf import save_tiny_gguf
+
+    gguf_file = save_tiny_gguf(tmp_path / "tiny.gguf")
+    complete = gguf_file.stat().st_size
+    for keep in (100, complete // 2, complete - 1):  # in the metadata, in the tensors, the last byte
+        truncate(gguf_file, keep)
+        for command in ("from-gguf", "convert"):
+            error = one_line_error(capsys, command, gguf_file, tmp_path / "out")
+            assert f"{gguf_file} is truncated or damaged" in error and f"from its {keep} bytes" in error, error
+            assert "architecture" not in error
+        gguf_file = save_tiny_gguf(gguf_file)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.gguf"]
+
+
+def test_a_fifo_as_data_file_is_not_taken_for_a_hub_dataset(tiny_llama_dir, tmp_path, capsys, no_model_load):
+    import os
+
+    fifo = tmp_path / "data.jsonl"
+    os.mkfifo(fifo)
+    error = one_line_error(capsys, "train", write_config(tmp_path, tiny_llama_dir, fifo))
+    assert f"{fifo} is not a regular file or a folder" in error and "cannot load dataset" not in error
+    assert not (tmp_path / "run").exists()
+
+
+def test_import_camelidae_with_topk_above_num_experts_names_the_config_field(tiny_llama_dir, tmp_path, capsys):
+    published = Path(shutil.copytree(tiny_llama_dir, tmp_path / "published"))
+    config = json.loads((published / "config.json").read_text())
+    config.update(model_type="camelidae", num_experts=2, topk=3, adapter_dim=8)
+    (published / "config.json").write_text(json.dumps(config))
+    error = one_line_error(capsys, "import", "camelidae", published, tmp_path / "out")
+    assert f"{published}/config.json routes each token to topk 3 of its num_experts 2 experts" in error
+    assert "set topk there to at most 2" in error and "--top-k" not in error
+    assert not (tmp_path / "out").exists()

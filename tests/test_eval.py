@@ -12,7 +12,7 @@ import pytest
 from pesc.cli import main
 from pesc.evaluation import harness
 from pesc.evaluation.report import metric_values
-from pesc.evaluation.suites import SUITES
+from pesc.evaluation.suites import SUITES, SuiteTask
 
 lm_eval = pytest.importorskip("lm_eval")
 
@@ -43,6 +43,11 @@ def tasks_dir(tmp_path_factory):
     (folder / "tiny_mc.yaml").write_text(_task_yaml("tiny_mc", folder / "mc.jsonl", (
         "output_type: multiple_choice\ndoc_to_text: \"{{question}}\"\ndoc_to_target: label\ndoc_to_choice: choices\n"
         "num_fewshot: 0\nmetric_list:\n  - metric: acc\n  - metric: acc_norm\n"
+    )))
+    # tiny_mc's YAML fixes 0 shots (lm-eval then ignores a num_fewshot it is given): this twin takes any
+    (folder / "tiny_mc_shots.yaml").write_text(_task_yaml("tiny_mc_shots", folder / "mc.jsonl", (
+        "output_type: multiple_choice\ndoc_to_text: \"{{question}}\"\ndoc_to_target: label\ndoc_to_choice: choices\n"
+        "fewshot_split: test\nmetric_list:\n  - metric: acc\n"
     )))
     (folder / "tiny_ppl.yaml").write_text(_task_yaml("tiny_ppl", folder / "ppl.jsonl", (
         "output_type: loglikelihood_rolling\ndoc_to_text: \"\"\ndoc_to_target: \"{{text}}\"\n"
@@ -133,6 +138,23 @@ def test_suites_use_real_lm_eval_tasks_with_the_papers_shots(tasks_dir):
     harness.check_tasks(list(SUITES["camelidae"]), str(tasks_dir), confirm_run_unsafe_code=True)
 
 
+def test_a_suite_evaluates_and_reports_every_few_shot_group(exported, tasks_dir, tmp_path, monkeypatch, capsys):
+    """A suite whose tasks take different shots runs once per shot count: every run's tasks reach the results,
+    each with its own shots, and the table."""
+    from pesc.evaluation.run import run_eval
+
+    suite = (SuiteTask("tiny_mc_shots", 2), SuiteTask("tiny_ppl", 0), SuiteTask("tiny_mc", None))
+    monkeypatch.setitem(SUITES, "three-groups", suite)
+    run_eval(str(exported), tmp_path / "out", suite="three-groups", include_path=str(tasks_dir), batch_size=2)
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert {task for task, _, _ in metric_values(results)} == {"tiny_mc_shots", "tiny_ppl", "tiny_mc"}
+    assert results["n-shot"] == {"tiny_mc_shots": 2, "tiny_ppl": 0, "tiny_mc": 0}  # tiny_mc: its YAML's own 0
+    table = (tmp_path / "out" / "results.md").read_text()
+    first_column = {line.split("|")[1].strip() for line in table.splitlines()[2:]}  # "": a task's further metrics
+    assert first_column == {"tiny_mc_shots", "tiny_ppl", "tiny_mc", ""}
+    assert table in capsys.readouterr().out
+
+
 def _fails(args, capsys) -> str:
     capsys.readouterr()
     with pytest.raises(SystemExit) as exit_info:
@@ -164,6 +186,23 @@ def test_bad_input_is_one_line_before_any_weight_loads(args, message, exported, 
                  capsys)
     assert message in err
     assert not (tmp_path / "out").exists()
+
+
+def test_an_out_that_cannot_take_the_results_fails_before_any_weight_loads(exported, tasks_dir, tmp_path, capsys,
+                                                                          monkeypatch):
+    """Under a regular file no folder can be made, even as root (where a read-only mode does not stop writes):
+    the probe write finds it before the evaluation, not write_report after it."""
+    import pesc.evaluation.run as run
+
+    monkeypatch.setattr(run, "load_eval_model", lambda *a, **k: pytest.fail("weights loaded despite a bad --out"))
+    (tmp_path / "file").write_text("")
+    args = ["eval", str(exported), "--tasks", "tiny_mc", "--include-path", str(tasks_dir), "--out"]
+    err = _fails([*args, str(tmp_path / "file" / "results" / "out")], capsys)
+    assert f"--out {tmp_path / 'file' / 'results' / 'out'}: cannot write the results there" in err
+    assert "Not a directory" in err
+    err = _fails([*args, str(tmp_path / "file")], capsys)
+    assert f"--out {tmp_path / 'file'} is a file" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
 
 
 def test_missing_model_and_include_path(tmp_path, exported, capsys):

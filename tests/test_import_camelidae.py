@@ -18,6 +18,8 @@ from pesc.testing import save_tiny_dense
 from pesc.testing.trained_run import save_fake_trained_run
 from test_convert import assert_clean_error, run_cli
 
+# Not the default 0.25: the published releases set moe_scaling in config.json, and the import must carry it over.
+MOE_SCALING = 0.5
 CAMELIDAE_AUTO_MAP = {
     "AutoConfig": "configuration_camelidae.CamelidaeConfig",
     "AutoModelForCausalLM": "modeling_camelidae.LlamaForCausalLM",
@@ -26,14 +28,16 @@ CAMELIDAE_AUTO_MAP = {
 
 @pytest.fixture(scope="module", params=["llama", "qwen2"])
 def trained_export(request, tmp_path_factory):
-    """A pesc export with trained (non-zero) experts and LoRA merged in, and its model in memory."""
+    """A pesc export with trained (non-zero) experts and LoRA merged in, and in memory the model it is as a
+    published release (`write_published`): its tensors at moe_scaling MOE_SCALING."""
     from pesc.export import export
 
     root = tmp_path_factory.mktemp(f"published-{request.param}")
     dense = save_tiny_dense(root / "dense", request.param)
     save_fake_trained_run(root / "run", dense, num_experts=4, top_k=2, adapter_dim=8)
     export(str(root / "run"), root / "export", dtype="float32", log=lambda message: None)
-    model = AutoModelForCausalLM.from_pretrained(root / "export", trust_remote_code=True, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(root / "export", trust_remote_code=True, dtype=torch.float32,
+                                                 moe_scaling=MOE_SCALING)
     return request.param, root / "export", model.eval()
 
 
@@ -49,7 +53,7 @@ def write_published(export_dir, out, family, weights="bin"):
     published.update(transformers_version="4.36.2", rope_scaling=None)
     published.update(model_type={"llama": "camelidae", "qwen2": "qwen2idae"}[family],
                      architectures=["LlamaForCausalLM" if family == "llama" else "Qwen2ForCausalLM"],
-                     auto_map=CAMELIDAE_AUTO_MAP, output_router_logits=True)
+                     auto_map=CAMELIDAE_AUTO_MAP, output_router_logits=True, moe_scaling=MOE_SCALING)
     (out / "config.json").write_text(json.dumps(published, indent=2))
     state = {}
     for shard in sorted(export_dir.glob("model-*.safetensors")):
@@ -70,15 +74,19 @@ def test_import_computes_what_the_published_model_computes(trained_export, weigh
     out = tmp_path / "imported"
     code, stdout, err = run_cli(capsys, "import", "camelidae", published, out)
     assert code == 0, err
-    assert f"({family} layers), 4 experts, top-2, adapter_dim 8" in stdout
+    assert f"({family} layers), 4 experts, top-2, adapter_dim 8, moe_scaling {MOE_SCALING}" in stdout
     config = json.loads((out / "config.json").read_text())
     assert config["model_type"] == "pesc" and config["base_model_type"] == family
-    assert (config["num_experts"], config["topk"], config["adapter_dim"]) == (4, 2, 8)
+    moe_fields = (config["num_experts"], config["topk"], config["adapter_dim"], config["moe_scaling"])
+    assert moe_fields == (4, 2, 8, MOE_SCALING)
     assert not list(out.glob("*.bin")) and (out / "modeling_pesc.py").is_file() and (out / ".pesc-import").is_file()
     imported = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, dtype=torch.float32).eval()
     ids = torch.tensor([[5, 17, 42, 99, 130, 7], [8, 200, 33, 71, 12, 150]])
+    default_scaling = AutoModelForCausalLM.from_pretrained(export_dir, trust_remote_code=True, dtype=torch.float32)
     with torch.no_grad():
         assert torch.equal(imported(input_ids=ids).logits, model(input_ids=ids).logits)
+        # the experts add enough that the scaling shows: an import at the default 0.25 would not be equal above
+        assert not torch.allclose(default_scaling.eval()(input_ids=ids).logits, model(input_ids=ids).logits, atol=1e-3)
     assert torch.equal(imported.state_dict()["model.layers.1.mlp.moe_adapter.experts.expert_2.adapter_up.weight"],
                        model.state_dict()["model.layers.1.mlp.moe_adapter.experts.expert_2.adapter_up.weight"])
 

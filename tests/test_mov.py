@@ -268,3 +268,19 @@ def test_mov_emits_a_dense_routing_record_per_site(mov_checkpoints):
     assert [(r.site, r.layer, r.logits.shape[0]) for r in records] == expected
     assert all(r.logits.shape[1] == EXPERTS and r.logits.dtype == torch.float32 and r.selected is None
                for r in records)
+
+
+def test_each_head_records_its_own_router_logits():
+    """Record `site.head{h}` holds head h's logits: the router on that head's head_dim slice of every token."""
+    from pesc.modeling.moe_core import record_routing
+
+    site = trained_like(width=8, experts=5, heads=3, seed=9)
+    site.site = "k_proj"
+    activation = torch.randn(2, 7, 3 * 8, generator=torch.Generator().manual_seed(10))
+    with torch.no_grad(), record_routing() as records:
+        site(activation)
+        _, logits = site.merged_vectors(activation)  # [tokens, heads, E], the same computation run again
+    assert [r.site for r in records] == ["k_proj.head0", "k_proj.head1", "k_proj.head2"]
+    for head, record in enumerate(records):
+        assert torch.equal(record.logits, logits[:, head])
+    assert not torch.allclose(logits[:, 0], logits[:, 1])  # the heads route differently: a mix-up would show

@@ -135,6 +135,9 @@ def _load_messages(entry: dict, sample_fields=()) -> tuple[Dataset, str]:
         file = Path(path).expanduser()
         if not file.exists():
             raise PescError(f"dataset file not found: {path}")
+        if not file.is_file() and not file.is_dir():  # else datasets takes it for a Hub id and fails as one
+            raise PescError(f"{path} is not a regular file or a folder (a pipe, socket or device): give a .jsonl, "
+                            ".json or .parquet file, or a folder of them")
         if file.is_file():
             if entry.get("split") not in (None, "train") or hub_kwargs:
                 raise PescError(f"{path}: split/name/data_files apply to Hub datasets and folders, not to one file")

@@ -2,8 +2,10 @@
 
 import json
 import os
+import tempfile
 from pathlib import Path
 
+from pesc.atomic import nearest_existing
 from pesc.errors import PescError
 
 RESULTS_FILE = "results.json"
@@ -81,6 +83,21 @@ def results_json(results: dict, description: dict) -> str:
     from lm_eval.utils import handle_non_serializable
 
     return json.dumps({**results, "pesc": description}, indent=2, default=handle_non_serializable)
+
+
+def check_results_folder(out: Path) -> None:
+    """OUT can take the results, checked before any model loads (else a read-only --out fails only after the
+    whole evaluation): a probe file is created and removed in OUT, or, while OUT does not exist yet, in the
+    nearest folder above it that does (so nothing is left behind when the evaluation fails)."""
+    if out.exists() and not out.is_dir():
+        raise PescError(f"--out {out} is a file: give a folder for the results")
+    probed = nearest_existing(out)
+    try:
+        with tempfile.TemporaryFile(dir=probed):
+            pass
+    except OSError as error:
+        raise PescError(f"--out {out}: cannot write the results there ({error.strerror}: {probed}): "
+                        "give a folder you can write to") from None
 
 
 def write_report(out: Path, files: dict[str, str]) -> None:

@@ -11,6 +11,7 @@ from pesc.evaluation.report import (
     COMPARE_FILE,
     RESULTS_FILE,
     TABLE_FILE,
+    check_results_folder,
     metrics_table,
     results_json,
     results_table,
@@ -53,8 +54,7 @@ def run_eval(
         if value is not None and value < 1:
             raise PescError(f"{flag} must be >= 1, got {value}")
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise PescError(f"--out {out} is a file: give a folder for the results")
+    check_results_folder(out)
     for path in [model] + ([compare] if compare else []):
         check_eval_source(path, trust_remote_code)
     check_tasks(specs, include_path, confirm_run_unsafe_code)
