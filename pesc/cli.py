@@ -10,6 +10,7 @@ import click
 
 from pesc import __version__
 from pesc.errors import PescError
+from pesc.evaluation.suites import SUITES
 from pesc.quiet import silence_bitsandbytes_cpu_kernel_notice
 
 
@@ -255,7 +256,7 @@ def compare(model_a, model_b, prompt, atol, trust_remote_code):
 @cli.command("eval")
 @click.argument("model", type=click.Path(path_type=str))
 @click.option("--tasks", help="lm-eval task or group names, comma-separated (e.g. hellaswag,arc_easy).")
-@click.option("--suite", type=click.Choice(["camelidae", "loramoe-knowledge"]),
+@click.option("--suite", type=click.Choice(list(SUITES)),
               help="A paper's benchmark list with its few-shot settings (instead of --tasks); see docs/eval.md.")
 @click.option("--num-fewshot", type=int, help="Few-shot examples for every --tasks task (default: each task's own).")
 @click.option("--limit", type=int, help="Evaluate only the first N examples of each task (a quick check).")
