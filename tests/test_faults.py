@@ -202,3 +202,20 @@ def test_a_user_file_named_like_a_leftover_is_never_removed(tmp_path):
     user_file.write_text(json.dumps({"mine": True}))
     recover_leftovers(tmp_path, echo=lambda message: None)
     assert user_file.exists()
+
+
+def test_train_refuses_experts_that_cannot_fit_in_memory_before_building_them(tiny_llama_dir, tmp_path, capsys,
+                                                                               monkeypatch):
+    from test_train import make_config
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model must not load when its settings cannot fit")
+
+    monkeypatch.setattr("pesc.training.model.load_base_model", refuse)
+    data = tmp_path / "rows.jsonl"
+    data.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"},
+                                             {"role": "assistant", "content": "hello"}]}) + "\n")
+    config = make_config(tmp_path, tiny_llama_dir, data, output_dir=str(tmp_path / "run"))
+    code, _, err = run_cli(capsys, "train", config, "--set", "moe.num_experts=100000000")
+    assert_error_line(code, err, "moe: these settings add", "100,000,000 experts", "lower moe.num_experts")
+    assert not (tmp_path / "run").exists()

@@ -207,6 +207,18 @@ def qlora_model(tmp_path_factory, tiny_llama_dir, data_file):
     return model, config
 
 
+def test_a_training_model_keeps_bitsandbytes_training_layout(qlora_model):
+    """On a CPU with AVX512-BF16, bitsandbytes repacks a 4-bit weight for an inference kernel (no backward) at its
+    first eval forward and keeps it: training after the Trainer's evaluation then lost the gradient through the base,
+    and ZeRO-3 died saving. pesc turns the repacking off for a model that trains; the attribute must exist (a
+    bitsandbytes release that renamed it would silently bring the bug back on such CPUs) and be off on every layer."""
+    import bitsandbytes as bnb
+
+    model, _ = qlora_model
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert layers and all(m.support_avx512bf16_for_cpu is False for m in layers)
+
+
 def test_quantized_base_full_precision_experts(qlora_model):
     import bitsandbytes as bnb
 

@@ -91,7 +91,27 @@ def resolve_model_config(config: dict):
         model_config = method.config_from_dense(base_config, method.resolve_settings(moe))
     except ValueError as error:
         raise PescError(f"moe: {error}") from None
+    check_added_modules_fit(method, model_config)
     return model_config, True
+
+
+def check_added_modules_fit(method, model_config) -> None:
+    """Refuse `moe:` settings whose trained modules cannot fit in this machine's memory, before any is built (a huge
+    num_experts would otherwise hang making millions of modules): each added parameter trains in float32 with its
+    gradient and AdamW's two moments, 16 bytes."""
+    from pesc.summary import human_count
+
+    params = method.added_params_estimate(model_config)
+    if torch.cuda.is_available():
+        memory, where = torch.cuda.get_device_properties(0).total_memory, "on the GPU"
+    else:
+        memory, where = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"), "in this machine's RAM"
+    if 16 * params > memory:
+        raise PescError(
+            f"moe: these settings add {human_count(params)} trainable parameters ({model_config.num_experts:,} experts "
+            f"per site), about {16 * params / 1e9:,.1f} GB to train (float32 weights, gradients and AdamW's moments), "
+            f"more than the {memory / 1e9:,.1f} GB {where}: lower moe.num_experts or the experts' size"
+        )
 
 
 def quantization_config(config: dict, skip_modules: list[str] | None = None):
@@ -201,6 +221,7 @@ def prepare_for_training(model, config: dict):
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     method = method_of(model.config)
+    keep_4bit_weights_unpacked(model)
     gc_kwargs = {"use_reentrant": False}
     if config["load_in_4bit"] and not sharded_training():
         model = prepare_model_for_kbit_training(
@@ -240,6 +261,17 @@ def prepare_for_training(model, config: dict):
     peft_model.save_pretrained = functools.partial(peft_model.save_pretrained, save_embedding_layers=False)
     enable_expert_training(peft_model, method, upcast=not sharded_training())
     return peft_model
+
+
+def keep_4bit_weights_unpacked(model: nn.Module) -> None:
+    """A model that trains keeps bitsandbytes' training layout. On a CPU with AVX512-BF16, a Linear4bit repacks its
+    weight for a CPU inference kernel at its first forward in eval mode without grad (the Trainer's evaluation) and
+    keeps it packed: later training forwards then run that kernel, which has no backward (the gradient through the
+    frozen base is lost, with only a torch warning), and under ZeRO-3 the packed tensor goes when the parameter is
+    released while its packed flag stays, so the next checkpoint dies in bitsandbytes' unpacking."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
 
 
 def enable_expert_training(model: nn.Module, method, upcast: bool = True) -> None:
