@@ -22,25 +22,74 @@ def cli():
 
 class MethodCommand(click.Command):
     """A command that takes `--method NAME` and every registered method's settings as flags (`--num-experts`
-    from `num_experts`), read when the command runs, so a method registered later has its flags too."""
+    from `num_experts`), read when the command runs, so a method registered later has its flags too.
+
+    Every method's flags parse (a recipe's `method:` may choose the method), and a flag that is not a setting of
+    the chosen method is refused in one line when the command runs (`check_flags`). The help tells each method's
+    truth: with `--method M` it lists M's settings alone, with M's defaults; without, each flag's default per
+    method."""
+
+    def parse_args(self, ctx, args):
+        ctx.meta["pesc_method"] = _method_named_in(args)
+        return super().parse_args(ctx, args)
 
     def get_params(self, ctx):
         return super().get_params(ctx) + method_setting_options()
+
+
+def _method_named_in(args: list[str]) -> str | None:
+    """The value of `--method` among raw arguments (help is printed before the options are processed)."""
+    for position, arg in enumerate(args):
+        if arg == "--method" and position + 1 < len(args):
+            return args[position + 1]
+        if arg.startswith("--method="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+class SettingOption(click.Option):
+    """A method setting's flag; `owners` maps each method that has the setting to its declaration."""
+
+    def __init__(self, *args, owners: dict, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.owners = owners
+
+    def get_help_record(self, ctx):
+        chosen = ctx.meta.get("pesc_method")
+        if chosen in self.owners:
+            setting = self.owners[chosen]
+            self.help = f"{setting.help} (default {setting.default}{_range(setting)})."
+        elif chosen is None:
+            defaults = ", ".join(f"{name} {setting.default}" for name, setting in self.owners.items())
+            self.help = f"{next(iter(self.owners.values())).help} (default: {defaults})."
+        else:
+            return None  # not a setting of the chosen method (an unknown method shows none; the command names it)
+        return super().get_help_record(ctx)
+
+
+def _range(setting) -> str:
+    if setting.choices:
+        return f"; one of {', '.join(map(str, setting.choices))}"
+    if setting.bounds:
+        from pesc.settings import BOUNDS
+
+        return f"; {BOUNDS[setting.bounds][1]}"
+    return ""
 
 
 def method_setting_options() -> list[click.Option]:
     """One option per setting name across the registered methods; which method it belongs to is checked later."""
     from pesc.methods import METHODS
 
-    settings: dict = {}
+    owners: dict = {}
     for method in METHODS.values():
         for setting in method.all_settings():
-            settings.setdefault(setting.name, (setting, []))[1].append(method.name)
+            owners.setdefault(setting.name, {})[method.name] = setting
     options = []
-    for name, (setting, owners) in settings.items():
+    for name, by_method in owners.items():
+        setting = next(iter(by_method.values()))
         kind = int if setting.types == (int,) else float if float in setting.types else str
-        options.append(click.Option([setting.flag, name], type=kind,
-                                    help=f"{setting.help} ({', '.join(owners)}; default {setting.default})."))
+        options.append(SettingOption([setting.flag, name], type=kind, owners=by_method))
     return options
 
 
@@ -53,13 +102,25 @@ METHOD_OPTION = click.option("--method", "method_name", help="The method (defaul
 
 
 @cli.command()
-def methods():
-    """List the methods: paper, where the experts sit, routing, aux losses."""
-    from pesc.methods import METHODS
+@click.argument("name", required=False)
+def methods(name):
+    """List the methods (paper, where the experts sit, routing, aux losses), or one method's settings: flag,
+    default, range and config.json field."""
+    from pesc.methods import METHODS, get_method
 
-    width = max(len(name) for name in METHODS)
-    for name, method in METHODS.items():
-        click.echo(f"{name:<{width}}  {method.description}")
+    if name is None:
+        width = max(len(known) for known in METHODS)
+        for known, method in METHODS.items():
+            click.echo(f"{known:<{width}}  {method.description}")
+        return
+    method = get_method(name)
+    click.echo(f"{method.name}: {method.description}")
+    rows = [(s.flag, str(s.default), _range(s).removeprefix("; ") or "-", s.field or "(not stored)", s.help)
+            for s in method.all_settings()]
+    header = ("flag / moe: key", "default", "range", "config.json", "meaning")
+    widths = [max(len(row[i]) for row in rows + [header]) for i in range(4)]
+    for row in [header] + rows:
+        click.echo("  ".join(cell.ljust(width) for cell, width in zip(row[:4], widths)) + "  " + row[4])
 
 
 @cli.command(cls=MethodCommand)
