@@ -5,16 +5,9 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedConfig, PreTrainedModel
 
-from pesc.modeling import PescConfig, PescForCausalLM, init_expert_weights
-from pesc.modeling.modeling_pesc import (
-    AdapterDownProjection,
-    AdapterUpProjection,
-    PescRouter,
-    check_dense_equivalence,
-)
-
-# The modules whose weights `init_expert_weights` draws, each on its own.
-_INITIALISED = (PescRouter, AdapterDownProjection, AdapterUpProjection)
+from pesc.methods.pesc import initial_expert_state
+from pesc.modeling import PescConfig, PescForCausalLM
+from pesc.modeling.modeling_pesc import check_dense_equivalence
 
 
 def pesc_config_from_dense(
@@ -35,33 +28,6 @@ def pesc_config_from_dense(
     settings = dict(num_experts=num_experts, top_k=top_k, adapter_dim=adapter_dim, moe_scaling=moe_scaling,
                     adapter_dropout=adapter_dropout, router_aux_loss_coef=router_aux_loss_coef)
     return PESC.config_from_dense(dense_config, settings, moe_dtype)
-
-
-def layer_generator(seed: int, layer_idx: int) -> torch.Generator:
-    """An RNG per layer, so that any layer's experts can be drawn alone (the streaming converter does)."""
-    return torch.Generator().manual_seed(seed * 1_000_003 + layer_idx)
-
-
-def initial_expert_state(config: PescConfig, layer_idx: int, seed: int) -> dict[str, torch.Tensor]:
-    """Initial router and adapter tensors of one layer, keyed by their name inside `mlp.moe_adapter`.
-
-    Each tensor is drawn in float32 on the CPU and cast at once, in module order, so the
-    values do not depend on device or dtype and only one float32 tensor exists at a time.
-    """
-    from pesc.modeling import PescMoEAdapter
-
-    with torch.device("meta"):
-        block = PescMoEAdapter(config)
-    generator = layer_generator(seed, layer_idx)
-    dtype = getattr(torch, config.moe_dtype) if config.moe_dtype else torch.float32
-    state = {}
-    for name, module in block.named_modules():
-        if isinstance(module, _INITIALISED):
-            module.to_empty(device="cpu")
-            init_expert_weights(module, generator)
-            state[f"{name}.weight"] = module.weight.detach().to(dtype)
-            module.to_empty(device="meta")  # drop the float32 draw before the next one
-    return state
 
 
 def upcycle(

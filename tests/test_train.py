@@ -239,7 +239,7 @@ def test_quantized_base_full_precision_experts(qlora_model):
 
 def test_experts_match_convert_seed(qlora_model):
     """A dense base upcycled in training gets exactly the experts `pesc convert --seed` draws."""
-    from pesc.upcycling import initial_expert_state
+    from pesc.methods.pesc import initial_expert_state
 
     model, config = qlora_model
     pesc = model.get_base_model()

@@ -223,7 +223,7 @@ class Method:
     # ---- export ----
     def merge_for_export(self, peft_model):
         """The plain model to save: by default the LoRA merged into the base linears, added modules as trained."""
-        from pesc.export import merge_lora
+        from pesc.lora_merge import merge_lora
 
         return merge_lora(peft_model)
 
@@ -259,6 +259,6 @@ def _shipped_class(path: str) -> type:
 
 
 def _registered():
-    from pesc.methods import METHODS
+    from pesc.methods.registry import METHODS
 
     return METHODS.values()

@@ -106,7 +106,7 @@ class Loramoe(Method):
 
         from pesc.modeling.moe_core import LINEAR_PARENTS
         from pesc.modeling.modeling_loramoe import LoramoeExperts, init_loramoe_weights
-        from pesc.upcycling import layer_generator
+        from pesc.methods.seeding import layer_generator
 
         generator = layer_generator(seed, layer_idx)
         dtype = getattr(torch, config.moe_dtype) if config.moe_dtype else torch.float32

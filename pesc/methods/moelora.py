@@ -58,11 +58,12 @@ class MoELora(Method):
         generator per layer, so any layer can be drawn alone."""
         import torch
 
+        from pesc.methods.seeding import layer_generator
         from pesc.modeling.configuration_moelora import site_list
         from pesc.modeling.moe_core import LINEAR_PARENTS
         from pesc.modeling.modeling_moelora import SITE_PREFIX, MoELoraSite, init_site
 
-        generator = torch.Generator().manual_seed(seed * 1_000_003 + layer_idx)
+        generator = layer_generator(seed, layer_idx)
         dtype = getattr(torch, config.moe_dtype) if config.moe_dtype else torch.float32
         state = {}
         for name in site_list(config.sites):

@@ -44,8 +44,6 @@ class Pesc(Method):
             )
 
     def initial_state(self, config, layer_idx: int, seed: int) -> dict:
-        from pesc.upcycling import initial_expert_state
-
         return {f"mlp.moe_adapter.{name}": t for name, t in initial_expert_state(config, layer_idx, seed).items()}
 
     def parameter_summary(self, config):
@@ -86,3 +84,35 @@ class Pesc(Method):
 
 
 PESC = Pesc()
+
+
+def initial_expert_state(config, layer_idx: int, seed: int) -> dict:
+    """Initial router and adapter tensors of one layer, keyed by their name inside `mlp.moe_adapter`.
+
+    Each tensor is drawn in float32 on the CPU and cast at once, in module order, so the
+    values do not depend on device or dtype and only one float32 tensor exists at a time.
+    """
+    import torch
+
+    from pesc.methods.seeding import layer_generator
+    from pesc.modeling.modeling_pesc import (
+        AdapterDownProjection,
+        AdapterUpProjection,
+        PescMoEAdapter,
+        PescRouter,
+        init_expert_weights,
+    )
+
+    initialised = (PescRouter, AdapterDownProjection, AdapterUpProjection)  # drawn by init_expert_weights, each alone
+    with torch.device("meta"):
+        block = PescMoEAdapter(config)
+    generator = layer_generator(seed, layer_idx)
+    dtype = getattr(torch, config.moe_dtype) if config.moe_dtype else torch.float32
+    state = {}
+    for name, module in block.named_modules():
+        if isinstance(module, initialised):
+            module.to_empty(device="cpu")
+            init_expert_weights(module, generator)
+            state[f"{name}.weight"] = module.weight.detach().to(dtype)
+            module.to_empty(device="meta")  # drop the float32 draw before the next one
+    return state

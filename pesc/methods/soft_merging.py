@@ -31,7 +31,7 @@ def draw_sites(config, sites: dict, layer_idx: int, seed: int) -> dict:
     `<site name in the layer>.<parameter>` in the config's moe_dtype (drawn in float32 on the CPU)."""
     import torch
 
-    from pesc.upcycling import layer_generator
+    from pesc.methods.seeding import layer_generator
 
     generator = layer_generator(seed, layer_idx)
     dtype = getattr(torch, config.moe_dtype) if config.moe_dtype else torch.float32
