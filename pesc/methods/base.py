@@ -119,6 +119,8 @@ class Method:
         for name, value in values.items():
             if name not in known:
                 raise unknown_key(where, str(name), known)
+            if isinstance(value, str) and isinstance(known[name].default, list):  # "a,b" from the command line
+                value = [item.strip() for item in value.split(",") if item.strip()]
             if value is not None:
                 resolved[name] = known[name].check(f"{where}{name}", value)
         self.check_settings(resolved)
@@ -236,6 +238,12 @@ class Method:
             "AutoModel": f"{self.auto_model_class.__module__.rsplit('.', 1)[-1]}.{self.auto_model_class.__name__}",
             "AutoModelForCausalLM": f"{self.model_class.__module__.rsplit('.', 1)[-1]}.{self.model_class.__name__}",
         }
+
+
+def check_top_k(values: dict) -> None:
+    """A router picks at most all of its experts (the methods with a `top_k` setting)."""
+    if values["top_k"] > values["num_experts"]:
+        raise PescError(f"top_k ({values['top_k']}) cannot exceed num_experts ({values['num_experts']}): lower --top-k")
 
 
 def check_flags(method: Method, flags: dict) -> dict:

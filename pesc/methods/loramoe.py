@@ -5,12 +5,12 @@ The shipped code is pesc/modeling/{configuration,modeling}_loramoe.py; official 
 pesc/loramoe_import.py.
 """
 
-import functools
 import json
 from dataclasses import dataclass
 
 from pesc.errors import PescError
 from pesc.methods.base import Method, SampleField, Setting
+from pesc.methods.shapes import linear_shape
 
 # The official code's task types: 1 = world knowledge (closed-book QA), 0 = every other task.
 TASK_TYPE_NAMES = {"task": 0, "knowledge": 1}
@@ -83,8 +83,6 @@ class Loramoe(Method):
 
     def check_settings(self, values: dict) -> None:
         """Command-line strings to their values, then what the config refuses (one line, naming the setting)."""
-        if isinstance(values["sites"], str):
-            values["sites"] = [site.strip() for site in values["sites"].split(",") if site.strip()]
         if isinstance(values["lbc_groups"], str):
             try:
                 values["lbc_groups"] = json.loads(values["lbc_groups"])
@@ -139,21 +137,7 @@ class Loramoe(Method):
 
 def site_shapes(config) -> dict[str, tuple[int, int]]:
     """(in_features, out_features) of each site's linear in a model of `config`."""
-    return dict(_site_shapes(config.to_json_string(use_diff=False)))
-
-
-@functools.lru_cache(maxsize=4)
-def _site_shapes(config_json: str) -> tuple:
-    """Read off a model built on the meta device, once per config (convert asks for every layer)."""
-    import torch
-
-    from pesc.modeling.moe_core import LINEAR_PARENTS
-
-    config = LORAMOE.config_class.from_dict(json.loads(config_json))
-    with torch.device("meta"):
-        layer = LORAMOE.model_class(config).model.layers[0]
-    linears = {site: getattr(getattr(layer, LINEAR_PARENTS[site]), site) for site in config.sites}
-    return tuple((site, (linear.in_features, linear.out_features)) for site, linear in linears.items())
+    return {site: linear_shape(config, site) for site in config.sites}
 
 
 LORAMOE = Loramoe()

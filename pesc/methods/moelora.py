@@ -8,8 +8,8 @@ the contrastive form, its temperature and weights are our defaults (docs/methods
 """
 
 
-from pesc.errors import PescError
-from pesc.methods.base import Method, Setting
+from pesc.methods.base import Method, Setting, check_top_k
+from pesc.methods.shapes import linear_shape
 
 
 class MoELora(Method):
@@ -48,10 +48,7 @@ class MoELora(Method):
 
     def check_settings(self, values: dict) -> None:
         """top_k <= num_experts (the site names are checked by the config, which knows the linears)."""
-        if values["top_k"] > values["num_experts"]:
-            raise PescError(
-                f"top_k ({values['top_k']}) cannot exceed num_experts ({values['num_experts']}): lower --top-k"
-            )
+        check_top_k(values)
 
     def initial_state(self, config, layer_idx: int, seed: int) -> dict:
         """Per site, in `sites` order: the router, then each expert's A (kaiming-uniform), B zero; one seeded
@@ -67,7 +64,7 @@ class MoELora(Method):
         dtype = getattr(torch, config.moe_dtype) if config.moe_dtype else torch.float32
         state = {}
         for name in site_list(config.sites):
-            site = MoELoraSite(*site_features(config, name), config, name, layer_idx)
+            site = MoELoraSite(*linear_shape(config, name), config, name, layer_idx)
             init_site(site, generator)
             for key, tensor in site.state_dict().items():
                 state[f"{LINEAR_PARENTS[name]}.{SITE_PREFIX}{name}.{key}"] = tensor.to(dtype)
@@ -81,22 +78,6 @@ class MoELora(Method):
         """A token uses k of the E experts of each site: the other experts' A and B are idle."""
         experts = sum(count for name, count in added_per_layer.items() if name.endswith((".down", ".up")))
         return experts * (config.num_experts - config.topk) // config.num_experts
-
-
-def site_features(config, name: str) -> tuple[int, int]:
-    """(in_features, out_features) of linear `name` in the dense family's decoder layer (llama-style layout)."""
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    hidden, intermediate = config.hidden_size, config.intermediate_size
-    return {
-        "q_proj": (hidden, config.num_attention_heads * head_dim),
-        "k_proj": (hidden, kv_heads * head_dim),
-        "v_proj": (hidden, kv_heads * head_dim),
-        "o_proj": (config.num_attention_heads * head_dim, hidden),
-        "gate_proj": (hidden, intermediate),
-        "up_proj": (hidden, intermediate),
-        "down_proj": (intermediate, hidden),
-    }[name]
 
 
 MOELORA = MoELora()

@@ -6,8 +6,9 @@ The decoder mapping is ours (the paper's code is T5): docs/methods/mov-molora.md
 
 
 from pesc.errors import PescError
-from pesc.methods.base import Method, Setting
-from pesc.methods.soft_merging import draw_sites, linear_shape
+from pesc.methods.base import Method, Setting, check_top_k
+from pesc.methods.shapes import linear_shape
+from pesc.methods.soft_merging import draw_sites
 
 # The linears MoLoRA may sit on, and the decoder-layer module holding each (as configuration_molora.py has them).
 SITE_PARENTS = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
@@ -45,12 +46,6 @@ class MoLoRA(Method):
     model_class_path = "modeling_molora.MoLoRAForCausalLM"
     auto_model_class_path = "modeling_molora.MoLoRAModel"
 
-    def resolve_settings(self, values: dict, where: str = "moe.") -> dict:
-        """As every method, with `sites` given as "q_proj,v_proj" read as a list."""
-        if isinstance(values.get("sites"), str):
-            values = {**values, "sites": [s.strip() for s in values["sites"].split(",") if s.strip()]}
-        return super().resolve_settings(values, where)
-
     def check_settings(self, values: dict) -> None:
         sites = values["sites"]
         unknown = [s for s in sites if s not in SITE_PARENTS] if isinstance(sites, list) else sites
@@ -58,10 +53,7 @@ class MoLoRA(Method):
             raise PescError(
                 f"sites must name distinct linears among {', '.join(SITE_PARENTS)}, got {sites!r}"
             )
-        if values["top_k"] > values["num_experts"]:
-            raise PescError(
-                f"top_k ({values['top_k']}) cannot exceed num_experts ({values['num_experts']}): lower --top-k"
-            )
+        check_top_k(values)
 
     def default_lora_targets(self, config) -> list[str]:
         return []  # the experts occupy the linears: only the routers and experts train

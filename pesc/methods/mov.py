@@ -6,7 +6,8 @@ The decoder mapping is ours (the paper's code is T5): docs/methods/mov-molora.md
 
 
 from pesc.methods.base import Method, Setting
-from pesc.methods.soft_merging import attention_dims, draw_sites
+from pesc.methods.shapes import attention_dims
+from pesc.methods.soft_merging import draw_sites
 
 
 class MoV(Method):

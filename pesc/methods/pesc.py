@@ -6,8 +6,7 @@ Every expert shares the dense FFN; each expert owns a bottleneck adapter on the 
 """
 
 
-from pesc.errors import PescError
-from pesc.methods.base import Method, Setting
+from pesc.methods.base import Method, Setting, check_top_k
 
 
 class Pesc(Method):
@@ -38,10 +37,7 @@ class Pesc(Method):
     zero3_leaf_module_paths = ("modeling_pesc.PescMoEAdapter",)
 
     def check_settings(self, values: dict) -> None:
-        if values["top_k"] > values["num_experts"]:
-            raise PescError(
-                f"top_k ({values['top_k']}) cannot exceed num_experts ({values['num_experts']}): lower --top-k"
-            )
+        check_top_k(values)
 
     def initial_state(self, config, layer_idx: int, seed: int) -> dict:
         return {f"mlp.moe_adapter.{name}": t for name, t in initial_expert_state(config, layer_idx, seed).items()}
