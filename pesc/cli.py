@@ -9,7 +9,7 @@ import threading
 import click
 
 from pesc import __version__
-from pesc.errors import PescError
+from pesc.errors import PescError, first_line
 from pesc.evaluation.suites import SUITES
 from pesc.quiet import silence_bitsandbytes_cpu_kernel_notice
 
@@ -178,8 +178,10 @@ def convert(src, out, method_name, recipe, max_shard_size, link, force, **settin
               help="A `pesc eval` results.json: its scores go into the model card.")
 def export(source, out, dtype, max_shard_size, base, base_model_id, force, eval_results):
     """Merge a training run (RUN_DIR or one of its checkpoints) into a sparse Hugging Face checkpoint at OUT."""
+    from pesc.convert import parse_size
     from pesc.export import export as run_export
 
+    parse_size(max_shard_size)  # a bad size named now, before the model loads
     run_export(source, out, dtype=dtype, max_shard_size=max_shard_size, force=force, base=base,
                base_model_id=base_model_id, eval_results=eval_results,
                log=lambda message: click.echo(message, err=True))
@@ -237,7 +239,7 @@ def train(config, overrides, resume):
 @cli.command("tiny-model")
 @click.argument("out", type=click.Path(path_type=str))
 @click.option("--family", type=click.Choice(["llama", "mistral", "qwen2"]), default="llama", show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=0, show_default=True)
 def tiny_model(out, family, seed):
     """Write a tiny random dense checkpoint (with a ChatML tokenizer) for quick experiments and configs/tiny.yaml.
 
@@ -308,7 +310,10 @@ def compare(model_a, model_b, prompt, atol, trust_remote_code):
     """Print the largest |logit difference| of two models on one prompt (e.g. converted vs dense)."""
     from pesc.compare import DEFAULT_PROMPT, max_logit_difference
 
-    difference = max_logit_difference(model_a, model_b, prompt or DEFAULT_PROMPT, trust_remote_code=trust_remote_code)
+    if atol is not None and not atol >= 0:  # NaN too: no difference would ever exceed it
+        raise PescError(f"--atol must be a number >= 0, got {atol}")
+    difference = max_logit_difference(model_a, model_b, DEFAULT_PROMPT if prompt is None else prompt,
+                                      trust_remote_code=trust_remote_code)
     click.echo(f"max |logits({model_a}) - logits({model_b})| = {difference:.3g}")
     if atol is not None and difference > atol:
         raise PescError(f"the models differ by {difference:.3g}, more than --atol {atol:g}")
@@ -390,7 +395,7 @@ def main(argv: list[str] | None = None) -> None:
     except (PescError, ValueError, OSError) as error:
         if os.environ.get("PESC_DEBUG"):
             raise
-        click.echo(f"Error: {error}", err=True)
+        click.echo(f"Error: {error if isinstance(error, PescError) else first_line(error)}", err=True)
         sys.exit(1)
 
 

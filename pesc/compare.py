@@ -18,6 +18,8 @@ DEFAULT_PROMPT = "The capital of France is Paris. The capital of Italy is"
 def max_logit_difference(path_a: str | Path, path_b: str | Path, prompt: str = DEFAULT_PROMPT,
                          trust_remote_code: bool = False) -> float:
     """Largest absolute difference between the two models' float32 logits on `prompt` (tokenized by A)."""
+    if not prompt.strip():
+        raise PescError("--prompt is empty: give some text to run both models on")
     for path in (path_a, path_b):  # both, before either loads
         check_model_folder(path)
         remote_code_allowed(path, trust_remote_code)

@@ -117,10 +117,10 @@ def parse_size(size: str | int) -> int:
         match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", str(size))
         unit = match.group(2).upper() if match else None
         if match is None or unit not in _SIZE_UNITS:
-            raise PescError(f"max_shard_size {size!r} is not a size: write it like 5GB, 500MB or 2GiB")
+            raise PescError(f"--max-shard-size {size!r} is not a size: write it like 5GB, 500MB or 2GiB")
         value = int(float(match.group(1)) * _SIZE_UNITS[unit])
     if value <= 0:
-        raise PescError(f"max_shard_size must be positive, got {size!r}")
+        raise PescError(f"--max-shard-size must be positive, got {size!r}")
     return value
 
 

@@ -75,8 +75,8 @@ def generate(
     """Generate a reply to `prompt`, streaming it to `stream` (stdout); returns the generated text."""
     if max_new_tokens <= 0:
         raise PescError(f"--max-new-tokens must be positive, got {max_new_tokens}")
-    if temperature < 0:
-        raise PescError(f"--temperature must be >= 0, got {temperature}")
+    if not temperature >= 0:  # NaN too
+        raise PescError(f"--temperature must be a number >= 0, got {temperature}")
     check_model_folder(path)  # before torch and transformers import: bad input fails at once
     remote_code_allowed(path, trust_remote_code)
     import torch

@@ -18,8 +18,8 @@ from pesc.errors import PescError, first_line
 IGNORE_PATTERNS = [f"{MARKER_PREFIX}*", ".git/*", ".cache/*"]
 # File names that usually hold credentials: left out of an upload unless named with --include-file. Hugging
 # Face's own tokenizer files contain "token" and are model files.
-SECRET_LOOKING = (".env", ".env.*", "*.env", "*.pem", "*.key", "id_*", ".netrc", "*credential*", "*secret*",
-                  "*token*", "*password*")
+SECRET_LOOKING = (".env", ".env.*", "*.env", "*.pem", "*.key", "*.p12", "*.pfx", "id_*", ".netrc", ".pypirc", ".npmrc",
+                  ".git-credentials", "*credential*", "*secret*", "*token*", "*password*")
 MODEL_FILES_NAMED_TOKEN = ("tokenizer*", "special_tokens_map.json", "added_tokens.json")
 _LOGIN_HINT = "log in with `hf auth login`, set HF_TOKEN, or pass --token"
 
@@ -85,6 +85,9 @@ def plan_upload(folder: str | Path, include: tuple[str, ...] = ()) -> UploadPlan
         card = ModelCard.load(readme, ignore_metadata_errors=False)
     except Exception as error:  # noqa: BLE001 - any parse failure of the card is a user-facing problem
         raise PescError(f"{readme} is not a valid model card ({first_line(error)})") from None
+    from pesc.weights import check_model_weights
+
+    check_model_weights(folder)  # a truncated shard is named before anything is sent
     files = sorted(
         (path.relative_to(folder).as_posix(), path.stat().st_size)
         for path in folder.rglob("*")

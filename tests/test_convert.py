@@ -333,7 +333,7 @@ def test_already_pesc_is_refused(tiny_llama_dir, tmp_path, capsys):
         (["--num-experts", "2", "--top-k", "3"], ["top_k (3) cannot exceed num_experts (2)"]),
         (["--adapter-dim", "0"], ["adapter_dim must be a positive integer"]),
         (["--num-experts", "-1"], ["num_experts must be a positive integer"]),
-        (["--max-shard-size", "0"], ["max_shard_size must be positive"]),
+        (["--max-shard-size", "0"], ["--max-shard-size must be positive"]),
         (["--max-shard-size", "lots"], ["is not a size"]),
         (["--moe-scaling", "-1"], ["moe_scaling must be a positive number"]),
         (["--config", "RECIPE_UNKNOWN"], ["unknown key(s) in moe: num_expert"]),

@@ -219,3 +219,38 @@ def test_train_refuses_experts_that_cannot_fit_in_memory_before_building_them(ti
     code, _, err = run_cli(capsys, "train", config, "--set", "moe.num_experts=100000000")
     assert_error_line(code, err, "moe: these settings add", "100,000,000 experts", "lower moe.num_experts")
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("args, phrase", [
+    (["generate", "MODEL", "--prompt", "hi", "--temperature", "nan"], "--temperature must be a number >= 0"),
+    (["compare", "MODEL", "MODEL", "--atol", "nan"], "--atol must be a number >= 0"),
+    (["compare", "MODEL", "MODEL", "--prompt", ""], "--prompt is empty"),
+    (["tiny-model", "OUT", "--seed", "-1"], "--seed"),
+    (["export", "RUN", "OUT", "--max-shard-size", "lots"], "--max-shard-size 'lots' is not a size"),
+    (["train", "FOLDER"], "is a folder: give the YAML file"),
+    (["convert", "MODEL", "OUT", "--method", "moelora", "--sites", "q_proj,q_proj"], "named once"),
+], ids=["nan-temperature", "nan-atol", "empty-prompt", "negative-seed", "bad-shard-size", "config-folder",
+        "site-twice"])
+def test_values_the_audit_found_passing_are_refused(args, phrase, tiny_llama_dir, trained_run, tmp_path, capsys):
+    """Found by scripts/audit_bad_inputs.py: each used to exit 0, or fail with a message that did not name it."""
+    names = {"MODEL": tiny_llama_dir, "OUT": tmp_path / "out", "RUN": trained_run, "FOLDER": tmp_path}
+    code, _, err = run_cli(capsys, *[names.get(arg, arg) for arg in args])
+    assert code not in (0, None) and phrase in err and "Traceback" not in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_push_names_a_truncated_shard_before_sending_anything(exported, tmp_path, capsys):
+    folder = shutil.copytree(exported, tmp_path / "model")
+    shard = next(folder.glob("*.safetensors"))
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    code, _, err = run_cli(capsys, "push", folder, "--repo-id", "someone/model", "--dry-run")
+    assert_clean_error(code, err, shard.name, "truncated")
+
+
+def test_a_library_error_prints_its_first_line_only(tiny_llama_dir, tmp_path, capsys):
+    """transformers' errors run to many lines of advice; the CLI keeps the line that says what went wrong."""
+    folder = shutil.copytree(tiny_llama_dir, tmp_path / "no-tokenizer")
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
+        (folder / name).unlink(missing_ok=True)
+    code, _, err = run_cli(capsys, "generate", folder, "--prompt", "hi", "--max-new-tokens", "2")
+    assert_error_line(code, err)

@@ -61,8 +61,8 @@ class MoELoraConfig(FlatMoEConfig):
         if self.topk > self.num_experts:
             raise ValueError(f"topk ({self.topk}) cannot exceed num_experts ({self.num_experts})")
         unknown = [name for name in site_list(self.sites) if name not in LINEAR_PARENTS]
-        if unknown or not site_list(self.sites):
-            raise ValueError(f"sites {self.sites!r}: each must be one of {', '.join(LINEAR_PARENTS)}")
+        if unknown or not site_list(self.sites) or len(set(site_list(self.sites))) != len(site_list(self.sites)):
+            raise ValueError(f"sites {self.sites!r}: each must be one of {', '.join(LINEAR_PARENTS)}, named once")
         if self.contrastive_form not in CONTRASTIVE_FORMS:
             raise ValueError(f"contrastive_form must be one of {', '.join(CONTRASTIVE_FORMS)}, got {self.contrastive_form!r}")
         if not 0.0 <= self.lora_dropout < 1.0:
