@@ -135,8 +135,14 @@ def inspect(path, method_name, as_json, **setting_flags):
     from pesc.methods import check_flags, get_method, method_for_model_type, method_of
 
     config = read_config(path)
-    chosen = (None if method_name else method_for_model_type(config.model_type)) or get_method(method_name)
-    config = resolve_method_config(config, method_name, check_flags(chosen, setting_flags))
+    converted = method_for_model_type(config.model_type)
+    chosen = (None if method_name else converted) or get_method(method_name)
+    flags = check_flags(chosen, setting_flags)
+    if converted is not None and flags:
+        flag = "--" + next(iter(flags)).replace("_", "-")
+        raise PescError(f"{flag}: {path} is already a {converted.label} checkpoint, whose settings are in its "
+                        "config.json; the setting flags plan the conversion of a dense model")
+    config = resolve_method_config(config, method_name, flags)
     summary = method_of(config).parameter_summary(config)
     if as_json:
         click.echo(json.dumps(summary.as_dict(), indent=2))

@@ -38,7 +38,13 @@ def load_causal_lm(path: str | Path, dtype="auto", trust_remote_code: bool = Fal
     import pesc.modeling  # noqa: F401 - registers the PESC classes with the Auto factories
 
     trusted = remote_code_allowed(path, trust_remote_code)
-    return AutoModelForCausalLM.from_pretrained(path, trust_remote_code=trusted, dtype=dtype).eval()
+    try:
+        return AutoModelForCausalLM.from_pretrained(path, trust_remote_code=trusted, dtype=dtype).eval()
+    except RuntimeError as error:
+        if "mismatched" not in str(error):
+            raise
+        raise PescError(f"{path}: its weights don't match its config.json (the load report above names the tensors "
+                        "whose shapes differ): check that config.json belongs to these weights") from None
 
 
 def load_tokenizer(path: str | Path, trust_remote_code: bool = False):

@@ -254,3 +254,18 @@ def test_a_library_error_prints_its_first_line_only(tiny_llama_dir, tmp_path, ca
         (folder / name).unlink(missing_ok=True)
     code, _, err = run_cli(capsys, "generate", folder, "--prompt", "hi", "--max-new-tokens", "2")
     assert_error_line(code, err)
+
+
+def test_weights_that_do_not_match_config_json_are_named_not_a_traceback(tiny_llama_dir, tmp_path, capsys):
+    folder = shutil.copytree(tiny_llama_dir, tmp_path / "other-vocab")
+    config = json.loads((folder / "config.json").read_text())
+    config["vocab_size"] += 4
+    (folder / "config.json").write_text(json.dumps(config))
+    code, _, err = run_cli(capsys, "compare", tiny_llama_dir, folder)
+    assert_error_line(code, err, "weights don't match its config.json")
+
+
+def test_inspect_refuses_setting_flags_on_a_converted_checkpoint(exported, capsys):
+    """They used to be ignored silently: the counts printed were the checkpoint's, not what the flag asked."""
+    code, _, err = run_cli(capsys, "inspect", exported, "--num-experts", "16")
+    assert_clean_error(code, err, "--num-experts", "already a PESC checkpoint")
