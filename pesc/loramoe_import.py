@@ -195,6 +195,10 @@ def read_official_adapter(adapter_dir: str | Path, base_config, base_label: str)
             parts = found.get((layer_idx, site), {})
             wanted = ["lora_route", *(f"lora_A{i}" for i in range(num_experts)), *(f"lora_B{i}" for i in range(num_experts))]
             missing = [p for p in wanted if p not in parts]
+            held = next(i for i in range(num_experts + 1) if f"lora_A{i}" not in parts)
+            if missing and 0 < held < num_experts and not any(f"lora_A{i}" in parts for i in range(held, num_experts)):
+                raise PescError(f"{src}: adapter_config.json says lora_nums {num_experts}, but its weights hold {held} "
+                                "experts per site: correct lora_nums there")
             if missing:
                 what = "has no experts for that layer" if len(missing) == len(wanted) else "is incomplete; save it again"
                 raise PescError(

@@ -269,3 +269,15 @@ def test_inspect_refuses_setting_flags_on_a_converted_checkpoint(exported, capsy
     """They used to be ignored silently: the counts printed were the checkpoint's, not what the flag asked."""
     code, _, err = run_cli(capsys, "inspect", exported, "--num-experts", "16")
     assert_clean_error(code, err, "--num-experts", "already a PESC checkpoint")
+
+
+def test_import_loramoe_blames_lora_nums_when_it_disagrees_with_the_weights(tiny_llama_dir, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    from test_loramoe_import import official_state, write_adapter
+
+    state = official_state(AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32), num_experts=4)
+    adapter = write_adapter(tmp_path / "adapter", state, lora_nums=6)
+    code, _, err = run_cli(capsys, "import", "loramoe", adapter, tmp_path / "out", "--base", tiny_llama_dir)
+    assert_clean_error(code, err, "lora_nums 6", "hold 4 experts")
+    assert_nothing_left(tmp_path, "out")
