@@ -103,17 +103,20 @@ def remove_if_empty(folders: list[Path]) -> None:
 
 
 @contextmanager
-def atomic_output_dir(out: str | Path, force: bool = False, *, allow_empty: bool = False, has_force: bool = True):
+def atomic_output_dir(out: str | Path, force: bool = False, *, allow_empty: bool = False, has_force: bool = True,
+                      sources: tuple[str | Path, ...] = ()):
     """Yield an empty temporary folder beside `out`; on success it becomes `out`, on any error it is removed.
 
     With `force` (or `allow_empty` for an empty folder), an existing `out` (checked by
     `check_output_dir`) is replaced only after the new folder is complete. Any error, Ctrl-C
     included, removes the temporary folder; a full disk or another OSError becomes a PescError.
-    Missing parent folders of `out` are created, and removed again if the command fails.
+    Missing parent folders of `out` are created, and removed again if the command fails. `sources` (the
+    command's local inputs) are checked before the temporary folder is made, so none is written into.
     """
     out = Path(out)
     recover_leftovers(out.parent)
-    check_output_dir(out, force, allow_empty=allow_empty, has_force=has_force)
+    check_output_dir(out, force, tuple(s for s in sources if Path(s).exists()), allow_empty=allow_empty,
+                     has_force=has_force)
     tmp = out.parent / f".{out.name}{_TMP_TAG}{os.getpid()}"
     parents: list[Path] = []
     try:

@@ -115,7 +115,7 @@ def import_camelidae(
     """Write the Camelidae or Qwen2idae checkpoint SRC (folder or Hub id) as a pesc checkpoint at OUT."""
     out = Path(out).expanduser()
     progress = Progress()
-    with atomic_output_dir(out, force) as folder:
+    with atomic_output_dir(out, force, sources=(Path(src).expanduser(),)) as folder:
         base = BaseShardWriter(folder, link, progress)
         try:
             plan, model_type = plan_import(str(src), out, link, force)

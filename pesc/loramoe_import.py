@@ -268,7 +268,7 @@ def import_loramoe(
 
     out = Path(out).expanduser()
     progress = Progress()
-    with atomic_output_dir(out, force) as folder:
+    with atomic_output_dir(out, force, sources=(Path(base).expanduser(), Path(adapter_dir))) as folder:
         writer = BaseShardWriter(folder, link, progress)
         try:
             early = early_sources(str(base), out, force)

@@ -281,3 +281,21 @@ def test_import_loramoe_blames_lora_nums_when_it_disagrees_with_the_weights(tiny
     code, _, err = run_cli(capsys, "import", "loramoe", adapter, tmp_path / "out", "--base", tiny_llama_dir)
     assert_clean_error(code, err, "lora_nums 6", "hold 4 experts")
     assert_nothing_left(tmp_path, "out")
+
+
+def test_import_camelidae_never_writes_into_its_source(tiny_llama_dir, tmp_path, capsys, monkeypatch):
+    """OUT inside SRC is refused before the temporary folder is made (it used to appear inside SRC first)."""
+    import pesc.atomic
+
+    source = shutil.copytree(tiny_llama_dir, tmp_path / "camelidae")
+    made = []
+    real_mkdir = pesc.atomic.Path.mkdir
+
+    def watch_mkdir(self, *args, **kwargs):
+        made.append(self)
+        return real_mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(pesc.atomic.Path, "mkdir", watch_mkdir)
+    code, _, err = run_cli(capsys, "import", "camelidae", source, source / "out")
+    assert_clean_error(code, err, "is inside the input")
+    assert not any(source in path.parents for path in made)
