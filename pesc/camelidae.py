@@ -15,18 +15,10 @@ from pathlib import Path
 from typing import Callable
 
 from pesc.atomic import atomic_output_dir, check_output_dir
-from pesc.convert import (
-    BaseShardWriter,
-    ConvertResult,
-    ConvertSettings,
-    Plan,
-    Progress,
-    check_weights,
-    find_weight_files,
-    meta_model,
-    resolve_source,
-    write_rest,
-)
+from pesc.checkpoint.headers import find_weight_files
+from pesc.checkpoint.shard_writer import BaseShardWriter, Progress
+from pesc.checkpoint.source import resolve_source
+from pesc.convert import ConvertResult, ConvertSettings, Plan, check_weights, meta_model, write_rest
 from pesc.errors import PescError
 
 # model_type of a published release -> the dense family its layers are built from

@@ -131,7 +131,7 @@ def inspect(path, method_name, as_json, **setting_flags):
     """Print architecture and total / active / trainable parameter counts, from config.json alone.
 
     For a dense checkpoint the method's flags give the planned settings (defaults otherwise)."""
-    from pesc.checkpoint import read_config, resolve_method_config
+    from pesc.checkpoint.config import read_config, resolve_method_config
     from pesc.methods import check_flags, get_method, method_for_model_type, method_of
 
     config = read_config(path)

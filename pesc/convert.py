@@ -18,61 +18,44 @@ so the converter never loads the model:
 Everything is written into a temporary folder beside OUT that is renamed at the end, so
 an error, a full disk or Ctrl-C never leaves a partial OUT. Peak memory is a few layers'
 new tensors (or the largest tensor of a `.bin`), whatever the model's depth.
+
+This module plans and orchestrates; reading the headers, resolving the source and writing the
+shards are pesc.checkpoint's (headers, source, shard_writer).
 """
 
 from __future__ import annotations
 
-import errno
 import functools
 import json
-import math
-import os
 import re
 import shutil
-import struct
-import sys
 import tempfile
-import threading
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable
 
 from pesc.atomic import atomic_output_dir, check_output_dir, nearest_existing, write_marker
+from pesc.checkpoint.headers import (
+    _IGNORED_SOURCE_TENSORS,
+    _TORCH_DTYPE_NAMES,
+    SAFETENSORS_INDEX,
+    SourceFile,
+    TensorInfo,
+    _is_int,
+    _safetensors_dtype,
+    find_weight_files,
+)
+from pesc.checkpoint.shard_writer import BaseShardWriter, Progress, _check_disk_space, _human, _write_expert_shard
+from pesc.checkpoint.source import EarlySources, early_sources
 from pesc.errors import PescError
-from pesc.finite import refuse_non_finite
 from pesc.gguf import is_gguf_file, save_dense_from_gguf
 
 MARKER_FILE = ".pesc-convert"
-SAFETENSORS_INDEX = "model.safetensors.index.json"
-SAFETENSORS_SINGLE = "model.safetensors"
-BIN_INDEX = "pytorch_model.bin.index.json"
-BIN_SINGLE = "pytorch_model.bin"
 
-# Bytes per element of each safetensors dtype.
-DTYPE_SIZES = {
-    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4,
-    "U16": 2, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1, "C64": 8,
-}  # fmt: skip
-_TORCH_DTYPE_NAMES = {
-    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64", "I32": "int32",
-    "I16": "int16", "I8": "int8", "U64": "uint64", "U32": "uint32", "U16": "uint16", "U8": "uint8", "BOOL": "bool",
-    "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2", "F8_E8M0": "float8_e8m0fnu", "C64": "complex64",
-}  # fmt: skip
-_MAX_HEADER_BYTES = 100_000_000
-_COPY_CHUNK = 64 * 1024 * 1024
-# Layers whose experts are drawn ahead of the one being written, each in its own thread
-# (torch's RNG and casts release the GIL). 2 measured ~1 s faster at Llama-2-7B shape on 2
-# cores but +220 MiB peak RSS (glibc arenas of the second thread), which would break the
-# < 1 GiB bound at hidden 8192: docs/convert.md.
-_DRAW_AHEAD = 1
-# Tensors that old checkpoints carry but no current model has (recomputed buffers): tolerated.
-_IGNORED_SOURCE_TENSORS = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
 # Top-level source files never carried over: weights, indexes, the config and card we rewrite, code.
 _NOT_CARRIED = re.compile(
     r"^(config\.json|README\.md|.*\.(safetensors|bin|pt|pth|ckpt|h5|msgpack|gguf|onnx|py|pyc)|.*\.index\.json|\..*)$"
 )
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
 
 
 # --------------------------------------------------------------------------------------
@@ -100,9 +83,6 @@ class ConvertSettings:
     def moe_fields(self) -> dict:
         return dict(self.values)
 
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 _SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20,
@@ -138,244 +118,6 @@ def resolve_settings(flags: dict, recipe: str | None = None, method_name: str | 
         values.update(load_moe_settings(recipe, method_name))
     values.update(check_flags(get_method(method_name), flags))
     return ConvertSettings(method_name, parse_size(max_shard_size), **values)
-
-
-# --------------------------------------------------------------------------------------
-# Reading the source: headers only
-# --------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class TensorInfo:
-    name: str
-    dtype: str  # safetensors dtype name (BF16, F32, ...)
-    shape: tuple[int, ...]
-
-    @property
-    def nbytes(self) -> int:
-        return math.prod(self.shape) * DTYPE_SIZES[self.dtype]
-
-
-@dataclass
-class SourceFile:
-    path: Path
-    kind: str  # "safetensors" or "bin"
-    tensors: dict[str, TensorInfo] = field(default_factory=dict)
-
-    @property
-    def size(self) -> int:
-        return self.path.stat().st_size
-
-    @property
-    def tensor_bytes(self) -> int:
-        return sum(t.nbytes for t in self.tensors.values())
-
-
-def _corrupt(path: Path, detail: str) -> PescError:
-    return PescError(f"{path} is truncated or corrupt ({detail}): download or save the checkpoint again")
-
-
-def read_safetensors_header(path: str | Path) -> dict[str, TensorInfo]:
-    """Names, dtypes and shapes of a safetensors file, checking that the file holds every byte the header promises."""
-    path = Path(path)
-    size = path.stat().st_size
-    with open(path, "rb") as handle:
-        prefix = handle.read(8)
-        if len(prefix) < 8:
-            raise _corrupt(path, f"only {size} bytes, no header")
-        header_len = struct.unpack("<Q", prefix)[0]
-        if header_len > min(size - 8, _MAX_HEADER_BYTES):
-            raise _corrupt(path, f"the header claims {header_len} bytes, the file has {size}")
-        raw = handle.read(header_len)
-    try:
-        header = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise _corrupt(path, "its header is not valid JSON") from None
-    if not isinstance(header, dict):
-        raise _corrupt(path, "its header is not a JSON object")
-    tensors: dict[str, TensorInfo] = {}
-    spans = []
-    for name, entry in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            dtype, shape, (start, end) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
-            valid = dtype in DTYPE_SIZES and all(_is_int(d) and d >= 0 for d in shape) and 0 <= start <= end
-        except (KeyError, TypeError, ValueError):
-            valid = False
-        if not valid:
-            raise _corrupt(path, f"bad header entry for {name}")
-        info = TensorInfo(name, dtype, shape)
-        if end - start != info.nbytes:
-            raise _corrupt(path, f"{name} spans {end - start} bytes but its shape needs {info.nbytes}")
-        tensors[name] = info
-        spans.append((start, end))
-    position = 0
-    for start, end in sorted(spans):
-        if start != position:
-            raise _corrupt(path, "its tensors overlap or leave gaps")
-        position = end
-    data_bytes = size - 8 - header_len
-    if position != data_bytes:
-        raise _corrupt(path, f"the header describes {position} bytes of tensor data, the file holds {data_bytes}")
-    return tensors
-
-
-def _load_bin(path: Path) -> dict:
-    """A pickle checkpoint read safely (weights_only) and memory-mapped where its format allows."""
-    import torch
-
-    try:
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as error:
-            if "mmap" not in str(error):
-                raise
-            state = torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
-    except Exception as error:  # noqa: BLE001 - torch raises many types for a damaged pickle
-        refused = re.search(r"GLOBAL (\S+) was not an allowed global", str(error))  # weights_only's refusal
-        if refused:
-            raise PescError(
-                f"{path} holds objects other than tensors ({refused.group(1)}), which pesc does not unpickle: it "
-                "loads .bin files with weights_only=True for safety; save the state dict of tensors alone (or as "
-                "safetensors)"
-            ) from None
-        detail = " ".join(str(error).split())[:200] or type(error).__name__
-        raise _corrupt(path, f"torch.load failed: {detail}") from None
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise PescError(f"{path} is not a state dict of tensors (a dict of name -> tensor): save one to load it")
-    return state
-
-
-def _safetensors_dtype(torch_dtype) -> str:
-    name = str(torch_dtype).removeprefix("torch.")
-    for st_name, torch_name in _TORCH_DTYPE_NAMES.items():
-        if torch_name == name:
-            return st_name
-    raise PescError(f"tensors of dtype {name} cannot be stored in safetensors")
-
-
-def read_bin_header(path: Path) -> dict[str, TensorInfo]:
-    state = _load_bin(path)
-    return {name: TensorInfo(name, _safetensors_dtype(t.dtype), tuple(t.shape)) for name, t in state.items()}
-
-
-def find_weight_files(folder: Path) -> list[SourceFile]:
-    """The source's weight files (safetensors preferred over .bin), with every tensor's header."""
-    for index_name, single_name, kind in (
-        (SAFETENSORS_INDEX, SAFETENSORS_SINGLE, "safetensors"),
-        (BIN_INDEX, BIN_SINGLE, "bin"),
-    ):
-        index_path = folder / index_name
-        if index_path.is_file():
-            try:
-                weight_map = json.loads(index_path.read_text())["weight_map"]
-                assert isinstance(weight_map, dict)
-            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AssertionError):
-                raise _corrupt(index_path, "no valid weight_map") from None
-            names = sorted(set(weight_map.values()))
-            missing = [n for n in names if not (folder / n).is_file()]
-            if missing:
-                raise PescError(
-                    f"{folder} is incomplete: its {index_name} lists {missing[0]}, which is missing "
-                    f"({len(missing)} of {len(names)} shards missing); download the checkpoint again"
-                )
-            files = [SourceFile(folder / n, kind) for n in names]
-            for file in files:
-                file.tensors = _read_header(file)
-            for tensor, shard in weight_map.items():
-                if tensor not in next(f for f in files if f.path.name == shard).tensors:
-                    raise PescError(
-                        f"{index_path} says {tensor} is in {shard}, but that file has no such tensor: "
-                        "the checkpoint is inconsistent; download it again"
-                    )
-            return files
-        if (folder / single_name).is_file():
-            file = SourceFile(folder / single_name, kind)
-            file.tensors = _read_header(file)
-            return [file]
-    raise PescError(
-        f"{folder} has a config.json but no weights ({SAFETENSORS_SINGLE}, {SAFETENSORS_INDEX}, {BIN_SINGLE} "
-        f"or {BIN_INDEX}): give a Hugging Face model folder with its weights"
-    )
-
-
-def _read_header(file: SourceFile) -> dict[str, TensorInfo]:
-    return read_safetensors_header(file.path) if file.kind == "safetensors" else read_bin_header(file.path)
-
-
-# --------------------------------------------------------------------------------------
-# Resolving the source
-# --------------------------------------------------------------------------------------
-def resolve_source(src: str) -> tuple[Path, str | None]:
-    """A local model folder for SRC, and the Hub id it came from (None for a local folder)."""
-    path = Path(src).expanduser()
-    if path.exists():
-        if not path.is_dir():
-            raise PescError(f"{src} is neither a model folder nor a GGUF file: give the folder that holds config.json")
-        return path, _hub_id_from_cache_path(path)
-    if _HUB_ID.fullmatch(src) and not src.startswith((".", "~")):
-        return _download(src), src
-    raise PescError(f"{src} does not exist: give a local model folder or a Hugging Face Hub model id")
-
-
-def _hub_id_from_cache_path(path: Path) -> str | None:
-    """`org/name` for a folder inside the Hugging Face cache (models--org--name/snapshots/<rev>)."""
-    for part in path.resolve().parts:
-        if part.startswith("models--"):
-            return part.removeprefix("models--").replace("--", "/")
-    return None
-
-
-def _download(repo_id: str) -> Path:
-    """A Hub snapshot: config, tokenizer and safetensors (pickle .bin only when there is no safetensors)."""
-    common = ["*.json", "*.model", "*.txt", "*.jinja", "*.tiktoken", "LICENSE*", "USE_POLICY*"]
-    try:
-        from huggingface_hub import snapshot_download
-
-        folder = Path(snapshot_download(repo_id, allow_patterns=[*common, "*.safetensors"]))
-        if not any(folder.glob("*.safetensors")):
-            folder = Path(snapshot_download(repo_id, allow_patterns=[*common, "*.bin"]))
-    except Exception as error:  # noqa: BLE001 - offline, network, auth, not found: all one user message
-        detail = " ".join(str(error).split())[:160] or type(error).__name__
-        raise PescError(
-            f"{repo_id} is not a local folder and could not be fetched from the Hugging Face Hub "
-            f"({type(error).__name__}: {detail}): download it first (hf download {repo_id}) or pass a local folder"
-        ) from None
-    return folder
-
-
-# --------------------------------------------------------------------------------------
-# Early start: what can be known before torch and transformers are imported
-# --------------------------------------------------------------------------------------
-@dataclass
-class EarlySources:
-    """The source folder and, where the cheap checks vouch for them, its weight files."""
-
-    folder: Path
-    hub_id: str | None
-    files: list[SourceFile] | None  # None: leave reading them (and their errors) to the plan
-
-
-def early_sources(src: str, out: Path, force: bool) -> EarlySources:
-    """Resolve SRC, check OUT and read the weight headers, all in plain Python (no torch).
-
-    The base shards can then start copying while the plan's checks import torch and
-    transformers (seconds). Anything unusual (no or unreadable config.json, an already
-    PESC config, a header error) yields `files=None`, so that the plan reports it
-    exactly as it would have.
-    """
-    folder, hub_id = resolve_source(src)
-    check_output_dir(out, force, (folder,))
-    try:
-        model_type = json.loads((folder / "config.json").read_text()).get("model_type")
-    except (OSError, ValueError, AttributeError):
-        return EarlySources(folder, hub_id, None)
-    if model_type is None or str(model_type).split("_")[0] == "pesc":  # methods' model_types: pesc, pesc_<m>
-        return EarlySources(folder, hub_id, None)
-    try:
-        files = find_weight_files(folder)
-    except PescError:
-        return EarlySources(folder, hub_id, None)
-    return EarlySources(folder, hub_id, files)
 
 
 # --------------------------------------------------------------------------------------
@@ -514,7 +256,7 @@ def check_weights(method, model, config, sources: list[SourceFile], folder: Path
 
 def plan_conversion(src: str, early: EarlySources, out: Path, settings: ConvertSettings, link: bool, force: bool) -> Plan:
     """Check everything `early_sources` left out, write nothing: the plan of the output, or a PescError."""
-    from pesc.checkpoint import read_config
+    from pesc.checkpoint.config import read_config
     from pesc.methods import METHODS, method_for_model_type
 
     method = settings.method
@@ -566,121 +308,8 @@ def plan_conversion(src: str, early: EarlySources, out: Path, settings: ConvertS
 
 
 # --------------------------------------------------------------------------------------
-# Writing
+# Writing what the plan says (the shards themselves: pesc.checkpoint.shard_writer)
 # --------------------------------------------------------------------------------------
-def write_safetensors(path: Path, infos: list[TensorInfo], tensors: Iterable, progress=None) -> None:
-    """Stream tensors into a safetensors file: the header comes from `infos`, each tensor is written and dropped.
-
-    An all-zero tensor (every fresh adapter_up: half the expert bytes) is skipped over rather
-    than written, leaving a hole that reads back as zeros: the same bytes, less disk I/O.
-    """
-    header: dict = {"__metadata__": {"format": "pt"}}
-    offset = 0
-    for info in infos:
-        header[info.name] = {"dtype": info.dtype, "shape": list(info.shape), "data_offsets": [offset, offset + info.nbytes]}
-        offset += info.nbytes
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)
-    with open(path, "wb") as handle:
-        handle.write(struct.pack("<Q", len(raw)))
-        handle.write(raw)
-        written = 0
-        for info, tensor in zip(infos, tensors, strict=True):
-            if tuple(tensor.shape) != info.shape or _safetensors_dtype(tensor.dtype) != info.dtype:
-                raise RuntimeError(f"internal error: {info.name} does not match its planned shape or dtype")
-            refuse_non_finite([(info.name, tensor)], f"(written into {path.parent.name})")
-            data = tensor.detach().contiguous().reshape(-1).view(_byte_dtype())
-            if data.any():  # on the bytes, so that -0.0 is written, not left as a hole
-                handle.write(memoryview(data.numpy()))
-            else:
-                handle.seek(info.nbytes, os.SEEK_CUR)
-            written += info.nbytes
-            if progress is not None:
-                progress.update(info.nbytes)
-        if written != offset:
-            raise RuntimeError(f"internal error: wrote {written} of {offset} bytes to {path}")
-        handle.truncate()  # a trailing hole still counts in the file's size
-
-
-def _byte_dtype():
-    import torch
-
-    return torch.uint8
-
-
-def copy_file(src: Path, dst: Path, progress=None, cancel: threading.Event | None = None) -> None:
-    """Copy bytes in the kernel (copy_file_range) in chunks, reporting progress; a plain read/write fallback."""
-    with open(src, "rb") as fin, open(dst, "wb") as fout:
-        remaining = os.fstat(fin.fileno()).st_size
-        kernel_copy = hasattr(os, "copy_file_range")
-        while remaining > 0:
-            if cancel is not None and cancel.is_set():
-                return
-            chunk = min(remaining, _COPY_CHUNK)
-            if kernel_copy:
-                try:
-                    copied = os.copy_file_range(fin.fileno(), fout.fileno(), chunk)
-                except OSError as error:
-                    if error.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EPERM):
-                        raise
-                    kernel_copy = False
-                    continue
-            else:
-                data = fin.read(chunk)
-                fout.write(data)
-                copied = len(data)
-            if copied == 0:
-                raise OSError(errno.EIO, f"{src} ended early while copying")
-            remaining -= copied
-            if progress is not None:
-                progress.update(copied)
-
-
-def link_or_copy(src: Path, dst: Path, progress=None, notice: Callable[[str], None] = print) -> bool:
-    """Hard-link src to dst; where the filesystem refuses, copy (with a notice). True if linked."""
-    try:
-        os.link(src.resolve(), dst)
-    except OSError as error:
-        if error.errno == errno.ENOSPC:
-            raise
-        notice(f"note: cannot hard-link {src.name} into the output ({error.strerror}); copying it instead")
-        copy_file(src, dst, progress)
-        return False
-    if progress is not None:
-        progress.update(src.stat().st_size)
-    return True
-
-
-def _write_expert_shard(path: Path, shard: ExpertShard, layer_state: Callable[[int], dict], progress=None) -> None:
-    """Write each layer's added tensors while workers already draw the next layers'.
-
-    `layer_state(layer_idx)` gives one layer's tensors (convert: the method's seeded `initial_state`).
-    At most 1 + _DRAW_AHEAD layers are in memory; every layer has its own seeded RNG, so
-    drawing ahead, in any number of threads, changes no value.
-    """
-    layers = list(dict.fromkeys(layer for layer, _, _ in shard.entries))
-
-    def tensors(pool):
-        drawn = {}
-        for layer, name, _ in shard.entries:
-            if layer not in drawn:
-                position = layers.index(layer)
-                drawn = {
-                    upcoming: drawn.get(upcoming) or pool.submit(layer_state, upcoming)
-                    for upcoming in layers[position : position + 1 + _DRAW_AHEAD]
-                }
-            yield drawn[layer].result().pop(name)
-
-    with ThreadPoolExecutor(max_workers=_DRAW_AHEAD, thread_name_prefix="pesc-draw") as pool:
-        write_safetensors(path, [info for _, _, info in shard.entries], tensors(pool), progress)
-
-
-def _rewrite_bin(src: Path, dst: Path, tensors: dict[str, TensorInfo], progress=None) -> None:
-    state = _load_bin(src)
-    names = [n for n in tensors if not _IGNORED_SOURCE_TENSORS.search(n)]
-    write_safetensors(dst, [tensors[n] for n in names], (state.pop(n) for n in names), progress)
-
-
 def _model_card(plan: Plan):
     """The shared model card (pesc.model_card), for a converted model: no training section."""
     from pesc.model_card import build_model_card
@@ -712,114 +341,6 @@ class ConvertResult:
     rewritten: int
     expert_files: int
     total_bytes: int
-
-
-class Progress:
-    """One byte progress bar shared by the base-shard worker and the expert writer.
-
-    The worker may start counting before the bar can be shown (the plan's summary is
-    printed first): counts wait in `pending` until `show` opens the bar.
-    """
-
-    def __init__(self):
-        self.lock = threading.Lock()
-        self.bar = None
-        self.pending = 0
-
-    def show(self, total: int) -> None:
-        from tqdm.auto import tqdm
-
-        with self.lock:
-            self.bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="pesc convert",
-                            disable=None, file=sys.stderr, dynamic_ncols=True)  # fmt: skip
-            self.bar.update(self.pending)
-
-    def update(self, count: int) -> None:
-        with self.lock:
-            if self.bar is None:
-                self.pending += count
-            else:
-                self.bar.update(count)
-
-    def notice(self, message: str) -> None:
-        from tqdm.auto import tqdm
-
-        with self.lock:
-            tqdm.write(message, file=sys.stderr)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
-class BaseShardWriter:
-    """Copies, links or re-writes the base shards into the output folder, in a worker thread.
-
-    Kernel copies overlap with the main thread's work: the plan's checks (which import
-    torch and transformers) and drawing the experts. The shards get provisional names
-    (`base-N.safetensors`) because their final names count the expert shards, which only
-    the plan knows; `finish` renames them.
-    """
-
-    def __init__(self, folder: Path, link: bool, progress: Progress):
-        self.folder, self.link, self.progress = folder, link, progress
-        self.cancel = threading.Event()
-        self.counts = {"linked": 0, "copied": 0, "rewritten": 0}
-        self.sources: list[SourceFile] = []
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pesc-copy")
-        self._job = None
-
-    @property
-    def started(self) -> bool:
-        return self._job is not None
-
-    def start(self, sources: list[SourceFile]) -> None:
-        self.sources = sources
-        self._job = self._pool.submit(self._write_all)
-
-    def check(self) -> None:
-        """Raise the worker's error now, if it already failed."""
-        if self._job is not None and self._job.done():
-            self._job.result()
-
-    def _write_all(self) -> None:
-        for number, file in enumerate(self.sources, 1):
-            if self.cancel.is_set():
-                return
-            target = self.folder / f"base-{number:05d}.safetensors"
-            if file.kind == "bin":
-                _rewrite_bin(file.path, target, file.tensors, self.progress)
-                self.counts["rewritten"] += 1
-            elif self.link:
-                linked = link_or_copy(file.path, target, None, notice=self.progress.notice)
-                self.counts["linked" if linked else "copied"] += 1
-            else:
-                copy_file(file.path, target, self.progress, self.cancel)
-                self.counts["copied"] += 1
-
-    def finish(self, plan: Plan) -> None:
-        """Wait for the worker and give each base shard its final name."""
-        if self._job is not None:
-            self._job.result()
-        self._pool.shutdown()
-        for number in range(1, len(self.sources) + 1):
-            os.rename(self.folder / f"base-{number:05d}.safetensors", self.folder / plan.shard_name(number))
-
-    def abort(self) -> None:
-        """Stop the worker at its next chunk and wait for it, before the folder is removed."""
-        self.cancel.set()
-        self._pool.shutdown(wait=True)
-
-
-def _check_disk_space(out: Path, needed: int, link: bool) -> None:
-    """Refuse to start (or go on) writing `needed` more bytes beside OUT when they do not fit."""
-    needed += 50_000_000  # index, card, code, and the filesystem's own overhead
-    free = shutil.disk_usage(out.parent).free
-    if free < needed:
-        raise PescError(
-            f"not enough disk space in {out.parent}: the output needs about {_human(needed)} more, "
-            f"{_human(free)} is free; free some space{'' if link else ' or pass --link'} and retry"
-        )
 
 
 def write_rest(
@@ -889,14 +410,6 @@ def _convert_gguf(gguf_file: Path, out: Path, settings: ConvertSettings, force: 
         dense = Path(tmp) / gguf_file.stem  # the model card names the base after this folder
         save_dense_from_gguf(gguf_file, dense, echo=echo)
         return convert(dense, out, settings, link=True, force=force, echo=echo, origin=str(gguf_file))
-
-
-def _human(num_bytes: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if num_bytes < 1000:
-            return f"{num_bytes:.1f} {unit}" if unit != "B" else f"{int(num_bytes)} B"
-        num_bytes /= 1000
-    return f"{num_bytes:.1f} TB"
 
 
 def convert(

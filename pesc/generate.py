@@ -3,9 +3,9 @@
 import sys
 from pathlib import Path
 
+from pesc.checkpoint.weights import check_model_weights
 from pesc.errors import PescError
 from pesc.trust import remote_code_allowed
-from pesc.weights import check_model_weights
 
 
 def build_inputs(tokenizer, prompt: str, system: str | None = None, chat_template: bool = True) -> dict:

@@ -18,7 +18,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from pesc.convert import _load_bin, read_safetensors_header
+from pesc.checkpoint.headers import _load_bin, read_safetensors_header
 from pesc.errors import PescError
 from pesc.finite import refuse_non_finite
 from pesc.modeling.moe_core import LINEAR_PARENTS
@@ -263,8 +263,10 @@ def import_loramoe(
 
     from pesc.atomic import atomic_output_dir
     from pesc.camelidae import IMPORT_MARKER
-    from pesc.checkpoint import read_config
-    from pesc.convert import BaseShardWriter, ConvertSettings, Progress, early_sources, plan_conversion, write_rest
+    from pesc.checkpoint.config import read_config
+    from pesc.checkpoint.shard_writer import BaseShardWriter, Progress
+    from pesc.checkpoint.source import early_sources
+    from pesc.convert import ConvertSettings, plan_conversion, write_rest
 
     out = Path(out).expanduser()
     progress = Progress()

@@ -28,14 +28,15 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-from transformers import AutoConfig
 from safetensors.torch import load_file, save_file
+from transformers import AutoConfig
 
+from pesc.checkpoint.trained_run import load_trained_model
 from pesc.cli import main as cli_main
 from pesc.convert import ConvertSettings, convert
-from pesc.export import export, load_trained_model
-from pesc.model_card import TESTED_TRANSFORMERS
+from pesc.export import export
 from pesc.methods import DEFAULT_METHOD, METHODS, get_method
+from pesc.model_card import TESTED_TRANSFORMERS
 from pesc.testing import save_tiny_dense
 from pesc.testing.compat_envs import EnvBuildError, ensure_envs
 from pesc.testing.isolated import run_without_pesc

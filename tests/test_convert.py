@@ -16,6 +16,8 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 import pesc
+import pesc.checkpoint.headers as headers_module
+import pesc.checkpoint.shard_writer as shard_writer_module
 import pesc.convert as convert_module
 from pesc.cli import main
 from pesc.testing import TINY_FAMILIES, save_tiny_dense
@@ -179,7 +181,7 @@ def test_link_falls_back_to_copy_with_a_notice(sources, tmp_path, capsys, monkey
     def refuse(*args, **kwargs):
         raise OSError(errno.EXDEV, "Invalid cross-device link")
 
-    monkeypatch.setattr(convert_module.os, "link", refuse)
+    monkeypatch.setattr(shard_writer_module.os, "link", refuse)
     src = sources["llama", "single"]
     code, _, err = run_cli(capsys, "convert", src, tmp_path / "out", *SMALL, "--link")
     assert code == 0, err
@@ -357,7 +359,7 @@ def test_disk_full_mid_write_leaves_nothing(target, sources, tmp_path, capsys, m
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(convert_module, target, full)
+    monkeypatch.setattr(shard_writer_module, target, full)
     code, _, err = run_cli(capsys, "convert", sources["llama", "sharded"], tmp_path / "out", *SMALL)
     assert_clean_error(code, err, "disk full", "free some space")
     assert_nothing_left(tmp_path)
@@ -376,7 +378,7 @@ def test_too_little_disk_space_is_refused(free_after_base, sources, tmp_path, ca
         calls.append(path)
         return usage(10**12, 0, answers[len(calls) - 1])
 
-    monkeypatch.setattr(convert_module.shutil, "disk_usage", disk_usage)
+    monkeypatch.setattr(shard_writer_module.shutil, "disk_usage", disk_usage)
     code, _, err = run_cli(capsys, "convert", sources["llama", "sharded"], tmp_path / "out", *SMALL)
     assert_clean_error(code, err, "not enough disk space", "free some space")
     assert_nothing_left(tmp_path)
@@ -386,7 +388,7 @@ def test_too_little_disk_space_is_refused(free_after_base, sources, tmp_path, ca
 def test_base_shards_start_copying_before_the_plan_checks(sources, tmp_path, capsys, monkeypatch):
     """The copy overlaps the plan's torch/transformers imports and checks instead of following them."""
     copying = threading.Event()
-    real_copy, real_plan = convert_module.copy_file, convert_module.plan_conversion
+    real_copy, real_plan = shard_writer_module.copy_file, convert_module.plan_conversion
 
     def copy_file(*args, **kwargs):
         copying.set()
@@ -396,7 +398,7 @@ def test_base_shards_start_copying_before_the_plan_checks(sources, tmp_path, cap
         assert copying.wait(30), "the plan ran before any base shard started copying"
         return real_plan(*args, **kwargs)
 
-    monkeypatch.setattr(convert_module, "copy_file", copy_file)
+    monkeypatch.setattr(shard_writer_module, "copy_file", copy_file)
     monkeypatch.setattr(convert_module, "plan_conversion", plan_conversion)
     code, _, err = run_cli(capsys, "convert", sources["llama", "sharded"], tmp_path / "out", *SMALL)
     assert code == 0, err
@@ -412,11 +414,11 @@ def test_zero_tensors_are_left_as_holes_that_read_back_exactly(tmp_path):
         "zeros_last": torch.zeros(1000, dtype=torch.float16),
     }
     infos = [
-        convert_module.TensorInfo(name, convert_module._safetensors_dtype(t.dtype), tuple(t.shape))
+        headers_module.TensorInfo(name, headers_module._safetensors_dtype(t.dtype), tuple(t.shape))
         for name, t in tensors.items()
     ]
     path = tmp_path / "experts.safetensors"
-    convert_module.write_safetensors(path, infos, tensors.values())
+    shard_writer_module.write_safetensors(path, infos, tensors.values())
     loaded = load_file(path)
     for name, tensor in tensors.items():
         assert loaded[name].view(torch.uint8).equal(tensor.view(torch.uint8)), name
@@ -425,7 +427,7 @@ def test_zero_tensors_are_left_as_holes_that_read_back_exactly(tmp_path):
 
 
 def test_interrupt_mid_write_leaves_nothing(sources, tmp_path, capsys, monkeypatch):
-    real = convert_module.write_safetensors
+    real = shard_writer_module.write_safetensors
     calls = []
 
     def interrupted(path, *args, **kwargs):
@@ -435,7 +437,7 @@ def test_interrupt_mid_write_leaves_nothing(sources, tmp_path, capsys, monkeypat
             raise KeyboardInterrupt
         return real(path, *args, **kwargs)
 
-    monkeypatch.setattr(convert_module, "write_safetensors", interrupted)
+    monkeypatch.setattr(shard_writer_module, "write_safetensors", interrupted)
     code, _, err = run_cli(capsys, "convert", sources["llama", "single"], tmp_path / "out", *SMALL,
                            "--max-shard-size", "10KB")  # fmt: skip
     assert code == 130

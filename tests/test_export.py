@@ -25,8 +25,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from pesc.checkpoint.trained_run import load_trained_model
 from pesc.cli import main
-from pesc.export import export, load_trained_model
+from pesc.export import export
 from pesc.testing.isolated import run_without_pesc
 from pesc.testing.trained_run import LORA_TARGETS, fake_trained_model
 

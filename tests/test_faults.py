@@ -114,7 +114,7 @@ def test_a_huge_number_of_experts_is_refused_at_once_with_its_size(tiny_llama_di
 @pytest.mark.parametrize("method", ["pesc", "loramoe", "mov", "molora", "moelora"])
 def test_the_added_parameters_are_sized_exactly_from_the_config(method, tiny_llama_dir):
     """The closed form (two probe models, extended linearly) equals the count of the model actually built."""
-    from pesc.checkpoint import read_config
+    from pesc.checkpoint.config import read_config
     from pesc.methods import get_method
 
     chosen = get_method(method)

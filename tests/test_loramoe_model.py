@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from torch import nn
 from transformers import AutoModelForCausalLM
 
-from pesc.checkpoint import read_config
+from pesc.checkpoint.config import read_config
 from pesc.methods import get_method
 from pesc.testing import TINY_FAMILIES
 from pesc.testing.isolated import checkpoint_outputs_without_pesc
@@ -270,7 +270,7 @@ def test_tiny_run_with_two_task_types_logs_lbc_and_learns(loramoe_run):
 
 
 def test_export_loads_and_generates_without_pesc(capsys, loramoe_run, tmp_path):
-    from pesc.export import load_trained_model
+    from pesc.checkpoint.trained_run import load_trained_model
 
     code, _, err = run_cli(capsys, "export", loramoe_run, tmp_path / "export", "--dtype", "float32")
     assert code == 0, err

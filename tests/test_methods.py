@@ -273,7 +273,7 @@ def test_the_sibling_follows_qlora_and_acts_once(toyvec, toy_run, tiny_llama_dir
 
 
 def test_export_loads_without_pesc_and_computes_the_trained_model(toyvec, toy_run, tmp_path):
-    from pesc.export import load_trained_model
+    from pesc.checkpoint.trained_run import load_trained_model
 
     out = tmp_path / "toy-export"
     main(["export", str(toy_run), str(out), "--dtype", "float32"])

@@ -376,7 +376,7 @@ def test_tiny_run_trains_logs_both_losses_and_resumes_exactly(moelora_runs):
 
 
 def test_export_loads_without_pesc_and_computes_the_trained_model(moelora_runs, tmp_path):
-    from pesc.export import load_trained_model
+    from pesc.checkpoint.trained_run import load_trained_model
 
     full, _ = moelora_runs
     out = tmp_path / "export"

@@ -76,7 +76,7 @@ def test_resume_equals_the_uninterrupted_run(method_run, tmp_path, tiny_llama_di
 
 
 def test_export_loads_without_pesc_and_generates(method_run, tmp_path):
-    from pesc.export import load_trained_model
+    from pesc.checkpoint.trained_run import load_trained_model
 
     method, run = method_run
     out = tmp_path / "export"

@@ -126,7 +126,7 @@ def _direct_counts(model, tokenizer, questions: list[str], num_experts: int, top
 def test_loads_in_the_json_equal_a_direct_count_of_the_router_outputs(source, request, data_dir, tmp_path):
     from transformers import AutoTokenizer
 
-    from pesc.export import load_trained_model
+    from pesc.checkpoint.trained_run import load_trained_model
     from pesc.generate import load_causal_lm
 
     path = request.getfixturevalue(source)

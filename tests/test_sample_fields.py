@@ -66,8 +66,8 @@ def test_padded_and_packed_batches_carry_one_value_per_sequence(tokenizer):
 
 def test_a_run_written_before_the_method_interface_still_reads(trained_run, tmp_path):
     """Older runs call the experts file pesc_experts.safetensors: export, eval and resume find it."""
-    from pesc.export import find_checkpoint
-    from pesc.run_files import load_expert_state
+    from pesc.checkpoint.run_files import load_expert_state
+    from pesc.checkpoint.trained_run import find_checkpoint
     from pesc.training.run import resume_checkpoint
 
     old = tmp_path / "old-run"

@@ -365,7 +365,7 @@ def _step_logs(run_dir: Path) -> list[dict]:
 def test_train_resume_equals_uninterrupted(tmp_path, tiny_llama_dir, data_file, monkeypatch):
     """A run killed after checkpoint-3 (steps 4 and 5 already logged) and resumed ends with the weights and logs of an
     uninterrupted run, bit for bit, with evaluation on: at steps 2 and 4 (not save steps) and 6 (one)."""
-    from pesc.run_files import load_trained_config
+    from pesc.checkpoint.run_files import load_trained_config
     from pesc.training import train
 
     with_eval = {"val_set_size": 8, "eval_steps": 2}
@@ -494,7 +494,7 @@ def test_resume_restores_experts(tmp_path, tiny_llama_dir, data_file):
 
     config = load_config(make_config(tmp_path, tiny_llama_dir, data_file, load_in_4bit=False, gradient_checkpointing=False))
     model = prepare_for_training(load_base_model(config), config)
-    from pesc.run_files import save_trained_state
+    from pesc.checkpoint.run_files import save_trained_state
 
     with torch.no_grad():
         for name, param in model.named_parameters():

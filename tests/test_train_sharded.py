@@ -25,7 +25,7 @@ import torch
 from safetensors.torch import load_file
 
 from pesc.methods import get_method
-from pesc.run_files import EXPERTS_FILE, FINAL_DIR
+from pesc.checkpoint.run_files import EXPERTS_FILE, FINAL_DIR
 from pesc.testing.launch import BACKENDS, assert_same_routing_logs, launch_training
 from test_train import data_file, make_config  # noqa: F401  (the same tiny config and data fixture)
 from test_train_ddp import SETTINGS

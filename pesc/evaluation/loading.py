@@ -30,10 +30,10 @@ def source_kind(path: str | Path) -> str:
 def check_eval_source(path: str | Path, trust_remote_code: bool = False) -> None:
     """PATH, a model folder or a run, is complete as far as its files tell, and loads with code the user trusts
     (nothing loaded)."""
-    from pesc.export import adapter_base, find_checkpoint, resolve_base_config
+    from pesc.checkpoint.run_files import load_trained_config
+    from pesc.checkpoint.trained_run import adapter_base, find_checkpoint, resolve_base_config
+    from pesc.checkpoint.weights import check_model_weights
     from pesc.generate import check_model_folder
-    from pesc.run_files import load_trained_config
-    from pesc.weights import check_model_weights
 
     path = Path(path)
     if not path.exists():
@@ -50,7 +50,7 @@ def check_eval_source(path: str | Path, trust_remote_code: bool = False) -> None
 
 def _run_quantization_config(run_dir: Path | None, checkpoint: Path):
     """The 4-bit settings the run was trained with (its pesc_train_config.yaml)."""
-    from pesc.run_files import TRAIN_CONFIG_FILE
+    from pesc.checkpoint.run_files import TRAIN_CONFIG_FILE
     from pesc.training.config import load_config
     from pesc.training.model import quantization_config
 
@@ -62,7 +62,7 @@ def _run_quantization_config(run_dir: Path | None, checkpoint: Path):
 
 def load_source_tokenizer(path: str | Path, trust_remote_code: bool = False):
     """The tokenizer of PATH, a model folder or a run (checked by `check_eval_source`), without the model."""
-    from pesc.export import adapter_base, find_checkpoint, load_run_tokenizer
+    from pesc.checkpoint.trained_run import adapter_base, find_checkpoint, load_run_tokenizer
     from pesc.generate import load_tokenizer
 
     if source_kind(path) == "folder":
@@ -76,7 +76,7 @@ def load_eval_model(
     trust_remote_code: bool = False,
 ) -> EvalModel:
     """The model of PATH in eval mode, on the GPU when there is one, with its tokenizer (`tokenizer` if given)."""
-    from pesc.export import find_checkpoint, load_run_tokenizer, load_trained_model
+    from pesc.checkpoint.trained_run import find_checkpoint, load_run_tokenizer, load_trained_model
     from pesc.generate import load_causal_lm
 
     kind = source_kind(path)  # run_eval checked PATH already (check_eval_source)

@@ -46,9 +46,9 @@ def parse_expert_groups(values: list[str]) -> dict[str, list[int]]:
 
 def _training_settings(model: str) -> tuple[str | None, int]:
     """The chat_template and sequence_len MODEL was trained with (a run), else the training defaults."""
+    from pesc.checkpoint.run_files import TRAIN_CONFIG_FILE
+    from pesc.checkpoint.trained_run import find_checkpoint
     from pesc.evaluation.loading import source_kind
-    from pesc.export import find_checkpoint
-    from pesc.run_files import TRAIN_CONFIG_FILE
     from pesc.training.config import SCHEMA, load_config
 
     defaults = (SCHEMA["chat_template"].default, SCHEMA["sequence_len"].default)

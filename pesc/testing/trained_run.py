@@ -2,7 +2,7 @@
 
 Tiny dense model -> upcycled in memory -> peft LoRA with random (non-zero) lora_B on the
 dense linears, routers and adapter_up perturbed -> saved exactly as the trainer saves a
-checkpoint (`PeftModel.save_pretrained` + `pesc.run_files.save_trained_state`), plus a
+checkpoint (`PeftModel.save_pretrained` + `pesc.checkpoint.run_files.save_trained_state`), plus a
 `pesc_train_config.yaml` and a `trainer_state.json` for the model card.
 """
 
@@ -51,7 +51,7 @@ def save_fake_trained_run(
     final: bool = False,
 ) -> Path:
     """Write `run_dir/checkpoint-{step}` (or `run_dir/final`) of `fake_trained_model`; returns the checkpoint folder."""
-    from pesc.run_files import TRAIN_CONFIG_FILE, save_trained_state
+    from pesc.checkpoint.run_files import TRAIN_CONFIG_FILE, save_trained_state
 
     run_dir = Path(run_dir)
     peft_model = fake_trained_model(dense_dir, num_experts=num_experts, top_k=top_k, adapter_dim=adapter_dim, seed=seed)

@@ -56,7 +56,7 @@ def deepspeed_zero3_enabled() -> bool:
 def resolve_model_config(config: dict):
     """(the method's config to build, whether the base is dense) from the base's config.json, `method:`
     and the `moe:` section."""
-    from pesc.checkpoint import read_config
+    from pesc.checkpoint.config import read_config
 
     try:
         base_config = read_config(config["base_model"], trust_remote_code=config["trust_remote_code"])

@@ -13,8 +13,7 @@ from pathlib import Path
 import torch
 
 from pesc.atomic import nearest_existing
-from pesc.errors import PescError, first_line
-from pesc.run_files import (
+from pesc.checkpoint.run_files import (
     EXPERTS_FILE,
     FINAL_DIR,
     PESC_CONFIG_FILE,
@@ -23,9 +22,10 @@ from pesc.run_files import (
     is_training_run,
     numbered_checkpoints,
 )
+from pesc.checkpoint.weights import check_checkpoint_files, check_model_weights
+from pesc.errors import PescError, first_line
 from pesc.training.config import dump_config, load_config, to_list
 from pesc.training.curves import TrainingCurvesCallback
-from pesc.weights import check_checkpoint_files, check_model_weights
 
 logger = logging.getLogger("pesc.train")
 

@@ -1,7 +1,8 @@
 """The transformers Trainer, taught what every method's training needs.
 
 - Saving: every checkpoint-N (and `final/`) gets `experts.safetensors` + `pesc_config.json`
-  (pesc.run_files) beside peft's LoRA adapter; resuming loads them back (peft restores only the LoRA).
+  (pesc.checkpoint.run_files) beside peft's LoRA adapter; resuming loads them back (peft restores only
+  the LoRA).
   A run without LoRA (`lora_target_modules: []`) saves no model weights besides those.
 - The loss: the model adds each named aux loss times its coefficient per micro batch. When the
   Trainer normalises the language-model loss over the whole accumulated batch (`num_items_in_batch`),
@@ -25,9 +26,9 @@ import torch
 from transformers import Trainer, TrainerCallback
 from transformers.trainer import TRAINING_ARGS_NAME
 
+from pesc.checkpoint.run_files import EXPERTS_FILE, load_expert_state, save_trained_state
 from pesc.methods import method_of
 from pesc.routing_analysis.tally import routing_load
-from pesc.run_files import EXPERTS_FILE, load_expert_state, save_trained_state
 
 EXPERT_LOAD_FILE = "expert_load.jsonl"
 

@@ -1,4 +1,4 @@
-"""Files a training run writes beside peft's LoRA adapter, and that export reads back.
+"""Files a training run writes beside peft's LoRA adapter, and that export, eval and routes read back (trained_run).
 
 A training checkpoint folder (and a run's `final/` folder) holds:
 - peft's `adapter_config.json` + `adapter_model.safetensors` (the LoRA on the dense linears);

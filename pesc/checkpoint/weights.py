@@ -9,7 +9,7 @@ is the one `pesc convert` gives: the file, what is wrong, and what to do.
 import zipfile
 from pathlib import Path
 
-from pesc.convert import find_weight_files, read_safetensors_header
+from pesc.checkpoint.headers import find_weight_files, read_safetensors_header
 from pesc.errors import PescError
 
 # Files torch.save writes into a training checkpoint (optimizer, scheduler, RNG state, training arguments).
