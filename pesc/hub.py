@@ -85,7 +85,7 @@ def plan_upload(folder: str | Path, include: tuple[str, ...] = ()) -> UploadPlan
         card = ModelCard.load(readme, ignore_metadata_errors=False)
     except Exception as error:  # noqa: BLE001 - any parse failure of the card is a user-facing problem
         raise PescError(f"{readme} is not a valid model card ({first_line(error)})") from None
-    from pesc.weights import check_model_weights
+    from pesc.checkpoint.weights import check_model_weights
 
     check_model_weights(folder)  # a truncated shard is named before anything is sent
     files = sorted(
