@@ -299,3 +299,17 @@ def test_import_camelidae_never_writes_into_its_source(tiny_llama_dir, tmp_path,
     code, _, err = run_cli(capsys, "import", "camelidae", source, source / "out")
     assert_clean_error(code, err, "is inside the input")
     assert not any(source in path.parents for path in made)
+
+
+@pytest.mark.parametrize("damage, phrase", [
+    (lambda config: [config], "is not a JSON object"),
+    (lambda config: {**config, "hidden_size": "sixty-four"}, "hidden_size must be a positive integer"),
+    (lambda config: {**config, "num_hidden_layers": -2}, "num_hidden_layers must be a positive integer"),
+], ids=["a-list", "a-string-size", "negative-layers"])
+@pytest.mark.parametrize("command", ["convert", "inspect"])
+def test_a_damaged_config_json_is_one_line(command, damage, phrase, tiny_llama_dir, tmp_path, capsys):
+    folder = shutil.copytree(tiny_llama_dir, tmp_path / "src")
+    (folder / "config.json").write_text(json.dumps(damage(json.loads((folder / "config.json").read_text()))))
+    out = [tmp_path / "out"] if command == "convert" else []
+    code, _, err = run_cli(capsys, command, folder, *out)
+    assert_clean_error(code, err, phrase)

@@ -23,15 +23,23 @@ def read_config(path_or_id: str | Path, trust_remote_code: bool = False) -> PreT
         raw = json.loads(config_file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise PescError(f"{config_file} is not valid JSON ({error}); the checkpoint looks damaged") from None
+    if not isinstance(raw, dict):
+        raise PescError(f"{config_file} is not a JSON object of settings; the checkpoint looks damaged")
+    for key in _POSITIVE_SIZES:
+        value = raw.get(key)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise PescError(f"{config_file}: {key} must be a positive integer, got {value!r}")
     method = method_for_model_type(raw.get("model_type"))
-    if method is not None:
-        return method.config_class.from_dict(raw)
-    if "model_type" not in raw:
+    if method is None and "model_type" not in raw:
         raise PescError(f"{config_file} names no model_type, so its model family is unknown")
     try:
-        return AutoConfig.for_model(**raw)
-    except ValueError as error:
-        raise PescError(f"{config_file}: {error}") from None
+        return method.config_class.from_dict(raw) if method is not None else AutoConfig.for_model(**raw)
+    except (ValueError, TypeError) as error:  # transformers' strict field checks raise TypeError subclasses
+        raise PescError(f"{config_file}: {first_line(error)}") from None
+
+
+# The sizes every decoder's config.json has: a bad one would fail deep inside a model build.
+_POSITIVE_SIZES = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
 
 
 def _read_hub_config(repo_id: str, trust_remote_code: bool) -> PreTrainedConfig:
