@@ -13,7 +13,8 @@ import torch  # noqa: E402
 from pesc.testing import TINY_FAMILIES, save_tiny_dense  # noqa: E402
 from pesc.testing.trained_run import save_fake_trained_run  # noqa: E402
 
-torch.set_num_threads(2)
+# Two threads, as CI's machine has, unless OMP_NUM_THREADS asks for another count (the tests must hold at any).
+torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or 2))
 
 
 @pytest.fixture(scope="session")
