@@ -1,4 +1,4 @@
-"""Streaming conversion of a dense checkpoint into a method's sparse checkpoint (PESC by default; DESIGN.md §4).
+"""Streaming conversion of a dense checkpoint into a method's sparse checkpoint (PESC by default; the format: docs/model.md).
 
 Every method leaves every base tensor unchanged (its modules are added under their own names),
 so the converter never loads the model:

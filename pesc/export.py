@@ -1,4 +1,4 @@
-"""Export a trained run as a sparse Hugging Face checkpoint in its method's layout (DESIGN.md §4, §6).
+"""Export a trained run as a sparse Hugging Face checkpoint in its method's layout (docs/model.md, docs/export.md).
 
 The steps, each bounded to one copy of the model in memory (steps 1-4, "load a trained run", are
 pesc.checkpoint.trained_run's; this module orchestrates them and writes the folder):

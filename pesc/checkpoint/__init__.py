@@ -1,4 +1,4 @@
-"""Checkpoint I/O in one place (DESIGN.md §9): what convert, export, training, eval and the imports read and write.
+"""Checkpoint I/O in one place: what convert, export, training, eval and the imports read and write.
 
 One concern a file:
 - config: a model folder's config.json, read as its method's config or as a dense one;

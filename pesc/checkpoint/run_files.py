@@ -4,7 +4,7 @@ A training checkpoint folder (and a run's `final/` folder) holds:
 - peft's `adapter_config.json` + `adapter_model.safetensors` (the LoRA on the dense linears);
 - `experts.safetensors`: every tensor of the modules the method added (PESC: routers and expert
   adapters), trained in full, under its checkpoint name (`model.layers.N.mlp.moe_adapter....`,
-  DESIGN.md §4). Runs made before the method interface call it `pesc_experts.safetensors`: still read;
+  docs/model.md). Runs made before the method interface call it `pesc_experts.safetensors`: still read;
 - `pesc_config.json`: the config (of the run's method) of the model that was trained.
 The run folder itself also holds `pesc_train_config.yaml`, the resolved training config.
 """
