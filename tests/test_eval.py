@@ -11,7 +11,7 @@ import pytest
 
 from pesc.cli import main
 from pesc.evaluation import harness
-from pesc.evaluation.report import metric_values
+from pesc.evaluation.report import metric_values, metrics_table, results_table
 from pesc.evaluation.suites import SUITES, SuiteTask
 
 lm_eval = pytest.importorskip("lm_eval")
@@ -96,7 +96,14 @@ def test_eval_of_an_export_equals_lm_eval_run_directly(exported, tasks_dir, tmp_
     assert results["n-samples"]["tiny_mc"]["effective"] == len(MC_DOCS)
     assert results["pesc"]["kind"] == "model folder" and results["pesc"]["model"] == str(exported)
     table = (tmp_path / "out" / "results.md").read_text()
-    assert table in printed and "tiny_ppl" in table and "word_perplexity" in table
+    assert table in printed
+    # each score beside its standard error and n; lm-eval's "N/A" stderr (a perplexity's) leaves the value alone
+    tiny_mc = results["results"]["tiny_mc"]
+    assert isinstance(tiny_mc["acc_stderr,none"], float)
+    assert results["results"]["tiny_ppl"]["word_perplexity_stderr,none"] == "N/A"
+    assert f"| tiny_mc | 0 | 6 | acc | none | {tiny_mc['acc,none']:.4f} ± {tiny_mc['acc_stderr,none']:.4f} |" in table
+    ppl = results["results"]["tiny_ppl"]["word_perplexity,none"]
+    assert f"| tiny_ppl | 0 | 2 | word_perplexity | none | {ppl:.4f} |" in table.splitlines()
 
 
 def test_eval_of_a_run_equals_its_float32_export(trained_run, exported, tiny_llama_dir, tasks_dir, tmp_path):
@@ -116,11 +123,47 @@ def test_compare_prints_one_side_by_side_table(exported, tiny_llama_dir, tasks_d
     assert baseline["pesc"]["model"] == str(tiny_llama_dir)
     mine, theirs = metric_values(results), metric_values(baseline)
     ppl = ("tiny_ppl", "word_perplexity", "none")
-    row = next(line for line in printed.splitlines() if line.startswith("| tiny_ppl | 0 | word_perplexity |"))
-    assert row.split("|")[5:8] == [f" {theirs[ppl]:.4f} ", f" {mine[ppl]:.4f} ", f" {mine[ppl] - theirs[ppl]:+.4f} "]
-    assert f"| Task | n-shot | Metric | Filter | {tiny_llama_dir.name} | {exported.name} | Δ |" in printed.splitlines()
+    row = next(line for line in printed.splitlines() if line.startswith("| tiny_ppl | 0 | 2 | word_perplexity |"))
+    # a perplexity has no stderr ("N/A"): the bare values, and no verdict on the difference
+    assert row.split("|")[6:10] == [f" {theirs[ppl]:.4f} ", f" {mine[ppl]:.4f} ", f" {mine[ppl] - theirs[ppl]:+.4f} ",
+                                    " — "]
+    header = f"| Task | n-shot | n | Metric | Filter | {tiny_llama_dir.name} | {exported.name} | Δ | within stderr |"
+    assert header in printed.splitlines()
     assert sum(line.startswith("| tiny_") for line in printed.splitlines()) == len(mine) == 5
     assert (tmp_path / "out" / "results.md").read_text() in printed
+
+
+def _lm_eval_like(scores: dict[str, tuple[float, float | str]], n: int) -> dict:
+    """A results dict shaped as lm-eval's: one task "t", {metric: (value, stderr)} under the "none" filter."""
+    entries = {"alias": "t"}
+    for metric, (value, stderr) in scores.items():
+        entries.update({f"{metric},none": value, f"{metric}_stderr,none": stderr})
+    return {"results": {"t": entries}, "n-shot": {"t": 5}, "n-samples": {"t": {"original": 100, "effective": n}}}
+
+
+def test_the_table_shows_n_and_each_scores_stderr():
+    """n is lm-eval's "effective" count (what --limit left), the stderr sits beside its score, "N/A" leaves it out."""
+    table = results_table(_lm_eval_like({"acc": (0.5, 0.14433756729740643), "word_perplexity": (12.5, "N/A")}, 12))
+    assert table.splitlines() == [
+        "| Task | n-shot | n | Metric | Filter | value |",
+        "|---|--:|--:|---|---|--:|",
+        "| t | 5 | 12 | acc | none | 0.5000 ± 0.1443 |",
+        "| t | 5 | 12 | word_perplexity | none | 12.5000 |",
+    ]
+
+
+def test_compare_marks_a_difference_within_the_combined_stderr():
+    """|Δ| against sqrt(se_a² + se_b²): acc's 0.04 lies within sqrt(0.03² + 0.04²) = 0.05 (no finding),
+    acc_norm's 0.2 outside sqrt(0.06² + 0.08²) = 0.1; where a side has no stderr ("N/A"), no verdict."""
+    dense = _lm_eval_like({"acc": (0.50, 0.03), "acc_norm": (0.40, 0.06), "ppl": (9.0, "N/A")}, 12)
+    moe = _lm_eval_like({"acc": (0.54, 0.04), "acc_norm": (0.60, 0.08), "ppl": (8.0, 0.5)}, 12)
+    assert metrics_table([("dense", dense), ("moe", moe)]).splitlines() == [
+        "| Task | n-shot | n | Metric | Filter | dense | moe | Δ | within stderr |",
+        "|---|--:|--:|---|---|--:|--:|--:|---|",
+        "| t | 5 | 12 | acc | none | 0.5000 ± 0.0300 | 0.5400 ± 0.0400 | +0.0400 | yes (±0.0500) |",
+        "| t | 5 | 12 | acc_norm | none | 0.4000 ± 0.0600 | 0.6000 ± 0.0800 | +0.2000 | no (±0.1000) |",
+        "| t | 5 | 12 | ppl | none | 9.0000 | 8.0000 ± 0.5000 | -1.0000 | — |",
+    ]
 
 
 def test_suites_use_real_lm_eval_tasks_with_the_papers_shots(tasks_dir):
@@ -150,8 +193,8 @@ def test_a_suite_evaluates_and_reports_every_few_shot_group(exported, tasks_dir,
     assert {task for task, _, _ in metric_values(results)} == {"tiny_mc_shots", "tiny_ppl", "tiny_mc"}
     assert results["n-shot"] == {"tiny_mc_shots": 2, "tiny_ppl": 0, "tiny_mc": 0}  # tiny_mc: its YAML's own 0
     table = (tmp_path / "out" / "results.md").read_text()
-    first_column = {line.split("|")[1].strip() for line in table.splitlines()[2:]}  # "": a task's further metrics
-    assert first_column == {"tiny_mc_shots", "tiny_ppl", "tiny_mc", ""}
+    first_column = {line.split("|")[1].strip() for line in table.splitlines()[2:]}
+    assert first_column == {"tiny_mc_shots", "tiny_ppl", "tiny_mc"}
     assert table in capsys.readouterr().out
 
 
@@ -240,7 +283,10 @@ def test_export_puts_eval_results_into_the_model_card(trained_run, tasks_dir, tm
     expected = metric_values(results)
     assert len(rows) == len(expected) == 5
     for (task, metric, filter_name), value in expected.items():
-        assert f"| {task} | 0 | {metric} | {filter_name} | {value:.4f} |" in rows
+        stderr = results["results"][task][f"{metric}_stderr,{filter_name}"]
+        score = f"{value:.4f}" + (f" ± {stderr:.4f}" if stderr != "N/A" else "")
+        n = {"tiny_mc": 3, "tiny_ppl": len(PPL_DOCS)}[task]  # --limit 3: at most 3 of each task's documents
+        assert f"| {task} | 0 | {n} | {metric} | {filter_name} | {score} |" in rows
 
     (tmp_path / "bad.json").write_text('{"not": "results"}')
     err = _fails(["export", str(trained_run), str(tmp_path / "other"), "--eval", str(tmp_path / "bad.json")], capsys)

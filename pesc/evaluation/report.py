@@ -1,6 +1,7 @@
 """What `pesc eval` writes: lm-eval's results as JSON (plus what was evaluated) and Markdown tables."""
 
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -15,46 +16,77 @@ _NOT_METRICS = ("alias", "name", "sample_len", "sample_count")
 
 
 def results_table(results: dict) -> str:
-    """lm-eval's own Markdown table (and its groups table when groups ran)."""
-    from lm_eval.utils import make_table
-
-    table = make_table(results)
-    return table + ("\n" + make_table(results, "groups") if results.get("groups") else "")
+    """One model's table: each score with its standard error and the number of samples behind it."""
+    return metrics_table([("value", results)])
 
 
-def metric_values(results: dict) -> dict[tuple[str, str, str], float | str]:
-    """{(task, metric, filter): value} of a results dict, standard errors left out."""
-    values = {}
+def _metric_entries(results: dict):
+    """(task, metric, filter, value, stderr or None) of a results dict; a stderr lm-eval could not compute
+    (its "N/A": one sample, or a metric without one) is None."""
     for task, entries in {**results.get("results", {}), **results.get("groups", {})}.items():
         for key, value in entries.items():
             if key in _NOT_METRICS or "," not in key or "_stderr," in key:
                 continue
             metric, filter_name = key.split(",", 1)
-            values[(task, metric, filter_name)] = value
-    return values
+            stderr = entries.get(f"{metric}_stderr,{filter_name}")
+            yield task, metric, filter_name, value, stderr if _is_number(stderr) else None
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, float | int) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def metric_values(results: dict) -> dict[tuple[str, str, str], float | str]:
+    """{(task, metric, filter): value} of a results dict, standard errors left out."""
+    return {(task, metric, name): value for task, metric, name, value, _ in _metric_entries(results)}
 
 
 def _cell(value) -> str:
     return f"{value:.4f}" if isinstance(value, float) else str(value)
 
 
+def _score(value, stderr) -> str:
+    return _cell(value) + (f" ± {stderr:.4f}" if stderr is not None else "")
+
+
+def _samples(results: dict, task: str) -> str:
+    """How many samples lm-eval scored for the task (its n-samples "effective": fewer than all under --limit);
+    empty for a group (lm-eval counts none)."""
+    return str(results.get("n-samples", {}).get(task, {}).get("effective", ""))
+
+
+def _within(delta: float, stderrs: list) -> str:
+    """Whether a difference is within the two scores' combined standard error, sqrt(se_a² + se_b²): a
+    difference inside it is no finding. "—" where a score has no standard error."""
+    if any(stderr is None for stderr in stderrs):
+        return "—"
+    combined = math.sqrt(sum(stderr**2 for stderr in stderrs))
+    return f"{'yes' if abs(delta) <= combined else 'no'} (±{combined:.4f})"
+
+
 def metrics_table(columns: list[tuple[str, dict]]) -> str:
-    """A Markdown table, a row per (task, metric, filter) and a column per (name, results); with two
-    columns (baseline first) a third, second - first. Needs no lm-eval (model cards are built without it)."""
-    values = [metric_values(results) for _, results in columns]
+    """A Markdown table, a row per (task, metric, filter) and a column per (name, results), each score
+    "value ± stderr" with n, the samples scored; with two columns (baseline first) also second - first and
+    whether that lies within the combined standard error. Needs no lm-eval (model cards are built without it)."""
+    entries = [{(t, m, f): (v, se) for t, m, f, v, se in _metric_entries(results)} for _, results in columns]
     shots = {task: n for _, results in columns for task, n in results.get("n-shot", {}).items()}
     names = " | ".join(name for name, _ in columns)
     delta = len(columns) == 2
     lines = [
-        f"| Task | n-shot | Metric | Filter | {names} |" + (" Δ |" if delta else ""),
-        "|---|--:|---|---|" + "--:|" * (len(columns) + delta),
+        f"| Task | n-shot | n | Metric | Filter | {names} |" + (" Δ | within stderr |" if delta else ""),
+        "|---|--:|--:|---|---|" + "--:|" * (len(columns) + delta) + ("---|" if delta else ""),
     ]
-    for key in sorted(set().union(*values)):
-        cells = [column.get(key, "—") for column in values]
-        row = f"| {key[0]} | {shots.get(key[0], '')} | {key[1]} | {key[2]} | " + " | ".join(map(_cell, cells)) + " |"
+    for key in sorted(set().union(*entries)):
+        cells = [column.get(key, ("—", None)) for column in entries]
+        samples = " / ".join(dict.fromkeys(n for _, results in columns if (n := _samples(results, key[0]))))
+        row = f"| {key[0]} | {shots.get(key[0], '')} | {samples} | {key[1]} | {key[2]} | "
+        row += " | ".join(_score(value, stderr) for value, stderr in cells) + " |"
         if delta:
-            numbers = all(isinstance(cell, float | int) for cell in cells)
-            row += f" {cells[1] - cells[0]:+.4f} |" if numbers else " — |"
+            (first, first_se), (second, second_se) = cells
+            if _is_number(first) and _is_number(second):
+                row += f" {second - first:+.4f} | {_within(second - first, [first_se, second_se])} |"
+            else:
+                row += " — | — |"
         lines.append(row)
     return "\n".join(lines) + "\n"
 
@@ -68,7 +100,7 @@ def evaluation_section(results: dict) -> str:
     limit = f", at most {about['limit']} examples per task" if about.get("limit") else ""
     return (
         f"lm-evaluation-harness {results.get('lm_eval_version', '')}, {source}{limit}:\n\n"
-        + metrics_table([("value", results)])
+        + results_table(results)
     )
 
 
