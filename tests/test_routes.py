@@ -43,11 +43,35 @@ def _data_args(data_dir: Path) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def routes_out(exported, data_dir, tmp_path_factory):
+def drawn():
+    """{file name: matplotlib Figure} of every picture the `routes_out` run saved, to read its artists back."""
+    return {}
+
+
+@pytest.fixture(scope="module")
+def routes_out(exported, data_dir, tmp_path_factory, drawn):
+    from pesc.routing_analysis import figures
+
     out = tmp_path_factory.mktemp("routes") / "out"
-    main(["routes", str(exported), *_data_args(data_dir), "--out", str(out), "--batch-size", "3",
-          "--expert-group", "first=0,1", "--expert-group", "last=2-3"])
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(figures, "_figure", _keeping_figure(figures._figure, drawn))
+        main(["routes", str(exported), *_data_args(data_dir), "--out", str(out), "--batch-size", "3",
+              "--expert-group", "first=0,1", "--expert-group", "last=2-3"])
     return out
+
+
+def _keeping_figure(make_figure, drawn):
+    def figure(*args, **kwargs):
+        made = make_figure(*args, **kwargs)
+        save = made.savefig
+
+        def savefig(path):
+            drawn[Path(path).name] = made
+            save(path)
+
+        made.savefig = savefig
+        return made
+    return figure
 
 
 # ---- counting, on hand-built records ----
@@ -171,10 +195,11 @@ def test_csv_tables_hold_the_json_numbers(routes_out):
 
 @pytest.mark.parametrize("name, size", [
     ("heatmap_mlp.png", (850, 260)),  # (1.5 + 3.5 * 2 tasks) x (2 + 0.3 * 2 layers) inches at 100 DPI
+    ("balance_mlp.png", (850, 260)),  # as the heatmap
     ("balance/mlp_layer0.png", (720, 400)),  # (6 + 0.3 * 4 experts) x 4
     ("balance/mlp_layer1.png", (720, 400)),
-    ("entropy.png", (600, 400)),  # (1 + 5 * 1 site) x 4
-    ("expert_groups.png", (600, 400)),
+    ("entropy.png", (400, 350)),  # (0.5 + 3.5 * 1 site) x 3.5
+    ("expert_groups.png", (400, 350)),
 ])
 def test_each_png_exists_with_its_size_and_is_not_blank(routes_out, name, size):
     from matplotlib.image import imread
@@ -186,6 +211,68 @@ def test_each_png_exists_with_its_size_and_is_not_blank(routes_out, name, size):
     assert float(coloured.double().mean()) > 0.003  # the data is drawn in colour: cells, bars, lines (0.5% of pixels)
 
 
+def test_no_text_in_any_picture_is_under_8_points(routes_out, drawn):
+    """Readable when a 3.5-inch panel is printed in one column."""
+    from matplotlib.text import Text
+
+    assert len(drawn) == 6
+    for name, figure in drawn.items():
+        sizes = [text.get_fontsize() for text in figure.findobj(Text) if text.get_text()]
+        assert sizes and min(sizes) >= 8, name
+
+
+def test_balance_png_draws_every_layers_load_over_the_even_share_from_the_json(routes_out, drawn):
+    """One picture for all layers: each cell is the JSON's load x E, coloured on a scale whose centre (white) is 1."""
+    site = json.loads((routes_out / "routes.json").read_text())["sites"]["mlp"]
+    panels = [axes for axes in drawn["balance_mlp.png"].axes if axes.images]
+    assert [axes.get_title().split(" (")[0] for axes in panels] == list(site["tasks"])
+    for axes, numbers in zip(panels, site["tasks"].values()):
+        cells = axes.images[0].get_array().tolist()
+        assert cells == [[value * 4 for value in row] for row in numbers["load"]]
+        assert [max(row) for row in cells] == numbers["max_load_ratio"]  # x * 4 is exact in binary floats
+        norm = axes.images[0].norm
+        assert (norm.vmin, norm.vcenter) == (0, 1) and norm.vmax >= 2
+    assert len({axes.images[0].norm.vmax for axes in panels}) == 1  # one colour scale for the tasks
+
+
+def _entropy_limits(entropy: list[float], tmp_path) -> tuple[float, float]:
+    """The y limits of entropy.png for one task whose layers have these entropies (4 experts)."""
+    from pesc.routing_analysis import figures
+    from pesc.routing_analysis.tally import SiteStats
+
+    layers = list(range(len(entropy)))
+    stats = SiteStats(4, 2, layers, {"t": 1}, {"t": [[0.25] * 4 for _ in layers]}, {"t": entropy})
+    drawn = {}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(figures, "_figure", _keeping_figure(figures._figure, drawn))
+        figures.plot_entropy({"mlp": stats}, tmp_path / "entropy.png")
+    return drawn["entropy.png"].axes[0].get_ylim()
+
+
+def test_entropy_near_ln_e_is_drawn_on_an_axis_around_ln_e_not_from_0(tmp_path):
+    """Values 0.5% under ln 4: the axis spans ln 4 +- 5% and a 5% margin (not 0..ln 4, where the line would lie
+    on its reference), so the gap shows, yet it is no wider than the 10% floor: noise is not blown up."""
+    ln4 = math.log(4)
+    low, high = _entropy_limits([0.995 * ln4, 0.996 * ln4], tmp_path)
+    assert (low, high) == pytest.approx((0.945 * ln4, 1.055 * ln4), rel=1e-12)  # 0.95/1.05 -+ 5% of 0.1
+
+
+def test_entropy_far_from_ln_e_keeps_the_data_and_the_reference_in_view(tmp_path):
+    ln4 = math.log(4)
+    low, high = _entropy_limits([0.1, 1.0], tmp_path)
+    margin = 0.05 * (1.05 * ln4 - 0.1)
+    assert (low, high) == pytest.approx((0.1 - margin, 1.05 * ln4 + margin), rel=1e-12)
+
+
+def test_entropy_axis_is_around_ln_e_with_the_uniform_line(routes_out, drawn):
+    site = json.loads((routes_out / "routes.json").read_text())["sites"]["mlp"]
+    axes = drawn["entropy.png"].axes[0]
+    lines = {line.get_label(): list(line.get_ydata()) for line in axes.get_lines()}
+    assert lines == {**{task: n["entropy"] for task, n in site["tasks"].items()}, "uniform (ln 4)": [math.log(4)] * 2}
+    low, high = axes.get_ylim()
+    assert low <= min(min(n["entropy"]) for n in site["tasks"].values()) and high >= math.log(4)
+
+
 def test_heatmaps_share_one_colour_scale(routes_out, monkeypatch, tmp_path):
     """Both panels' colour scale runs from 0 to the largest load of the whole run."""
     from pesc.routing_analysis import figures
@@ -194,24 +281,10 @@ def test_heatmaps_share_one_colour_scale(routes_out, monkeypatch, tmp_path):
     site = json.loads((routes_out / "routes.json").read_text())["sites"]["mlp"]
     stats = SiteStats(4, 2, site["layers"], {t: n["tokens"] for t, n in site["tasks"].items()},
                       {t: n["load"] for t, n in site["tasks"].items()})
-    limits = []
-    monkeypatch.setattr(figures, "_figure", _recording_figure(figures._figure, limits))
+    drawn = {}
+    monkeypatch.setattr(figures, "_figure", _keeping_figure(figures._figure, drawn))
     figures.plot_heatmap("mlp", stats, 0.9, tmp_path / "h.png")
-    assert limits == [(0, 0.9), (0, 0.9)]
-
-
-def _recording_figure(make_figure, limits):
-    def figure(*args, **kwargs):
-        made = make_figure(*args, **kwargs)
-        save = made.savefig
-
-        def savefig(path):
-            limits.extend(axes.images[0].get_clim() for axes in made.axes if axes.images)
-            save(path)
-
-        made.savefig = savefig
-        return made
-    return figure
+    assert [axes.images[0].get_clim() for axes in drawn["h.png"].axes if axes.images] == [(0, 0.9), (0, 0.9)]
 
 
 # ---- bad input ----

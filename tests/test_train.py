@@ -326,7 +326,7 @@ def assert_curves_picture(path, panels):
     from matplotlib.image import imread
 
     image = imread(path)
-    assert image.shape[:2] == (350, 450 * panels), image.shape
+    assert image.shape[:2] == (350, 350 * panels), image.shape  # 3.5 inches a panel (one printed column), 100 DPI
     assert np.asarray(image).std() > 0.05  # lines and text, not one flat colour
 
 
@@ -351,8 +351,31 @@ def test_training_curves_draw_exactly_the_logged_values(tmp_path):
         "expert_load_max": ([1, 2, 3], [2.5, 2.0, 1.5]),
     }
     assert [axes.get_title() for axes in figure.axes][:3] == ["loss and eval_loss", "aux_loss", "lbc_loss"]
+    references = [(axes.get_title(), list(line.get_ydata())) for axes in figure.axes for line in axes.get_lines()
+                  if line.get_label() == "even load"]
+    assert references == [("aux_loss", [1.0, 1.0]), ("busiest expert's load (x even share)", [1.0, 1.0])]
+    # aux_loss 1.1..1.2: the axis holds the data and 1 - 0.05 (1.0 balanced, E·Σf·P), 5% of that span as margin
+    margin = 0.05 * (1.2 - 0.95)
+    assert figure.axes[1].get_ylim() == pytest.approx((0.95 - margin, 1.2 + margin), rel=1e-12)
     assert_curves_picture(tmp_path / "curves.png", panels=4)
     assert plot_training_curves([{"train_runtime": 1.0, "step": 0}], tmp_path / "none.png") is None
+
+
+def test_aux_loss_noise_near_1_is_drawn_small_beside_its_balanced_line(tmp_path):
+    """aux_loss 1.031-1.038 (noise): the axis spans at least 1 +- 0.05 (+5% margin), so it reads flat, not a trend."""
+    from matplotlib.text import Text
+
+    from pesc.training.curves import plot_training_curves
+
+    history = [{"loss": 1.0, "aux_loss": value, "step": step} for step, value in enumerate([1.031, 1.038, 1.034], 1)]
+    figure = plot_training_curves(history, tmp_path / "curves.png")
+    axes = figure.axes[1]
+    assert axes.get_title() == "aux_loss"
+    assert [list(line.get_ydata()) for line in axes.get_lines() if line.get_label() == "even load"] == [[1.0, 1.0]]
+    low, high = axes.get_ylim()
+    assert (low, high) == pytest.approx((0.945, 1.055), rel=1e-12)  # 0.95..1.05 -+ 5% of 0.1
+    sizes = [text.get_fontsize() for text in figure.findobj(Text) if text.get_text()]
+    assert min(sizes) >= 8  # readable in one printed column
 
 
 def _step_logs(run_dir: Path) -> list[dict]:

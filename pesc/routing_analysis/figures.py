@@ -1,21 +1,27 @@
 """The PNGs of `pesc routes`, drawn with matplotlib's object API on the Agg canvas (no display, no pyplot state).
 
-Sizes are fixed by the numbers drawn (DPI 100), so a picture never depends on the screen:
+Sizes are fixed by the numbers drawn (DPI 100), so a picture never depends on the screen; a panel is
+3.5 inches wide (one printed column) and no text is under 8 pt (matplotlib's "small" is 8.3):
 - `heatmap_<site>.png`: a panel per task, layers (rows) x experts (columns), one colour scale shared
   by every heatmap of the run: (1.5 + 3.5 * tasks) x (2 + 0.3 * layers) inches;
+- `balance_<site>.png`: every layer's balance in one picture: a panel per task, layers x experts, each
+  expert's load x E (1 = its even share) on a diverging scale centred on 1: same size as the heatmap;
 - `balance/<site>_layer<N>.png`: each expert's load in that layer, a bar per task, the even share
   1/E dashed: (6 + 0.3 * experts) x 4 inches;
-- `entropy.png`: router entropy per layer, a line per task, a panel per site: (1 + 5 * sites) x 4;
+- `entropy.png`: router entropy per layer, a line per task, ln E (a uniform router) dotted, the axis
+  around ln E (at least ln E ± 5%, never from 0 unless the data go there), a panel per site: (0.5 + 3.5 * sites) x 3.5;
 - `expert_groups.png`: per task, the share of router mass on each expert group (mean over layers),
-  stacked, a panel per site: (1 + 5 * sites) x 4.
+  stacked, a panel per site: (0.5 + 3.5 * sites) x 3.5.
 """
 
 import math
 from pathlib import Path
 
+from pesc.plot_limits import reference_limits
 from pesc.routing_analysis.tally import SiteStats
 
 DPI = 100
+ENTROPY_HALF_SPAN = 0.05  # x ln E
 
 
 def _figure(width: float, height: float):
@@ -54,6 +60,34 @@ def plot_heatmap(site: str, stats: SiteStats, vmax: float, path: Path) -> None:
     figure.savefig(path)
 
 
+def balance_ratios(stats: SiteStats) -> dict[str, list[list[float]]]:
+    """{task: [layer][expert] load x E}: 1 is the even share, as `max_load_ratio` counts it."""
+    return {task: [[value * stats.num_experts for value in row] for row in load] for task, load in stats.load.items()}
+
+
+def plot_balance(site: str, stats: SiteStats, path: Path) -> None:
+    """All layers' balance at once: load x E per task, white at 1 (even), red above, blue below; one scale."""
+    from matplotlib.colors import TwoSlopeNorm
+
+    ratios = balance_ratios(stats)
+    tasks = list(ratios)
+    # 0 is an expert never used; the top is at least 2 (twice its share) so a near-even run stays pale
+    top = max(2.0, max(value for rows in ratios.values() for row in rows for value in row))
+    figure = _figure(1.5 + 3.5 * len(tasks), 2 + 0.3 * len(stats.layers))
+    panels = figure.subplots(1, len(tasks), squeeze=False, sharey=True)[0]
+    for axes, task in zip(panels, tasks):
+        image = axes.imshow(ratios[task], norm=TwoSlopeNorm(vcenter=1, vmin=0, vmax=top), cmap="RdBu_r",
+                            aspect="auto", origin="lower", interpolation="nearest")
+        axes.set_title(f"{task} ({stats.tokens[task]} tokens)", fontsize="medium")
+        axes.set_xlabel("expert")
+        axes.set_xticks(expert_ticks(stats.num_experts))
+        axes.set_yticks(range(len(stats.layers)), [str(layer) for layer in stats.layers])
+    panels[0].set_ylabel("layer")
+    figure.colorbar(image, ax=list(panels), label="load x E (1 = even share)")
+    figure.suptitle(f"load balance: {site}")
+    figure.savefig(path)
+
+
 def plot_layer_balance(site: str, stats: SiteStats, index: int, path: Path) -> None:
     """Each expert's load in layer `stats.layers[index]`, a bar per task, against the even share."""
     tasks = list(stats.load)
@@ -73,16 +107,17 @@ def plot_layer_balance(site: str, stats: SiteStats, index: int, path: Path) -> N
 
 
 def plot_entropy(stats: dict[str, SiteStats], path: Path) -> None:
-    """Router entropy per layer, a line per task, with ln(E) (a uniform router) dotted; a panel per site."""
+    """Router entropy per layer, a line per task, with ln(E) (a uniform router) dotted, the axis around ln(E)."""
     from matplotlib.ticker import MaxNLocator
 
-    figure = _figure(1 + 5 * len(stats), 4)
+    figure = _figure(0.5 + 3.5 * len(stats), 3.5)
     for axes, (site, site_stats) in zip(figure.subplots(1, len(stats), squeeze=False)[0], stats.items()):
         for task, values in site_stats.entropy.items():
             axes.plot(site_stats.layers, values, marker="o", markersize=3, label=task)
-        axes.axhline(math.log(site_stats.num_experts), color="grey", linestyle=":", linewidth=1,
-                     label=f"uniform (ln {site_stats.num_experts})")
-        axes.set_ylim(0, 1.05 * math.log(site_stats.num_experts))
+        uniform = math.log(site_stats.num_experts)
+        axes.axhline(uniform, color="grey", linestyle=":", linewidth=1, label=f"uniform (ln {site_stats.num_experts})")
+        values = [value for entropy in site_stats.entropy.values() for value in entropy]
+        axes.set_ylim(*reference_limits(values, uniform, ENTROPY_HALF_SPAN * uniform))
         axes.xaxis.set_major_locator(MaxNLocator(integer=True))
         axes.set_xlabel("layer")
         axes.set_ylabel("router entropy (nats)")
@@ -93,7 +128,7 @@ def plot_entropy(stats: dict[str, SiteStats], path: Path) -> None:
 
 def plot_group_shares(shares: dict[str, dict[str, dict[str, list[float]]]], path: Path) -> None:
     """Per task, the mean-over-layers share of router mass on each expert group, stacked; a panel per site."""
-    figure = _figure(1 + 5 * len(shares), 4)
+    figure = _figure(0.5 + 3.5 * len(shares), 3.5)
     for axes, (site, per_task) in zip(figure.subplots(1, len(shares), squeeze=False)[0], shares.items()):
         tasks = list(per_task)
         bottom = [0.0] * len(tasks)

@@ -82,6 +82,7 @@ def _write(out: Path, stats, shares, expert_groups, description) -> None:
     (out / "balance").mkdir()
     for site, site_stats in stats.items():
         figures.plot_heatmap(site, site_stats, vmax, out / f"heatmap_{site}.png")
+        figures.plot_balance(site, site_stats, out / f"balance_{site}.png")
         width = len(str(max(site_stats.layers)))
         for index, layer in enumerate(site_stats.layers):
             figures.plot_layer_balance(site, site_stats, index, out / "balance" / f"{site}_layer{layer:0{width}d}.png")

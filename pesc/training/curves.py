@@ -2,7 +2,9 @@
 
 Drawn from the Trainer's own log history (which a resumed run restores from its checkpoint, so the
 picture covers the whole run): the language-model loss with the eval loss, every auxiliary loss the
-model logs (any `*_loss` key), and the busiest expert's load. Uses matplotlib's object API with the
+model logs (any `*_loss` key), and the busiest expert's load. `aux_loss` (E·Σf·P) is 1 for a perfectly
+balanced router: its panel draws that line and spans at least 1 ± 0.05, so noise does not read as a trend.
+A panel is 3.5 inches wide (one printed column), text at least 8 pt. Uses matplotlib's object API with the
 Agg canvas, so no display and no global pyplot state are involved.
 """
 
@@ -10,8 +12,11 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
+from pesc.plot_limits import reference_limits
+
 CURVES_FILE = "curves.png"
 _NOT_AUX = {"loss", "eval_loss", "train_loss"}
+AUX_HALF_SPAN = 0.05
 
 
 def curve_series(log_history: list[dict]) -> dict[str, tuple[list[int], list[float]]]:
@@ -39,7 +44,7 @@ def plot_training_curves(log_history: list[dict], path: str | Path):
     panels = [[k for k in ("loss", "eval_loss") if k in series]]
     panels += [[k] for k in series if k not in ("loss", "eval_loss")]
     panels = [panel for panel in panels if panel]
-    figure = Figure(figsize=(4.5 * len(panels), 3.5), dpi=100, layout="constrained")
+    figure = Figure(figsize=(3.5 * len(panels), 3.5), dpi=100, layout="constrained")
     FigureCanvasAgg(figure)
     for axes, panel in zip(figure.subplots(1, len(panels), squeeze=False)[0], panels):
         for key in panel:
@@ -48,6 +53,10 @@ def plot_training_curves(log_history: list[dict], path: str | Path):
         if panel == ["expert_load_max"]:
             axes.axhline(1.0, color="grey", linestyle=":", linewidth=1, label="even load")
             axes.set_title("busiest expert's load (x even share)")
+        elif panel == ["aux_loss"]:
+            axes.axhline(1.0, color="grey", linestyle=":", linewidth=1, label="even load")
+            axes.set_ylim(*reference_limits(series["aux_loss"][1], 1.0, AUX_HALF_SPAN))
+            axes.set_title("aux_loss")
         else:
             axes.set_title(" and ".join(panel))
         axes.set_xlabel("optimizer step")
