@@ -10,7 +10,6 @@ import torch
 
 from pesc.errors import PescError
 from pesc.generate import check_model_folder, load_causal_lm, load_tokenizer
-from pesc.trust import remote_code_allowed
 
 DEFAULT_PROMPT = "The capital of France is Paris. The capital of Italy is"
 
@@ -21,8 +20,7 @@ def max_logit_difference(path_a: str | Path, path_b: str | Path, prompt: str = D
     if not prompt.strip():
         raise PescError("--prompt is empty: give some text to run both models on")
     for path in (path_a, path_b):  # both, before either loads
-        check_model_folder(path)
-        remote_code_allowed(path, trust_remote_code)
+        check_model_folder(path, trust_remote_code)
     model_a = load_causal_lm(path_a, dtype=torch.float32, trust_remote_code=trust_remote_code)
     model_b = load_causal_lm(path_b, dtype=torch.float32, trust_remote_code=trust_remote_code)
     if model_a.config.vocab_size != model_b.config.vocab_size:

@@ -21,12 +21,14 @@ def build_inputs(tokenizer, prompt: str, system: str | None = None, chat_templat
     return {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
 
 
-def check_model_folder(path: str | Path) -> None:
-    """A folder with config.json and complete weight files (headers read, nothing loaded)."""
+def check_model_folder(path: str | Path, trust_remote_code: bool = False) -> None:
+    """A folder with config.json and complete weight files (headers read, nothing loaded), whose code (if it needs
+    its own) the user trusts."""
     path = Path(path)
     if not (path / "config.json").is_file():
         raise PescError(f"{path} is not a model folder (no config.json): give an exported or converted model")
     check_model_weights(path)
+    remote_code_allowed(path, trust_remote_code)
 
 
 def load_causal_lm(path: str | Path, dtype="auto", trust_remote_code: bool = False):
@@ -83,8 +85,7 @@ def generate(
         raise PescError(f"--max-new-tokens must be positive, got {max_new_tokens}")
     if not temperature >= 0:  # NaN too
         raise PescError(f"--temperature must be a number >= 0, got {temperature}")
-    check_model_folder(path)  # before torch and transformers import: bad input fails at once
-    remote_code_allowed(path, trust_remote_code)
+    check_model_folder(path, trust_remote_code)  # before torch and transformers import: bad input fails at once
     import torch
     from transformers import LogitsProcessor, LogitsProcessorList, TextStreamer
 

@@ -10,7 +10,6 @@ from pathlib import Path
 import torch
 
 from pesc.errors import PescError
-from pesc.trust import remote_code_allowed
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -39,8 +38,7 @@ def check_eval_source(path: str | Path, trust_remote_code: bool = False) -> None
     if not path.exists():
         raise PescError(f"{path} does not exist: give a model folder, a training run folder or one of its checkpoints")
     if source_kind(path) == "folder":
-        check_model_folder(path)
-        remote_code_allowed(path, trust_remote_code)
+        check_model_folder(path, trust_remote_code)
         return
     checkpoint, _ = find_checkpoint(path)
     base = adapter_base(checkpoint)
