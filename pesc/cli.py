@@ -184,10 +184,8 @@ def convert(src, out, method_name, recipe, max_shard_size, link, force, **settin
               help="A `pesc eval` results.json: its scores go into the model card.")
 def export(source, out, dtype, max_shard_size, base, base_model_id, force, eval_results):
     """Merge a training run (RUN_DIR or one of its checkpoints) into a sparse Hugging Face checkpoint at OUT."""
-    from pesc.convert import parse_size
     from pesc.export import export as run_export
 
-    parse_size(max_shard_size)  # a bad size named now, before the model loads
     run_export(source, out, dtype=dtype, max_shard_size=max_shard_size, force=force, base=base,
                base_model_id=base_model_id, eval_results=eval_results,
                log=lambda message: click.echo(message, err=True))

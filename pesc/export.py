@@ -76,6 +76,7 @@ def export(
 ) -> Path:
     """Export a run folder (or checkpoint folder) to OUT; returns OUT. `eval_results` (a `pesc eval`
     results.json) puts its scores into the model card."""
+    from pesc.convert import parse_size
     from pesc.evaluation.report import evaluation_section, read_results
     from pesc.model_card import build_model_card, datasets_from_train_config, read_trainer_metrics
 
@@ -83,6 +84,7 @@ def export(
     if dtype not in DTYPES:
         raise PescError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     torch_dtype = DTYPES[dtype]
+    parse_size(max_shard_size)  # a bad size is named now, not after the model has loaded and merged
     out = Path(out)
     checkpoint, run_dir = find_checkpoint(source)
     base = adapter_base(checkpoint, base)
