@@ -165,13 +165,16 @@ def main(argv=None):
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
-    import pesc.modeling  # noqa: F401 - registers PESC with the Auto classes
+    from pesc.methods import register_auto_classes
+    from pesc.methods.pesc.configuration_pesc import PescConfig
+
+    register_auto_classes()
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     with tempfile.TemporaryDirectory() as tmp:
         dense_path, pesc_path = build_models(args, Path(tmp))
-        config = pesc.modeling.PescConfig.from_pretrained(pesc_path)
+        config = PescConfig.from_pretrained(pesc_path)
         print(
             f"llama hidden {args.hidden}, {args.layers} layers, vocab {config.vocab_size}; PESC {args.experts} experts "
             f"top-{args.top_k} adapter_dim {args.adapter_dim}; prompt {args.prompt_len} + {args.new_tokens} new tokens, "

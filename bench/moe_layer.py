@@ -50,10 +50,10 @@ from moe_layer_loramoe import loramoe_row
 from moe_layer_moelora import HEADER as MOELORA_HEADER
 from moe_layer_moelora import add_arguments as add_moelora_arguments
 from moe_layer_moelora import moelora_row
-from pesc.modeling import PescConfig
-from pesc.modeling.modeling_molora import MoLoRAExperts
-from pesc.modeling.modeling_mov import MoVScaling
-from pesc.modeling.modeling_pesc import PescMLP, init_expert_weights
+from pesc.methods.pesc.configuration_pesc import PescConfig
+from pesc.methods.molora.modeling_molora import MoLoRAExperts
+from pesc.methods.mov.modeling_mov import MoVScaling
+from pesc.methods.pesc.modeling_pesc import PescMLP, init_expert_weights
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

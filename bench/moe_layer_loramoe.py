@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from transformers.models.llama.modeling_llama import LlamaConfig, LlamaMLP
 
-from pesc.modeling.modeling_loramoe import LoramoeExperts, init_loramoe_weights
+from pesc.methods.loramoe.modeling_loramoe import LoramoeExperts, init_loramoe_weights
 
 SITES = ("gate_proj", "up_proj", "down_proj")
 

@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pesc.modeling.configuration_moelora import MoELoraConfig
-from pesc.modeling.modeling_moelora import MoELoraSite, contrastive_loss, init_site
+from pesc.methods.moelora.configuration_moelora import MoELoraConfig
+from pesc.methods.moelora.modeling_moelora import MoELoraSite, contrastive_loss, init_site
 from pesc.modeling.moe_core import dropout_mask, record_routing, zero_dropped
 
 RANK = 8

@@ -7,9 +7,10 @@ classes, so `pesc --help` and the CLI's argument errors answer at once.
 __version__ = "0.1.0"
 
 _LAZY = {
-    "PescConfig": "pesc.modeling",
-    "PescForCausalLM": "pesc.modeling",
-    "upcycle": "pesc.upcycling",
+    "PescConfig": "pesc.methods.pesc.configuration_pesc",
+    "PescForCausalLM": "pesc.methods.pesc.modeling_pesc",
+    "register_auto_classes": "pesc.methods",
+    "upcycle": "pesc.methods.pesc.upcycling",
 }
 
 __all__ = [*_LAZY, "__version__"]

@@ -20,7 +20,8 @@ _TMP_TAG = ".pesc-tmp-"
 # A small JSON file pesc leaves in every folder it writes (`.pesc-export`, `.pesc-convert`, `.pesc-from-gguf`):
 # the proof that `--force` may replace the folder. `pesc push` does not upload it.
 MARKER_PREFIX = ".pesc-"
-KNOWN_MARKERS = (".pesc-export", ".pesc-convert", ".pesc-from-gguf", ".pesc-import")
+IMPORT_MARKER = ".pesc-import"  # what `pesc import <format>` writes, whichever method imports
+KNOWN_MARKERS = (".pesc-export", ".pesc-convert", ".pesc-from-gguf", IMPORT_MARKER)
 
 
 def write_marker(folder: str | Path, name: str, info: dict) -> None:

@@ -257,36 +257,31 @@ def tiny_model(out, family, seed):
     click.echo(f"wrote {out}")
 
 
-@cli.group("import")
+class _ImportGroup(click.Group):
+    """`pesc import FORMAT`: one subcommand per format a registered method imports (`Method.import_commands`),
+    loaded only when named or listed."""
+
+    def _sources(self) -> dict[str, str]:
+        from pesc.methods import METHODS
+
+        return {name: path for method in METHODS.values() for name, path in method.import_commands.items()}
+
+    def list_commands(self, ctx):
+        return sorted(self._sources())
+
+    def get_command(self, ctx, name):
+        import importlib
+
+        path = self._sources().get(name)
+        if path is None:
+            return None
+        module, attribute = path.split(":")
+        return getattr(importlib.import_module(module), attribute)
+
+
+@cli.group("import", cls=_ImportGroup)
 def import_group():
     """Bring published MoE checkpoints of other formats over as pesc checkpoints."""
-
-
-@import_group.command("camelidae")
-@click.argument("src")
-@click.argument("out", type=click.Path(path_type=str))
-@click.option("--link", is_flag=True, help="Hard-link safetensors shards instead of copying them (copy if impossible).")
-@click.option("--force", is_flag=True, help="Replace OUT if it is a folder pesc wrote (never another).")
-def import_camelidae(src, out, link, force):
-    """A published Camelidae (model_type camelidae) or Qwen2idae checkpoint SRC (folder or Hub id) as a pesc
-    checkpoint at OUT: the same tensors in safetensors, pesc's model code, runs on current transformers."""
-    from pesc.camelidae import import_camelidae as run_import
-
-    run_import(src, out, link=link, force=force, echo=click.echo)
-
-
-@import_group.command("loramoe")
-@click.argument("adapter_dir", type=click.Path(path_type=str))
-@click.argument("out", type=click.Path(path_type=str))
-@click.option("--base", required=True, help="The dense model the adapter was trained on (folder or Hub id).")
-@click.option("--link", is_flag=True, help="Hard-link the base's safetensors shards instead of copying them.")
-@click.option("--force", is_flag=True, help="Replace OUT if it is a folder pesc wrote (never another).")
-def import_loramoe(adapter_dir, out, base, link, force):
-    """An adapter saved by the official LoRAMoE code (adapter_config.json + adapter_model.bin) on BASE as a pesc
-    LoRAMoE checkpoint at OUT: computes what the official code computes, trains, exports and serves with pesc."""
-    from pesc.loramoe_import import import_loramoe as run_import
-
-    run_import(adapter_dir, out, base, link=link, force=force, echo=click.echo)
 
 
 @cli.command("from-gguf")

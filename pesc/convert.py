@@ -382,8 +382,8 @@ def write_rest(
     (folder / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2, sort_keys=False) + "\n")
     config.to_json_file(folder / "config.json", use_diff=True)
     method = plan.settings.method
-    for code_file in method.modeling_files:
-        shutil.copyfile(method.modeling_dir / code_file, folder / code_file)
+    for code_file in method.shipped_files:
+        shutil.copyfile(code_file, folder / code_file.name)
     for extra in _carried_files(plan.src):
         shutil.copyfile(extra, folder / extra.name)
     (card or _model_card(plan)).save(folder / "README.md")

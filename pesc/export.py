@@ -150,7 +150,7 @@ def export(
             ".pesc-export",
             {"written_by": "pesc export", "pesc_version": __version__, "checkpoint": str(checkpoint), "dtype": dtype},
         )
-        missing = [name for name in method.modeling_files if not (tmp / name).is_file()]
+        missing = [path.name for path in method.shipped_files if not (tmp / path.name).is_file()]
         if missing:
             raise PescError(f"the model code files were not written ({', '.join(missing)}); is the method registered?")
     log(f"export: done, {out}")

@@ -37,7 +37,9 @@ def load_causal_lm(path: str | Path, dtype="auto", trust_remote_code: bool = Fal
     Commands check the folder first (`check_model_folder`), before torch and transformers import."""
     from transformers import AutoModelForCausalLM
 
-    import pesc.modeling  # noqa: F401 - registers the PESC classes with the Auto factories
+    from pesc.methods import register_auto_classes
+
+    register_auto_classes()
 
     trusted = remote_code_allowed(path, trust_remote_code)
     try:

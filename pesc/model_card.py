@@ -147,7 +147,7 @@ def build_model_card(
         datasets=list(datasets) or None,
     )
     summary = method.parameter_summary(config)
-    code_files = ", ".join(f"`{name}`" for name in method.modeling_files)
+    code_files = ", ".join(f"`{path.name}`" for path in method.shipped_files)
     lines = [
         f"# {title}",
         "",

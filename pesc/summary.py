@@ -1,13 +1,12 @@
-"""Parameter summaries computed from a config alone on the meta device: PESC's own, and any method's."""
+"""Parameter summaries computed from a config alone on the meta device, for any method (PESC adds its own view:
+pesc/methods/pesc/summary.py)."""
 
 from dataclasses import asdict, dataclass
 
 import torch
 
-from pesc.modeling import PescConfig, PescForCausalLM
 
-
-class _Counts:
+class Counts:
     """What every summary shows: total, active per token, trainable and dense-base parameter counts."""
 
     def as_dict(self) -> dict:
@@ -23,32 +22,6 @@ class _Counts:
         ]
 
 
-@dataclass(frozen=True)
-class ParameterSummary(_Counts):
-    base_model_type: str
-    num_layers: int
-    hidden_size: int
-    num_experts: int
-    top_k: int
-    adapter_dim: int
-    moe_scaling: float
-    dense_params: int
-    expert_params_per_layer: int
-    router_params_per_layer: int
-    total_params: int
-    active_params: int
-    trainable_params: int
-
-    def lines(self) -> list[str]:
-        """Human-readable summary, one fact per line."""
-        return [
-            f"architecture      PESC over {self.base_model_type}: {self.num_layers} layers, hidden {self.hidden_size}",
-            f"experts           {self.num_experts} per layer, top-{self.top_k}, adapter_dim {self.adapter_dim}, "
-            f"moe_scaling {self.moe_scaling}",
-            *self.count_lines("trainable (MoE)", ": adapters + routers"),
-        ]
-
-
 def human_count(count: int) -> str:
     for unit, size in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
         if count >= size:
@@ -56,35 +29,8 @@ def human_count(count: int) -> str:
     return str(count)
 
 
-def summarize(config: PescConfig) -> ParameterSummary:
-    """Count parameters by building the model on the meta device: no memory, no weights read."""
-    with torch.device("meta"):
-        model = PescForCausalLM(config)
-    total = sum(p.numel() for p in model.parameters())
-    first_block = model.model.layers[0].mlp.moe_adapter
-    router = first_block.router.weight.numel()
-    per_expert = sum(p.numel() for p in next(iter(first_block.experts.values())).parameters())
-    layers = len(model.model.layers)
-    experts_total = layers * (router + config.num_experts * per_expert)
-    return ParameterSummary(
-        base_model_type=config.base_model_type,
-        num_layers=layers,
-        hidden_size=config.hidden_size,
-        num_experts=config.num_experts,
-        top_k=config.topk,
-        adapter_dim=config.adapter_dim,
-        moe_scaling=config.moe_scaling,
-        dense_params=total - experts_total,
-        expert_params_per_layer=config.num_experts * per_expert,
-        router_params_per_layer=router,
-        total_params=total,
-        active_params=total - layers * (config.num_experts - config.topk) * per_expert,
-        trainable_params=experts_total,
-    )
-
-
 @dataclass(frozen=True)
-class MethodSummary(_Counts):
+class MethodSummary(Counts):
     """Any method's counts: its settings, and total / active per token / trainable (added) parameters."""
 
     method: str

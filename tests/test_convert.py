@@ -525,7 +525,7 @@ def test_streaming_conversion_peak_memory_is_far_below_checkpoint_size(tmp_path)
     code = textwrap.dedent(
         f"""
         import json, resource, sys
-        import transformers, pesc.convert, pesc.upcycling, pesc.summary, tqdm.auto
+        import transformers, pesc.convert, pesc.methods.pesc.upcycling, pesc.summary, tqdm.auto
         from huggingface_hub import ModelCard
         from transformers import LlamaForCausalLM
         from pesc.cli import main

@@ -11,8 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pesc.modeling import PescConfig
-from pesc.modeling.modeling_pesc import PescMoEAdapter
+from pesc.methods.pesc.configuration_pesc import PescConfig
+from pesc.methods.pesc.modeling_pesc import PescMoEAdapter
 
 HIDDEN, ADAPTER_DIM, EXPERTS, TOP_K = 24, 8, 6, 2
 
@@ -139,7 +139,7 @@ def test_experts_with_their_own_scalings_follow_the_formula(dispatch):
 @pytest.mark.parametrize("tokens", [1, 3])
 def test_compiled_decode_dispatch_is_one_graph_and_equals_the_formula(dispatch, tokens, stack_inside_graph, monkeypatch):
     """Inside torch.compile nothing may read the picks on the host or check the stacked copies."""
-    from pesc.modeling import modeling_pesc
+    from pesc.methods.pesc import modeling_pesc
 
     monkeypatch.setattr(modeling_pesc, "_stack_inside_graph", lambda device: stack_inside_graph)
     block = build_block().eval()

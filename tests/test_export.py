@@ -61,7 +61,8 @@ def _logits(model) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def reference_logits(trained_run, expected_state):
-    from pesc.modeling import PescConfig, PescForCausalLM
+    from pesc.methods.pesc.configuration_pesc import PescConfig
+    from pesc.methods.pesc.modeling_pesc import PescForCausalLM
 
     config = PescConfig.from_dict(json.loads((trained_run / "checkpoint-2" / "pesc_config.json").read_text()))
     model = PescForCausalLM(config)
@@ -115,7 +116,9 @@ def test_exported_model_matches_trained_model_without_pesc(exported, reference_l
 def test_exported_model_agrees_with_4bit_training_model(trained_run, tiny_llama_dir, exported):
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    import pesc.modeling  # noqa: F401
+    from pesc.methods import register_auto_classes
+
+    register_auto_classes()
 
     def nf4(**extra):
         return BitsAndBytesConfig(
@@ -162,9 +165,12 @@ def test_exported_layout_is_camelidae(exported):
     ):
         assert name in files, files
     assert not any(name.endswith(".bin") for name in files)
-    modeling_dir = Path(__file__).resolve().parents[1] / "pesc" / "modeling"
-    for code in ("configuration_pesc.py", "modeling_pesc.py"):
-        assert (exported / code).read_bytes() == (modeling_dir / code).read_bytes()
+    from pesc.methods import get_method
+
+    shipped = get_method("pesc").shipped_files
+    assert {path.name for path in shipped} >= {"configuration_pesc.py", "modeling_pesc.py", "moe_core.py"}
+    for code in shipped:
+        assert (exported / code.name).read_bytes() == code.read_bytes()
 
     config = json.loads((exported / "config.json").read_text())
     assert config["model_type"] == "pesc" and config["base_model_type"] == "llama"
@@ -281,7 +287,7 @@ def test_error_base_with_other_hidden_size(trained_run, tmp_path, capsys):
 
 
 def test_error_pesc_base_with_other_num_experts(trained_run, tiny_llama_dir, tmp_path, capsys):
-    from pesc.upcycling import upcycle
+    from pesc.methods.pesc.upcycling import upcycle
 
     upcycle(str(tiny_llama_dir), num_experts=8, adapter_dim=ADAPTER_DIM).save_pretrained(tmp_path / "pesc8")
     err = _fails(["export", str(trained_run), str(tmp_path / "out"), "--base", str(tmp_path / "pesc8")], capsys)

@@ -13,8 +13,8 @@ from safetensors.torch import save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from pesc.errors import PescError
-from pesc.loramoe_import import expert_tensor_name, read_official_adapter
-from pesc.modeling.modeling_loramoe import LoramoeExperts
+from pesc.methods.loramoe.official_import import expert_tensor_name, read_official_adapter
+from pesc.methods.loramoe.modeling_loramoe import LoramoeExperts
 from pesc.testing import build_tiny_dense
 from pesc.testing.tiny import TINY_SHAPE
 

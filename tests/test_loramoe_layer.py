@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pesc.modeling import modeling_loramoe
-from pesc.modeling.modeling_loramoe import (
+from pesc.methods.loramoe import modeling_loramoe
+from pesc.methods.loramoe.modeling_loramoe import (
     LoramoeExperts,
     init_loramoe_weights,
     localized_balancing_loss,

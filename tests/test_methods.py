@@ -103,7 +103,9 @@ def toyvec(tmp_path_factory):
     package = root / "toyvec_pkg"
     package.mkdir()
     (package / "__init__.py").write_text("")
-    shutil.copyfile(Path(pesc.modeling.__file__).parent / "moe_core.py", package / "moe_core.py")
+    for shared in Path(pesc.modeling.__file__).parent.glob("*.py"):  # its own copy of the shared model code
+        if shared.name != "__init__.py":
+            shutil.copyfile(shared, package / shared.name)
     (package / "configuration_toyvec.py").write_text(textwrap.dedent(CONFIGURATION))
     (package / "modeling_toyvec.py").write_text(textwrap.dedent(MODELING))
     sys.path.insert(0, str(root))
@@ -120,8 +122,6 @@ def toyvec(tmp_path_factory):
         config_class = modeling.ToyVecConfig
         model_class = modeling.ToyVecForCausalLM
         auto_model_class = modeling.ToyVecModel
-        modeling_dir = package
-        modeling_files = ("moe_core.py", "configuration_toyvec.py", "modeling_toyvec.py")
         prefix = "toyvec_"
         sample_fields = (SampleField("task_type", {"chat": 0, "code": 1}),)
 
@@ -156,8 +156,11 @@ def test_convert_writes_the_method_layout_and_code(toyvec, converted, tiny_llama
     assert config["auto_map"] == {"AutoConfig": "configuration_toyvec.ToyVecConfig",
                                   "AutoModel": "modeling_toyvec.ToyVecModel",
                                   "AutoModelForCausalLM": "modeling_toyvec.ToyVecForCausalLM"}
-    for name in toyvec.modeling_files:
-        assert (converted / name).read_bytes() == (toyvec.modeling_dir / name).read_bytes()
+    own_folder = Path(sys.modules[toyvec.config_class.__module__].__file__).parent
+    assert {path.parent for path in toyvec.shipped_files} == {own_folder}  # its own copies, not pesc's
+    assert {path.name for path in toyvec.shipped_files} >= {"moe_core.py", "configuration_toyvec.py", "modeling_toyvec.py"}
+    for path in toyvec.shipped_files:
+        assert (converted / path.name).read_bytes() == path.read_bytes()
     tensors, dense = read_tensors(converted), read_tensors(Path(tiny_llama_dir))
     for name, tensor in dense.items():  # base tensors keep their names and bytes
         assert torch.equal(tensors[name], tensor), name
@@ -277,7 +280,7 @@ def test_export_loads_without_pesc_and_computes_the_trained_model(toyvec, toy_ru
 
     out = tmp_path / "toy-export"
     main(["export", str(toy_run), str(out), "--dtype", "float32"])
-    for name in toyvec.modeling_files:
+    for name in (path.name for path in toyvec.shipped_files):
         assert (out / name).is_file()
     trained = load_file(toy_run / "final" / "experts.safetensors")
     exported = read_tensors(out)

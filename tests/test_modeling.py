@@ -5,7 +5,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel, Phi3Config, Phi3ForCausalLM
 
 import pesc
-from pesc.modeling import PescForCausalLM
+from pesc.methods.pesc.modeling_pesc import PescForCausalLM
 from pesc.testing import TINY_FAMILIES, build_tiny_dense
 
 SETTINGS = dict(num_experts=4, top_k=2, adapter_dim=16, seed=3)

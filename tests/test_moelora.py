@@ -16,8 +16,8 @@ from transformers import AutoModelForCausalLM
 
 from pesc.cli import main
 from pesc.methods.moelora import MOELORA
-from pesc.modeling import modeling_moelora
-from pesc.modeling.modeling_moelora import MoELoraForCausalLM, MoELoraSite, same_expert_infonce
+from pesc.methods.moelora import modeling_moelora
+from pesc.methods.moelora.modeling_moelora import MoELoraForCausalLM, MoELoraSite, same_expert_infonce
 from pesc.testing.isolated import checkpoint_outputs_without_pesc
 
 
@@ -381,7 +381,7 @@ def test_export_loads_without_pesc_and_computes_the_trained_model(moelora_runs, 
     full, _ = moelora_runs
     out = tmp_path / "export"
     main(["export", str(full), str(out), "--dtype", "float32"])
-    for name in MOELORA.modeling_files:
+    for name in (path.name for path in MOELORA.shipped_files):
         assert (out / name).is_file()
     ids = [[5, 17, 33, 2, 71, 8]]
     fresh = checkpoint_outputs_without_pesc(out, ids)

@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM
 
 from pesc.cli import main
 from pesc.methods.molora import MOLORA
-from pesc.modeling.modeling_molora import MoLoRAExperts
+from pesc.methods.molora.modeling_molora import MoLoRAExperts
 from pesc.testing import TINY_FAMILIES
 from test_convert import read_tensors
 
@@ -298,7 +298,7 @@ def test_molora_emits_a_routing_record_per_site_with_its_top_k(molora_checkpoint
 
 
 def test_the_toolkit_and_the_shipped_code_know_the_same_sites():
-    """pesc/methods/molora.py keeps its own copy (importing the shipped file would load torch for the CLI)."""
+    """pesc/methods/molora/method.py keeps its own copy (importing the shipped file would load torch for the CLI)."""
     from pesc.methods.molora import SITE_PARENTS
     from pesc.modeling.moe_core import LINEAR_PARENTS
 

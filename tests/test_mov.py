@@ -15,7 +15,7 @@ from transformers.models.llama.modeling_llama import LlamaAttention, LlamaConfig
 
 from pesc.cli import main
 from pesc.methods.mov import MOV
-from pesc.modeling.modeling_mov import MoVScaling
+from pesc.methods.mov.modeling_mov import MoVScaling
 from pesc.testing import TINY_FAMILIES
 from test_convert import read_tensors
 

@@ -68,7 +68,7 @@ choice = answer.choices[0]
 print(json.dumps({"text": choice.message.content, "token_ids": choice.model_extra["token_ids"]}))
 """
 
-# PESC checkpoints vLLM also runs with pesc's native model (pesc.serving.vllm_model, the plugin)
+# PESC checkpoints vLLM also runs with pesc's native model (pesc.methods.pesc.vllm_model, the plugin)
 NATIVE = ("pesc-llama", "pesc-qwen2", "pesc-mistral")
 
 # One process, one engine per run in turn (importing vLLM once): greedy tokens of every prompt, EOS ignored.

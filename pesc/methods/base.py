@@ -1,7 +1,7 @@
 """The method interface: everything the toolkit needs to know about one MoE-from-dense method.
 
 A method is its shipped model code (a config class and a causal-LM class built on
-pesc/modeling/moe_core.py) plus one `Method` object here. Convert, train, export, inspect, the
+pesc/modeling) plus one `Method` object, all in the method's folder pesc/methods/<name>/. Convert, train, export, inspect, the
 model card and the CLI ask the method; none of them names one. `docs/methods.md` walks through
 adding one. Importing this package imports neither torch nor transformers (the CLI lists every
 method's flags before it decides what to load), so a method imports its classes where they are used.
@@ -77,35 +77,53 @@ class Method:
     label: str  # how messages name it ("PESC")
     description: str  # one line for `pesc methods`: paper, where the experts sit, routing, aux losses
     settings: tuple[Setting, ...]
-    # The shipped classes as "file.Class" inside pesc/modeling, imported on first use: listing the methods (the
-    # CLI's flags) must not import torch. A method whose classes live elsewhere sets `config_class` /
-    # `model_class` / `auto_model_class` / `zero3_leaf_modules` themselves instead.
+    # The shipped classes as "file.Class" in the method's own folder (pesc/methods/<name>/), imported on first use:
+    # listing the methods (the CLI's flags) must not import torch. A method whose classes live elsewhere sets
+    # `config_class` / `model_class` / `auto_model_class` / `zero3_leaf_modules` themselves instead.
     config_class_path: str = ""
     model_class_path: str = ""
     # the backbone without LM head (a moe_core.MoEModel): what AutoModel, and so vLLM's Transformers backend, loads
     auto_model_class_path: str = ""
     zero3_leaf_module_paths: tuple[str, ...] = ()  # modules DeepSpeed ZeRO-3 must gather whole (routed blocks)
-    modeling_dir: Path = Path(__file__).resolve().parent.parent / "modeling"  # the folder holding `modeling_files`
-    modeling_files: tuple[str, ...]  # shipped in every checkpoint: moe_core.py + the method's own files
     prefix: str  # the first characters of every module the method adds (PESC: "moe_adapter")
     sample_fields: tuple[SampleField, ...] = ()
+    # vLLM's native model for the method's checkpoints ("module:Class"), registered by pesc's vLLM plugin; None:
+    # vLLM serves it with its Transformers backend and the shipped code
+    vllm_model: str | None = None
+    # `pesc import NAME` subcommands: NAME -> "module:click_command", loaded only when used
+    import_commands: dict[str, str] = {}
     card_tags: tuple[str, ...] = ()
 
     @property
     def config_class(self) -> type:
-        return _shipped_class(self.config_class_path)
+        return self._shipped_class(self.config_class_path)
 
     @property
     def model_class(self) -> type:
-        return _shipped_class(self.model_class_path)
+        return self._shipped_class(self.model_class_path)
 
     @property
     def auto_model_class(self) -> type:
-        return _shipped_class(self.auto_model_class_path)
+        return self._shipped_class(self.auto_model_class_path)
 
     @property
     def zero3_leaf_modules(self) -> tuple[type, ...]:
-        return tuple(_shipped_class(path) for path in self.zero3_leaf_module_paths)
+        return tuple(self._shipped_class(path) for path in self.zero3_leaf_module_paths)
+
+    @property
+    def shipped_files(self) -> list[Path]:
+        """The files every checkpoint of the method carries: its classes' modules and all they import relatively."""
+        from pesc.modeling.code_files import code_files
+
+        return code_files(self.config_class, self.model_class, self.auto_model_class)
+
+    def _shipped_class(self, path: str) -> type:
+        """The class "file.Class" of the method's package (imported now, not when the method is declared)."""
+        import importlib
+
+        module, name = path.rsplit(".", 1)
+        package = type(self).__module__.rpartition(".")[0]
+        return getattr(importlib.import_module(f"{package}.{module}"), name)
 
     # ---- settings ----
     def all_settings(self) -> tuple[Setting, ...]:
@@ -256,14 +274,6 @@ def check_flags(method: Method, flags: dict) -> dict:
         known = ", ".join(s.flag for s in method.all_settings())
         raise PescError(f"{flag} is not a setting of method {method.name} (its settings: {known})")
     return given
-
-
-def _shipped_class(path: str) -> type:
-    """The class "file.Class" of pesc/modeling (imported now, not when the method is declared)."""
-    import importlib
-
-    module, name = path.rsplit(".", 1)
-    return getattr(importlib.import_module(f"pesc.modeling.{module}"), name)
 
 
 def _registered():

@@ -1,28 +1,33 @@
 """The one list of methods, and the lookups every command uses. It imports no method (the package
-`pesc.methods` registers the built-in ones), so a method's own modules may look the registry up without an
-import circle."""
+`pesc.methods` registers the built-in ones, one line each), so a method's own modules may look the registry up
+without an import circle."""
 
 import difflib
 
 from pesc.errors import PescError
 
 DEFAULT_METHOD = "pesc"
-METHODS: dict = {}  # name -> pesc.methods.base.Method: the built-in ones (pesc.methods), then register_method's
+METHODS: dict = {}  # name -> pesc.methods.base.Method, in registration order (the built-in ones first)
 
 
 def register_method(method):
-    """Make `method` known to every command (and its config class known to transformers' Auto* factories)."""
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
-
+    """Make `method` known to every command: the one registration of a method (built-in ones too). Its classes
+    reach transformers' Auto* factories when `register_auto_classes` runs (commands that load models call it)."""
+    if method.name in METHODS and METHODS[method.name] is not method:
+        raise ValueError(f"a method named {method.name!r} is already registered")
     METHODS[method.name] = method
-    AutoConfig.register(method.config_class.model_type, method.config_class, exist_ok=True)
-    AutoModel.register(method.config_class, method.auto_model_class, exist_ok=True)
-    AutoModelForCausalLM.register(method.config_class, method.model_class, exist_ok=True)
-    method.config_class.register_for_auto_class()
-    method.auto_model_class.register_for_auto_class("AutoModel")
-    method.model_class.register_for_auto_class("AutoModelForCausalLM")
     return method
 
+
+def register_auto_classes() -> None:
+    """Register every method's config and model classes with the Auto* factories, so `AutoModelForCausalLM.
+    from_pretrained` loads a checkpoint of any method with the installed pesc's code (no remote code)."""
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+    for method in METHODS.values():
+        AutoConfig.register(method.config_class.model_type, method.config_class, exist_ok=True)
+        AutoModel.register(method.config_class, method.auto_model_class, exist_ok=True)
+        AutoModelForCausalLM.register(method.config_class, method.model_class, exist_ok=True)
 
 
 def get_method(name: str | None):

@@ -20,6 +20,7 @@ computes the method's named aux losses from them and adds their weighted sum to 
 import dataclasses
 import inspect
 import math
+import os
 import sys
 import warnings
 from contextlib import contextmanager
@@ -30,6 +31,8 @@ import torch
 from torch import nn
 from transformers import CONFIG_MAPPING, MODEL_FOR_CAUSAL_LM_MAPPING, MODEL_MAPPING, GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast
+
+from .code_files import save_code_files
 
 try:
     from transformers import PreTrainedConfig
@@ -535,6 +538,14 @@ class MoEPreTrainedModel(PreTrainedModel):
     def init_method_module(self, module: nn.Module) -> bool:
         """Initialise `module` if the method added it and return True; False hands it to the family."""
         return False
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """Write the model code too (this model's modules and all they import, found as loaded), so the folder
+        loads with `trust_remote_code=True`; before the weights, so that a push includes it."""
+        if kwargs.get("is_main_process", True):
+            os.makedirs(save_directory, exist_ok=True)
+            save_code_files(save_directory, type(self), type(self.config))
+        return super().save_pretrained(save_directory, *args, **kwargs)
 
 
 class MoEModel(MoEPreTrainedModel):

@@ -1,10 +1,16 @@
-"""The `vllm.general_plugins` entry point (`pip install 'pesc-moe[vllm]'`): makes vLLM serve PESC checkpoints with
-its native model (pesc.serving.vllm_model), registered by name so that nothing heavy loads until a PESC model
-does; vLLM calls it in every process it starts."""
+"""The `vllm.general_plugins` entry point (`pip install 'pesc-moe[vllm]'`): makes vLLM serve the checkpoints of every
+method that has a native vLLM model (`Method.vllm_model`) with it, registered by name so that nothing heavy loads
+until such a model does; vLLM calls it in every process it starts."""
 
 
 def register() -> None:
     from vllm import ModelRegistry
 
-    if "PescForCausalLM" not in ModelRegistry.get_supported_archs():
-        ModelRegistry.register_model("PescForCausalLM", "pesc.serving.vllm_model:PescForCausalLM")
+    from pesc.methods import METHODS
+
+    supported = ModelRegistry.get_supported_archs()
+    for method in METHODS.values():
+        if method.vllm_model is not None:
+            architecture = method.model_class_path.rsplit(".", 1)[-1]
+            if architecture not in supported:
+                ModelRegistry.register_model(architecture, method.vllm_model)

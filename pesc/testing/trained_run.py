@@ -21,18 +21,18 @@ def fake_trained_model(
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from pesc.methods import PESC
-    from pesc.upcycling import upcycle
+    import pesc
+    from pesc.methods import get_method
 
     dense = AutoModelForCausalLM.from_pretrained(dense_dir, dtype=torch.float32)
-    model = upcycle(dense, num_experts=num_experts, top_k=top_k, adapter_dim=adapter_dim, seed=seed)
+    model = pesc.upcycle(dense, num_experts=num_experts, top_k=top_k, adapter_dim=adapter_dim, seed=seed)
     torch.manual_seed(seed)
     lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=LORA_TARGETS, init_lora_weights=False)
     peft_model = get_peft_model(model, lora)
     generator = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for name, param in peft_model.named_parameters():
-            if PESC.is_added(name):
+            if get_method("pesc").is_added(name):
                 param.add_(0.05 * torch.randn(param.shape, generator=generator))
             elif "lora_B" in name:
                 param.mul_(0.5)

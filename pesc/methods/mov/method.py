@@ -21,7 +21,6 @@ class MoV(Method):
         Setting("num_experts", (int,), 10, "vectors per site (MoV-10; the paper also has 30 and 60)",
                 bounds="positive", structural=True),
     )
-    modeling_files = ("moe_core.py", "soft_merging.py", "configuration_mov.py", "modeling_mov.py")
     prefix = "mov_"
     card_tags = ("mov", "ia3", "soft-merging")
 
@@ -33,7 +32,7 @@ class MoV(Method):
         return []  # only the routers and vectors train
 
     def initial_state(self, config, layer_idx: int, seed: int) -> dict:
-        from pesc.modeling.modeling_mov import MOV_SITES, MoVScaling
+        from pesc.methods.mov.modeling_mov import MOV_SITES, MoVScaling
 
         _, kv_heads, head_dim = attention_dims(config)
         sites = {}

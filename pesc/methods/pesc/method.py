@@ -27,7 +27,8 @@ class Pesc(Method):
         Setting("router_aux_loss_coef", (int, float), 0.01, "weight of the load-balancing loss", bounds="non-negative"),
         Setting("adapter_dropout", (int, float), 0.1, "dropout on each adapter's input", bounds="fraction"),
     )
-    modeling_files = ("moe_core.py", "configuration_pesc.py", "modeling_pesc.py")
+    vllm_model = "pesc.methods.pesc.vllm_model:PescForCausalLM"
+    import_commands = {"camelidae": "pesc.methods.pesc.import_command:import_camelidae"}
     prefix = "moe_adapter"
     card_tags = ("pesc", "adapter-experts")
 
@@ -43,7 +44,7 @@ class Pesc(Method):
         return {f"mlp.moe_adapter.{name}": t for name, t in initial_expert_state(config, layer_idx, seed).items()}
 
     def parameter_summary(self, config):
-        from pesc.summary import summarize
+        from pesc.methods.pesc.summary import summarize
 
         return summarize(config)
 
@@ -91,7 +92,7 @@ def initial_expert_state(config, layer_idx: int, seed: int) -> dict:
     import torch
 
     from pesc.methods.seeding import layer_generator
-    from pesc.modeling.modeling_pesc import (
+    from pesc.methods.pesc.modeling_pesc import (
         AdapterDownProjection,
         AdapterUpProjection,
         PescMoEAdapter,

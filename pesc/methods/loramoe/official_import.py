@@ -8,7 +8,7 @@ adapter_config.json (`r`, `lora_alpha`, `lora_nums`, `blc_alpha`, `blc_weight`, 
 `weights_only=True` (or the safetensors file, where one was saved), every tensor is checked against
 the base model the adapter must have been trained on, and each site's experts are stacked into
 pesc's layout (`...mlp.loramoe_gate_proj.{router,experts_A,experts_B}.weight`, see
-pesc/modeling/modeling_loramoe.py), which computes what the official code computes.
+pesc/methods/loramoe/modeling_loramoe.py), which computes what the official code computes.
 """
 
 from __future__ import annotations
@@ -261,8 +261,7 @@ def import_loramoe(
     adapter; every check runs before anything is written, and an error leaves no OUT (pesc.atomic)."""
     import torch
 
-    from pesc.atomic import atomic_output_dir
-    from pesc.camelidae import IMPORT_MARKER
+    from pesc.atomic import IMPORT_MARKER, atomic_output_dir
     from pesc.checkpoint.config import read_config
     from pesc.checkpoint.shard_writer import BaseShardWriter, Progress
     from pesc.checkpoint.source import early_sources

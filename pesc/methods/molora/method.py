@@ -38,7 +38,6 @@ class MoLoRA(Method):
         Setting("router_jitter", (int, float), 0.0, "multiplicative U(1-j, 1+j) noise on router inputs in training",
                 bounds="fraction"),
     )
-    modeling_files = ("moe_core.py", "soft_merging.py", "configuration_molora.py", "modeling_molora.py")
     prefix = "molora_"
     card_tags = ("molora", "lora-experts", "soft-merging")
 
@@ -59,7 +58,7 @@ class MoLoRA(Method):
         return []  # the experts occupy the linears: only the routers and experts train
 
     def initial_state(self, config, layer_idx: int, seed: int) -> dict:
-        from pesc.modeling.modeling_molora import MoLoRAExperts
+        from pesc.methods.molora.modeling_molora import MoLoRAExperts
 
         sites = {}
         for linear in config.molora_sites:

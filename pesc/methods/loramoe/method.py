@@ -2,7 +2,7 @@
 active, with the localized balancing constraint over task types (docs/methods/loramoe.md).
 
 The shipped code is pesc/modeling/{configuration,modeling}_loramoe.py; official adapters import with
-pesc/loramoe_import.py.
+pesc/methods/loramoe/official_import.py.
 """
 
 import json
@@ -68,7 +68,7 @@ class Loramoe(Method):
                 "official: a sample's own group weighs 1 + delta (pulls its routing off the group); "
                 "towards_own_group: 1 - delta (pulls it onto the group)", choices=("official", "towards_own_group")),
     )
-    modeling_files = ("moe_core.py", "configuration_loramoe.py", "modeling_loramoe.py")
+    import_commands = {"loramoe": "pesc.methods.loramoe.import_command:import_loramoe"}
     prefix = "loramoe_"
     sample_fields = (
         TaskTypeField("task_type", values=TASK_TYPE_NAMES, required=True,
@@ -103,7 +103,7 @@ class Loramoe(Method):
         import torch
 
         from pesc.modeling.moe_core import LINEAR_PARENTS
-        from pesc.modeling.modeling_loramoe import LoramoeExperts, init_loramoe_weights
+        from pesc.methods.loramoe.modeling_loramoe import LoramoeExperts, init_loramoe_weights
         from pesc.methods.seeding import layer_generator
 
         generator = layer_generator(seed, layer_idx)

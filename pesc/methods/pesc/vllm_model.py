@@ -5,7 +5,7 @@ Registered by `pesc.serving.vllm_plugin` (the `vllm.general_plugins` entry point
 `PescForCausalLM`. Runs inside vLLM's environment: imports vLLM and torch, nothing of pesc.
 
 Per token, with F(x) the family's FFN output (vLLM's merged gate/up kernel), the k router picks and w their
-float32 softmax weights (arXiv 2401.02731, Eq. 7-10; pesc/modeling/modeling_pesc.py):
+float32 softmax weights (arXiv 2401.02731, Eq. 7-10; pesc/methods/pesc/modeling_pesc.py):
     y = F(x) + sum_{i in topk(x)} w_i * s * up_i(GELU(down_i(F(x))))
 computed for every expert at once with the weights zero off the top-k: fixed shapes, two plain matmuls over the
 experts stacked side by side (no per-call copy or permute of the weights).

@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 from typing import Callable
 
-from pesc.atomic import atomic_output_dir, check_output_dir
+from pesc.atomic import IMPORT_MARKER, atomic_output_dir, check_output_dir
 from pesc.checkpoint.headers import find_weight_files
 from pesc.checkpoint.shard_writer import BaseShardWriter, Progress
 from pesc.checkpoint.source import resolve_source
@@ -25,7 +25,6 @@ from pesc.errors import PescError
 PUBLISHED_FAMILIES = {"camelidae": "llama", "qwen2idae": "qwen2"}
 # The MoE fields of their config.json; everything else is the dense family's own
 _MOE_FIELDS = ("num_experts", "topk", "adapter_dim", "moe_scaling", "moe_dtype", "output_router_logits")
-IMPORT_MARKER = ".pesc-import"
 
 
 def _published_config(folder: Path, src: str) -> dict:

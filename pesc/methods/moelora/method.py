@@ -38,7 +38,6 @@ class MoELora(Method):
                 bounds="non-negative"),
         Setting("contrastive_form", (str,), "same_expert", "which contrastive loss", choices=("same_expert",)),
     )
-    modeling_files = ("moe_core.py", "configuration_moelora.py", "modeling_moelora.py")
     prefix = "moelora_"
     card_tags = ("moelora", "lora-experts")
 
@@ -56,9 +55,9 @@ class MoELora(Method):
         import torch
 
         from pesc.methods.seeding import layer_generator
-        from pesc.modeling.configuration_moelora import site_list
+        from pesc.methods.moelora.configuration_moelora import site_list
         from pesc.modeling.moe_core import LINEAR_PARENTS
-        from pesc.modeling.modeling_moelora import SITE_PREFIX, MoELoraSite, init_site
+        from pesc.methods.moelora.modeling_moelora import SITE_PREFIX, MoELoraSite, init_site
 
         generator = layer_generator(seed, layer_idx)
         dtype = getattr(torch, config.moe_dtype) if config.moe_dtype else torch.float32

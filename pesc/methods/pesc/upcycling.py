@@ -6,8 +6,9 @@ import torch
 from transformers import AutoModelForCausalLM, PreTrainedConfig, PreTrainedModel
 
 from pesc.methods.pesc import initial_expert_state
-from pesc.modeling import PescConfig, PescForCausalLM
-from pesc.modeling.modeling_pesc import check_dense_equivalence
+from pesc.methods.pesc.configuration_pesc import PescConfig
+from pesc.methods.pesc.modeling_pesc import PescForCausalLM
+from pesc.methods.pesc.modeling_pesc import check_dense_equivalence
 
 
 def pesc_config_from_dense(
