@@ -1,4 +1,4 @@
-"""The load-balancing loss (DESIGN §3): E * sum_i f_i * P_i per layer, padding left out, mean over layers."""
+"""The load-balancing loss (docs/model.md, "The load-balancing loss"): E * sum_i f_i * P_i per layer, padding left out, mean over layers."""
 
 import pytest
 import torch
@@ -51,7 +51,7 @@ def test_gradient_reaches_the_router_logits():
 
 
 def _balance_loss_by_hand(router_logits, keep, num_experts, top_k) -> float:
-    """DESIGN §3 in float64, token by token: E * sum_i f_i * P_i over the kept tokens, averaged over layers."""
+    """docs/model.md's formula in float64, token by token: E * sum_i f_i * P_i over the kept tokens, averaged over layers."""
     layers = []
     for logits in router_logits:
         tokens = [row for row, kept in zip(logits.double(), keep) if kept]

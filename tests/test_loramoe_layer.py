@@ -1,5 +1,6 @@
-"""LoRAMoE's site module and localized balancing constraint against the formulas of issue #12, written
-here token by token and expert by expert in float64 (DESIGN §7, §8)."""
+"""LoRAMoE's site module and localized balancing constraint against the paper's formulas
+(docs/methods/loramoe.md: "The layer", "The localized balancing constraint"), written here token by token and expert
+by expert in float64."""
 
 import math
 
