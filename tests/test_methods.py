@@ -4,7 +4,7 @@ The toy method ("toyvec") puts a dense-routed scaled vector on q_proj's output: 
 module `self_attn.toyvec_q_proj` (router [E, hidden] + E vectors [E, q_out]) turns q_proj's output y
 into y * (1 + softmax(router(x)) @ vectors). Its vectors start at zero (the converted model computes
 the dense model exactly); its aux loss `task_loss` reads the per-sample field `task_type`. Its shipped
-files (a copy of moe_core.py plus its own configuration / modeling files) are written by this test into
+files (copies of the shared moe_*.py it imports plus its own configuration / modeling files) are written by this test into
 a temporary package; the toolkit learns of it through one `register_method` call.
 """
 
@@ -28,7 +28,7 @@ from pesc.testing.isolated import checkpoint_outputs_without_pesc
 from test_convert import read_tensors
 
 CONFIGURATION = '''
-from .moe_core import FlatMoEConfig
+from .moe_config import FlatMoEConfig
 
 
 class ToyVecConfig(FlatMoEConfig):
@@ -39,13 +39,18 @@ class ToyVecConfig(FlatMoEConfig):
         super().__init__(**kwargs)
 '''
 
+# The shared shipped files the toy method's code imports, transitively.
+SHARED = ("moe_config.py", "moe_routing.py", "moe_sites.py", "moe_causal_lm.py")
+
 MODELING = '''
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .configuration_toyvec import ToyVecConfig
-from .moe_core import MoEForCausalLM, MoEModel, attach_sibling, emit_routing_record
+from .moe_causal_lm import MoEForCausalLM, MoEModel
+from .moe_routing import emit_routing_record
+from .moe_sites import attach_sibling
 
 
 class ToyVecSite(nn.Module):
@@ -103,7 +108,8 @@ def toyvec(tmp_path_factory):
     package = root / "toyvec_pkg"
     package.mkdir()
     (package / "__init__.py").write_text("")
-    shutil.copyfile(Path(pesc.modeling.__file__).parent / "moe_core.py", package / "moe_core.py")
+    for name in SHARED:
+        shutil.copyfile(Path(pesc.modeling.__file__).parent / name, package / name)
     (package / "configuration_toyvec.py").write_text(textwrap.dedent(CONFIGURATION))
     (package / "modeling_toyvec.py").write_text(textwrap.dedent(MODELING))
     sys.path.insert(0, str(root))
@@ -121,7 +127,7 @@ def toyvec(tmp_path_factory):
         model_class = modeling.ToyVecForCausalLM
         auto_model_class = modeling.ToyVecModel
         modeling_dir = package
-        modeling_files = ("moe_core.py", "configuration_toyvec.py", "modeling_toyvec.py")
+        modeling_files = (*SHARED, "configuration_toyvec.py", "modeling_toyvec.py")
         prefix = "toyvec_"
         sample_fields = (SampleField("task_type", {"chat": 0, "code": 1}),)
 

@@ -1,8 +1,8 @@
 """The method interface: everything the toolkit needs to know about one MoE-from-dense method.
 
 A method is its shipped model code (a config class and a causal-LM class built on
-pesc/modeling/moe_core.py) plus one `Method` object here. Convert, train, export, inspect, the
-model card and the CLI ask the method; none of them names one. `docs/methods.md` walks through
+pesc/modeling/moe_config.py and moe_causal_lm.py) plus one `Method` object here. Convert, train, export,
+inspect, the model card and the CLI ask the method; none of them names one. `docs/methods.md` walks through
 adding one. Importing this package imports neither torch nor transformers (the CLI lists every
 method's flags before it decides what to load), so a method imports its classes where they are used.
 """
@@ -82,11 +82,11 @@ class Method:
     # `model_class` / `auto_model_class` / `zero3_leaf_modules` themselves instead.
     config_class_path: str = ""
     model_class_path: str = ""
-    # the backbone without LM head (a moe_core.MoEModel): what AutoModel, and so vLLM's Transformers backend, loads
+    # the backbone without LM head (a moe_causal_lm.MoEModel): what AutoModel, and so vLLM's Transformers backend, loads
     auto_model_class_path: str = ""
     zero3_leaf_module_paths: tuple[str, ...] = ()  # modules DeepSpeed ZeRO-3 must gather whole (routed blocks)
     modeling_dir: Path = Path(__file__).resolve().parent.parent / "modeling"  # the folder holding `modeling_files`
-    modeling_files: tuple[str, ...]  # shipped in every checkpoint: moe_core.py + the method's own files
+    modeling_files: tuple[str, ...]  # shipped in every checkpoint: its own files + the shared moe_*.py they import
     prefix: str  # the first characters of every module the method adds (PESC: "moe_adapter")
     sample_fields: tuple[SampleField, ...] = ()
     card_tags: tuple[str, ...] = ()

@@ -68,7 +68,8 @@ class Loramoe(Method):
                 "official: a sample's own group weighs 1 + delta (pulls its routing off the group); "
                 "towards_own_group: 1 - delta (pulls it onto the group)", choices=("official", "towards_own_group")),
     )
-    modeling_files = ("moe_core.py", "configuration_loramoe.py", "modeling_loramoe.py")
+    modeling_files = ("moe_config.py", "moe_routing.py", "moe_dropout.py", "moe_sites.py", "moe_causal_lm.py",
+                      "configuration_loramoe.py", "modeling_loramoe.py")
     prefix = "loramoe_"
     sample_fields = (
         TaskTypeField("task_type", values=TASK_TYPE_NAMES, required=True,
@@ -102,7 +103,7 @@ class Loramoe(Method):
         """Each site's router and A drawn kaiming-uniform (a=sqrt 5) from the layer's seeded generator, B zero."""
         import torch
 
-        from pesc.modeling.moe_core import LINEAR_PARENTS
+        from pesc.modeling.moe_sites import LINEAR_PARENTS
         from pesc.modeling.modeling_loramoe import LoramoeExperts, init_loramoe_weights
         from pesc.methods.seeding import layer_generator
 

@@ -38,7 +38,8 @@ class MoELora(Method):
                 bounds="non-negative"),
         Setting("contrastive_form", (str,), "same_expert", "which contrastive loss", choices=("same_expert",)),
     )
-    modeling_files = ("moe_core.py", "configuration_moelora.py", "modeling_moelora.py")
+    modeling_files = ("moe_config.py", "moe_routing.py", "moe_dropout.py", "moe_dispatch.py", "moe_sites.py",
+                      "moe_causal_lm.py", "configuration_moelora.py", "modeling_moelora.py")
     prefix = "moelora_"
     card_tags = ("moelora", "lora-experts")
 
@@ -57,7 +58,7 @@ class MoELora(Method):
 
         from pesc.methods.seeding import layer_generator
         from pesc.modeling.configuration_moelora import site_list
-        from pesc.modeling.moe_core import LINEAR_PARENTS
+        from pesc.modeling.moe_sites import LINEAR_PARENTS
         from pesc.modeling.modeling_moelora import SITE_PREFIX, MoELoraSite, init_site
 
         generator = layer_generator(seed, layer_idx)

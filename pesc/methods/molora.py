@@ -38,7 +38,8 @@ class MoLoRA(Method):
         Setting("router_jitter", (int, float), 0.0, "multiplicative U(1-j, 1+j) noise on router inputs in training",
                 bounds="fraction"),
     )
-    modeling_files = ("moe_core.py", "soft_merging.py", "configuration_molora.py", "modeling_molora.py")
+    modeling_files = ("moe_config.py", "moe_routing.py", "moe_sites.py", "moe_causal_lm.py", "soft_merging.py",
+                      "configuration_molora.py", "modeling_molora.py")
     prefix = "molora_"
     card_tags = ("molora", "lora-experts", "soft-merging")
 

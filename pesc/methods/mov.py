@@ -21,7 +21,8 @@ class MoV(Method):
         Setting("num_experts", (int,), 10, "vectors per site (MoV-10; the paper also has 30 and 60)",
                 bounds="positive", structural=True),
     )
-    modeling_files = ("moe_core.py", "soft_merging.py", "configuration_mov.py", "modeling_mov.py")
+    modeling_files = ("moe_config.py", "moe_routing.py", "moe_sites.py", "moe_causal_lm.py", "soft_merging.py",
+                      "configuration_mov.py", "modeling_mov.py")
     prefix = "mov_"
     card_tags = ("mov", "ia3", "soft-merging")
 

@@ -27,7 +27,8 @@ class Pesc(Method):
         Setting("router_aux_loss_coef", (int, float), 0.01, "weight of the load-balancing loss", bounds="non-negative"),
         Setting("adapter_dropout", (int, float), 0.1, "dropout on each adapter's input", bounds="fraction"),
     )
-    modeling_files = ("moe_core.py", "configuration_pesc.py", "modeling_pesc.py")
+    modeling_files = ("moe_config.py", "moe_routing.py", "moe_dropout.py", "moe_dispatch.py", "moe_sites.py",
+                      "moe_causal_lm.py", "configuration_pesc.py", "modeling_pesc.py")
     prefix = "moe_adapter"
     card_tags = ("pesc", "adapter-experts")
 

@@ -1,5 +1,6 @@
-"""The shipped model code: moe_core.py (shared by every method) and each method's configuration_<m>.py /
-modeling_<m>.py. These files ship inside every checkpoint of their method.
+"""The shipped model code: the shared moe_*.py files, one concern each (the flat config, routing records and
+losses, dropout masks, the routed dispatch, sibling sites, the causal LM), and each method's configuration_<m>.py /
+modeling_<m>.py. A checkpoint ships its method's files and the shared ones they import (`Method.modeling_files`).
 
 Importing this package registers the classes with the transformers Auto* factories, so
 `AutoModelForCausalLM.from_pretrained` works on a checkpoint of a shipped method (PESC, LoRAMoE,
@@ -27,7 +28,8 @@ from .modeling_pesc import (
     init_expert_weights,
 )
 from .modeling_loramoe import LoramoeForCausalLM, LoramoeModel
-from .moe_core import RoutingRecord, attach_sibling, emit_routing_record, load_balancing_loss, record_routing
+from .moe_routing import RoutingRecord, emit_routing_record, load_balancing_loss, record_routing
+from .moe_sites import attach_sibling
 
 for _config_class, _backbone_class, _model_class in (
     (PescConfig, PescModel, PescForCausalLM),

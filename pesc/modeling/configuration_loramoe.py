@@ -5,7 +5,8 @@ shares) and modeling_loramoe.py. Flat like every pesc config: the dense family's
 level, next to the LoRAMoE fields below, and `base_model_type` naming the family.
 """
 
-from .moe_core import LINEAR_PARENTS, FlatMoEConfig
+from .moe_config import FlatMoEConfig
+from .moe_sites import LINEAR_PARENTS
 
 OFFICIAL_SITES = ("gate_proj", "up_proj", "down_proj")
 

@@ -5,7 +5,8 @@ method shares: imports only torch and transformers). The dense family's fields s
 top level, `base_model_type` names the family.
 """
 
-from .moe_core import LINEAR_PARENTS, FlatMoEConfig
+from .moe_config import FlatMoEConfig
+from .moe_sites import LINEAR_PARENTS
 
 # The contrastive-loss forms the model knows (modeling_moelora.CONTRASTIVE_FORMS computes them).
 CONTRASTIVE_FORMS = ("same_expert",)

@@ -4,7 +4,8 @@ Shipped inside every MoLoRA checkpoint beside moe_core.py (the flat-config machi
 method shares): the dense family's fields sit flat at the top level, next to MoLoRA's own.
 """
 
-from .moe_core import LINEAR_PARENTS, FlatMoEConfig
+from .moe_config import FlatMoEConfig
+from .moe_sites import LINEAR_PARENTS
 
 
 

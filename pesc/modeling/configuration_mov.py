@@ -4,7 +4,7 @@ Shipped inside every MoV checkpoint beside moe_core.py (the flat-config machiner
 method shares): the dense family's fields sit flat at the top level, next to MoV's own.
 """
 
-from .moe_core import FlatMoEConfig
+from .moe_config import FlatMoEConfig
 
 
 class MoVConfig(FlatMoEConfig):

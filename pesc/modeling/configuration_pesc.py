@@ -8,7 +8,7 @@ dense base config (hidden_size, rope settings, ...) sits at the top level next t
 PESC fields, and `base_model_type` names the dense family.
 """
 
-from .moe_core import FlatMoEConfig
+from .moe_config import FlatMoEConfig
 
 # The PESC settings, with their defaults; everything else belongs to the dense family.
 PESC_DEFAULTS = {
