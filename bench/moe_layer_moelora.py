@@ -21,7 +21,8 @@ from torch import nn
 
 from pesc.methods.moelora.configuration_moelora import MoELoraConfig
 from pesc.methods.moelora.modeling_moelora import MoELoraSite, contrastive_loss, init_site
-from pesc.modeling.moe_core import dropout_mask, record_routing, zero_dropped
+from pesc.modeling.moe_dropout import dropout_mask, zero_dropped
+from pesc.modeling.moe_routing import record_routing
 
 RANK = 8
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from pesc.modeling.moe_core import load_balancing_loss
+from pesc.modeling.moe_routing import load_balancing_loss
 
 # Four experts, top-2. Rows 0 and 1 route to {0, 1} and {2, 3}; their mean softmax is uniform.
 BALANCED = torch.tensor([[2.0, 2.0, 0.0, 0.0], [0.0, 0.0, 2.0, 2.0]])

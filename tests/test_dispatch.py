@@ -175,7 +175,7 @@ def test_routed_dropout_applies_one_mask_per_token_and_expert_with_the_keep_scal
     The mask is replaced by one that drops the same hidden columns in every row, so the
     per-token reference can apply it without knowing the dispatch's row order.
     """
-    from pesc.modeling import moe_core
+    from pesc.modeling import moe_dispatch
 
     dropped_columns = torch.tensor([0, 5, 6, 17])
     keep_scale = 1 / (1 - 0.25)  # a power-of-two ratio away from 1: exact in float64
@@ -186,7 +186,7 @@ def test_routed_dropout_applies_one_mask_per_token_and_expert_with_the_keep_scal
         drop[:, dropped_columns] = True
         return drop, keep_scale
 
-    monkeypatch.setattr(moe_core, "dropout_mask", column_mask)
+    monkeypatch.setattr(moe_dispatch, "dropout_mask", column_mask)
     block = build_block(dropout=0.25).train()
     router_input, ffn_output = inputs(9)
     ffn_output.requires_grad_(True)
@@ -197,7 +197,7 @@ def test_routed_dropout_applies_one_mask_per_token_and_expert_with_the_keep_scal
 
 @pytest.mark.parametrize("p, kind", [(0.05, "positions"), (0.125, "positions"), (0.5, "mask")])
 def test_dropout_mask_drops_at_rate_p_independently(p, kind):
-    from pesc.modeling.moe_core import dropout_mask
+    from pesc.modeling.moe_dropout import dropout_mask
 
     torch.manual_seed(0)
     shape = (1000, 1001)  # an odd count: the last 32-bit draw is half used
@@ -222,7 +222,7 @@ def test_dropout_mask_drops_at_rate_p_independently(p, kind):
 @pytest.mark.parametrize("numel", [1, 7, 64])
 def test_drop_positions_of_small_tensors_can_be_empty_and_stay_in_range(numel):
     """Few elements: often no drop at all (0.9**7 ~ 0.48), never an index past the end."""
-    from pesc.modeling.moe_core import _drop_positions
+    from pesc.modeling.moe_dropout import _drop_positions
 
     torch.manual_seed(0)
     counts = []
@@ -235,7 +235,7 @@ def test_drop_positions_of_small_tensors_can_be_empty_and_stay_in_range(numel):
 
 
 def test_zero_dropped_is_the_same_for_positions_and_mask_with_gradients():
-    from pesc.modeling.moe_core import zero_dropped
+    from pesc.modeling.moe_dropout import zero_dropped
 
     torch.manual_seed(0)
     x = torch.randn(6, 5, requires_grad=True)

@@ -68,7 +68,7 @@ def test_forward_is_the_routed_sum_of_every_expert():
 
 
 def fixed_dropout(monkeypatch, drop, keep_scale):
-    """moe_core.dropout_mask, as the site calls it, replaced by a known mask; returns the shapes it was asked for."""
+    """moe_dropout.dropout_mask, as the site calls it, replaced by a known mask; returns the shapes it was asked for."""
     asked = []
 
     def mask(shape, p, device):

@@ -4,7 +4,7 @@ The toy method ("toyvec") puts a dense-routed scaled vector on q_proj's output: 
 module `self_attn.toyvec_q_proj` (router [E, hidden] + E vectors [E, q_out]) turns q_proj's output y
 into y * (1 + softmax(router(x)) @ vectors). Its vectors start at zero (the converted model computes
 the dense model exactly); its aux loss `task_loss` reads the per-sample field `task_type`. Its shipped
-files (a copy of moe_core.py plus its own configuration / modeling files) are written by this test into
+files (copies of the shared moe_*.py it imports plus its own configuration / modeling files) are written by this test into
 a temporary package; the toolkit learns of it through one `register_method` call.
 """
 
@@ -28,7 +28,7 @@ from pesc.testing.isolated import checkpoint_outputs_without_pesc
 from test_convert import read_tensors
 
 CONFIGURATION = '''
-from .moe_core import FlatMoEConfig
+from .moe_config import FlatMoEConfig
 
 
 class ToyVecConfig(FlatMoEConfig):
@@ -39,13 +39,17 @@ class ToyVecConfig(FlatMoEConfig):
         super().__init__(**kwargs)
 '''
 
+# The shared shipped files the toy method's code imports, transitively.
+
 MODELING = '''
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .configuration_toyvec import ToyVecConfig
-from .moe_core import MoEForCausalLM, MoEModel, attach_sibling, emit_routing_record
+from .moe_causal_lm import MoEForCausalLM, MoEModel
+from .moe_routing import emit_routing_record
+from .moe_sites import attach_sibling
 
 
 class ToyVecSite(nn.Module):
@@ -158,7 +162,7 @@ def test_convert_writes_the_method_layout_and_code(toyvec, converted, tiny_llama
                                   "AutoModelForCausalLM": "modeling_toyvec.ToyVecForCausalLM"}
     own_folder = Path(sys.modules[toyvec.config_class.__module__].__file__).parent
     assert {path.parent for path in toyvec.shipped_files} == {own_folder}  # its own copies, not pesc's
-    assert {path.name for path in toyvec.shipped_files} >= {"moe_core.py", "configuration_toyvec.py", "modeling_toyvec.py"}
+    assert {path.name for path in toyvec.shipped_files} >= {"moe_causal_lm.py", "configuration_toyvec.py", "modeling_toyvec.py"}
     for path in toyvec.shipped_files:
         assert (converted / path.name).read_bytes() == path.read_bytes()
     tensors, dense = read_tensors(converted), read_tensors(Path(tiny_llama_dir))

@@ -128,7 +128,7 @@ def assert_within(got, want, bound, what):
 
 def test_both_dispatches_apply_one_dropout_mask_per_token_as_the_formula(tiny_llama_dir, monkeypatch):
     """In training, dropout(x) is one mask over the site's input shared by a token's experts (drawn by
-    moe_core.dropout_mask, fixed here), scaled by 1/(1-p); the router reads the undropped x. Both dispatches
+    moe_dropout.dropout_mask, fixed here), scaled by 1/(1-p); the router reads the undropped x. Both dispatches
     give the float64 formula, and the same gradients for every parameter and the input."""
     _, model = moelora_model(tiny_llama_dir, num_experts=4, lora_dropout=0.5)
     perturb_experts(model)

@@ -300,6 +300,6 @@ def test_molora_emits_a_routing_record_per_site_with_its_top_k(molora_checkpoint
 def test_the_toolkit_and_the_shipped_code_know_the_same_sites():
     """pesc/methods/molora/method.py keeps its own copy (importing the shipped file would load torch for the CLI)."""
     from pesc.methods.molora import SITE_PARENTS
-    from pesc.modeling.moe_core import LINEAR_PARENTS
+    from pesc.modeling.moe_sites import LINEAR_PARENTS
 
     assert SITE_PARENTS == LINEAR_PARENTS

@@ -272,7 +272,7 @@ def test_mov_emits_a_dense_routing_record_per_site(mov_checkpoints):
 
 def test_each_head_records_its_own_router_logits():
     """Record `site.head{h}` holds head h's logits: the router on that head's head_dim slice of every token."""
-    from pesc.modeling.moe_core import record_routing
+    from pesc.modeling.moe_routing import record_routing
 
     site = trained_like(width=8, experts=5, heads=3, seed=9)
     site.site = "k_proj"

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from pesc.cli import main
-from pesc.modeling.moe_core import RoutingRecord
+from pesc.modeling.moe_routing import RoutingRecord
 from pesc.routing_analysis.tally import RoutingTally, group_shares
 
 ROWS = {

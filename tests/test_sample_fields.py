@@ -11,7 +11,7 @@ from transformers import AutoTokenizer
 from pesc.data import load_training_data, make_collator
 from pesc.errors import PescError
 from pesc.methods import SampleField
-from pesc.modeling.moe_core import per_token
+from pesc.modeling.moe_routing import per_token
 
 TASK = SampleField("task_type", {"chat": 0, "code": 1})
 

@@ -1,8 +1,8 @@
 """The method interface: everything the toolkit needs to know about one MoE-from-dense method.
 
 A method is its shipped model code (a config class and a causal-LM class built on
-pesc/modeling) plus one `Method` object, all in the method's folder pesc/methods/<name>/. Convert, train, export, inspect, the
-model card and the CLI ask the method; none of them names one. `docs/methods.md` walks through
+pesc/modeling) plus one `Method` object, all in the method's folder pesc/methods/<name>/. Convert, train,
+export, inspect, the model card and the CLI ask the method; none of them names one. `docs/methods.md` walks through
 adding one. Importing this package imports neither torch nor transformers (the CLI lists every
 method's flags before it decides what to load), so a method imports its classes where they are used.
 """
@@ -82,7 +82,7 @@ class Method:
     # `config_class` / `model_class` / `auto_model_class` / `zero3_leaf_modules` themselves instead.
     config_class_path: str = ""
     model_class_path: str = ""
-    # the backbone without LM head (a moe_core.MoEModel): what AutoModel, and so vLLM's Transformers backend, loads
+    # the backbone without LM head (a moe_causal_lm.MoEModel): what AutoModel, and so vLLM's Transformers backend, loads
     auto_model_class_path: str = ""
     zero3_leaf_module_paths: tuple[str, ...] = ()  # modules DeepSpeed ZeRO-3 must gather whole (routed blocks)
     prefix: str  # the first characters of every module the method adds (PESC: "moe_adapter")
@@ -113,7 +113,7 @@ class Method:
     @property
     def shipped_files(self) -> list[Path]:
         """The files every checkpoint of the method carries: its classes' modules and all they import relatively."""
-        from pesc.modeling.code_files import code_files
+        from pesc.modeling.moe_causal_lm import code_files
 
         return code_files(self.config_class, self.model_class, self.auto_model_class)
 

@@ -1,6 +1,6 @@
 """One copy of the shared model code for every method.
 
-A method's shipped files import the shared model code relatively (`from .moe_core import X`), as they must inside
+A method's shipped files import the shared model code relatively (`from .moe_config import X`), as they must inside
 a checkpoint, where all files sit in one folder. In pesc the shared files live once, in pesc/modeling: this finder
 answers `pesc.methods.<method>.<shared module>` with the module `pesc.modeling.<shared module>` itself, so every
 method builds on the same classes (one `MoEForCausalLM`, one routing-record sink).

@@ -9,7 +9,7 @@ Everything after this module (counting, figures, files) works on those records a
 import torch
 
 from pesc.errors import PescError
-from pesc.modeling.moe_core import RoutingRecord
+from pesc.modeling.moe_routing import RoutingRecord
 
 
 @torch.no_grad()

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from pesc.errors import PescError
-from pesc.modeling.moe_core import RoutingRecord
+from pesc.modeling.moe_routing import RoutingRecord
 
 
 def routing_load(record: RoutingRecord, keep: torch.Tensor | None) -> torch.Tensor:

@@ -1,11 +1,12 @@
 """Configuration of a LoRAMoE model (arXiv 2312.09979): a dense decoder plus routed LoRA experts beside its linears.
 
-Shipped inside every LoRAMoE checkpoint beside moe_core.py (the flat-config machinery every method
+Shipped inside every LoRAMoE checkpoint beside the shared moe_*.py files (the flat-config machinery every method
 shares) and modeling_loramoe.py. Flat like every pesc config: the dense family's fields at the top
 level, next to the LoRAMoE fields below, and `base_model_type` naming the family.
 """
 
-from .moe_core import LINEAR_PARENTS, FlatMoEConfig
+from .moe_config import FlatMoEConfig
+from .moe_sites import LINEAR_PARENTS
 
 OFFICIAL_SITES = ("gate_proj", "up_proj", "down_proj")
 

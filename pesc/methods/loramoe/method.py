@@ -102,7 +102,7 @@ class Loramoe(Method):
         """Each site's router and A drawn kaiming-uniform (a=sqrt 5) from the layer's seeded generator, B zero."""
         import torch
 
-        from pesc.modeling.moe_core import LINEAR_PARENTS
+        from pesc.modeling.moe_sites import LINEAR_PARENTS
         from pesc.methods.loramoe.modeling_loramoe import LoramoeExperts, init_loramoe_weights
         from pesc.methods.seeding import layer_generator
 

@@ -24,8 +24,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from .configuration_loramoe import LBC_DIRECTIONS, LoramoeConfig
-from .moe_core import (LINEAR_PARENTS, MoEForCausalLM, MoEModel, attach_sibling, dropout_mask, emit_routing_record,
-                       linear_on, zero_dropped)
+from .moe_causal_lm import MoEForCausalLM, MoEModel
+from .moe_dropout import dropout_mask, zero_dropped
+from .moe_routing import emit_routing_record
+from .moe_sites import LINEAR_PARENTS, attach_sibling, linear_on
 
 # Added to the denominator of the LBC, as the official code's cv_squared.
 _LBC_EPS = 1e-10
@@ -69,7 +71,7 @@ class LoramoeExperts(nn.Module):
             # router and experts read the same x: one matmul (and one input gradient) for both
             both = F.linear(rows, torch.cat([self.router.weight, self.experts_A.weight]))
             router_logits, hidden = both.split([self.num_experts, self.num_experts * self.rank], dim=-1)
-        else:  # moe_core's mask (cheaper than F.dropout's), its keep scale moved onto the N*r-wide middle
+        else:  # moe_dropout's mask (cheaper than F.dropout's), its keep scale moved onto the N*r-wide middle
             expert_input = rows
             if self.training and self.dropout:
                 drop, keep_scale = dropout_mask(tuple(rows.shape), self.dropout, rows.device)
@@ -91,7 +93,7 @@ class LoramoeExperts(nn.Module):
         return out.view(linear_output.shape), router_logits
 
     def linear_output_hook(self, linear: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-        """The forward hook on the site's linear (moe_core.attach_sibling): its output plus the experts'."""
+        """The forward hook on the site's linear (moe_sites.attach_sibling): its output plus the experts'."""
         out, router_logits = self(args[0], output)
         emit_routing_record(self.site, self.layer_idx, router_logits)
         return out
@@ -197,7 +199,7 @@ def localized_balancing_loss(
 
 class LoramoeForCausalLM(MoEForCausalLM):
     """Causal LM of a dense family with a LoRAMoE site (router + N LoRA experts) beside each of the `sites`
-    linears of every layer (moe_core.MoEForCausalLM: the family's own modules run unchanged)."""
+    linears of every layer (moe_causal_lm.MoEForCausalLM: the family's own modules run unchanged)."""
 
     config_class = LoramoeConfig
     method_label = "LoRAMoE"

@@ -21,7 +21,7 @@ from pathlib import Path
 from pesc.checkpoint.headers import _load_bin, read_safetensors_header
 from pesc.errors import PescError
 from pesc.finite import refuse_non_finite
-from pesc.modeling.moe_core import LINEAR_PARENTS
+from pesc.modeling.moe_sites import LINEAR_PARENTS
 
 _OFFICIAL_NAME = re.compile(
     r"^(?:base_model\.model\.)?model\.layers\.(?P<layer>\d+)\.(?P<parent>\w+)\.(?P<site>\w+)\."

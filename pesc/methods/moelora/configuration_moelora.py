@@ -1,11 +1,12 @@
 """Configuration of a MoELoRA model (Luo et al., arXiv 2402.12851): top-k routed LoRA experts on linears.
 
-Shipped inside every MoELoRA checkpoint beside moe_core.py (the flat-config machinery every
+Shipped inside every MoELoRA checkpoint beside the shared moe_*.py files (the flat-config machinery every
 method shares: imports only torch and transformers). The dense family's fields sit flat at the
 top level, `base_model_type` names the family.
 """
 
-from .moe_core import LINEAR_PARENTS, FlatMoEConfig
+from .moe_config import FlatMoEConfig
+from .moe_sites import LINEAR_PARENTS
 
 # The contrastive-loss forms the model knows (modeling_moelora.CONTRASTIVE_FORMS computes them).
 CONTRASTIVE_FORMS = ("same_expert",)

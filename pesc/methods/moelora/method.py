@@ -56,7 +56,7 @@ class MoELora(Method):
 
         from pesc.methods.seeding import layer_generator
         from pesc.methods.moelora.configuration_moelora import site_list
-        from pesc.modeling.moe_core import LINEAR_PARENTS
+        from pesc.modeling.moe_sites import LINEAR_PARENTS
         from pesc.methods.moelora.modeling_moelora import SITE_PREFIX, MoELoraSite, init_site
 
         generator = layer_generator(seed, layer_idx)

@@ -1,8 +1,8 @@
 """The MoELoRA model (Luo et al., arXiv 2402.12851): top-k routed LoRA experts beside chosen linears.
 
 Shipped inside every MoELoRA checkpoint, so it imports only torch, transformers and its sibling
-files (configuration_moelora.py, and moe_core.py: the dense-family wrapper, routing records, the
-balance loss and the routed dispatch every method shares).
+files (configuration_moelora.py, and the shared moe_*.py: the dense-family wrapper, routing records,
+the balance loss, dropout masks and the routed dispatch).
 
 Each site (`q_proj` and `v_proj` by default) gets a sibling module `moelora_<linear>`: a router
 on the linear's input and E LoRA experts stored stacked (`down` [E, r, in] = the A's, `up`
@@ -27,20 +27,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from .configuration_moelora import MoELoraConfig, site_list
-from .moe_core import (
-    LINEAR_PARENTS,
-    MoEForCausalLM,
-    MoEModel,
-    attach_sibling,
-    dropout_mask,
-    emit_routing_record,
-    linear_on,
-    load_balancing_loss,
-    routed_dispatch,
-    token_mask,
-    traced_for_every_shape,
-    zero_dropped,
-)
+from .moe_causal_lm import MoEForCausalLM, MoEModel
+from .moe_dispatch import routed_dispatch, traced_for_every_shape
+from .moe_dropout import dropout_mask, zero_dropped
+from .moe_routing import emit_routing_record, load_balancing_loss, token_mask
+from .moe_sites import LINEAR_PARENTS, attach_sibling, linear_on
 
 SITE_PREFIX = "moelora_"
 
@@ -58,7 +49,7 @@ class MoELoraSite(nn.Module):
       experts a token did not pick scaled by zero, then one matmul with all the B's. Fixed shapes,
       two GEMMs as wide as a single LoRA of the same trainable size, no sort and no gather: the
       fastest form while E*r is small next to the linear (LoRA widths).
-    * routed: tokens sorted by expert, each expert run on its own tokens (`moe_core.routed_dispatch`):
+    * routed: tokens sorted by expert, each expert run on its own tokens (`moe_dispatch.routed_dispatch`):
       k*r instead of E*r columns of work per token, for wide experts, at the price of the gather.
 
     "auto" takes mixed while E*r <= in_features: on a CPU at in_features 1024, 1024 tokens, top-2, the

@@ -1,10 +1,11 @@
 """Configuration of a MoLoRA model (mixture of LoRA experts, arXiv 2309.05444).
 
-Shipped inside every MoLoRA checkpoint beside moe_core.py (the flat-config machinery every
+Shipped inside every MoLoRA checkpoint beside the shared moe_*.py files (the flat-config machinery every
 method shares): the dense family's fields sit flat at the top level, next to MoLoRA's own.
 """
 
-from .moe_core import LINEAR_PARENTS, FlatMoEConfig
+from .moe_config import FlatMoEConfig
+from .moe_sites import LINEAR_PARENTS
 
 
 

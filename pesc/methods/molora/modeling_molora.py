@@ -16,7 +16,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .configuration_molora import MoLoRAConfig
-from .moe_core import LINEAR_PARENTS, MoEForCausalLM, MoEModel, attach_sibling, emit_routing_record, linear_on
+from .moe_causal_lm import MoEForCausalLM, MoEModel
+from .moe_routing import emit_routing_record
+from .moe_sites import LINEAR_PARENTS, attach_sibling, linear_on
 from .soft_merging import SoftRouter
 
 EXPERTS_A_INIT_STD = 0.02

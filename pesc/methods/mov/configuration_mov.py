@@ -1,10 +1,10 @@
 """Configuration of a MoV model (mixture of (IA)³ vectors, arXiv 2309.05444).
 
-Shipped inside every MoV checkpoint beside moe_core.py (the flat-config machinery every
+Shipped inside every MoV checkpoint beside the shared moe_*.py files (the flat-config machinery every
 method shares): the dense family's fields sit flat at the top level, next to MoV's own.
 """
 
-from .moe_core import FlatMoEConfig
+from .moe_config import FlatMoEConfig
 
 
 class MoVConfig(FlatMoEConfig):

@@ -17,7 +17,9 @@ import torch
 from torch import nn
 
 from .configuration_mov import MoVConfig
-from .moe_core import MoEForCausalLM, MoEModel, attach_sibling, emit_routing_record, linear_on
+from .moe_causal_lm import MoEForCausalLM, MoEModel
+from .moe_routing import emit_routing_record
+from .moe_sites import attach_sibling, linear_on
 from .soft_merging import SoftRouter
 
 

@@ -1,6 +1,6 @@
 """Configuration of a PESC sparse model.
 
-Shipped inside every exported checkpoint beside moe_core.py (the flat-config machinery
+Shipped inside every exported checkpoint beside the shared moe_*.py files (the flat-config machinery
 every method shares: imports only torch and transformers).
 
 The config is *flat*, like the published Camelidae checkpoints: every field of the
@@ -8,7 +8,7 @@ dense base config (hidden_size, rope settings, ...) sits at the top level next t
 PESC fields, and `base_model_type` names the dense family.
 """
 
-from .moe_core import FlatMoEConfig
+from .moe_config import FlatMoEConfig
 
 # The PESC settings, with their defaults; everything else belongs to the dense family.
 PESC_DEFAULTS = {

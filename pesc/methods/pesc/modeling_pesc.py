@@ -1,11 +1,11 @@
 """The PESC sparse model: a dense decoder whose gated FFN is shared by top-k routed adapter experts.
 
 Shipped inside every exported checkpoint, so it imports only torch, transformers and its
-sibling files (configuration_pesc.py, and moe_core.py: the dense-family wrapper, routing
-records, the balance loss and the routed dispatch every method shares). The pieces:
+sibling files (configuration_pesc.py, and the shared moe_*.py: the dense-family wrapper, routing
+records, the balance loss and the routed dispatch). The pieces:
 `PescRouter` (which experts, with what weights), `PescAdapter` (one expert),
 `PescMoEAdapter` (dispatch of tokens to experts), `PescMLP` (the dense FFN plus the MoE
-adapter) and `PescForCausalLM` (the method's hooks into moe_core.MoEForCausalLM).
+adapter) and `PescForCausalLM` (the method's hooks into moe_causal_lm.MoEForCausalLM).
 
 Layer output (arXiv 2401.02731, Eq. 7-10):
     F(x) = down(act(gate(x)) * up(x))                    computed once per token
@@ -21,14 +21,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from .configuration_pesc import PescConfig
-from .moe_core import (
-    MoEForCausalLM,
-    MoEModel,
-    emit_routing_record,
-    load_balancing_loss,
-    routed_dispatch,
-    traced_for_every_shape,
-)
+from .moe_causal_lm import MoEForCausalLM, MoEModel
+from .moe_dispatch import routed_dispatch, traced_for_every_shape
+from .moe_routing import emit_routing_record, load_balancing_loss
+
+# Unused here, imported for transformers before 5.12: from a local checkpoint folder it copies only the files
+# that the loaded file itself imports relatively, so the files moe_causal_lm and moe_dispatch import are named
+# here too (tests/test_shipped_imports.py).
+from .moe_dropout import dropout_mask  # noqa: F401
+from .moe_sites import site_linears  # noqa: F401
 
 class PescRouter(nn.Module):
     """Linear router on the FFN input; picks the top-k experts with float32 softmax weights."""
@@ -406,7 +407,7 @@ def init_expert_weights(module: nn.Module, generator: torch.Generator | None = N
 
 class PescForCausalLM(MoEForCausalLM):
     """Causal LM of a dense family with every gated FFN replaced by a PESC MoE FFN (the family's
-    attention, rope and caches run unchanged; moe_core.MoEForCausalLM)."""
+    attention, rope and caches run unchanged; moe_causal_lm.MoEForCausalLM)."""
 
     config_class = PescConfig
     method_label = "PESC"

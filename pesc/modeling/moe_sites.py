@@ -1,0 +1,121 @@
+"""Sibling sites: a method's module beside a decoder layer's linear it acts on (LoRA experts, scaled
+vectors), connected by a hook that follows the linear when bitsandbytes or peft replace it; and what
+serving engines may not do to those linears (merge them away, split them across tensor-parallel ranks).
+
+Shipped in every checkpoint: imports only torch.
+"""
+
+import sys
+
+from torch import nn
+
+
+class _SiblingConnection:
+    """Connects `parent.<sibling>` to whatever module `parent.<linear>` is at the parent's next forward.
+
+    bitsandbytes swaps the linear for a Linear4bit at load time and peft wraps it in a LoRA layer:
+    the parent's forward pre-hook notices the new object, moves the hook to it (removing the old
+    one, so the sibling never acts twice), and the base tensor names stay where they were.
+    """
+
+    def __init__(self, linear: str, sibling: str, position: str):
+        self.linear, self.sibling, self.position = linear, sibling, position
+        self._hooked = None
+        self._handle = None
+
+    def reconnect(self, parent: nn.Module, args) -> None:
+        linear = parent._modules[self.linear]
+        if linear is self._hooked:
+            return
+        if self._handle is not None:
+            self._handle.remove()
+        sibling = parent._modules[self.sibling]
+        if self.position == "output":
+            self._handle = linear.register_forward_hook(sibling.linear_output_hook)
+        else:
+            self._handle = linear.register_forward_pre_hook(sibling.linear_input_hook)
+        self._hooked = linear
+
+
+# The linears a method's site may sit on, and the module of a decoder layer that holds each (the
+# gated-MLP families: llama, mistral, qwen2, ...).
+LINEAR_PARENTS = {
+    "q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
+    "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp",
+}  # fmt: skip
+
+
+def linear_on(layer: nn.Module, parent_name: str, linear_name: str, base_model_type: str, label: str) -> nn.Linear:
+    """`layer.<parent>.<linear>` of a decoder layer, or a one-line error saying the family has no such linear."""
+    linear = getattr(getattr(layer, parent_name, None), linear_name, None)
+    if not isinstance(linear, nn.Linear):
+        raise ValueError(
+            f"{label} cannot wrap model family {base_model_type!r}: its decoder layers have no linear "
+            f"{parent_name}.{linear_name}"
+        )
+    return linear
+
+
+def attach_sibling(parent: nn.Module, linear: str, sibling_name: str, sibling: nn.Module, position: str) -> None:
+    """Add `sibling` as `parent.<sibling_name>` and let it act on `parent.<linear>` at `position`.
+
+    position "output": the linear's output becomes `sibling.linear_output_hook(linear, (x,), output)`
+    (e.g. LoRA experts: output + experts(x); MoV: output * vector); "input": the linear's input
+    becomes what `sibling.linear_input_hook(linear, (x,))` returns (e.g. MoV on down_proj's input).
+    """
+    if position not in ("output", "input"):
+        raise ValueError(f"a sibling site acts on a linear's 'output' or 'input', not {position!r}")
+    if not isinstance(parent._modules.get(linear), nn.Module):
+        raise ValueError(f"{type(parent).__name__} has no module {linear!r} to attach {sibling_name!r} to")
+    parent.add_module(sibling_name, sibling)
+    connection = _SiblingConnection(linear, sibling_name, position)
+    connection.reconnect(parent, ())  # now: a compiled first forward (vLLM's) cannot register hooks
+    parent.register_forward_pre_hook(connection.reconnect)
+
+
+class UnmergedLinear(nn.Module):
+    """nn.Linear's computation under a class that is not nn.Linear (what `MoEModel` makes of a linear a site acts on).
+
+    Serving engines merge sibling linears they recognise by type (vLLM's Transformers backend turns q/k/v
+    and gate/up into one linear and deletes the three), which would leave a site's hook on nothing.
+    """
+
+    forward = nn.Linear.forward
+    extra_repr = nn.Linear.extra_repr
+
+
+def site_linears(model: nn.Module) -> list[tuple[nn.Module, str]]:
+    """(parent, linear name) of every linear a sibling site acts on."""
+    found = []
+    for parent in model.modules():
+        for hook in parent._forward_pre_hooks.values():
+            connection = getattr(hook, "__self__", None)
+            if isinstance(connection, _SiblingConnection):
+                found.append((parent, connection.linear))
+    return found
+
+
+def refuse_sharded_attention_sites(config, hooked_linears: list[str]) -> None:
+    """A clear error where vLLM would split attention over tensor-parallel ranks while sites hook attention linears.
+
+    vLLM splits the attention heads across tensor-parallel ranks, but a linear a site acts on stays whole
+    (`UnmergedLinear`), so attention would mix whole and sharded projections: at 2 ranks MoELoRA's q/v sites
+    gave wrong tokens without an error and MoV's k/v sites a shape error. Sites on the FFN only, and pipeline
+    parallelism (whole layers per rank), run fine.
+    """
+    attention = sorted({name for name in hooked_linears if LINEAR_PARENTS.get(name) == "self_attn"})
+    ranks = vllm_tensor_parallel_ranks() if config._attn_implementation == "vllm" else 1
+    if attention and ranks > 1:
+        raise ValueError(
+            f"this model's sites act on attention linears ({', '.join(attention)}), which vLLM cannot split across "
+            f"{ranks} tensor-parallel ranks: serve it with tensor_parallel_size=1 (pipeline parallelism works)"
+        )
+
+
+def vllm_tensor_parallel_ranks() -> int:
+    """vLLM's tensor-parallel size while vLLM builds this model (read from its already loaded module: the shipped
+    code imports nothing of vLLM), else 1."""
+    state = sys.modules.get("vllm.distributed.parallel_state")
+    if state is None or not state.model_parallel_is_initialized():
+        return 1
+    return state.get_tensor_model_parallel_world_size()
