@@ -71,14 +71,14 @@ def summarize(config: PescConfig) -> ParameterSummary:
         num_layers=layers,
         hidden_size=config.hidden_size,
         num_experts=config.num_experts,
-        top_k=config.topk,
+        top_k=config.num_experts_per_tok,
         adapter_dim=config.adapter_dim,
         moe_scaling=config.moe_scaling,
         dense_params=total - experts_total,
         expert_params_per_layer=config.num_experts * per_expert,
         router_params_per_layer=router,
         total_params=total,
-        active_params=total - layers * (config.num_experts - config.topk) * per_expert,
+        active_params=total - layers * (config.num_experts - config.num_experts_per_tok) * per_expert,
         trainable_params=experts_total,
     )
 
