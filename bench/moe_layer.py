@@ -73,7 +73,7 @@ def build_layer(hidden: int, intermediate: int, adapter_dim: int, num_experts: i
         intermediate_size=intermediate,
         hidden_act="silu",
         num_experts=num_experts,
-        topk=top_k,
+        num_experts_per_tok=top_k,
         adapter_dim=adapter_dim,
         adapter_dropout=0.0,
     )

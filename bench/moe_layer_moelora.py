@@ -42,8 +42,8 @@ class SiteBench(nn.Module):
     def __init__(self, hidden: int, num_experts: int, top_k: int, dropout: float, seed: int):
         super().__init__()
         torch.manual_seed(seed)
-        self.config = MoELoraConfig(base_model_type="llama", hidden_size=hidden, num_experts=num_experts, topk=top_k,
-                                    lora_rank=RANK, lora_dropout=dropout)
+        self.config = MoELoraConfig(base_model_type="llama", hidden_size=hidden, num_experts=num_experts,
+                                    num_experts_per_tok=top_k, lora_rank=RANK, lora_dropout=dropout)
         self.linear = nn.Linear(hidden, hidden, bias=False).requires_grad_(False)
         self.site = MoELoraSite(hidden, hidden, self.config, "q_proj", 0)
         generator = torch.Generator().manual_seed(seed)

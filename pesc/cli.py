@@ -68,8 +68,7 @@ class SettingOption(click.Option):
 
 
 def _range(setting) -> str:
-    if setting.choices:
-        return f"; one of {', '.join(map(str, setting.choices))}"
+    """A setting's declared range (the seed's); a config field's range is its config class's check."""
     if setting.bounds:
         from pesc.settings import BOUNDS
 

@@ -103,7 +103,7 @@ def test_converted_model_computes_the_dense_model(family, layout, sources, dense
     assert config["model_type"] == "pesc" and config["base_model_type"] == family
     assert config["architectures"] == ["PescForCausalLM"]
     assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_pesc.PescForCausalLM"
-    assert (config["num_experts"], config["topk"], config["adapter_dim"]) == (4, 2, 8)
+    assert (config["num_experts"], config["num_experts_per_tok"], config["adapter_dim"]) == (4, 2, 8)
 
     # Every shard is listed in the index, none of the new ones exceeds --max-shard-size.
     index = json.loads((out / "model.safetensors.index.json").read_text())
@@ -158,7 +158,8 @@ def test_recipe_settings_and_flags_win(sources, tmp_path, capsys):
                            "--adapter-dim", "12")  # fmt: skip
     assert code == 0, err
     config = json.loads((tmp_path / "out" / "config.json").read_text())
-    assert (config["num_experts"], config["topk"], config["adapter_dim"], config["moe_scaling"]) == (6, 3, 12, 0.5)
+    assert (config["num_experts"], config["num_experts_per_tok"], config["adapter_dim"], config["moe_scaling"]) == (
+        6, 3, 12, 0.5)
 
 
 def test_camelidae_recipe_holds_the_published_settings():
@@ -453,7 +454,7 @@ def test_script_entry_point(tiny_llama_dir, tmp_path, capsys, monkeypatch):
     with pytest.raises(SystemExit) as exit_:
         runpy.run_path(script, run_name="__main__")
     assert exit_.value.code == 1
-    assert capsys.readouterr().err.strip() == "Error: top_k (9) cannot exceed num_experts (8): lower --top-k"
+    assert capsys.readouterr().err.strip() == "Error: top_k (9) cannot exceed num_experts (8)"
     monkeypatch.setattr(sys, "argv", ["convert.py", str(tiny_llama_dir), str(tmp_path / "out"), *SMALL])
     runpy.run_path(script, run_name="__main__")
     assert (tmp_path / "out" / "config.json").is_file()

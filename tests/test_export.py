@@ -180,7 +180,8 @@ def test_exported_layout_is_camelidae(exported):
         "AutoModel": "modeling_pesc.PescModel",
         "AutoModelForCausalLM": "modeling_pesc.PescForCausalLM",
     }
-    assert (config["num_experts"], config["topk"], config["adapter_dim"]) == (NUM_EXPERTS, TOP_K, ADAPTER_DIM)
+    moe_fields = (config["num_experts"], config["num_experts_per_tok"], config["adapter_dim"])
+    assert moe_fields == (NUM_EXPERTS, TOP_K, ADAPTER_DIM)
     for field in ("moe_scaling", "moe_dtype", "output_router_logits", "router_aux_loss_coef", "hidden_size"):
         assert field in config
     assert config["moe_dtype"] == "float32" and config["dtype"] == "float32"

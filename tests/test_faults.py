@@ -228,7 +228,7 @@ def test_train_refuses_experts_that_cannot_fit_in_memory_before_building_them(ti
     (["tiny-model", "OUT", "--seed", "-1"], "--seed"),
     (["export", "RUN", "OUT", "--max-shard-size", "lots"], "--max-shard-size 'lots' is not a size"),
     (["train", "FOLDER"], "is a folder: give the YAML file"),
-    (["convert", "MODEL", "OUT", "--method", "moelora", "--sites", "q_proj,q_proj"], "named once"),
+    (["convert", "MODEL", "OUT", "--method", "moelora", "--sites", "q_proj,q_proj"], "distinct linears"),
 ], ids=["nan-temperature", "nan-atol", "empty-prompt", "negative-seed", "bad-shard-size", "config-folder",
         "site-twice"])
 def test_values_the_audit_found_passing_are_refused(args, phrase, tiny_llama_dir, trained_run, tmp_path, capsys):

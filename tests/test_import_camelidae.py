@@ -50,6 +50,7 @@ def write_published(export_dir, out, family, weights="bin"):
     # as transformers 4.x wrote them (the releases were saved with 4.3x): torch_dtype, rope_theta
     published["torch_dtype"] = published.pop("dtype")
     published["rope_theta"] = published.pop("rope_parameters")["rope_theta"]
+    published["topk"] = published.pop("num_experts_per_tok")  # the releases' name for it
     published.update(transformers_version="4.36.2", rope_scaling=None)
     published.update(model_type={"llama": "camelidae", "qwen2": "qwen2idae"}[family],
                      architectures=["LlamaForCausalLM" if family == "llama" else "Qwen2ForCausalLM"],
@@ -77,8 +78,8 @@ def test_import_computes_what_the_published_model_computes(trained_export, weigh
     assert f"({family} layers), 4 experts, top-2, adapter_dim 8, moe_scaling {MOE_SCALING}" in stdout
     config = json.loads((out / "config.json").read_text())
     assert config["model_type"] == "pesc" and config["base_model_type"] == family
-    moe_fields = (config["num_experts"], config["topk"], config["adapter_dim"], config["moe_scaling"])
-    assert moe_fields == (4, 2, 8, MOE_SCALING)
+    moe_fields = (config["num_experts"], config["num_experts_per_tok"], config["adapter_dim"], config["moe_scaling"])
+    assert moe_fields == (4, 2, 8, MOE_SCALING) and "topk" not in config  # the release's topk, under pesc's name
     assert not list(out.glob("*.bin")) and (out / "modeling_pesc.py").is_file() and (out / ".pesc-import").is_file()
     imported = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, dtype=torch.float32).eval()
     ids = torch.tensor([[5, 17, 42, 99, 130, 7], [8, 200, 33, 71, 12, 150]])

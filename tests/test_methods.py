@@ -120,8 +120,8 @@ def toyvec(tmp_path_factory):
         label = "ToyVec"
         description = "toy: a dense-routed scaled vector on q_proj's output; aux loss: task_loss"
         settings = (
-            Setting("num_experts", (int,), 3, "vectors per site", bounds="positive", structural=True),
-            Setting("task_loss_coef", (int, float), 0.1, "weight of the task loss", bounds="non-negative"),
+            Setting("num_experts", (int,), "vectors per site", structural=True),
+            Setting("task_loss_coef", (int, float), "weight of the task loss"),
         )
         config_class = modeling.ToyVecConfig
         model_class = modeling.ToyVecForCausalLM
@@ -321,17 +321,21 @@ def test_methods_lists_every_registered_method(toyvec, capsys):
     assert any(line.startswith("toyvec ") and "task_loss" in line for line in lines)
 
 
-def test_the_method_flags_are_listed_without_importing_torch():
-    """`pesc convert --help` and flag errors stay instant: listing the methods' settings loads no model code."""
+def test_the_method_flags_are_parsed_without_importing_torch():
+    """`pesc --help` and flag errors stay instant: parsing the methods' flags loads no model code (a method's
+    defaults, read from its config class, load it only for a command's help or its resolved values)."""
     code = textwrap.dedent("""
         import sys
         from pesc.cli import cli
-        try:
-            cli.main(["convert", "--help"], standalone_mode=False)
-        except SystemExit:
-            pass
+        for args in (["--help"], ["convert", "a", "b", "--method", "mov", "--top-k", "2"]):
+            try:
+                cli.main(args, standalone_mode=False)
+            except SystemExit:
+                pass
+            except Exception as error:
+                print(error)
         print(sorted(name for name in ("torch", "transformers") if name in sys.modules))
     """)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert "--num-experts" in out and "--method" in out
+    assert "convert" in out and "--top-k is not a setting of method mov" in out
     assert out.strip().endswith("[]")

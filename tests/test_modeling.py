@@ -136,7 +136,7 @@ def test_already_pesc_model_is_refused():
 
 
 def test_invalid_settings_are_refused():
-    with pytest.raises(ValueError, match="topk"):
+    with pytest.raises(ValueError, match="num_experts_per_tok"):
         pesc.upcycle(build_tiny_dense("llama"), num_experts=2, top_k=3)
     with pytest.raises(ValueError, match="adapter_dim"):
         pesc.upcycle(build_tiny_dense("llama"), adapter_dim=0)

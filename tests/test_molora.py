@@ -184,8 +184,9 @@ def test_convert_writes_the_molora_sites_with_the_seeded_draw(molora_checkpoints
     folder = molora_checkpoints["llama"]
     config = json.loads((folder / "config.json").read_text())
     assert (config["model_type"], config["num_experts"], config["expert_rank"], config["expert_alpha"],
-            config["router_topk"], config["router_topk_weights"]) == ("pesc_molora", 3, 2, 8, 2, "renormalized")
-    assert config["molora_sites"] == list(SITES)
+            config["num_experts_per_tok"], config["router_topk_weights"]) == (
+        "pesc_molora", 3, 2, 8, 2, "renormalized")
+    assert config["sites"] == list(SITES)
     tensors, dense = read_tensors(folder), read_tensors(tiny_llama_dir)
     for name, tensor in dense.items():
         assert torch.equal(tensors[name], tensor), name
@@ -281,7 +282,8 @@ def test_bad_sites_are_one_line_errors(tiny_llama_dir, tmp_path, capsys):
         with pytest.raises(SystemExit):
             main(["convert", str(tiny_llama_dir), str(tmp_path / "x"), "--method", "molora", "--sites", sites])
         err = capsys.readouterr().err.strip()
-        assert err.startswith("Error: sites must name distinct linears among q_proj") and "\n" not in err
+        assert err.startswith("Error: sites must be a non-empty list of distinct linears among q_proj")
+        assert "\n" not in err
     assert not (tmp_path / "x").exists()
 
 
@@ -296,10 +298,3 @@ def test_molora_emits_a_routing_record_per_site_with_its_top_k(molora_checkpoint
         assert record.logits.shape == (5, 3) and record.logits.dtype == torch.float32
         assert torch.equal(record.selected, record.logits.topk(2, dim=-1).indices)  # the top-2 kept
 
-
-def test_the_toolkit_and_the_shipped_code_know_the_same_sites():
-    """pesc/methods/molora/method.py keeps its own copy (importing the shipped file would load torch for the CLI)."""
-    from pesc.methods.molora import SITE_PARENTS
-    from pesc.modeling.moe_sites import LINEAR_PARENTS
-
-    assert SITE_PARENTS == LINEAR_PARENTS

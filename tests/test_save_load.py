@@ -27,7 +27,8 @@ def test_saved_model_loads_in_a_process_without_pesc(tmp_path):
         "AutoModel": "modeling_pesc.PescModel",
         "AutoModelForCausalLM": "modeling_pesc.PescForCausalLM",
     }
-    assert {"num_experts", "topk", "adapter_dim", "moe_scaling", "moe_dtype", "router_aux_loss_coef"} <= set(config)
+    fields = {"num_experts", "num_experts_per_tok", "adapter_dim", "moe_scaling", "moe_dtype", "router_aux_loss_coef"}
+    assert fields <= set(config)
     assert (tmp_path / "modeling_pesc.py").is_file() and (tmp_path / "configuration_pesc.py").is_file()
 
     result = run_without_pesc(

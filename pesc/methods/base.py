@@ -10,6 +10,7 @@ method's flags before it decides what to load), so a method imports its classes 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,18 +22,22 @@ from pesc.settings import Key, check_value, unknown_key
 
 @dataclass(frozen=True)
 class Setting:
-    """One setting of a method: the single source of its CLI flag (`--num-experts` from `num_experts`),
-    its YAML `moe:` key, its config.json field (`config_field` where the name differs; None for a setting
-    that is not stored, such as the seed), its default, help and range (see pesc.settings.BOUNDS)."""
+    """One setting of a method: the single source of its CLI flag (`--num-experts` from `num_experts`), its
+    YAML `moe:` key, its config.json field (`config_field` where the name differs; None for a setting that is
+    not stored, such as the seed), its accepted types and help.
+
+    A config field's default and range belong to the method's config class (its `method_defaults` and
+    `validate_moe_settings`, which `Method.resolve_settings` runs); only a setting that is not stored declares
+    them here (`unstored_default`, `bounds`: a name in pesc.settings.BOUNDS)."""
 
     name: str
     types: tuple
-    default: Any
     help: str
-    bounds: str | None = None
-    choices: tuple | None = None
     config_field: str | None = ""  # "" = same name as the setting; None = not a config field
     structural: bool = False  # fixes the checkpoint's shape or function: must agree with an existing checkpoint
+    unstored_default: Any = None
+    bounds: str | None = None
+    method: Any = dataclasses.field(default=None, repr=False, compare=False)  # set by Method: whose config it is
 
     @property
     def field(self) -> str | None:
@@ -42,8 +47,17 @@ class Setting:
     def flag(self) -> str:
         return "--" + self.name.replace("_", "-")
 
+    @property
+    def default(self):
+        """The config class's default of the field (imports the shipped classes: never needed to list flags)."""
+        if self.field is None:
+            return self.unstored_default
+        config_class = self.method.config_class
+        return copy.deepcopy({**config_class.common_defaults, **config_class.method_defaults}[self.field])
+
     def check(self, where: str, value):
-        return check_value(where, value, Key(self.types, self.default, self.help, self.choices, self.bounds))
+        """`value` of the accepted types (and, for a setting that is not stored, in its bounds)."""
+        return check_value(where, value, Key(self.types, None, self.help, None, self.bounds))
 
 
 @dataclass(frozen=True)
@@ -66,8 +80,8 @@ class SampleField:
         raise PescError(f"{where}: {self.name} {value!r} is not one of {valid}")
 
 
-SEED = Setting("seed", (int,), 0, "seed of the initial added modules (same seed = same tensors as `pesc convert`)",
-               bounds="seed", config_field=None)
+SEED = Setting("seed", (int,), "seed of the initial added modules (same seed = same tensors as `pesc convert`)",
+               config_field=None, unstored_default=0, bounds="seed")
 
 
 class Method:
@@ -93,6 +107,9 @@ class Method:
     # `pesc import NAME` subcommands: NAME -> "module:click_command", loaded only when used
     import_commands: dict[str, str] = {}
     card_tags: tuple[str, ...] = ()
+
+    def __init__(self):
+        self.settings = tuple(dataclasses.replace(setting, method=self) for setting in type(self).settings)
 
     @property
     def config_class(self) -> type:
@@ -131,21 +148,27 @@ class Method:
         return (*self.settings, SEED)
 
     def resolve_settings(self, values: dict, where: str = "moe.") -> dict:
-        """Every setting's value: `values` (unknown names refused with a hint, each checked) over the defaults."""
+        """Every setting's value as the config class stores it: `values` (unknown names refused with a hint, each
+        type-checked) over the config class's defaults, then `check_settings`."""
         known = {s.name: s for s in self.all_settings()}
         resolved = {name: s.default for name, s in known.items()}
         for name, value in values.items():
             if name not in known:
                 raise unknown_key(where, str(name), known)
-            if isinstance(value, str) and isinstance(known[name].default, list):  # "a,b" from the command line
-                value = [item.strip() for item in value.split(",") if item.strip()]
             if value is not None:
                 resolved[name] = known[name].check(f"{where}{name}", value)
-        self.check_settings(resolved)
-        return resolved
+        return self.check_settings(resolved, where)
 
-    def check_settings(self, values: dict) -> None:
-        """Checks across settings (PESC: top_k <= num_experts), as one-line PescErrors."""
+    def check_settings(self, values: dict, where: str = "moe.") -> dict:
+        """`values` as the config class reads them (its forms: "a,b" as a list), or what the config refuses as
+        a one-line PescError naming each setting as the user wrote it (`where` + name: `moe.top_k`)."""
+        fields = {s.field: s for s in self.settings if s.field is not None}
+        try:
+            config = self.config_class(**{field: values[s.name] for field, s in fields.items()})
+        except ValueError as error:
+            words = {field: f"{where}{s.name}" for field, s in fields.items()}
+            raise PescError(re.sub(r"\w+", lambda word: words.get(word[0], word[0]), str(error))) from None
+        return {**values, **self.config_settings(config)}
 
     def config_from_dense(self, dense_config, values: dict, moe_dtype: str | None = None):
         """The method's config for a dense config plus resolved settings (refuses a config that is already MoE)."""
@@ -256,12 +279,6 @@ class Method:
             "AutoModel": f"{self.auto_model_class.__module__.rsplit('.', 1)[-1]}.{self.auto_model_class.__name__}",
             "AutoModelForCausalLM": f"{self.model_class.__module__.rsplit('.', 1)[-1]}.{self.model_class.__name__}",
         }
-
-
-def check_top_k(values: dict) -> None:
-    """A router picks at most all of its experts (the methods with a `top_k` setting)."""
-    if values["top_k"] > values["num_experts"]:
-        raise PescError(f"top_k ({values['top_k']}) cannot exceed num_experts ({values['num_experts']}): lower --top-k")
 
 
 def check_flags(method: Method, flags: dict) -> dict:

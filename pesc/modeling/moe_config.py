@@ -6,6 +6,8 @@ transformers and runs on transformers 4.46.3 and later: where the API differs be
 what the installed release has (a class name, a config field), never which version it is.
 """
 
+import math
+
 from transformers import CONFIG_MAPPING
 
 try:
@@ -13,6 +15,13 @@ try:
 except ImportError:  # transformers 4.x spells it PretrainedConfig
     from transformers import PretrainedConfig as PreTrainedConfig
 
+
+# The linears a method's site may sit on, and the module of a decoder layer that holds each (the
+# gated-MLP families: llama, mistral, qwen2, ...).
+LINEAR_PARENTS = {
+    "q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
+    "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp",
+}  # fmt: skip
 
 # Keys that describe the checkpoint rather than the base architecture: never copied
 # from the dense family's config into ours.
@@ -46,15 +55,23 @@ class FlatMoEConfig(PreTrainedConfig):
     dataclass fields, which older releases do not know.
     """
 
-    # The method's fields with their defaults; everything else belongs to the family.
+    # The method's fields with their defaults, the one source of them (the CLI and YAML read them here);
+    # everything else belongs to the family.
     method_defaults = {}
-    # Fields every method's config has: the dense family, the dtype of the added modules, and whether the
-    # forward returns the router logits and named aux losses by default.
-    common_defaults = {"base_model_type": "llama", "moe_dtype": None, "output_router_logits": False}
+    # Fields every method's config has: the dense family, the dtype of the added modules, whether the forward
+    # returns the router logits and named aux losses by default, and the experts a token is routed to under the
+    # name Hugging Face MoE configs and serving engines read (None: every expert, as a dense router mixes them).
+    common_defaults = {"base_model_type": "llama", "moe_dtype": None, "output_router_logits": False,
+                       "num_experts_per_tok": None}
 
     def __init__(self, **kwargs):
         for name, default in {**self.common_defaults, **self.method_defaults}.items():
-            setattr(self, name, kwargs.pop(name, default))
+            value = kwargs.pop(name, default)
+            if isinstance(default, list) and isinstance(value, str):  # "q_proj,v_proj": a flag; 0.1.0's MoELoRA
+                value = [item.strip() for item in value.split(",") if item.strip()]
+            setattr(self, name, value)
+        if self.num_experts_per_tok is None:
+            self.num_experts_per_tok = self.num_experts
         if self.base_model_type not in CONFIG_MAPPING:
             raise ValueError(
                 f"unknown base_model_type {self.base_model_type!r}: this transformers version has no such model family"
@@ -72,18 +89,28 @@ class FlatMoEConfig(PreTrainedConfig):
         super().__init__(**kwargs)
         self.validate_moe_settings()
 
-    # The method's field holding how many experts a token is routed to (None, or a value of 0: every expert).
-    top_k_field = None
-
-    @property
-    def num_experts_per_tok(self) -> int:
-        """Experts active per token, under the name serving engines read: vLLM's Transformers backend takes any
-        config with `num_experts` for an MoE model and requires this of it."""
-        top_k = getattr(self, self.top_k_field) if self.top_k_field else 0
-        return top_k or self.num_experts
-
     def validate_moe_settings(self):
         """Refuse settings that cannot describe a working model, naming the field (each method's own checks)."""
+
+    def check_top_k(self, every_expert: bool = False) -> None:
+        """num_experts_per_tok is 1..num_experts; exactly num_experts for a router that mixes every expert."""
+        self.require_positive_integers("num_experts", "num_experts_per_tok")
+        if self.num_experts_per_tok > self.num_experts:
+            raise ValueError(
+                f"num_experts_per_tok ({self.num_experts_per_tok}) cannot exceed num_experts ({self.num_experts})"
+            )
+        if every_expert and self.num_experts_per_tok != self.num_experts:
+            raise ValueError(f"num_experts_per_tok must be num_experts ({self.num_experts}): the router mixes every "
+                             f"expert, got {self.num_experts_per_tok!r}")
+
+    def check_sites(self) -> None:
+        """`sites` (where a method's experts sit beside linears) is a non-empty list of distinct linears."""
+        sites = self.sites
+        known = isinstance(sites, (list, tuple)) and all(isinstance(s, str) and s in LINEAR_PARENTS for s in sites)
+        if not known or not sites or len(set(sites)) != len(sites):
+            raise ValueError(
+                f"sites must be a non-empty list of distinct linears among {', '.join(LINEAR_PARENTS)}, got {sites!r}"
+            )
 
     def require_positive_integers(self, *names: str) -> None:
         """The named fields are positive integers (not bools), or a ValueError naming the first that is not."""
@@ -91,6 +118,23 @@ class FlatMoEConfig(PreTrainedConfig):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+    # The ranges a method's number fields are checked against: (test, how the error words it).
+    number_ranges = {
+        "positive": (lambda v: v > 0, "a positive number"),
+        "non-negative": (lambda v: v >= 0, ">= 0"),
+        "fraction": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    }
+
+    def require_numbers(self, bounds: str, *names: str) -> None:
+        """The named fields are finite numbers (not bools) in the range `number_ranges[bounds]`, or a ValueError
+        naming the first that is not."""
+        within, wording = self.number_ranges[bounds]
+        for name in names:
+            value = getattr(self, name)
+            number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            if not number or not within(value):
+                raise ValueError(f"{name} must be {wording}, got {value!r}")
 
     def base_config(self) -> PreTrainedConfig:
         """The dense family's own config, rebuilt from our flat fields."""

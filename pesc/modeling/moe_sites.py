@@ -9,6 +9,8 @@ import sys
 
 from torch import nn
 
+from .moe_config import LINEAR_PARENTS
+
 
 class _SiblingConnection:
     """Connects `parent.<sibling>` to whatever module `parent.<linear>` is at the parent's next forward.
@@ -37,12 +39,6 @@ class _SiblingConnection:
         self._hooked = linear
 
 
-# The linears a method's site may sit on, and the module of a decoder layer that holds each (the
-# gated-MLP families: llama, mistral, qwen2, ...).
-LINEAR_PARENTS = {
-    "q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
-    "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp",
-}  # fmt: skip
 
 
 def linear_on(layer: nn.Module, parent_name: str, linear_name: str, base_model_type: str, label: str) -> nn.Linear:

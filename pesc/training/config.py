@@ -97,14 +97,8 @@ def validate(raw: dict) -> dict:
 
     method = get_method(config["method"])  # unset: pesc, or the method of a method's checkpoint given as base
     if config["moe"] is not None:
-        settings = {s.name: s for s in method.all_settings()}
-        moe = {}
-        for name, value in config["moe"].items():
-            if name not in settings:
-                raise _unknown("moe.", str(name), settings)
-            moe[name] = settings[name].check(f"moe.{name}", value)
-        config["moe"] = {k: v for k, v in moe.items() if v is not None}
-        method.check_settings(method.resolve_settings(config["moe"]))
+        resolved = method.resolve_settings(config["moe"])  # as the config stores them: "a,b" a list, top_k 0 as E
+        config["moe"] = {k: resolved[k] for k, v in config["moe"].items() if v is not None}
 
     if raw.get("lora_target_modules") is None:
         config["lora_target_modules"] = method.default_lora_targets(None)

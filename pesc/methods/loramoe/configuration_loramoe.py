@@ -6,12 +6,11 @@ level, next to the LoRAMoE fields below, and `base_model_type` naming the family
 """
 
 from .moe_config import FlatMoEConfig
-from .moe_sites import LINEAR_PARENTS
 
 OFFICIAL_SITES = ("gate_proj", "up_proj", "down_proj")
 
-# The LoRAMoE settings with the paper's values (FlatMoEConfig adds base_model_type, moe_dtype and
-# output_router_logits); everything else belongs to the dense family.
+# The LoRAMoE settings with the paper's values (FlatMoEConfig adds base_model_type, moe_dtype,
+# output_router_logits and num_experts_per_tok); everything else belongs to the dense family.
 LORAMOE_DEFAULTS = {
     "num_experts": 6,
     "expert_rank": 4,
@@ -26,17 +25,11 @@ LORAMOE_DEFAULTS = {
     "lbc_direction": "official",
 }
 
+# How the constraint is reduced over sites and layers: `sum` (the official code) or `mean`.
+LBC_REDUCTIONS = ("sum", "mean")
 # Which way the constraint weighs a sample's own group: `official` 1 + delta (the paper's Eq. 7 and the official
 # code), `towards_own_group` 1 - delta (modeling_loramoe.lbc_importance).
 LBC_DIRECTIONS = ("official", "towards_own_group")
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 class LoramoeConfig(FlatMoEConfig):
@@ -47,6 +40,8 @@ class LoramoeConfig(FlatMoEConfig):
     Args:
         base_model_type (`str`): model_type of the dense family (`"llama"`, `"qwen2"`, ...).
         num_experts (`int`): LoRA experts per site (the paper: 6).
+        num_experts_per_tok (`int`): num_experts (every expert is active; stored for the readers of the Hugging
+            Face MoE name).
         expert_rank (`int`): rank r of every expert.
         expert_alpha (`float`): LoRA alpha; the experts' output is scaled by alpha / r.
         expert_dropout (`float`): dropout on the experts' input (the router reads the undropped input).
@@ -72,21 +67,14 @@ class LoramoeConfig(FlatMoEConfig):
 
     def validate_moe_settings(self):
         """Refuse settings that cannot describe a working LoRAMoE model, naming the field."""
-        self.require_positive_integers("num_experts", "expert_rank")
-        if not _is_number(self.expert_alpha) or self.expert_alpha <= 0:
-            raise ValueError(f"expert_alpha must be a positive number, got {self.expert_alpha!r}")
-        for name in ("expert_dropout", "lbc_delta"):
-            if not _is_number(getattr(self, name)) or not 0 <= getattr(self, name) < 1:
-                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)!r}")
-        if not _is_number(self.lbc_loss_coef) or self.lbc_loss_coef < 0:
-            raise ValueError(f"lbc_loss_coef must be a number >= 0, got {self.lbc_loss_coef!r}")
-        sites = self.sites
-        if not isinstance(sites, (list, tuple)) or not sites or len(set(sites)) != len(sites) or any(
-            s not in LINEAR_PARENTS for s in sites
-        ):
-            raise ValueError(f"sites must be a non-empty list of distinct names from {', '.join(LINEAR_PARENTS)}, got {sites!r}")
-        if self.lbc_reduction not in ("sum", "mean"):
-            raise ValueError(f"lbc_reduction must be 'sum' or 'mean', got {self.lbc_reduction!r}")
+        self.check_top_k(every_expert=True)
+        self.require_positive_integers("expert_rank")
+        self.require_numbers("positive", "expert_alpha")
+        self.require_numbers("fraction", "expert_dropout", "lbc_delta")
+        self.require_numbers("non-negative", "lbc_loss_coef")
+        self.check_sites()
+        if self.lbc_reduction not in LBC_REDUCTIONS:
+            raise ValueError(f"lbc_reduction must be one of {', '.join(LBC_REDUCTIONS)}, got {self.lbc_reduction!r}")
         if self.lbc_direction not in LBC_DIRECTIONS:
             raise ValueError(f"lbc_direction must be one of {', '.join(LBC_DIRECTIONS)}, got {self.lbc_direction!r}")
         groups = self.lbc_groups
@@ -98,7 +86,7 @@ class LoramoeConfig(FlatMoEConfig):
                 )
         elif not isinstance(groups, (list, tuple)) or not groups or not all(
             isinstance(g, (list, tuple)) and g and len(set(g)) == len(g)
-            and all(_is_int(e) and 0 <= e < self.num_experts for e in g)
+            and all(isinstance(e, int) and not isinstance(e, bool) and 0 <= e < self.num_experts for e in g)
             for g in groups
         ):  # fmt: skip
             raise ValueError(

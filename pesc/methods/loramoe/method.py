@@ -47,26 +47,22 @@ class Loramoe(Method):
         "LoRAMoE (arXiv 2312.09979): a router and N LoRA experts beside each FFN linear, dense softmax over "
         "all experts; aux loss: localized balancing constraint over task types (lbc_loss)"
     )
-    settings = (
-        Setting("num_experts", (int,), 6, "LoRA experts per site", bounds="positive", structural=True),
-        Setting("expert_rank", (int,), 4, "rank r of every LoRA expert", bounds="positive", structural=True),
-        Setting("expert_alpha", (int, float), 32, "LoRA alpha of the experts (output scaled by alpha / r)",
-                bounds="positive-number", structural=True),
-        Setting("expert_dropout", (int, float), 0.05, "dropout on the experts' input", bounds="fraction"),
-        Setting("sites", (list, str), ["gate_proj", "up_proj", "down_proj"],
-                "linears that get experts (a list, or comma-separated on the command line)", structural=True),
-        Setting("lbc_delta", (int, float), 0.1, "delta of the localized balancing constraint", bounds="fraction"),
-        Setting("lbc_loss_coef", (int, float), 0.1, "beta: weight of lbc_loss in the training loss",
-                bounds="non-negative"),
-        Setting("lbc_groups", (list, str), None,
-                "experts of each task type's group, a list of lists (JSON on the command line); "
-                "default: the official halves"),
-        Setting("lbc_reduction", (str,), "sum", "reduction of the constraint over sites and layers",
-                choices=("sum", "mean")),
-        Setting("lbc_include_padding", (bool, str), False, "sum router weights over padding tokens too (official)"),
-        Setting("lbc_direction", (str,), "official",
-                "official: a sample's own group weighs 1 + delta (pulls its routing off the group); "
-                "towards_own_group: 1 - delta (pulls it onto the group)", choices=("official", "towards_own_group")),
+    settings = (  # defaults and ranges: configuration_loramoe.LoramoeConfig
+        Setting("num_experts", (int,), "LoRA experts per site", structural=True),
+        Setting("expert_rank", (int,), "rank r of every LoRA expert", structural=True),
+        Setting("expert_alpha", (int, float), "LoRA alpha of the experts (output scaled by alpha / r)",
+                structural=True),
+        Setting("expert_dropout", (int, float), "dropout on the experts' input"),
+        Setting("sites", (list, str), "linears that get experts (a list, or comma-separated on the command line)",
+                structural=True),
+        Setting("lbc_delta", (int, float), "delta of the localized balancing constraint"),
+        Setting("lbc_loss_coef", (int, float), "beta: weight of lbc_loss in the training loss"),
+        Setting("lbc_groups", (list, str), "experts of each task type's group, a list of lists (JSON on the command "
+                "line); None: the official halves"),
+        Setting("lbc_reduction", (str,), "reduction of the constraint over sites and layers (sum or mean)"),
+        Setting("lbc_include_padding", (bool, str), "sum router weights over padding tokens too (official)"),
+        Setting("lbc_direction", (str,), "official: a sample's own group weighs 1 + delta (pulls its routing off the "
+                "group); towards_own_group: 1 - delta (pulls it onto the group)"),
     )
     import_commands = {"loramoe": "pesc.methods.loramoe.import_command:import_loramoe"}
     prefix = "loramoe_"
@@ -81,18 +77,16 @@ class Loramoe(Method):
     auto_model_class_path = "modeling_loramoe.LoramoeModel"
     zero3_leaf_module_paths = ("modeling_loramoe.LoramoeExperts",)
 
-    def check_settings(self, values: dict) -> None:
+    def check_settings(self, values: dict, where: str = "moe.") -> dict:
         """Command-line strings to their values, then what the config refuses (one line, naming the setting)."""
         if isinstance(values["lbc_groups"], str):
             try:
                 values["lbc_groups"] = json.loads(values["lbc_groups"])
             except ValueError:
-                raise PescError(f"lbc_groups must be a JSON list of lists, got {values['lbc_groups']!r}") from None
-        values["lbc_include_padding"] = _truthy(values["lbc_include_padding"], "lbc_include_padding")
-        try:
-            self.config_class(**{s.field: values[s.name] for s in self.settings if s.field is not None})
-        except ValueError as error:
-            raise PescError(str(error)) from None
+                given = values["lbc_groups"]
+                raise PescError(f"{where}lbc_groups must be a JSON list of lists, got {given!r}") from None
+        values["lbc_include_padding"] = _truthy(values["lbc_include_padding"], f"{where}lbc_include_padding")
+        return super().check_settings(values, where)
 
     def default_lora_targets(self, config) -> list[str]:
         """None: LoRAMoE trains only its routers and experts, as the official code does."""

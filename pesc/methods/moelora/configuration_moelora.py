@@ -6,27 +6,23 @@ top level, `base_model_type` names the family.
 """
 
 from .moe_config import FlatMoEConfig
-from .moe_sites import LINEAR_PARENTS
 
 # The contrastive-loss forms the model knows (modeling_moelora.CONTRASTIVE_FORMS computes them).
 CONTRASTIVE_FORMS = ("same_expert",)
 
 
-def site_list(sites: str) -> list[str]:
-    """`"q_proj,v_proj"` as ["q_proj", "v_proj"] (the setting is one comma-separated string: a CLI flag too)."""
-    return [name.strip() for name in sites.split(",") if name.strip()]
-
-
 class MoELoraConfig(FlatMoEConfig):
     r"""
     A dense decoder whose chosen linears (`sites`) each get a router and `num_experts` LoRA experts,
-    of which the router picks `topk` per token: y = W0 x + sum_{i in topk} w_i (alpha/r) B_i A_i dropout(x).
+    of which the router picks `num_experts_per_tok` (k) per token:
+    y = W0 x + sum_{i in top-k} w_i (alpha/r) B_i A_i dropout(x).
 
     Args:
         num_experts (`int`): LoRA experts per site.
-        topk (`int`): experts routed per token.
+        num_experts_per_tok (`int`): experts routed per token (pesc 0.1.0 named it `topk`).
         lora_rank (`int`), lora_alpha (`float`), lora_dropout (`float`): each expert's LoRA shape, scale, dropout.
-        sites (`str`): comma-separated linears carrying experts (default `"q_proj,v_proj"`).
+        sites (`list[str]`): linears carrying experts (default q_proj, v_proj; pesc 0.1.0 wrote them as one
+            comma-separated string, which still loads).
         router_aux_loss_coef (`float`): weight of the Switch balance loss (`aux_loss`).
         contrastive_loss_coef (`float`): weight of the contrastive loss (`contrastive_loss`).
         contrastive_temperature (`float`): temperature of the contrastive loss's InfoNCE.
@@ -37,15 +33,13 @@ class MoELoraConfig(FlatMoEConfig):
 
     model_type = "pesc_moelora"
 
-    top_k_field = "topk"
-
     method_defaults = {
         "num_experts": 8,
-        "topk": 2,
+        "num_experts_per_tok": 2,
         "lora_rank": 8,
         "lora_alpha": 16,
         "lora_dropout": 0.05,
-        "sites": "q_proj,v_proj",
+        "sites": ["q_proj", "v_proj"],
         "router_aux_loss_coef": 0.01,
         "contrastive_loss_coef": 0.01,
         "contrastive_temperature": 0.07,
@@ -54,22 +48,20 @@ class MoELoraConfig(FlatMoEConfig):
     }
 
     def __init__(self, **kwargs):  # explicit: transformers 5 gives a config class without one a dataclass __init__
+        if "topk" in kwargs:  # the name pesc 0.1.0 wrote: read, never written again
+            kwargs.setdefault("num_experts_per_tok", kwargs.pop("topk"))
         super().__init__(**kwargs)
 
     def validate_moe_settings(self):
         """Refuse settings that cannot describe a working model, naming the field."""
-        self.require_positive_integers("num_experts", "topk", "lora_rank")
-        if self.topk > self.num_experts:
-            raise ValueError(f"topk ({self.topk}) cannot exceed num_experts ({self.num_experts})")
-        unknown = [name for name in site_list(self.sites) if name not in LINEAR_PARENTS]
-        if unknown or not site_list(self.sites) or len(set(site_list(self.sites))) != len(site_list(self.sites)):
-            raise ValueError(f"sites {self.sites!r}: each must be one of {', '.join(LINEAR_PARENTS)}, named once")
+        self.check_top_k()
+        self.require_positive_integers("lora_rank")
+        self.check_sites()
         if self.contrastive_form not in CONTRASTIVE_FORMS:
             raise ValueError(f"contrastive_form must be one of {', '.join(CONTRASTIVE_FORMS)}, got {self.contrastive_form!r}")
-        if not 0.0 <= self.lora_dropout < 1.0:
-            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
-        if self.contrastive_temperature <= 0:
-            raise ValueError(f"contrastive_temperature must be positive, got {self.contrastive_temperature!r}")
+        self.require_numbers("positive", "lora_alpha", "contrastive_temperature")
+        self.require_numbers("fraction", "lora_dropout")
+        self.require_numbers("non-negative", "router_aux_loss_coef", "contrastive_loss_coef", "contrastive_sample_size")
 
 
 __all__ = ["MoELoraConfig"]

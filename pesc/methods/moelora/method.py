@@ -8,7 +8,7 @@ the contrastive form, its temperature and weights are our defaults (docs/methods
 """
 
 
-from pesc.methods.base import Method, Setting, check_top_k
+from pesc.methods.base import Method, Setting
 from pesc.methods.shapes import linear_shape
 
 
@@ -19,24 +19,19 @@ class MoELora(Method):
         "MoELoRA (arXiv 2402.12851): top-k routed LoRA experts beside q_proj and v_proj (settable); "
         "aux losses: Switch balance (aux_loss), contrastive over expert outputs (contrastive_loss)"
     )
-    settings = (
-        Setting("num_experts", (int,), 8, "LoRA experts per site", bounds="positive", structural=True),
-        Setting("top_k", (int,), 2, "experts routed per token", bounds="positive", config_field="topk",
-                structural=True),
-        Setting("lora_rank", (int,), 8, "rank r of each LoRA expert", bounds="positive", structural=True),
-        Setting("lora_alpha", (int, float), 16, "each LoRA expert's output is scaled by alpha / r",
-                bounds="positive-number", structural=True),
-        Setting("lora_dropout", (int, float), 0.05, "dropout on the experts' input", bounds="fraction"),
-        Setting("sites", (str,), "q_proj,v_proj", "comma-separated linears that get experts (q_proj, k_proj, "
-                "v_proj, o_proj, gate_proj, up_proj, down_proj)", structural=True),
-        Setting("router_aux_loss_coef", (int, float), 0.01, "weight of the load-balancing loss", bounds="non-negative"),
-        Setting("contrastive_loss_coef", (int, float), 0.01, "weight of the contrastive loss (ours)",
-                bounds="non-negative"),
-        Setting("contrastive_temperature", (int, float), 0.07, "temperature tau of the contrastive loss (ours)",
-                bounds="positive-number"),
-        Setting("contrastive_sample_size", (int,), 128, "tokens per site and step the contrastive loss samples",
-                bounds="non-negative"),
-        Setting("contrastive_form", (str,), "same_expert", "which contrastive loss", choices=("same_expert",)),
+    settings = (  # defaults and ranges: configuration_moelora.MoELoraConfig
+        Setting("num_experts", (int,), "LoRA experts per site", structural=True),
+        Setting("top_k", (int,), "experts routed per token", config_field="num_experts_per_tok", structural=True),
+        Setting("lora_rank", (int,), "rank r of each LoRA expert", structural=True),
+        Setting("lora_alpha", (int, float), "each LoRA expert's output is scaled by alpha / r", structural=True),
+        Setting("lora_dropout", (int, float), "dropout on the experts' input"),
+        Setting("sites", (list, str), "linears that get experts (q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, "
+                "down_proj): a list, or names joined by commas", structural=True),
+        Setting("router_aux_loss_coef", (int, float), "weight of the load-balancing loss"),
+        Setting("contrastive_loss_coef", (int, float), "weight of the contrastive loss (ours)"),
+        Setting("contrastive_temperature", (int, float), "temperature tau of the contrastive loss (ours)"),
+        Setting("contrastive_sample_size", (int,), "tokens per site and step the contrastive loss samples"),
+        Setting("contrastive_form", (str,), "which contrastive loss (same_expert)"),
     )
     prefix = "moelora_"
     card_tags = ("moelora", "lora-experts")
@@ -45,24 +40,19 @@ class MoELora(Method):
     model_class_path = "modeling_moelora.MoELoraForCausalLM"
     auto_model_class_path = "modeling_moelora.MoELoraModel"
 
-    def check_settings(self, values: dict) -> None:
-        """top_k <= num_experts (the site names are checked by the config, which knows the linears)."""
-        check_top_k(values)
-
     def initial_state(self, config, layer_idx: int, seed: int) -> dict:
         """Per site, in `sites` order: the router, then each expert's A (kaiming-uniform), B zero; one seeded
         generator per layer, so any layer can be drawn alone."""
         import torch
 
         from pesc.methods.seeding import layer_generator
-        from pesc.methods.moelora.configuration_moelora import site_list
-        from pesc.modeling.moe_sites import LINEAR_PARENTS
         from pesc.methods.moelora.modeling_moelora import SITE_PREFIX, MoELoraSite, init_site
+        from pesc.modeling.moe_config import LINEAR_PARENTS
 
         generator = layer_generator(seed, layer_idx)
         dtype = getattr(torch, config.moe_dtype) if config.moe_dtype else torch.float32
         state = {}
-        for name in site_list(config.sites):
+        for name in config.sites:
             site = MoELoraSite(*linear_shape(config, name), config, name, layer_idx)
             init_site(site, generator)
             for key, tensor in site.state_dict().items():
@@ -76,7 +66,7 @@ class MoELora(Method):
     def inactive_params_per_token(self, config, added_per_layer: dict[str, int]) -> int:
         """A token uses k of the E experts of each site: the other experts' A and B are idle."""
         experts = sum(count for name, count in added_per_layer.items() if name.endswith((".down", ".up")))
-        return experts * (config.num_experts - config.topk) // config.num_experts
+        return experts * (config.num_experts - config.num_experts_per_tok) // config.num_experts
 
 
 MOELORA = MoELora()

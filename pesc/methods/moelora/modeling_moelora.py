@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .configuration_moelora import MoELoraConfig, site_list
+from .configuration_moelora import MoELoraConfig
 from .moe_causal_lm import MoEForCausalLM, MoEModel
 from .moe_dispatch import routed_dispatch, traced_for_every_shape
 from .moe_dropout import dropout_mask, zero_dropped
@@ -63,7 +63,7 @@ class MoELoraSite(nn.Module):
     def __init__(self, in_features: int, out_features: int, config: MoELoraConfig, site: str, layer_idx: int):
         super().__init__()
         self.site, self.layer_idx = site, layer_idx  # name its routing records
-        self.num_experts, self.top_k = config.num_experts, config.topk
+        self.num_experts, self.top_k = config.num_experts, config.num_experts_per_tok
         self.scaling = config.lora_alpha / config.lora_rank
         self.router = MoELoraRouter(in_features, config.num_experts, bias=False)
         self.down = nn.Parameter(torch.empty(config.num_experts, config.lora_rank, in_features))
@@ -219,7 +219,7 @@ class MoELoraForCausalLM(MoEForCausalLM):
     _no_split_modules = []
 
     def add_method_modules(self, layer: nn.Module, layer_idx: int, config: MoELoraConfig) -> None:
-        for name in site_list(config.sites):
+        for name in config.sites:
             linear = linear_on(layer, LINEAR_PARENTS[name], name, config.base_model_type, self.method_label)
             site = MoELoraSite(linear.in_features, linear.out_features, config, name, layer_idx)
             attach_sibling(getattr(layer, LINEAR_PARENTS[name]), name, SITE_PREFIX + name, site, "output")
@@ -236,8 +236,9 @@ class MoELoraForCausalLM(MoEForCausalLM):
 
     def compute_aux_losses(self, records, attention_mask, sample_values) -> dict:
         config = self.config
-        losses = {"aux_loss": load_balancing_loss(tuple(r.logits for r in records), config.num_experts, config.topk,
-                                                  attention_mask)}
+        logits = tuple(r.logits for r in records)
+        balance = load_balancing_loss(logits, config.num_experts, config.num_experts_per_tok, attention_mask)
+        losses = {"aux_loss": balance}
         sampled = [record for record in records if record.extras]
         if sampled:
             losses["contrastive_loss"] = contrastive_loss(sampled, attention_mask, config.contrastive_temperature,

@@ -3,6 +3,6 @@
 Its folder holds all that is its own: `method.py` (the registry entry), the shipped `configuration_molora.py` and
 `modeling_molora.py`, and its extras."""
 
-from pesc.methods.molora.method import MOLORA, SITE_PARENTS
+from pesc.methods.molora.method import MOLORA
 
-__all__ = ["MOLORA", "SITE_PARENTS"]
+__all__ = ["MOLORA"]

@@ -73,20 +73,20 @@ class MoLoRAExperts(nn.Module):
 
 
 class MoLoRAForCausalLM(MoEForCausalLM):
-    """A dense family's causal LM with MoLoRA experts beside each linear of `molora_sites` (`molora_<linear>`)."""
+    """A dense family's causal LM with MoLoRA experts beside each linear of `sites` (`molora_<linear>`)."""
 
     config_class = MoLoRAConfig
     method_label = "MoLoRA"
     _no_split_modules = []
 
     def add_method_modules(self, layer: nn.Module, layer_idx: int, config: MoLoRAConfig) -> None:
-        for linear_name in config.molora_sites:
+        for linear_name in config.sites:
             parent_name = LINEAR_PARENTS[linear_name]
             linear = linear_on(layer, parent_name, linear_name, config.base_model_type, self.method_label)
             site = MoLoRAExperts(
                 linear.in_features, linear.out_features, config.num_experts, config.expert_rank, config.expert_alpha,
-                config.router_topk, config.router_topk_weights == "renormalized", config.router_jitter, linear_name,
-                layer_idx,
+                config.num_experts_per_tok, config.router_topk_weights == "renormalized", config.router_jitter,
+                linear_name, layer_idx,
             )
             attach_sibling(getattr(layer, parent_name), linear_name, f"molora_{linear_name}", site, "output")
 

@@ -14,6 +14,8 @@ class MoVConfig(FlatMoEConfig):
 
     Args:
         num_experts (`int`): vectors per site (the paper's MoV-10, -30, -60).
+        num_experts_per_tok (`int`): num_experts (the routers mix every vector; stored for the readers of the
+            Hugging Face MoE name).
         kwargs: `base_model_type`, `moe_dtype`, `output_router_logits`, the dense family's config fields.
     """
 
@@ -24,7 +26,7 @@ class MoVConfig(FlatMoEConfig):
         super().__init__(**kwargs)
 
     def validate_moe_settings(self):
-        self.require_positive_integers("num_experts")
+        self.check_top_k(every_expert=True)
 
 
 __all__ = ["MoVConfig"]

@@ -17,9 +17,8 @@ class MoV(Method):
         "MoV (arXiv 2309.05444): soft-merged (IA)³ vectors on k_proj / v_proj outputs (per key/value head) "
         "and the FFN intermediate activation, dense float32 softmax routers; no aux loss"
     )
-    settings = (
-        Setting("num_experts", (int,), 10, "vectors per site (MoV-10; the paper also has 30 and 60)",
-                bounds="positive", structural=True),
+    settings = (  # defaults and ranges: configuration_mov.MoVConfig
+        Setting("num_experts", (int,), "vectors per site (MoV-10; the paper also has 30 and 60)", structural=True),
     )
     prefix = "mov_"
     card_tags = ("mov", "ia3", "soft-merging")

@@ -10,16 +10,14 @@ PESC fields, and `base_model_type` names the dense family.
 
 from .moe_config import FlatMoEConfig
 
-# The PESC settings, with their defaults; everything else belongs to the dense family.
+# The PESC settings, with their defaults (FlatMoEConfig adds base_model_type, moe_dtype and output_router_logits);
+# everything else belongs to the dense family.
 PESC_DEFAULTS = {
-    "base_model_type": "llama",
     "num_experts": 8,
-    "topk": 2,
+    "num_experts_per_tok": 2,
     "adapter_dim": 512,
     "moe_scaling": 0.25,
     "adapter_dropout": 0.1,
-    "moe_dtype": None,
-    "output_router_logits": False,
     "router_aux_loss_coef": 0.01,
 }
 
@@ -33,7 +31,7 @@ class PescConfig(FlatMoEConfig):
     Args:
         base_model_type (`str`): model_type of the dense family (`"llama"`, `"qwen2"`, ...).
         num_experts (`int`): experts per layer.
-        topk (`int`): experts routed per token.
+        num_experts_per_tok (`int`): experts routed per token (top-k; pesc 0.1.0 and Camelidae name it `topk`).
         adapter_dim (`int`): bottleneck width of each expert adapter.
         moe_scaling (`float`): scale `s` applied to every adapter's output.
         adapter_dropout (`float`): dropout on each adapter's input.
@@ -44,22 +42,21 @@ class PescConfig(FlatMoEConfig):
     """
 
     model_type = "pesc"
-    top_k_field = "topk"
 
     method_defaults = PESC_DEFAULTS
 
     def __init__(self, **kwargs):  # explicit: transformers 5 gives a config class without one a dataclass __init__
+        if "topk" in kwargs:  # the name pesc 0.1.0 wrote (and Camelidae's): read, never written again
+            kwargs.setdefault("num_experts_per_tok", kwargs.pop("topk"))
         super().__init__(**kwargs)
 
     def validate_moe_settings(self):
         """Refuse settings that cannot describe a working MoE, naming the field."""
-        self.require_positive_integers("num_experts", "topk", "adapter_dim")
-        if self.topk > self.num_experts:
-            raise ValueError(f"topk ({self.topk}) cannot exceed num_experts ({self.num_experts})")
-        if not 0.0 <= self.adapter_dropout < 1.0:
-            raise ValueError(f"adapter_dropout must be in [0, 1), got {self.adapter_dropout!r}")
-        if self.router_aux_loss_coef < 0:
-            raise ValueError(f"router_aux_loss_coef must be >= 0, got {self.router_aux_loss_coef!r}")
+        self.check_top_k()
+        self.require_positive_integers("adapter_dim")
+        self.require_numbers("positive", "moe_scaling")
+        self.require_numbers("fraction", "adapter_dropout")
+        self.require_numbers("non-negative", "router_aux_loss_coef")
 
 
 __all__ = ["PescConfig"]

@@ -6,7 +6,7 @@ Every expert shares the dense FFN; each expert owns a bottleneck adapter on the 
 """
 
 
-from pesc.methods.base import Method, Setting, check_top_k
+from pesc.methods.base import Method, Setting
 
 
 class Pesc(Method):
@@ -16,16 +16,13 @@ class Pesc(Method):
         "PESC / Camelidae (arXiv 2401.02731): adapter experts on the shared FFN's output, "
         "top-k router on the FFN input; aux loss: Switch balance (aux_loss)"
     )
-    settings = (
-        Setting("num_experts", (int,), 8, "experts per layer", bounds="positive", structural=True),
-        Setting("top_k", (int,), 2, "experts routed per token", bounds="positive", config_field="topk",
-                structural=True),
-        Setting("adapter_dim", (int,), 512, "bottleneck width of each expert adapter", bounds="positive",
-                structural=True),
-        Setting("moe_scaling", (int, float), 0.25, "scale of every adapter's output", bounds="positive-number",
-                structural=True),
-        Setting("router_aux_loss_coef", (int, float), 0.01, "weight of the load-balancing loss", bounds="non-negative"),
-        Setting("adapter_dropout", (int, float), 0.1, "dropout on each adapter's input", bounds="fraction"),
+    settings = (  # defaults and ranges: configuration_pesc.PescConfig
+        Setting("num_experts", (int,), "experts per layer", structural=True),
+        Setting("top_k", (int,), "experts routed per token", config_field="num_experts_per_tok", structural=True),
+        Setting("adapter_dim", (int,), "bottleneck width of each expert adapter", structural=True),
+        Setting("moe_scaling", (int, float), "scale of every adapter's output", structural=True),
+        Setting("router_aux_loss_coef", (int, float), "weight of the load-balancing loss"),
+        Setting("adapter_dropout", (int, float), "dropout on each adapter's input"),
     )
     vllm_model = "pesc.methods.pesc.vllm_model:PescForCausalLM"
     import_commands = {"camelidae": "pesc.methods.pesc.import_command:import_camelidae"}
@@ -37,9 +34,6 @@ class Pesc(Method):
     auto_model_class_path = "modeling_pesc.PescModel"
     zero3_leaf_module_paths = ("modeling_pesc.PescMoEAdapter",)
 
-    def check_settings(self, values: dict) -> None:
-        check_top_k(values)
-
     def initial_state(self, config, layer_idx: int, seed: int) -> dict:
         return {f"mlp.moe_adapter.{name}": t for name, t in initial_expert_state(config, layer_idx, seed).items()}
 
@@ -49,16 +43,16 @@ class Pesc(Method):
         return summarize(config)
 
     def card_title(self, config) -> str:
-        return f"PESC ({config.num_experts} experts, top-{config.topk})"
+        return f"PESC ({config.num_experts} experts, top-{config.num_experts_per_tok})"
 
     def card_text(self, config, base_model: str, converted: bool = False) -> str:
         if converted:
             return (
                 f"A sparse Mixture-of-Experts model upcycled from {base_model} with `pesc convert`, the "
                 "Parameter-Efficient Sparsity Crafting (PESC) way (arXiv 2401.02731): every expert shares the dense "
-                "FFN, each expert owns a bottleneck adapter on the FFN output, and a "
-                f"top-{config.topk} router picks the experts of each token. The adapters' up-projections start at "
-                "zero, so this checkpoint computes exactly what the base model computes until it is trained "
+                "FFN, each expert owns a bottleneck adapter on the FFN output, and a top-"
+                f"{config.num_experts_per_tok} router picks the experts of each token. The adapters' up-projections "
+                "start at zero, so this checkpoint computes exactly what the base model computes until it is trained "
                 "(`pesc train`).\n\n"
                 "The base tensors keep their dense names; each layer adds `model.layers.N.mlp.moe_adapter.router.weight` "
                 "and `model.layers.N.mlp.moe_adapter.experts.expert_J.adapter_{down,up}.weight`."
@@ -66,13 +60,13 @@ class Pesc(Method):
         return (
             f"A sparse Mixture-of-Experts model made with PESC (parameter-efficient sparsity crafting, "
             f"arXiv 2401.02731) from the dense `{base_model}`: every layer keeps the dense FFN, shared by "
-            f"{config.num_experts} adapter experts of which a router picks {config.topk} per token."
+            f"{config.num_experts} adapter experts of which a router picks {config.num_experts_per_tok} per token."
         )
 
     def card_rows(self, config, converted: bool = False) -> list:
         rows = [
             ("experts per layer", config.num_experts),
-            ("experts per token (top-k)", config.topk),
+            ("experts per token (top-k)", config.num_experts_per_tok),
             ("adapter dim", config.adapter_dim),
             ("moe_scaling", config.moe_scaling),
             ("router aux loss coef", config.router_aux_loss_coef),

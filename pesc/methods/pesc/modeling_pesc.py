@@ -144,8 +144,8 @@ class PescMoEAdapter(nn.Module):
         super().__init__()
         self.layer_idx = layer_idx  # names its routing records
         self.num_experts = config.num_experts
-        self.top_k = config.topk
-        self.router = PescRouter(config.hidden_size, config.num_experts, config.topk)
+        self.top_k = config.num_experts_per_tok
+        self.router = PescRouter(config.hidden_size, config.num_experts, config.num_experts_per_tok)
         self._stack_cache = None  # (weights' identity, stacked down, stacked up), generation only
         self.experts = nn.ModuleDict(
             {
@@ -433,7 +433,8 @@ class PescForCausalLM(MoEForCausalLM):
 
     def compute_aux_losses(self, records, attention_mask, sample_values) -> dict:
         logits = tuple(record.logits for record in records)
-        return {"aux_loss": load_balancing_loss(logits, self.config.num_experts, self.config.topk, attention_mask)}
+        config = self.config
+        return {"aux_loss": load_balancing_loss(logits, config.num_experts, config.num_experts_per_tok, attention_mask)}
 
 
 class PescModel(MoEModel):

@@ -13,36 +13,38 @@ from pesc.methods.pesc.modeling_pesc import check_dense_equivalence
 
 def pesc_config_from_dense(
     dense_config: PreTrainedConfig,
-    num_experts: int = 8,
-    top_k: int = 2,
-    adapter_dim: int = 512,
-    moe_scaling: float = 0.25,
-    adapter_dropout: float = 0.1,
-    router_aux_loss_coef: float = 0.01,
+    num_experts: int | None = None,
+    top_k: int | None = None,
+    adapter_dim: int | None = None,
+    moe_scaling: float | None = None,
+    adapter_dropout: float | None = None,
+    router_aux_loss_coef: float | None = None,
     moe_dtype: str | None = None,
 ) -> PescConfig:
-    """The PESC config for a dense config plus MoE settings (refuses an already-PESC config)."""
+    """The PESC config for a dense config plus MoE settings (None: PescConfig's default; refuses an already-PESC
+    config)."""
     from pesc.methods import PESC
 
     if hasattr(dense_config, "num_experts") and hasattr(dense_config, "adapter_dim"):
         raise ValueError("the model is already a PESC model: convert a dense checkpoint instead")
     settings = dict(num_experts=num_experts, top_k=top_k, adapter_dim=adapter_dim, moe_scaling=moe_scaling,
                     adapter_dropout=adapter_dropout, router_aux_loss_coef=router_aux_loss_coef)
-    return PESC.config_from_dense(dense_config, settings, moe_dtype)
+    return PESC.config_from_dense(dense_config, {k: v for k, v in settings.items() if v is not None}, moe_dtype)
 
 
 def upcycle(
     model_or_path: PreTrainedModel | str | Path,
-    num_experts: int = 8,
-    top_k: int = 2,
-    adapter_dim: int = 512,
-    moe_scaling: float = 0.25,
-    router_aux_loss_coef: float = 0.01,
-    adapter_dropout: float = 0.1,
+    num_experts: int | None = None,
+    top_k: int | None = None,
+    adapter_dim: int | None = None,
+    moe_scaling: float | None = None,
+    router_aux_loss_coef: float | None = None,
+    adapter_dropout: float | None = None,
     moe_dtype: str | None = None,
     seed: int = 0,
 ) -> PescForCausalLM:
-    """Turn a dense causal LM into a PESC model; its tensors are shared, not copied.
+    """Turn a dense causal LM into a PESC model; its tensors are shared, not copied. A setting left None takes
+    PescConfig's default (`pesc methods pesc` lists them).
 
     At return the PESC model computes exactly what the dense model computes (the adapters'
     up-projections are zero); the same seed always draws the same routers and adapters.

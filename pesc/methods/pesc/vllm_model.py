@@ -29,7 +29,7 @@ class PescExperts(nn.Module):
 
     def __init__(self, config):
         super().__init__()
-        self.top_k, self.scaling = config.topk, config.moe_scaling
+        self.top_k, self.scaling = config.num_experts_per_tok, config.moe_scaling
         self.num_experts, self.adapter_dim = config.num_experts, config.adapter_dim
         stacked = (config.num_experts * config.adapter_dim, config.hidden_size)
         self.router = nn.Linear(config.hidden_size, config.num_experts, bias=False)
