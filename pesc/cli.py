@@ -58,7 +58,8 @@ class SettingOption(click.Option):
         chosen = ctx.meta.get("pesc_method")
         if chosen in self.owners:
             setting = self.owners[chosen]
-            self.help = f"{setting.help} (default {setting.default}{_range(setting)})."
+            limits = _range(setting)
+            self.help = f"{setting.help} (default {setting.default}{'' if limits == '-' else '; ' + limits})."
         elif chosen is None:
             defaults = ", ".join(f"{name} {setting.default}" for name, setting in self.owners.items())
             self.help = f"{next(iter(self.owners.values())).help} (default: {defaults})."
@@ -68,12 +69,12 @@ class SettingOption(click.Option):
 
 
 def _range(setting) -> str:
-    """A setting's declared range (the seed's); a config field's range is its config class's check."""
+    """A setting's range: its own for one that is not stored (the seed), else its config class's declaration."""
     if setting.bounds:
         from pesc.settings import BOUNDS
 
-        return f"; {BOUNDS[setting.bounds][1]}"
-    return ""
+        return BOUNDS[setting.bounds][1]
+    return setting.method.config_class.range_text(setting.field)
 
 
 def method_setting_options() -> list[click.Option]:
@@ -114,7 +115,7 @@ def methods(name):
         return
     method = get_method(name)
     click.echo(f"{method.name}: {method.description}")
-    rows = [(s.flag, str(s.default), _range(s).removeprefix("; ") or "-", s.field or "(not stored)", s.help)
+    rows = [(s.flag, str(s.default), _range(s), s.field or "(not stored)", s.help)
             for s in method.all_settings()]
     header = ("flag / moe: key", "default", "range", "config.json", "meaning")
     widths = [max(len(row[i]) for row in rows + [header]) for i in range(4)]

@@ -102,8 +102,8 @@ def test_an_old_config_json_loads_without_pesc_with_todays_files(tmp_path):
             continue
         folder = folders[name] = tmp_path / name
         shutil.copytree(OLD_FIXTURES / name, folder, ignore=shutil.ignore_patterns("*.py"))
-        for file in method.modeling_files:
-            shutil.copyfile(method.modeling_dir / file, folder / file)
+        for file in method.shipped_files:
+            shutil.copyfile(file, folder / file.name)
     result = run_without_pesc(f"""
         import torch
         from safetensors.torch import load_file

@@ -274,7 +274,7 @@ def test_export_loads_and_generates_without_pesc(capsys, loramoe_run, tmp_path):
 
     code, _, err = run_cli(capsys, "export", loramoe_run, tmp_path / "export", "--dtype", "float32")
     assert code == 0, err
-    assert set(LORAMOE.modeling_files) <= {
+    assert {path.name for path in LORAMOE.shipped_files} <= {
         p.name for p in (tmp_path / "export").iterdir()
     }
     peft_model, _, _ = load_trained_model(loramoe_run)

@@ -87,14 +87,46 @@ class FlatMoEConfig(PreTrainedConfig):
         # Set here, not passed on: transformers 5 drops `use_cache` from a config's kwargs as a generation setting.
         self.use_cache = kwargs.pop("use_cache", True)
         super().__init__(**kwargs)
+        self.check_ranges()
         self.validate_moe_settings()
+
+    # Each setting's range, declared once: checked by `check_ranges` and shown by `pesc methods`. A name in
+    # `number_ranges`, "positive integer", or a tuple of the allowed values.
+    method_ranges = {}
+    common_ranges = {"num_experts": "positive integer"}
+
+    def check_ranges(self) -> None:
+        """Every declared range holds, or a ValueError naming the first field that is out of it."""
+        for name, allowed in {**self.common_ranges, **self.method_ranges}.items():
+            value = getattr(self, name)
+            if isinstance(allowed, tuple):
+                if value not in allowed:
+                    raise ValueError(f"{name} must be one of {', '.join(map(str, allowed))}, got {value!r}")
+            elif allowed == "positive integer":
+                self.require_positive_integers(name)
+            else:
+                self.require_numbers(allowed, name)
+
+    @classmethod
+    def range_text(cls, name: str) -> str:
+        """How a field's range reads ("-": no declared range)."""
+        allowed = {**cls.common_ranges, **cls.method_ranges}.get(name)
+        if name == "num_experts_per_tok":
+            return "1 to num_experts"
+        if name == "sites":
+            return "distinct linears"
+        if allowed is None:
+            return "-"
+        if isinstance(allowed, tuple):
+            return "one of " + ", ".join(map(str, allowed))
+        return allowed if allowed == "positive integer" else cls.number_ranges[allowed][1]
 
     def validate_moe_settings(self):
         """Refuse settings that cannot describe a working model, naming the field (each method's own checks)."""
 
     def check_top_k(self, every_expert: bool = False) -> None:
         """num_experts_per_tok is 1..num_experts; exactly num_experts for a router that mixes every expert."""
-        self.require_positive_integers("num_experts", "num_experts_per_tok")
+        self.require_positive_integers("num_experts_per_tok")
         if self.num_experts_per_tok > self.num_experts:
             raise ValueError(
                 f"num_experts_per_tok ({self.num_experts_per_tok}) cannot exceed num_experts ({self.num_experts})"

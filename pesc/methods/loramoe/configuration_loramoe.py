@@ -61,6 +61,9 @@ class LoramoeConfig(FlatMoEConfig):
     model_type = "pesc_loramoe"
 
     method_defaults = LORAMOE_DEFAULTS
+    method_ranges = {"expert_rank": "positive integer", "expert_alpha": "positive", "expert_dropout": "fraction",
+                     "lbc_delta": "fraction", "lbc_loss_coef": "non-negative", "lbc_reduction": LBC_REDUCTIONS,
+                     "lbc_direction": LBC_DIRECTIONS}
 
     def __init__(self, **kwargs):  # explicit: transformers 5 gives a config class without one a dataclass __init__
         super().__init__(**kwargs)
@@ -68,15 +71,7 @@ class LoramoeConfig(FlatMoEConfig):
     def validate_moe_settings(self):
         """Refuse settings that cannot describe a working LoRAMoE model, naming the field."""
         self.check_top_k(every_expert=True)
-        self.require_positive_integers("expert_rank")
-        self.require_numbers("positive", "expert_alpha")
-        self.require_numbers("fraction", "expert_dropout", "lbc_delta")
-        self.require_numbers("non-negative", "lbc_loss_coef")
         self.check_sites()
-        if self.lbc_reduction not in LBC_REDUCTIONS:
-            raise ValueError(f"lbc_reduction must be one of {', '.join(LBC_REDUCTIONS)}, got {self.lbc_reduction!r}")
-        if self.lbc_direction not in LBC_DIRECTIONS:
-            raise ValueError(f"lbc_direction must be one of {', '.join(LBC_DIRECTIONS)}, got {self.lbc_direction!r}")
         groups = self.lbc_groups
         if groups is None:
             if self.num_experts % 2 and self.lbc_loss_coef > 0:

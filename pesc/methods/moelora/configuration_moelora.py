@@ -46,6 +46,10 @@ class MoELoraConfig(FlatMoEConfig):
         "contrastive_sample_size": 128,
         "contrastive_form": "same_expert",
     }
+    method_ranges = {"lora_rank": "positive integer", "lora_alpha": "positive", "contrastive_temperature": "positive",
+                     "lora_dropout": "fraction", "router_aux_loss_coef": "non-negative",
+                     "contrastive_loss_coef": "non-negative", "contrastive_sample_size": "non-negative",
+                     "contrastive_form": CONTRASTIVE_FORMS}
 
     def __init__(self, **kwargs):  # explicit: transformers 5 gives a config class without one a dataclass __init__
         if "topk" in kwargs:  # the name pesc 0.1.0 wrote: read, never written again
@@ -55,13 +59,7 @@ class MoELoraConfig(FlatMoEConfig):
     def validate_moe_settings(self):
         """Refuse settings that cannot describe a working model, naming the field."""
         self.check_top_k()
-        self.require_positive_integers("lora_rank")
         self.check_sites()
-        if self.contrastive_form not in CONTRASTIVE_FORMS:
-            raise ValueError(f"contrastive_form must be one of {', '.join(CONTRASTIVE_FORMS)}, got {self.contrastive_form!r}")
-        self.require_numbers("positive", "lora_alpha", "contrastive_temperature")
-        self.require_numbers("fraction", "lora_dropout")
-        self.require_numbers("non-negative", "router_aux_loss_coef", "contrastive_loss_coef", "contrastive_sample_size")
 
 
 __all__ = ["MoELoraConfig"]

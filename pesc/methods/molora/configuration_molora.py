@@ -41,6 +41,8 @@ class MoLoRAConfig(FlatMoEConfig):
         "router_topk_weights": "masked",
         "router_jitter": 0.0,
     }
+    method_ranges = {"expert_rank": "positive integer", "expert_alpha": "positive",
+                     "router_topk_weights": TOP_K_WEIGHTS, "router_jitter": "fraction"}
 
     def __init__(self, **kwargs):  # explicit: transformers 5 gives a config class without one a dataclass __init__
         # the names pesc 0.1.0 wrote: read, never written again
@@ -54,12 +56,6 @@ class MoLoRAConfig(FlatMoEConfig):
 
     def validate_moe_settings(self):
         self.check_top_k()
-        self.require_positive_integers("expert_rank")
-        self.require_numbers("positive", "expert_alpha")
-        if self.router_topk_weights not in TOP_K_WEIGHTS:
-            raise ValueError(f"router_topk_weights must be one of {', '.join(TOP_K_WEIGHTS)}, "
-                             f"got {self.router_topk_weights!r}")
-        self.require_numbers("fraction", "router_jitter")
         self.check_sites()
 
 

@@ -44,6 +44,8 @@ class PescConfig(FlatMoEConfig):
     model_type = "pesc"
 
     method_defaults = PESC_DEFAULTS
+    method_ranges = {"adapter_dim": "positive integer", "moe_scaling": "positive", "adapter_dropout": "fraction",
+                     "router_aux_loss_coef": "non-negative"}
 
     def __init__(self, **kwargs):  # explicit: transformers 5 gives a config class without one a dataclass __init__
         if "topk" in kwargs:  # the name pesc 0.1.0 wrote (and Camelidae's): read, never written again
@@ -53,10 +55,6 @@ class PescConfig(FlatMoEConfig):
     def validate_moe_settings(self):
         """Refuse settings that cannot describe a working MoE, naming the field."""
         self.check_top_k()
-        self.require_positive_integers("adapter_dim")
-        self.require_numbers("positive", "moe_scaling")
-        self.require_numbers("fraction", "adapter_dropout")
-        self.require_numbers("non-negative", "router_aux_loss_coef")
 
 
 __all__ = ["PescConfig"]
