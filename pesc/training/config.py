@@ -97,8 +97,11 @@ def validate(raw: dict) -> dict:
 
     method = get_method(config["method"])  # unset: pesc, or the method of a method's checkpoint given as base
     if config["moe"] is not None:
-        resolved = method.resolve_settings(config["moe"])  # as the config stores them: "a,b" a list, top_k 0 as E
-        config["moe"] = {k: resolved[k] for k, v in config["moe"].items() if v is not None}
+        method.resolve_settings(config["moe"])  # refuses, in one line, what the method's config class refuses
+        # kept as written (type-checked): what `top_k: 0` means depends on num_experts, which a checkpoint given as
+        # base_model fixes (pesc.training.model.resolve_model_config normalises against it)
+        known = {s.name: s for s in method.all_settings()}
+        config["moe"] = {k: known[k].check(f"moe.{k}", v) for k, v in config["moe"].items() if v is not None}
 
     if raw.get("lora_target_modules") is None:
         config["lora_target_modules"] = method.default_lora_targets(None)

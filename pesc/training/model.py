@@ -70,8 +70,9 @@ def resolve_model_config(config: dict):
                             f"{method.name}, or give a dense base_model")
         if moe:
             ours = method.config_settings(base_config)
+            wanted = method.check_settings({**ours, **moe})  # as the checkpoint's config would store them
             structural = [s.name for s in method.settings if s.structural]
-            wrong = [f"moe.{k}={moe[k]} (checkpoint: {ours[k]})" for k in structural if k in moe and moe[k] != ours[k]]
+            wrong = [f"moe.{k}={moe[k]} (checkpoint: {ours[k]})" for k in structural if k in moe and wanted[k] != ours[k]]
             if wrong:
                 raise PescError(
                     f"base_model is already a {method.label} model and the moe section disagrees with it: "
@@ -79,7 +80,7 @@ def resolve_model_config(config: dict):
                 )
             for setting in method.settings:  # what only steers training (loss weights, dropout) may change
                 if setting.name in moe and not setting.structural and setting.field is not None:
-                    setattr(base_config, setting.field, moe[setting.name])
+                    setattr(base_config, setting.field, wanted[setting.name])
         return base_config, False
     method = get_method(config.get("method"))
     if not moe:
