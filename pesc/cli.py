@@ -155,7 +155,7 @@ def inspect(path, method_name, as_json, **setting_flags):
 @click.argument("out", type=click.Path(path_type=str))
 @METHOD_OPTION
 @click.option("--config", "recipe", type=click.Path(path_type=str),
-              help="YAML file; its method: and moe: sections (flags win).")
+              help="YAML file or shipped recipe name (`pesc recipes`); its method: and moe: sections (flags win).")
 @click.option("--max-shard-size", default="5GB", show_default=True, help="Largest new shard file (e.g. 5GB, 500MB).")
 @click.option("--link", is_flag=True, help="Hard-link the base shards instead of copying them (copy if impossible).")
 @click.option("--force", is_flag=True, help="Replace OUT if it is a folder pesc wrote (never another).")
@@ -232,7 +232,8 @@ def generate(path, prompt, system, max_new_tokens, temperature, no_chat_template
               help="Override a config key (dotted for nested, e.g. moe.top_k=2); values are YAML. Repeatable.")
 @click.option("--resume", is_flag=True, help="Continue from the run folder's last checkpoint-N.")
 def train(config, overrides, resume):
-    """QLoRA-tune a PESC model (or a dense one upcycled in memory) from a YAML config; see docs/training.md."""
+    """QLoRA-tune a PESC model (or a dense one upcycled in memory) from CONFIG, a YAML file or a shipped recipe's
+    name (`pesc recipes`; an existing file wins); see docs/training.md."""
     from pesc.training.run import setup_logging, train as run_training
 
     setup_logging()
@@ -245,7 +246,7 @@ def train(config, overrides, resume):
 @click.option("--family", type=click.Choice(["llama", "mistral", "qwen2"]), default="llama", show_default=True)
 @click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=0, show_default=True)
 def tiny_model(out, family, seed):
-    """Write a tiny random dense checkpoint (with a ChatML tokenizer) for quick experiments and configs/tiny.yaml.
+    """Write a tiny random dense checkpoint (with a ChatML tokenizer) for quick experiments and the tiny recipes.
 
     OUT must not exist, or be an empty folder; missing parent folders are created. It is written beside OUT
     and renamed into place."""
@@ -255,6 +256,36 @@ def tiny_model(out, family, seed):
     with atomic_output_dir(out, allow_empty=True, has_force=False) as tmp:
         save_tiny_dense(tmp, family, seed=seed)
     click.echo(f"wrote {out}")
+
+
+@cli.group(invoke_without_command=True)
+@click.pass_context
+def recipes(ctx):
+    """List the recipes shipped with pesc: name, method (or accelerate, for a launch config) and what it is for.
+
+    `pesc train NAME` and `pesc convert --config NAME` take a name; `pesc recipes show NAME > my.yaml` gives a
+    copy to edit. A recipe's `pesc:NAME` dataset is demo data shipped with pesc, wherever the copy lives."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from pesc.recipe import load_recipe, recipe_names, recipe_summary, shipped_recipe
+
+    rows = []
+    for name in recipe_names():
+        path = shipped_recipe(name)
+        kind = "accelerate" if name.startswith("accelerate/") else load_recipe(path).get("method") or "pesc"
+        rows.append((name, kind, recipe_summary(path)))
+    widths = [max(len(row[i]) for row in rows) for i in range(2)]
+    for name, kind, summary in rows:
+        click.echo(f"{name:<{widths[0]}}  {kind:<{widths[1]}}  {summary}")
+
+
+@recipes.command("show")
+@click.argument("name")
+def recipes_show(name):
+    """Print the shipped recipe NAME unchanged (`> my.yaml` makes a copy that trains as the original)."""
+    from pesc.recipe import shipped_recipe
+
+    click.echo(shipped_recipe(name).read_text(encoding="utf-8"), nl=False)
 
 
 class _ImportGroup(click.Group):
@@ -348,7 +379,8 @@ def eval_command(model, out, **options):
 @cli.command()
 @click.argument("model", type=click.Path(path_type=str))
 @click.option("--data", "data", multiple=True, required=True, metavar="[TASK=]FILE",
-              help="A data file in a training format; TASK= names its task (files may share one). Repeatable.")
+              help="A data file in a training format (pesc:NAME: demo data shipped with pesc); TASK= names its task "
+              "(files may share one). Repeatable.")
 @click.option("--out", required=True, type=click.Path(path_type=str), help="Output folder (must not exist).")
 @click.option("--type", "data_type", type=click.Choice(["messages", "sharegpt", "alpaca", "camelidae"]),
               default="messages", show_default=True, help="Format of every --data file.")

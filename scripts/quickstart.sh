@@ -29,7 +29,7 @@ pesc from-gguf "$GGUF" "$WORK/dense"
 shows "a plain dense Llama checkpoint (safetensors, tokenizer, chat template): what you would download from the Hub"
 
 step "2. convert it to PESC (8 experts, top-2, adapter_dim 64): $WORK/pesc"
-pesc convert "$WORK/dense" "$WORK/pesc" --config configs/quickstart.yaml --link
+pesc convert "$WORK/dense" "$WORK/pesc" --config quickstart --link
 shows "the base shard was hard-linked (--link), not rewritten: only routers and adapters were written"
 
 step "3. at init the PESC model computes exactly the dense model"
@@ -40,7 +40,7 @@ step "4. before training, the PESC model answers as the dense model does"
 pesc generate "$WORK/pesc" --prompt "$PROMPT" --max-new-tokens 32
 
 step "5. QLoRA instruction tuning (4-bit base, LoRA + routers and experts in full), a few steps: $WORK/run"
-pesc train configs/quickstart.yaml --set base_model="$WORK/pesc" --set output_dir="$WORK/run"
+pesc train quickstart --set base_model="$WORK/pesc" --set output_dir="$WORK/run"
 shows "aux_loss is the load-balancing loss (1.0 when the load is even); expert_load_max the busiest expert's share x E"
 shows "the same curves as a picture: $WORK/run/curves.png"
 

@@ -165,7 +165,7 @@ def test_recipe_settings_and_flags_win(sources, tmp_path, capsys):
 def test_camelidae_recipe_holds_the_published_settings():
     from pesc.recipe import load_moe_settings
 
-    moe = load_moe_settings(os.path.join(os.path.dirname(__file__), "..", "configs", "camelidae-8x7b.yaml"))
+    moe = load_moe_settings("camelidae-8x7b")
     assert (moe["num_experts"], moe["top_k"], moe["adapter_dim"], moe["moe_scaling"]) == (8, 2, 512, 0.25)
 
 

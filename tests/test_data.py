@@ -437,12 +437,9 @@ def test_column_mapping_entry_errors(tmp_path, tok, extra, message):
 
 
 def test_camelidae_recipe_datasets_validate():
-    from pathlib import Path
-
     from pesc.training.config import load_config, validate
 
-    recipe = Path(__file__).resolve().parents[1] / "configs" / "camelidae-8x7b.yaml"
-    config = load_config(recipe)  # the whole config check, no I/O beyond the file
+    config = load_config("camelidae-8x7b")  # the whole config check, no I/O beyond the file
     by_path = {entry["path"]: entry for entry in config["datasets"]}
     assert by_path["ise-uiuc/Magicoder-Evol-Instruct-110K"] == {
         "path": "ise-uiuc/Magicoder-Evol-Instruct-110K", "type": "alpaca",

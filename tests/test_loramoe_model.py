@@ -15,6 +15,7 @@ from transformers import AutoModelForCausalLM
 
 from pesc.checkpoint.config import read_config
 from pesc.methods import get_method
+from pesc.recipe import demo_data
 from pesc.testing import TINY_FAMILIES
 from pesc.testing.isolated import checkpoint_outputs_without_pesc
 from test_convert import assert_clean_error, assert_nothing_left, run_cli
@@ -219,11 +220,11 @@ def test_convert_and_inspect_count_every_expert_as_active(capsys, tmp_path, tiny
 # ---------------------------------------------------------------------------------------
 # A tiny run with two task types, and its export
 # ---------------------------------------------------------------------------------------
-TWO_TASKS = Path(__file__).resolve().parents[1] / "data" / "tiny_two_tasks.jsonl"
+TWO_TASKS = Path(demo_data("pesc:tiny_two_tasks.jsonl"))
 
 
 def _tiny_loramoe_run(root: Path, base: Path, **moe) -> Path:
-    """configs/loramoe-tiny.yaml, shortened: 4-bit base, 4 experts per FFN linear, task types per row."""
+    """The recipe loramoe-tiny, shortened: 4-bit base, 4 experts per FFN linear, task types per row."""
     from pesc.training.run import train
 
     config = {
@@ -360,14 +361,13 @@ def test_task_type_names_and_indices():
 def test_shipped_recipes_hold_the_papers_settings():
     from pesc.training.config import load_config
 
-    configs = Path(__file__).resolve().parents[1] / "configs"
-    paper = load_config(configs / "loramoe-llama2-7b.yaml")
+    paper = load_config("loramoe-llama2-7b")
     settings = LORAMOE.resolve_settings(paper["moe"])
     assert (paper["method"], settings["num_experts"], settings["expert_rank"], settings["expert_alpha"]) == (
         "loramoe", 6, 4, 32)  # fmt: skip
     assert (settings["expert_dropout"], settings["lbc_delta"], settings["lbc_loss_coef"]) == (0.05, 0.1, 0.1)
     assert {e["task_type"] for e in paper["datasets"]} == {"knowledge", "task"}
-    tiny = load_config(configs / "loramoe-tiny.yaml")
-    assert tiny["datasets"][0]["path"] == "data/tiny_two_tasks.jsonl"
+    tiny = load_config("loramoe-tiny")
+    assert tiny["datasets"][0]["path"] == "pesc:tiny_two_tasks.jsonl"
     types = {json.loads(line)["task_type"] for line in TWO_TASKS.read_text().splitlines()}
     assert types == {"knowledge", "task"}

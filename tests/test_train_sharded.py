@@ -1,9 +1,9 @@
-"""FSDP and DeepSpeed ZeRO-3, two processes: `accelerate launch --config_file configs/accelerate/{fsdp,
+"""FSDP and DeepSpeed ZeRO-3, two processes: `accelerate launch --config_file pesc/recipes/accelerate/{fsdp,
 deepspeed_zero3}.yaml train.py CONFIG` trains, saves a checkpoint, resumes from it, and ends with the weights
 one process reaches on the same global batch; the aux loss and expert load it logs are the global batch's.
 
 Each 2-process run is cut after step 2 (launched with max_steps=2, then its final/ is removed, as a crash after
-checkpoint-2 leaves it) and resumed to step 3. Checkpoint-2 follows an evaluation, as in configs/tiny.yaml: on
+checkpoint-2 leaves it) and resumed to step 3. Checkpoint-2 follows an evaluation, as in the recipe tiny: on
 a CPU with AVX512-BF16, bitsandbytes repacks 4-bit weights at an eval forward, and ZeRO-3 then died saving the
 checkpoint. The reference is one process, uninterrupted, with 2 accumulated micro batches of 2 (see
 test_train_ddp.py for why those are the same micro batches). Every run has torch_dtype and the 4-bit compute
@@ -92,7 +92,7 @@ def test_two_process_run_trains_saves_resumes_and_equals_one_process(
     run = tmp_path / "run"
 
     launch_training(backend, tmp_path / "first", config, "--set", f"max_steps={CUT}")
-    # checkpoint-2 is written after the evaluation at step 2 (4-bit forwards without grad, as in configs/tiny.yaml)
+    # checkpoint-2 is written after the evaluation at step 2 (4-bit forwards without grad, as in the recipe tiny)
     history = json.loads((run / f"checkpoint-{CUT}" / "trainer_state.json").read_text())["log_history"]
     assert [entry["step"] for entry in history if "eval_loss" in entry] == [CUT]
     assert all((run / f"checkpoint-{CUT}" / name).is_file() for name in WEIGHT_FILES)

@@ -1,5 +1,5 @@
 """The downstream tasks (task_type `task`): twelve short synthetic tasks with one exact answer each, in the
-spirit of data/make_tiny_two_tasks.py but scaled up, and the training mix (downstream rows plus a small share of
+spirit of scripts/make_tiny_two_tasks.py but scaled up, and the training mix (downstream rows plus a small share of
 knowledge rows). Everything is drawn from a seeded random.Random: the same seed gives the same files.
 """
 

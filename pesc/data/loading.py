@@ -127,7 +127,9 @@ def _sample_values(entry: dict, sample_fields, path: str, number: int, row) -> d
 def _load_messages(entry: dict, sample_fields=()) -> tuple[Dataset, str]:
     """One dataset entry as a Dataset with a `messages` column (validated, converted) and one integer column
     per sample field."""
-    path = entry["path"]
+    from pesc.recipe import demo_data
+
+    path = demo_data(entry["path"])  # pesc:NAME: the demo data shipped in the package
     convert = make_converter(entry["type"], _columns(entry))
     features = Features({**_MESSAGES, **{field.name: Value("int64") for field in sample_fields}})
     hub_kwargs = {k: entry[k] for k in ("name", "data_files") if entry.get(k) is not None}
@@ -258,7 +260,8 @@ def load_training_data(
     """Load, convert, tokenize, mask; returns (train, eval) with columns input_ids, labels (lists of int) and
     one integer column per sample field of the method (pesc.methods.SampleField).
 
-    Each entry of `datasets`: path (local .jsonl/.json/.parquet file or folder, or a Hub dataset id), type
+    Each entry of `datasets`: path (local .jsonl/.json/.parquet file or folder, relative to the working folder;
+    `pesc:NAME`, demo data shipped with pesc; or a Hub dataset id), type
     (messages, sharegpt, alpaca, camelidae), optional split (Hub/folder, default train), name, data_files,
     and the type's column names (`field`: the conversation; `role_field`/`content_field`: the keys of a
     messages/sharegpt turn; `instruction_field`/`input_field`/`output_field`/`system_field`: alpaca's

@@ -36,11 +36,13 @@ def load_tasks(
 ) -> list[TaskData]:
     """The --data files tokenized, grouped by task in the order given; `limit`: a fixed sample of rows per file."""
     from pesc.data import load_training_data
+    from pesc.recipe import demo_data
 
     tasks: dict[str, TaskData] = {}
     parts: dict[str, list] = {}
     for value in data:
         task, path = parse_data_option(value)
+        path = demo_data(path)
         if not Path(path).exists():
             raise PescError(f"data file not found: {path}")
         try:

@@ -1,6 +1,6 @@
 """Launch `pesc train` in several processes the way a user does (torchrun, accelerate launch with the
-shipped configs/accelerate/*.yaml), under the training probe, and read back what the run logged: the test
-machinery shared by the DDP, FSDP and DeepSpeed ZeRO-3 tests.
+shipped pesc/recipes/accelerate/*.yaml), under the training probe, and read back what the run logged: the
+test machinery shared by the DDP, FSDP and DeepSpeed ZeRO-3 tests.
 
 On a machine without a GPU every launch is on the CPU over gloo; only `--mixed_precision no` is added to the
 accelerate configs (they ask for bf16, which the CPU runs slowly and the one-process reference does not use).
@@ -16,8 +16,10 @@ from pathlib import Path
 
 import torch
 
+from pesc.recipe import RECIPES
+
 REPO = Path(__file__).resolve().parents[2]
-ACCELERATE_CONFIGS = REPO / "configs" / "accelerate"
+ACCELERATE_CONFIGS = RECIPES / "accelerate"
 NOT_AUX = ("train_loss", "eval_loss")  # the language-model losses the Trainer logs beside the aux losses
 
 

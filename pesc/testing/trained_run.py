@@ -63,7 +63,7 @@ def save_fake_trained_run(
         "moe:\n"
         f"  num_experts: {num_experts}\n  top_k: {top_k}\n  adapter_dim: {adapter_dim}\n"
         "datasets:\n"
-        "  - path: data/tiny_instruct.jsonl\n    type: messages\n"
+        "  - path: pesc:tiny_instruct.jsonl\n    type: messages\n"
         "  - path: tatsu-lab/alpaca\n    type: alpaca\n"
         f"output_dir: {run_dir}\n"
     )

@@ -189,12 +189,10 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
 
 
 def load_config(path: str | Path, overrides: list[str] = ()) -> dict:
-    """Read, override and validate a training config file."""
-    path = Path(path)
-    if path.is_dir():
-        raise PescError(f"training config {path} is a folder: give the YAML file (e.g. configs/tiny.yaml)")
-    if not path.is_file():
-        raise PescError(f"training config {path} does not exist")
+    """Read, override and validate a training config: a YAML file, or a shipped recipe's name (pesc.recipe)."""
+    from pesc.recipe import recipe_file
+
+    path = recipe_file(path, "training config")
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except (yaml.YAMLError, UnicodeDecodeError) as error:

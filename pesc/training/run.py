@@ -47,7 +47,8 @@ def check_launch() -> None:
 
     if fsdp_enabled() and not torch.cuda.is_available():
         raise PescError("FSDP needs GPUs (accelerate runs it only on an accelerator device): on the CPU launch "
-                        "with torchrun (DDP) or configs/accelerate/deepspeed_zero3.yaml")
+                        "with torchrun (DDP) or DeepSpeed ZeRO-3 (`pesc recipes show accelerate/deepspeed_zero3 > "
+                        "deepspeed_zero3.yaml`)")
 
 
 def _device_arguments() -> dict:

@@ -1,9 +1,10 @@
-"""Generate data/tiny_two_tasks.jsonl: ~240 one-turn rows of two task types for LoRAMoE (configs/loramoe-tiny.yaml).
+"""Generate pesc/recipes/data/tiny_two_tasks.jsonl: ~240 one-turn rows of two task types for LoRAMoE (the recipe
+loramoe-tiny).
 
 Each row carries its type in a `task_type` column: `knowledge` for the closed-book questions (capitals:
 world knowledge, LoRAMoE's type 1) and `task` for the rest (arithmetic, letters, spelling, copying,
-reversing: type 0). The questions are those of data/make_tiny_instruct.py. Run
-`python data/make_tiny_two_tasks.py` to rebuild the file (same output every time).
+reversing: type 0). The questions are those of scripts/make_tiny_instruct.py. Run
+`python scripts/make_tiny_two_tasks.py` to rebuild the file (same output every time).
 """
 
 import random

@@ -1,7 +1,8 @@
-"""Generate data/tiny_instruct.jsonl: ~300 short, deterministic instruction rows in the `messages` format.
+"""Generate pesc/recipes/data/tiny_instruct.jsonl (the demo data `pesc:tiny_instruct.jsonl`): ~300 short,
+deterministic instruction rows in the `messages` format.
 
 Tasks a tiny model can start to learn in a minute: arithmetic, capitals, letters, copying, reversing.
-Run `python data/make_tiny_instruct.py` to rebuild the file (same output every time).
+Run `python scripts/make_tiny_instruct.py` to rebuild the file (same output every time).
 """
 
 import json
@@ -70,8 +71,8 @@ def make_rows(n: int = 300, seed: int = 0) -> list[dict]:
 
 
 def write_jsonl(rows: list[dict], name: str) -> None:
-    """The rows as JSON lines in data/NAME."""
-    out = Path(__file__).with_name(name)
+    """The rows as JSON lines in pesc/recipes/data/NAME, the demo data shipped in the package."""
+    out = Path(__file__).resolve().parents[1] / "pesc" / "recipes" / "data" / name
     with out.open("w", encoding="utf-8") as f:
         for row in rows:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
