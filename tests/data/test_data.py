@@ -441,7 +441,7 @@ def test_camelidae_recipe_datasets_validate():
 
     from pesc.training.config import load_config, validate
 
-    recipe = Path(__file__).resolve().parents[1] / "configs" / "camelidae-8x7b.yaml"
+    recipe = Path(__file__).resolve().parents[2] / "configs" / "camelidae-8x7b.yaml"
     config = load_config(recipe)  # the whole config check, no I/O beyond the file
     by_path = {entry["path"]: entry for entry in config["datasets"]}
     assert by_path["ise-uiuc/Magicoder-Evol-Instruct-110K"] == {
