@@ -17,7 +17,7 @@ from pesc.methods import method_of
 from pesc.summary import human_count
 
 BASE_TAGS = ["moe", "mixture-of-experts", "sparse"]
-# The transformers releases the shipped model code is checked on, oldest first (tests/test_compat.py
+# The transformers releases the shipped model code is checked on, oldest first (tests/modeling/test_compat.py
 # loads converted and exported checkpoints under each): it runs on the first and every later one.
 # 5.3.0 skips tying the embeddings of remote-code models, which the model code makes up for.
 TESTED_TRANSFORMERS = ("4.46.3", "5.0.0", "5.3.0", "5.12.0", "5.24.0")

@@ -56,9 +56,8 @@ ROWS = [{"messages": [{"role": "user", "content": f"What is {i} + 1?"},
 
 def build_fixtures(root: Path) -> dict[str, Path]:
     """Tiny inputs every case starts from, written once through pesc itself (in this process: one import)."""
-    sys.path.insert(0, str(REPO / "tests"))  # the official-format writers live beside the tests that check them
-    from test_import_camelidae import write_published
-    from test_loramoe_import import official_state, write_adapter
+    sys.path.insert(0, str(REPO / "tests"))  # the official-format writers are the tests' own (tests/helpers.py)
+    from helpers import official_state, write_adapter, write_published
 
     from pesc.cli import main
     from pesc.testing import build_tiny_dense, save_tiny_dense
@@ -196,9 +195,9 @@ def split_index(missing_shard: bool) -> Callable[[Path], None]:
 
 def evil_code(folder: Path, marker: Path) -> None:
     """config.json's auto_map names the folder's own module, which writes `marker` when it is imported."""
-    from test_trust import _with_code
+    from helpers import with_code
 
-    _with_code(folder, marker, "evil-llama")
+    with_code(folder, marker, "evil-llama")
 
 
 # ---------------------------------------------------------------- cases

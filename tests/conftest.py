@@ -1,5 +1,8 @@
-"""Shared fixtures: tiny dense checkpoints of real families, built locally (no network)."""
+"""Shared fixtures: tiny dense checkpoints of real families, built locally (no network), and training data.
 
+The shared helpers that are not fixtures are in helpers.py."""
+
+import json
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -12,6 +15,7 @@ import torch  # noqa: E402
 
 from pesc.testing import TINY_FAMILIES, save_tiny_dense  # noqa: E402
 from pesc.testing.trained_run import save_fake_trained_run  # noqa: E402
+from helpers import training_rows  # noqa: E402
 
 # Two threads, as CI's machine has, unless OMP_NUM_THREADS asks for another count (the tests must hold at any).
 torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or 2))
@@ -27,6 +31,14 @@ def tiny_dense_dirs(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_llama_dir(tiny_dense_dirs):
     return tiny_dense_dirs["llama"]
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory):
+    """A JSONL file of 48 chat rows (`helpers.training_rows`)."""
+    path = tmp_path_factory.mktemp("data") / "instruct.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in training_rows()))
+    return path
 
 
 @pytest.fixture(scope="module")

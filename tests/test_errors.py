@@ -16,27 +16,10 @@ import pytest
 import torch
 import yaml
 
-from pesc.cli import main
 from pesc.testing.trained_run import save_fake_trained_run
+from helpers import exit_of, one_line_error
 
 INTERRUPTED = "Interrupted; nothing was left half-written."
-
-
-def exit_of(capsys, *args) -> tuple[int, str]:
-    """`pesc ARGS` in process, expected to exit: (exit code, stderr)."""
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as exit_info:
-        main([str(a) for a in args])
-    return exit_info.value.code, capsys.readouterr().err
-
-
-def one_line_error(capsys, *args) -> str:
-    """Run a command that must fail cleanly; returns its one error line."""
-    code, err = exit_of(capsys, *args)
-    lines = err.strip().splitlines()
-    assert code == 1 and len(lines) == 1 and lines[0].startswith("Error: "), (code, err)
-    assert "Traceback" not in err
-    return lines[0]
 
 
 def truncate(path: Path, keep: int | None = None) -> None:

@@ -10,27 +10,14 @@ Skip it locally with `-m "not slow"`.
 import json
 import os
 import re
-import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 
+from helpers import fresh_copy
+
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _fresh_copy(destination: Path) -> Path:
-    """The repository's files as a clone would have them: tracked and not-ignored files only."""
-    listed = subprocess.run(
-        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-        cwd=REPO, capture_output=True, check=True,
-    ).stdout.decode().split("\0")
-    for name in filter(None, listed):
-        source = REPO / name
-        if source.is_file():
-            (destination / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(source, destination / name)
-    return destination
 
 
 def _section(output: str, number: int) -> str:
@@ -42,7 +29,7 @@ def _section(output: str, number: int) -> str:
 
 def _run_quickstart(tmp_path) -> tuple[Path, str]:
     """(WORK_DIR, output) of the script run in a fresh copy of the repository, into another WORK_DIR."""
-    repo = _fresh_copy(tmp_path / "repo")
+    repo = fresh_copy(tmp_path / "repo")
     work = tmp_path / "elsewhere" / "quickstart"  # its parent does not exist yet
     env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH")}
     completed = subprocess.run(
@@ -54,7 +41,7 @@ def _run_quickstart(tmp_path) -> tuple[Path, str]:
 
 
 @pytest.mark.slow
-def test_quickstart_runs_on_a_fresh_copy(tmp_path):
+def test_quickstart_runs_on_afresh_copy(tmp_path):
     if os.environ.get("PESC_QUICKSTART_WORK"):  # CI ran it on its clean checkout (.ci/run; set -e proves exit 0)
         work = Path(os.environ["PESC_QUICKSTART_WORK"])
         output = Path(os.environ["PESC_QUICKSTART_LOG"]).read_text()

@@ -16,7 +16,7 @@ from pesc.checkpoint.run_files import TRAIN_CONFIG_FILE
 from pesc.errors import PescError
 from pesc.recipe import RECIPES, demo_data, load_moe_settings, recipe_file, recipe_names, recipe_summary
 from pesc.training.config import load_config
-from test_convert import assert_clean_error, run_cli
+from helpers import assert_clean_error, run_cli
 
 REPO = Path(__file__).resolve().parents[1]
 TRAINING = [name for name in recipe_names() if not name.startswith("accelerate/")]
@@ -127,9 +127,9 @@ def _run(command: list[str], cwd: Path, env: dict) -> str:
 def test_the_wheel_trains_and_exports_with_no_clone(tmp_path):
     """Built from a copy of the repository as a clone has it, installed in a fresh venv whose dependencies come
     from this environment (a .pth file; nothing downloaded), run from a folder outside the repository."""
-    from test_quickstart import _fresh_copy
+    from helpers import fresh_copy
 
-    source = _fresh_copy(tmp_path / "source")
+    source = fresh_copy(tmp_path / "source")
     _run([sys.executable, "-m", "pip", "wheel", str(source), "--no-deps", "--no-build-isolation", "-w",
           str(tmp_path / "dist")], tmp_path, dict(os.environ))
     wheel = next((tmp_path / "dist").glob("pesc_moe-*.whl"))

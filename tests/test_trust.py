@@ -10,29 +10,7 @@ import shutil
 import pytest
 
 from pesc.cli import main
-from test_errors import one_line_error
-
-EVIL_MODULE = '''
-from pathlib import Path
-Path({marker!r}).write_text("ran")
-from transformers import LlamaConfig, LlamaForCausalLM
-
-class EvilConfig(LlamaConfig):
-    model_type = "evil-llama"
-
-class EvilForCausalLM(LlamaForCausalLM):
-    config_class = EvilConfig
-'''
-
-
-def _with_code(folder, marker, model_type):
-    """Give the folder a module of its own named in config.json's auto_map (the config keeps `model_type`)."""
-    (folder / "modeling_evil.py").write_text(EVIL_MODULE.format(marker=str(marker)))
-    config = json.loads((folder / "config.json").read_text())
-    config.update(model_type=model_type, auto_map={"AutoConfig": "modeling_evil.EvilConfig",
-                                                    "AutoModelForCausalLM": "modeling_evil.EvilForCausalLM"})
-    (folder / "config.json").write_text(json.dumps(config))
-    return folder
+from helpers import EVIL_MODULE, one_line_error, with_code
 
 
 @pytest.fixture
@@ -43,7 +21,7 @@ def marker(tmp_path):
 @pytest.fixture
 def custom_code_model(tiny_llama_dir, tmp_path, marker):
     """A model of a family transformers does not ship, whose code the folder carries."""
-    return _with_code(shutil.copytree(tiny_llama_dir, tmp_path / "custom"), marker, "evil-llama")
+    return with_code(shutil.copytree(tiny_llama_dir, tmp_path / "custom"), marker, "evil-llama")
 
 
 def _commands(model, tmp_path):
@@ -88,7 +66,7 @@ def test_a_pesc_checkpoint_loads_with_the_installed_pesc_never_its_shipped_files
 
 
 def test_a_family_transformers_ships_needs_no_code_from_the_folder(tiny_llama_dir, tmp_path, marker, capsys):
-    folder = _with_code(shutil.copytree(tiny_llama_dir, tmp_path / "llama"), marker, "llama")
+    folder = with_code(shutil.copytree(tiny_llama_dir, tmp_path / "llama"), marker, "llama")
     main(["compare", str(folder), str(tiny_llama_dir), "--atol", "0"])
     assert "= 0" in capsys.readouterr().out
     assert not marker.exists()

@@ -27,7 +27,7 @@ from .moe_routing import emit_routing_record, load_balancing_loss
 
 # Unused here, imported for transformers before 5.12: from a local checkpoint folder it copies only the files
 # that the loaded file itself imports relatively, so the files moe_causal_lm and moe_dispatch import are named
-# here too (tests/test_shipped_imports.py).
+# here too (tests/modeling/test_shipped_imports.py).
 from .moe_dropout import dropout_mask  # noqa: F401
 from .moe_sites import site_linears  # noqa: F401
 

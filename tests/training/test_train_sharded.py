@@ -27,12 +27,11 @@ from safetensors.torch import load_file
 from pesc.methods import get_method
 from pesc.checkpoint.run_files import EXPERTS_FILE, FINAL_DIR
 from pesc.testing.launch import BACKENDS, assert_same_routing_logs, launch_training
-from test_train import data_file, make_config  # noqa: F401  (the same tiny config and data fixture)
-from test_train_ddp import SETTINGS
+from helpers import MULTI_PROCESS_SETTINGS, make_config
 
 METHODS = {"pesc": {"method": "pesc"}}
 STEPS, CUT = 3, 2
-SHARDED = dict(SETTINGS, max_steps=STEPS, save_steps=CUT, torch_dtype="float32", bnb_4bit_compute_dtype="float32",
+SHARDED = dict(MULTI_PROCESS_SETTINGS, max_steps=STEPS, save_steps=CUT, torch_dtype="float32", bnb_4bit_compute_dtype="float32",
                val_set_size=8)
 # Tolerance: |2 processes - 1 process| <= REL_TOL * the largest |entry| of the one-process tensor, per tensor. Both
 # runs start from bit-equal weights (pesc's seeded draw, the same NF4 codes: dequantization is one product per weight,

@@ -5,61 +5,11 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from torch import nn
 
 from pesc.errors import PescError
 from pesc.training.config import load_config, validate
-from test_convert import read_tensors
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def _rows(n=48):
-    rows = []
-    for i in range(n):
-        a, b = i % 9, (i * 7) % 11
-        rows.append({"messages": [
-            {"role": "system", "content": "Answer briefly."},
-            {"role": "user", "content": f"What is {a} + {b}?"},
-            {"role": "assistant", "content": f"{a} + {b} = {a + b}."},
-        ]})
-    return rows
-
-
-@pytest.fixture(scope="module")
-def data_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "instruct.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in _rows()))
-    return path
-
-
-def make_config(tmp_path, base, data, **overrides) -> Path:
-    config = {
-        "base_model": str(base),
-        "moe": {"num_experts": 4, "top_k": 2, "adapter_dim": 8, "router_aux_loss_coef": 0.01, "seed": 0},
-        "lora_r": 4,
-        "lora_alpha": 8,
-        "lora_dropout": 0.1,
-        "datasets": [{"path": str(data), "type": "messages"}],
-        "chat_template": "chatml",
-        "sequence_len": 64,
-        "sample_packing": True,
-        "micro_batch_size": 4,
-        "max_steps": 6,
-        "learning_rate": 0.01,
-        "warmup_ratio": 0.0,
-        "max_grad_norm": 1.0,
-        "gradient_checkpointing": True,
-        "bf16": False,
-        "output_dir": str(tmp_path / "run"),
-        "logging_steps": 1,
-        "save_steps": 3,
-    }
-    config.update(overrides)
-    path = tmp_path / "config.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
+from helpers import make_config, read_tensors, training_rows
 
 
 # ---------------------------------------------------------------- config validation
@@ -128,7 +78,7 @@ def test_malformed_row_fails_before_model_loads(tmp_path, tiny_llama_dir, monkey
 
     _no_model_load(monkeypatch)
     bad = tmp_path / "bad.jsonl"
-    rows = _rows(4)
+    rows = training_rows(4)
     rows[2] = {"messages": [{"role": "user", "text": "no content key"}]}
     bad.write_text("".join(json.dumps(r) + "\n" for r in rows))
     path = make_config(tmp_path, tiny_llama_dir, bad)

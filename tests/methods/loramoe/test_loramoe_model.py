@@ -18,9 +18,7 @@ from pesc.methods import get_method
 from pesc.recipe import demo_data
 from pesc.testing import TINY_FAMILIES
 from pesc.testing.isolated import checkpoint_outputs_without_pesc
-from test_convert import assert_clean_error, assert_nothing_left, run_cli
-from test_loramoe_import import official_state, write_adapter
-from test_loramoe_layer import _lbc_by_hand
+from helpers import assert_clean_error, assert_nothing_left, lbc_by_hand, official_state, run_cli, write_adapter
 
 LORAMOE = get_method("loramoe")
 
@@ -77,7 +75,7 @@ def test_lbc_through_the_model_padded_batch(tiny_llama_dir):
         out = model(ids, attention_mask=mask, labels=ids, task_type=types, output_router_logits=True)
         plain = model(ids, attention_mask=mask, labels=ids)
     assert len(out.router_logits) == 2 * 3
-    expected = _lbc_by_hand(out.router_logits, [m for m in range(3) for _ in range(8)], types.tolist(),
+    expected = lbc_by_hand(out.router_logits, [m for m in range(3) for _ in range(8)], types.tolist(),
                             ((2, 3), (0, 1)), 0.1, mask.reshape(-1).bool().tolist(), "sum", "official")  # fmt: skip
     assert out.aux_losses["lbc_loss"].item() == pytest.approx(expected, rel=1e-5)
     assert expected > 1e-3
@@ -98,7 +96,7 @@ def test_lbc_through_the_model_packed_batch(tiny_llama_dir):
         out = model(ids, position_ids=positions, labels=ids, task_type=types, output_router_logits=True,
                     use_cache=False)  # fmt: skip
     sample_of_token = [m for m, n in enumerate(lengths) for _ in range(n)]
-    expected = _lbc_by_hand(out.router_logits, sample_of_token, types.tolist(), ((2, 3), (0, 1)), 0.1,
+    expected = lbc_by_hand(out.router_logits, sample_of_token, types.tolist(), ((2, 3), (0, 1)), 0.1,
                             [True] * sum(lengths), "mean", "towards_own_group")  # fmt: skip
     assert out.aux_losses["lbc_loss"].item() == pytest.approx(expected, rel=1e-5)
 

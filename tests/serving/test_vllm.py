@@ -34,6 +34,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from pesc.export import export
+from pesc.methods import register_auto_classes
 from pesc.serving.vllm_server import get_json, vllm_environment, vllm_python, vllm_server
 from pesc.testing import save_tiny_dense
 from pesc.testing.isolated import run_without_pesc
@@ -98,6 +99,7 @@ def _require_vllm():
 
 
 def _transformers_greedy(folder, input_ids: list[int], ignore_eos: bool = False) -> list[int]:
+    register_auto_classes()  # what pesc's commands do before they load; this file may run before any of them
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     if ignore_eos:
         model.generation_config.eos_token_id = None

@@ -16,7 +16,7 @@ from pesc.cli import main
 from pesc.methods.molora import MOLORA
 from pesc.methods.molora.modeling_molora import MoLoRAExperts
 from pesc.testing import TINY_FAMILIES
-from test_convert import read_tensors
+from helpers import read_tensors
 
 CLOSE = dict(rtol=1e-5, atol=1e-6)
 IN, OUT, EXPERTS, RANK, ALPHA = 12, 10, 5, 3, 16.0

@@ -6,7 +6,7 @@ import pytest
 
 from pesc.cli import main
 from pesc.methods import METHODS
-from test_convert import assert_clean_error, run_cli
+from helpers import assert_clean_error, run_cli
 
 
 def _help_flags(text: str) -> dict[str, str]:

@@ -5,11 +5,8 @@ The adapter is built here by hand in the official format, with random non-zero B
 site must compute what the official Linear.forward computes, written here expert by expert in float64.
 """
 
-import json
-
 import pytest
 import torch
-from safetensors.torch import save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from pesc.errors import PescError
@@ -17,49 +14,13 @@ from pesc.methods.loramoe.official_import import expert_tensor_name, read_offici
 from pesc.methods.loramoe.modeling_loramoe import LoramoeExperts
 from pesc.testing import build_tiny_dense
 from pesc.testing.tiny import TINY_SHAPE
-
-SITES = ("gate_proj", "up_proj", "down_proj")
+from helpers import LORAMOE_SITES, official_state, write_adapter
 
 
 @pytest.fixture(scope="module")
 def base():
     """A tiny llama (hidden 64, intermediate 128, 2 layers) in float64."""
     return build_tiny_dense("llama").double().eval()
-
-
-def official_state(base_model, num_experts=4, rank=4, seed=0, sites=SITES) -> dict:
-    """Tensors named and shaped as the official code saves them, every one random (B too)."""
-    generator = torch.Generator().manual_seed(seed)
-    state = {}
-    for layer_idx, layer in enumerate(base_model.model.layers):
-        for site in sites:
-            linear = getattr(layer.mlp, site)
-            prefix = f"base_model.model.model.layers.{layer_idx}.mlp.{site}"
-            state[f"{prefix}.lora_route.weight"] = torch.randn(num_experts, linear.in_features, generator=generator,
-                                                               dtype=torch.float64)  # fmt: skip
-            for i in range(num_experts):
-                state[f"{prefix}.lora_A{i}.weight"] = torch.randn(rank, linear.in_features, generator=generator,
-                                                                  dtype=torch.float64) * 0.2  # fmt: skip
-                state[f"{prefix}.lora_B{i}.weight"] = torch.randn(linear.out_features, rank, generator=generator,
-                                                                  dtype=torch.float64) * 0.2  # fmt: skip
-    return state
-
-
-def write_adapter(folder, state, weights="bin", **config_fields):
-    """An official adapter folder: adapter_config.json as the official LoraConfig writes it, and the weights."""
-    folder.mkdir(parents=True)
-    config = {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": "meta-llama/Llama-2-7b-hf",
-        "r": 4, "lora_alpha": 32, "lora_nums": 4, "blc_alpha": 0.1, "blc_weight": 0.1, "lora_dropout": 0.05,
-        "target_modules": list(SITES), "fan_in_fan_out": False, "bias": "none", "inference_mode": True,
-    }  # fmt: skip
-    config.update(config_fields)
-    (folder / "adapter_config.json").write_text(json.dumps({k: v for k, v in config.items() if v is not None}))
-    if weights == "bin":
-        torch.save(state, folder / "adapter_model.bin")
-    else:
-        save_file(state, folder / "adapter_model.safetensors")
-    return folder
 
 
 def official_forward(state, layer_idx, site, x, base_linear, num_experts=4, rank=4, alpha=32):
@@ -85,7 +46,7 @@ def test_imported_sites_compute_what_the_official_code_computes(base, tmp_path, 
     assert len(adapter.tensors) == 2 * 3 * 3
     x = torch.randn(5, 64, dtype=torch.float64, generator=torch.Generator().manual_seed(9))
     for layer_idx, layer in enumerate(base.model.layers):
-        for site in SITES:
+        for site in LORAMOE_SITES:
             linear = getattr(layer.mlp, site)
             inputs = x if site != "down_proj" else torch.randn(5, 128, dtype=torch.float64)
             module = LoramoeExperts(linear.in_features, linear.out_features, 4, 4, 32, 0.0).double().eval()

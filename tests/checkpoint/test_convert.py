@@ -8,7 +8,6 @@ import shutil
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
@@ -19,44 +18,8 @@ import pesc
 import pesc.checkpoint.headers as headers_module
 import pesc.checkpoint.shard_writer as shard_writer_module
 import pesc.convert as convert_module
-from pesc.cli import main
 from pesc.testing import TINY_FAMILIES, save_tiny_dense
-
-SMALL = ["--num-experts", "4", "--top-k", "2", "--adapter-dim", "8", "--seed", "3"]
-
-
-def run_cli(capsys, *args):
-    """Run `pesc ARGS` in process: (exit code, stdout, stderr)."""
-    capsys.readouterr()
-    try:
-        main([str(a) for a in args])
-        code = 0
-    except SystemExit as exit_:
-        code = exit_.code
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def assert_clean_error(code, err, *phrases):
-    assert code not in (0, None), err
-    lines = [line for line in err.strip().splitlines() if line.strip()]
-    assert len(lines) == 1, err
-    assert "Traceback" not in err
-    for phrase in phrases:
-        assert phrase in lines[0], lines[0]
-
-
-def assert_nothing_left(parent, out_name="out"):
-    leftovers = [p.name for p in parent.iterdir() if p.name == out_name or ".pesc-tmp-" in p.name or ".pesc-old-" in p.name]
-    assert leftovers == []
-
-
-def read_tensors(folder):
-    """Every tensor of a checkpoint folder, over all its safetensors shards."""
-    tensors = {}
-    for path in sorted(Path(folder).glob("*.safetensors")):
-        tensors.update(load_file(path))
-    return tensors
+from helpers import SMALL, assert_clean_error, assert_nothing_left, read_tensors, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -117,6 +80,7 @@ def test_converted_model_computes_the_dense_model(family, layout, sources, dense
     assert all((out / name).stat().st_size <= 40_000 + 4096 for name in expert_shards)
 
     ids, logits = dense_logits
+    pesc.register_auto_classes()  # what pesc's commands do before they load; this test may run before any of them
     model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     assert isinstance(model, pesc.PescForCausalLM)
     with torch.no_grad():
@@ -449,7 +413,7 @@ def test_interrupt_mid_write_leaves_nothing(sources, tmp_path, capsys, monkeypat
 def test_script_entry_point(tiny_llama_dir, tmp_path, capsys, monkeypatch):
     import runpy
 
-    script = os.path.join(os.path.dirname(__file__), "..", "convert.py")
+    script = os.path.join(os.path.dirname(__file__), "..", "..", "convert.py")
     monkeypatch.setattr(sys, "argv", ["convert.py", str(tiny_llama_dir), str(tmp_path / "out"), "--top-k", "9"])
     with pytest.raises(SystemExit) as exit_:
         runpy.run_path(script, run_name="__main__")

@@ -9,7 +9,7 @@ perturbed, so that the method's own code computes something) are loaded with
 environment's (newest) transformers:
 - the converted models: exactly the dense model's logits;
 - the exported model: the trained (unmerged LoRA) model's logits within 1e-5 (the merge
-  reorders float32 operations: see tests/test_export.py);
+  reorders float32 operations: see tests/checkpoint/test_export.py);
 - the other methods' checkpoints: what they are compared with below, pesc's classes here (each
   method's own tests check those against float64 references of its formula);
 - all: exactly the same logits and greedy tokens (generated with the cache) as here, and
@@ -35,7 +35,7 @@ from pesc.checkpoint.trained_run import load_trained_model
 from pesc.cli import main as cli_main
 from pesc.convert import ConvertSettings, convert
 from pesc.export import export
-from pesc.methods import DEFAULT_METHOD, METHODS, get_method
+from pesc.methods import DEFAULT_METHOD, METHODS, get_method, register_auto_classes
 from pesc.model_card import TESTED_TRANSFORMERS
 from pesc.testing import save_tiny_dense
 from pesc.testing.compat_envs import EnvBuildError, ensure_envs
@@ -96,6 +96,7 @@ def _pesc_reference(folder) -> tuple[torch.Tensor, list]:
     """The checkpoint's logits and greedy tokens here (newest transformers, pesc's classes for every method)."""
     from transformers import AutoModelForCausalLM
 
+    register_auto_classes()  # what pesc's commands do before they load; this file may run before any of them
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     inputs = _inputs()
     out = model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False, use_cache=True, pad_token_id=PAD)

@@ -12,16 +12,9 @@ here; an aux rescale off by the world size changes the routers' first gradient b
 import torch
 
 from pesc.testing.launch import BACKENDS, assert_same_routing_logs, launch_training
-from test_train import data_file, make_config  # noqa: F401  (the same tiny config and data fixture)
+from helpers import MULTI_PROCESS_SETTINGS as SETTINGS, make_config
 
-STEPS = 3
-# no dropout (each rank draws its own masks), SGD (Adam's g / sqrt(v) would magnify rounding in tiny gradients)
-# and no clipping: the runs must compute the same function so that their gradients can be compared
-SETTINGS = dict(
-    max_steps=STEPS, save_steps=STEPS, micro_batch_size=2, lora_dropout=0.0, optimizer="sgd", learning_rate=0.5,
-    max_grad_norm=1.0e9,
-    moe={"num_experts": 4, "top_k": 2, "adapter_dim": 8, "router_aux_loss_coef": 0.01, "seed": 0, "adapter_dropout": 0.0},
-)
+STEPS = SETTINGS["max_steps"]
 TOL = dict(rtol=1e-5, atol=1e-8)
 
 

@@ -15,6 +15,7 @@ from pesc.methods.loramoe.modeling_loramoe import (
     localized_balancing_loss,
     official_lbc_groups,
 )
+from helpers import lbc_by_hand
 
 IN, OUT, N, R, ALPHA = 12, 20, 6, 4, 32.0
 
@@ -145,32 +146,6 @@ def sample_index_of_tokens(batch: int, seq: int) -> torch.Tensor:
     return torch.arange(batch).repeat_interleave(seq)
 
 
-def _lbc_by_hand(site_logits, sample_of_token, types, groups, delta, keep, reduction, direction) -> float:
-    """Issue #12's LBC, entry by entry in float64: Q[m][n] summed over sample m's kept tokens,
-    I[m][n] = 1 + delta if n is in the group of m's type else 1 - delta (official; the two swapped
-    towards the own group), cv^2 of Z = I * Q."""
-    own, other = (1 + delta, 1 - delta) if direction == "official" else (1 - delta, 1 + delta)
-    losses = []
-    num_samples = len(types)
-    for logits in site_logits:
-        experts = logits.shape[-1]
-        q = [[0.0] * experts for _ in range(num_samples)]
-        for t, row in enumerate(logits.double()):
-            if not keep[t]:
-                continue
-            exps = [math.exp(v) for v in row.tolist()]
-            for n in range(experts):
-                q[sample_of_token[t]][n] += exps[n] / sum(exps)
-        z = []
-        for m in range(num_samples):
-            group = groups[types[m]] if 0 <= types[m] < len(groups) else ()
-            z += [(own if n in group else other) * q[m][n] for n in range(experts)]
-        mean = sum(z) / len(z)
-        var = sum((v - mean) ** 2 for v in z) / (len(z) - 1)
-        losses.append(var / (mean**2 + 1e-10))
-    return sum(losses) if reduction == "sum" else sum(losses) / len(losses)
-
-
 @pytest.mark.parametrize("direction", ["official", "towards_own_group"])
 @pytest.mark.parametrize("reduction", ["sum", "mean"])
 @pytest.mark.parametrize("include_padding", [False, True])
@@ -196,7 +171,7 @@ def test_lbc_matches_the_formula_token_by_token(groups, types, include_padding, 
         site_logits, sample_of_token, torch.tensor(types), groups, delta=0.1,
         token_weight=None if include_padding else mask.reshape(-1), reduction=reduction, direction=direction,
     )  # fmt: skip
-    expected = _lbc_by_hand(site_logits, sample_of_token.tolist(), types, groups, 0.1, keep, reduction, direction)
+    expected = lbc_by_hand(site_logits, sample_of_token.tolist(), types, groups, 0.1, keep, reduction, direction)
     assert loss.item() == pytest.approx(expected, rel=1e-5)
     assert expected > 1e-3
 

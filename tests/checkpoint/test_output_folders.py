@@ -2,7 +2,7 @@
 
 import json
 
-from test_convert import SMALL, assert_clean_error, run_cli
+from helpers import SMALL, assert_clean_error, run_cli
 
 
 def test_tiny_model_creates_missing_parents(tmp_path, capsys):

@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from test_convert import assert_clean_error, assert_nothing_left, run_cli
+from helpers import assert_clean_error, assert_nothing_left, make_config, official_state, run_cli, write_adapter
 
 DISK_FULL = "Error while serializing: I/O error: No space left on device (os error 28)"  # safetensors' own words
 
@@ -181,7 +181,6 @@ def test_convert_refuses_to_write_a_non_finite_new_tensor(tiny_llama_dir, tmp_pa
 def test_import_loramoe_refuses_a_nan_router(tiny_llama_dir, tmp_path, capsys):
     from transformers import AutoModelForCausalLM
 
-    from test_loramoe_import import official_state, write_adapter
 
     state = official_state(AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32))
     name = next(n for n in sorted(state) if "lora_route" in n)
@@ -206,7 +205,6 @@ def test_a_user_file_named_like_a_leftover_is_never_removed(tmp_path):
 
 def test_train_refuses_experts_that_cannot_fit_in_memory_before_building_them(tiny_llama_dir, tmp_path, capsys,
                                                                                monkeypatch):
-    from test_train import make_config
 
     def refuse(*args, **kwargs):
         raise AssertionError("the model must not load when its settings cannot fit")
@@ -274,7 +272,6 @@ def test_inspect_refuses_setting_flags_on_a_converted_checkpoint(exported, capsy
 def test_import_loramoe_blames_lora_nums_when_it_disagrees_with_the_weights(tiny_llama_dir, tmp_path, capsys):
     from transformers import AutoModelForCausalLM
 
-    from test_loramoe_import import official_state, write_adapter
 
     state = official_state(AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32), num_experts=4)
     adapter = write_adapter(tmp_path / "adapter", state, lora_nums=6)

@@ -4,7 +4,7 @@ From a local checkpoint folder, transformers before 5.12 (4.46.3, 5.0, 5.3) copi
 the file an `auto_map` entry names and the files that file imports relatively itself, then imports it, which
 needs every file its imports reach (they import each other). So the files that the config's and the model's
 entry files reach must be among the ones they name themselves. Checked here from the source, as that loader
-reads it (its own regular expressions); tests/test_compat.py loads the checkpoints on those releases (slow).
+reads it (its own regular expressions); tests/modeling/test_compat.py loads the checkpoints on those releases (slow).
 """
 
 import re

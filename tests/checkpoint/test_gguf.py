@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from pesc.testing.tiny_gguf import save_tiny_gguf
-from test_convert import assert_clean_error, run_cli
+from helpers import assert_clean_error, run_cli
 
 
 @pytest.fixture(scope="module")

@@ -7,23 +7,14 @@ moe_dtype, output_router_logits`, the official auto_map, and the same tensor nam
 """
 
 import json
-import shutil
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 from pesc.testing import save_tiny_dense
 from pesc.testing.trained_run import save_fake_trained_run
-from test_convert import assert_clean_error, run_cli
-
-# Not the default 0.25: the published releases set moe_scaling in config.json, and the import must carry it over.
-MOE_SCALING = 0.5
-CAMELIDAE_AUTO_MAP = {
-    "AutoConfig": "configuration_camelidae.CamelidaeConfig",
-    "AutoModelForCausalLM": "modeling_camelidae.LlamaForCausalLM",
-}
+from helpers import MOE_SCALING, assert_clean_error, run_cli, write_published
 
 
 @pytest.fixture(scope="module", params=["llama", "qwen2"])
@@ -39,33 +30,6 @@ def trained_export(request, tmp_path_factory):
     model = AutoModelForCausalLM.from_pretrained(root / "export", trust_remote_code=True, dtype=torch.float32,
                                                  moe_scaling=MOE_SCALING)
     return request.param, root / "export", model.eval()
-
-
-def write_published(export_dir, out, family, weights="bin"):
-    """The export laid out as a published Camelidae (llama) or Qwen2idae (qwen2) release."""
-    out.mkdir()
-    config = json.loads((export_dir / "config.json").read_text())
-    published = {k: v for k, v in config.items() if k not in ("auto_map", "base_model_type", "adapter_dropout",
-                                                              "router_aux_loss_coef", "architectures")}
-    # as transformers 4.x wrote them (the releases were saved with 4.3x): torch_dtype, rope_theta
-    published["torch_dtype"] = published.pop("dtype")
-    published["rope_theta"] = published.pop("rope_parameters")["rope_theta"]
-    published["topk"] = published.pop("num_experts_per_tok")  # the releases' name for it
-    published.update(transformers_version="4.36.2", rope_scaling=None)
-    published.update(model_type={"llama": "camelidae", "qwen2": "qwen2idae"}[family],
-                     architectures=["LlamaForCausalLM" if family == "llama" else "Qwen2ForCausalLM"],
-                     auto_map=CAMELIDAE_AUTO_MAP, output_router_logits=True, moe_scaling=MOE_SCALING)
-    (out / "config.json").write_text(json.dumps(published, indent=2))
-    state = {}
-    for shard in sorted(export_dir.glob("model-*.safetensors")):
-        state.update(load_file(shard))
-    if weights == "bin":
-        torch.save(state, out / "pytorch_model.bin")
-    else:
-        save_file(state, out / "model.safetensors", metadata={"format": "pt"})
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copyfile(export_dir / name, out / name)
-    return out
 
 
 @pytest.mark.parametrize("weights", ["bin", "safetensors"])

@@ -17,9 +17,9 @@ from pesc.cli import main
 from pesc.errors import PescError
 from pesc.methods import METHODS
 from pesc.testing.isolated import run_without_pesc
-from test_convert import assert_clean_error, run_cli
+from helpers import assert_clean_error, run_cli
 
-OLD_FIXTURES = Path(__file__).parent / "fixtures" / "checkpoints_0.1.0"
+OLD_FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "checkpoints_0.1.0"
 OLD_NAMES = {"topk", "router_topk", "molora_sites"}
 # The 0.1.0 checkpoints are converted with --num-experts 4 (fixtures README); the sites and top-k are the defaults.
 OLD_EXPERTS = 4

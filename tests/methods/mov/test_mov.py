@@ -17,7 +17,7 @@ from pesc.cli import main
 from pesc.methods.mov import MOV
 from pesc.methods.mov.modeling_mov import MoVScaling
 from pesc.testing import TINY_FAMILIES
-from test_convert import read_tensors
+from helpers import read_tensors
 
 CLOSE = dict(rtol=1e-5, atol=1e-6)
 

@@ -25,7 +25,7 @@ import pesc.modeling
 from pesc.cli import main
 from pesc.methods import METHODS, Method, SampleField, Setting, register_method
 from pesc.testing.isolated import checkpoint_outputs_without_pesc
-from test_convert import read_tensors
+from helpers import read_tensors
 
 CONFIGURATION = '''
 from .moe_config import FlatMoEConfig
