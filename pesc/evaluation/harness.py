@@ -1,11 +1,13 @@
 """Running lm-evaluation-harness on a model object: task checks before any weight loads, one run per shot count."""
 
+import difflib
 import logging
 from functools import lru_cache
 from pathlib import Path
 
 from pesc.errors import PescError
 from pesc.evaluation.suites import SuiteTask
+from pesc.evaluation.task_data import check_task_data, leaf_configs
 
 # The result keys that hold one entry per task (merged across the runs of different shot counts).
 _PER_TASK_KEYS = ("results", "groups", "group_subtasks", "configs", "versions", "n-shot", "higher_is_better", "n-samples")
@@ -29,21 +31,32 @@ def task_manager(include_path: str | None):
     return TaskManager(include_path=include_path)
 
 
+def _with_close_match(name: str, known: list[str]) -> str:
+    """NAME with the closest task name, where one is close: a typo (arc_esay, hellaswg score >= 0.87), not
+    one of lm-eval's ~15k names that merely shares letters (difflib's default 0.6 finds one for any name)."""
+    close = difflib.get_close_matches(name, known, n=1, cutoff=0.8)
+    return f"{name} (did you mean '{close[0]}'?)" if close else name
+
+
 def check_tasks(tasks: list[SuiteTask], include_path: str | None, confirm_run_unsafe_code: bool) -> None:
-    """Every task is known to lm-eval, and code-running tasks are confirmed: before any weight loads."""
+    """Every task is known to lm-eval, code-running tasks are confirmed, and every task's data can be read
+    here: before any weight loads."""
     manager = task_manager(include_path)
     known = set(manager.all_tasks)
     unknown = [spec.task for spec in tasks if spec.task not in known]
     if unknown:
+        names = ", ".join(_with_close_match(name, manager.all_tasks) for name in unknown)
         raise PescError(
-            f"unknown lm-eval task {', '.join(unknown)}: see `lm-eval ls tasks`, or pass --include-path with your task YAML"
+            f"unknown lm-eval task {names}: see `lm-eval ls tasks`, or pass --include-path with your task YAML"
         )
-    unsafe = [spec.task for spec in tasks if manager.task_index[spec.task].cfg.get("unsafe_code")]
+    unsafe = [spec.task for spec in tasks
+              if any(config.get("unsafe_code") for _, config in leaf_configs(manager, spec.task))]
     if unsafe and not confirm_run_unsafe_code:
         raise PescError(
             f"{', '.join(unsafe)} run the model's generated code on this machine: "
             "pass --confirm-run-unsafe-code to allow it (lm-eval's own opt-in)"
         )
+    check_task_data(manager, [spec.task for spec in tasks])
 
 
 def evaluate(

@@ -5,16 +5,25 @@ rolling log-likelihood task whose perplexities are a continuous fingerprint of t
 """
 
 import json
+import shlex
+import socket
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 
 import pytest
 
 from pesc.cli import main
-from pesc.evaluation import harness
+from pesc.errors import PescError
+from pesc.evaluation import harness, task_data
 from pesc.evaluation.report import metric_values, metrics_table, results_table
 from pesc.evaluation.suites import SUITES, SuiteTask
 
 lm_eval = pytest.importorskip("lm_eval")
+datasets = pytest.importorskip("datasets")
+
+ROOT = Path(__file__).resolve().parents[1]
 
 TASKS = "tiny_mc,tiny_ppl"
 MC_DOCS = [
@@ -57,6 +66,17 @@ def tasks_dir(tmp_path_factory):
         "unsafe_code: true\noutput_type: loglikelihood_rolling\ndoc_to_text: \"\"\ndoc_to_target: \"{{text}}\"\n"
         "metric_list:\n  - metric: word_perplexity\n"
     )))
+    (folder / "tiny_missing.yaml").write_text(_task_yaml("tiny_missing", folder / "missing.jsonl", (
+        "output_type: loglikelihood_rolling\ndoc_to_text: \"\"\ndoc_to_target: \"{{text}}\"\n"
+    )))
+    (folder / "tiny_load_args.yaml").write_text(_task_yaml("tiny_load_args", folder / "ppl.jsonl", (
+        "output_type: loglikelihood_rolling\ndoc_to_text: \"\"\ndoc_to_target: \"{{text}}\"\n"
+    )).replace("dataset_kwargs:\n", "dataset_kwargs:\n  verification_mode: no_checks\n  streaming: false\n"
+               "  trust_remote_code: true\n"))
+    # groups: their tasks' data and code-running are checked, not the group's own config alone
+    (folder / "tiny_group.yaml").write_text("group: tiny_group\ntask:\n  - tiny_mc\n  - tiny_missing\n")
+    (folder / "tiny_unsafe_group.yaml").write_text("group: tiny_unsafe_group\ntask:\n  - tiny_ppl\n  - tiny_unsafe\n")
+    (folder / "tiny_bad_group.yaml").write_text("group: tiny_bad_group\ntask:\n  - tiny_mc\n  - dataset_path: json\n")
     return folder
 
 
@@ -166,7 +186,16 @@ def test_compare_marks_a_difference_within_the_combined_stderr():
     ]
 
 
-def test_suites_use_real_lm_eval_tasks_with_the_papers_shots(tasks_dir):
+@pytest.fixture
+def offline_empty_cache(tmp_path, monkeypatch):
+    """Offline mode on and an empty datasets cache, whatever this machine's own cache holds."""
+    cache = tmp_path / "datasets-cache"
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", cache)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    return cache
+
+
+def test_suites_use_real_lm_eval_tasks_with_the_papers_shots(tasks_dir, offline_empty_cache):
     settings = {name: {spec.task: spec.num_fewshot for spec in specs} for name, specs in SUITES.items()}
     assert settings["camelidae"] == {
         "mmlu": 5, "gsm8k": 5, "minerva_math": 4, "humaneval": 0, "mbpp": 4, "hellaswag": 10, "nq_open": 0,
@@ -175,10 +204,15 @@ def test_suites_use_real_lm_eval_tasks_with_the_papers_shots(tasks_dir):
     assert settings["loramoe-knowledge"] == {"triviaqa": 0, "nq_open": 0, "webqs": 0}
     known = set(harness.task_manager(str(tasks_dir)).all_tasks)
     assert {task for tasks in settings.values() for task in tasks} <= known
-    # the code-running tasks of the suite are refused without the opt-in, accepted with it
+    # the code-running tasks of the suite are refused without the opt-in; with it, offline with nothing cached,
+    # every task's Hub data is found missing (mmlu through the first of its tasks)
     with pytest.raises(ValueError, match="humaneval, mbpp run the model's generated code"):
         harness.check_tasks(list(SUITES["camelidae"]), str(tasks_dir), confirm_run_unsafe_code=False)
-    harness.check_tasks(list(SUITES["camelidae"]), str(tasks_dir), confirm_run_unsafe_code=True)
+    with pytest.raises(PescError) as error:
+        harness.check_tasks(list(SUITES["camelidae"]), str(tasks_dir), confirm_run_unsafe_code=True)
+    assert str(error.value).startswith("task mmlu (its task mmlu_")
+    assert "needs the dataset cais/mmlu (" in str(error.value)
+    assert "; also unreachable: gsm8k, minerva_math, humaneval, mbpp, hellaswag, nq_open, triviaqa;" in str(error.value)
 
 
 def test_a_suite_evaluates_and_reports_every_few_shot_group(exported, tasks_dir, tmp_path, monkeypatch, capsys):
@@ -211,8 +245,13 @@ def _fails(args, capsys) -> str:
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--tasks", "tiny_mc,no_such_task"], "unknown lm-eval task no_such_task"),
+        (["--tasks", "tiny_mc,no_such_task"], "unknown lm-eval task no_such_task:"),
+        (["--tasks", "tiny_mcc"], "unknown lm-eval task tiny_mcc (did you mean 'tiny_mc'?)"),
         (["--tasks", "tiny_unsafe"], "pass --confirm-run-unsafe-code"),
+        (["--tasks", "tiny_unsafe_group"], "tiny_unsafe_group run the model's generated code"),
+        (["--tasks", "tiny_mc,tiny_missing"], "task tiny_missing cannot read its data, json {'test': '"),
+        (["--tasks", "tiny_group"], "task tiny_group (its task tiny_missing) cannot read its data"),
+        (["--tasks", "tiny_bad_group"], "group tiny_bad_group: an entry of its task list has neither 'task' nor"),
         (["--suite", "camelidae", "--num-fewshot", "3"], "--num-fewshot cannot be combined with --suite"),
         (["--tasks", "tiny_mc", "--suite", "camelidae"], "give either --tasks"),
         (["--tasks", "tiny_mc", "--limit", "0"], "--limit must be >= 1"),
@@ -291,3 +330,146 @@ def test_export_puts_eval_results_into_the_model_card(trained_run, tasks_dir, tm
     (tmp_path / "bad.json").write_text('{"not": "results"}')
     err = _fails(["export", str(trained_run), str(tmp_path / "other"), "--eval", str(tmp_path / "bad.json")], capsys)
     assert "is not a results file of pesc eval" in err and not (tmp_path / "other").exists()
+
+
+def test_a_hub_task_offline_and_not_cached_fails_in_one_line_before_any_weight_loads(
+        exported, tasks_dir, tmp_path, capsys, monkeypatch, offline_empty_cache):
+    """The line names the task and its dataset, the other unreachable ones, and the way to a local task; it is
+    the line docs/eval.md shows."""
+    from pesc.evaluation import run
+
+    monkeypatch.setattr(run, "load_eval_model", lambda *a, **k: pytest.fail("weights loaded for a task without data"))
+    started = time.monotonic()
+    err = _fails(["eval", str(exported), "--tasks", "tiny_mc,arc_easy,hellaswag", "--include-path", str(tasks_dir),
+                  "--out", str(tmp_path / "out")], capsys)
+    assert err == (
+        f"Error: task arc_easy needs the dataset allenai/ai2_arc (ARC-Easy), which is not in the local datasets "
+        f"cache ({offline_empty_cache}) and offline mode is on (HF_DATASETS_OFFLINE or HF_HUB_OFFLINE); also "
+        f"unreachable: hellaswag; {task_data.LOCAL_TASK_HINT}"
+    )
+    assert time.monotonic() - started < 60  # the task index (~10 s), then no network wait at all
+    assert not (tmp_path / "out").exists()
+    docs = (ROOT / "docs" / "eval.md").read_text()
+    assert err.replace(str(offline_empty_cache), "/home/you/.cache/huggingface/datasets") in docs.splitlines()
+
+
+def _cache_as_hub_dataset(cache: Path, repo: str, config: str, data_file: Path) -> None:
+    """Put a JSONL file into the datasets cache as `datasets` leaves a Hub dataset it once downloaded:
+    CACHE/namespace___name/CONFIG/VERSION/HASH/ with name-SPLIT.arrow and a dataset_info.json naming CONFIG."""
+    builder = datasets.load_dataset_builder("json", data_files={"test": str(data_file)}, cache_dir=str(cache))
+    builder.download_and_prepare()
+    prepared = Path(builder.cache_dir)
+    namespace, name = repo.split("/")
+    target = cache / f"{namespace}___{name}" / config / prepared.parts[-2] / prepared.parts[-1]
+    target.mkdir(parents=True)
+    for path in prepared.iterdir():
+        (target / path.name.replace("json-", f"{name}-")).write_bytes(path.read_bytes())
+    info = json.loads((target / "dataset_info.json").read_text())
+    (target / "dataset_info.json").write_text(json.dumps({**info, "config_name": config}))
+
+
+def test_offline_a_cached_hub_dataset_passes_the_check_and_loads(tasks_dir, tmp_path, offline_empty_cache):
+    """The check finds what `datasets` loads: ARC-Easy cached passes, ARC-Challenge (the same dataset, another
+    config, not cached) does not."""
+    rows = tmp_path / "arc.jsonl"
+    rows.write_text(json.dumps({"question": "?", "choices": {"text": ["a"], "label": ["A"]}, "answerKey": "A"}) + "\n")
+    _cache_as_hub_dataset(offline_empty_cache, "allenai/ai2_arc", "ARC-Easy", rows)
+    harness.check_tasks([SuiteTask("arc_easy", 0)], str(tasks_dir), confirm_run_unsafe_code=False)
+    assert datasets.load_dataset("allenai/ai2_arc", "ARC-Easy")["test"].num_rows == 1
+    with pytest.raises(PescError, match=r"^task arc_challenge needs the dataset allenai/ai2_arc \(ARC-Challenge\)"):
+        harness.check_tasks([SuiteTask("arc_challenge", 0)], str(tasks_dir), confirm_run_unsafe_code=False)
+
+
+@pytest.fixture
+def no_proxy(monkeypatch):
+    """Requests to 127.0.0.1 go there, not to a proxy the environment names."""
+    for variable in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(variable, raising=False)
+
+
+def test_online_the_hubs_answer_decides(tasks_dir, tmp_path, monkeypatch, no_proxy):
+    """Offline mode off: an answering Hub leaves the download to lm-eval; a silent one means the cache must
+    hold the data, looked up in offline mode (not one request to the Hub: no retries), which ends with the
+    check. The "Hub" here is a local server that records every request."""
+    from huggingface_hub import constants
+
+    requests = []
+
+    class Recording(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 (http.server's naming)
+            requests.append(self.path)
+            self.send_error(404)
+
+        do_HEAD = do_GET
+
+        def log_message(self, *args):
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Recording)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    hub = f"http://127.0.0.1:{server.server_port}"
+    monkeypatch.setattr(datasets.config, "HF_ENDPOINT", hub)
+    monkeypatch.setattr(constants, "ENDPOINT", hub)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "datasets-cache")
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    try:
+        monkeypatch.setattr(task_data, "hub_answers", lambda endpoint: True)
+        harness.check_tasks([SuiteTask("arc_easy", 0)], str(tasks_dir), confirm_run_unsafe_code=False)
+        monkeypatch.setattr(task_data, "hub_answers", lambda endpoint: False)
+        unanswered = rf"not in the local datasets cache .* and the Hub \({hub}\) did not answer within 5 s"
+        with pytest.raises(PescError, match=unanswered):
+            harness.check_tasks([SuiteTask("arc_easy", 0)], str(tasks_dir), confirm_run_unsafe_code=False)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert requests == []
+    assert datasets.config.HF_HUB_OFFLINE is False and constants.HF_HUB_OFFLINE is False
+
+
+def test_load_dataset_only_arguments_pass_the_check(tasks_dir):
+    """dataset_kwargs that lm-eval hands to load_dataset but load_dataset_builder does not take (streaming,
+    verification_mode; trust_remote_code, which lm-eval drops for datasets >= 4) are no reason to refuse."""
+    harness.check_tasks([SuiteTask("tiny_load_args", 0)], str(tasks_dir), confirm_run_unsafe_code=False)
+
+
+def test_the_hub_probe_is_one_request_bounded_by_its_timeout(monkeypatch, no_proxy):
+    """Any HTTP answer counts (here a 501: the handler has no HEAD); a refused connection does not, nor a
+    server that accepts and never answers, after HUB_TIMEOUT_S (not a minute of retries)."""
+    server = HTTPServer(("127.0.0.1", 0), BaseHTTPRequestHandler)
+    thread = threading.Thread(target=server.handle_request)
+    thread.start()
+    assert task_data.hub_answers(f"http://127.0.0.1:{server.server_port}")
+    thread.join()
+    server.server_close()
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    assert not task_data.hub_answers(f"http://127.0.0.1:{port}")  # nothing listens there now
+    monkeypatch.setattr(task_data, "HUB_TIMEOUT_S", 0.5)
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()  # the kernel accepts the connection; nobody ever answers
+        started = time.monotonic()
+        assert not task_data.hub_answers(f"http://127.0.0.1:{silent.getsockname()[1]}")
+    assert 0.5 <= time.monotonic() - started < 0.5 + 2  # the timeout, plus scheduling slack on a busy machine
+
+
+LOCAL_TASK_COMMAND = "pesc eval out/pesc-tiny --tasks capitals --include-path examples/eval_local_task"
+
+
+def test_the_local_task_of_the_docs_runs_as_written(exported, tmp_path, monkeypatch, offline_empty_cache):
+    """docs/eval.md shows examples/eval_local_task's files and command verbatim; run from the repository root
+    (its data_files path is relative), offline, it passes the data check and is scored on all its questions."""
+    example = ROOT / "examples" / "eval_local_task"
+    docs = (ROOT / "docs" / "eval.md").read_text()
+    for name in ("capitals.yaml", "capitals.jsonl"):
+        assert (example / name).read_text() in docs
+    assert LOCAL_TASK_COMMAND in docs.splitlines()
+    args = [str(exported) if arg == "out/pesc-tiny" else arg for arg in shlex.split(LOCAL_TASK_COMMAND)[1:]]
+    monkeypatch.chdir(ROOT)
+    main([*args, "--out", str(tmp_path / "out")])
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    questions = len((example / "capitals.jsonl").read_text().splitlines())
+    assert results["n-samples"]["capitals"]["effective"] == questions == 6
+    assert set(metric_values(results)) == {("capitals", "acc", "none"), ("capitals", "acc_norm", "none")}
