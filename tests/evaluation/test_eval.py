@@ -23,7 +23,7 @@ from pesc.evaluation.suites import SUITES, SuiteTask
 lm_eval = pytest.importorskip("lm_eval")
 datasets = pytest.importorskip("datasets")
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 TASKS = "tiny_mc,tiny_ppl"
 MC_DOCS = [
