@@ -358,7 +358,8 @@ def compare(model_a, model_b, prompt, atol, trust_remote_code):
 @click.option("--limit", type=int, help="Evaluate only the first N examples of each task (a quick check).")
 @click.option("--batch-size", type=int, default=1, show_default=True)
 @click.option("--out", type=click.Path(path_type=str), help="Results folder (default: eval-results/NAME of MODEL).")
-@click.option("--include-path", type=click.Path(path_type=str), help="A folder of your own lm-eval task YAML files (an example: docs/eval.md, \"A local task\").")
+@click.option("--include-path", type=click.Path(path_type=str),
+              help='A folder of your own lm-eval task YAML files (an example: docs/eval.md, "A local task").')
 @click.option("--compare", type=click.Path(path_type=str), help="A baseline (e.g. the dense model) evaluated on the same "
               "tasks; one side-by-side table.")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True)
