@@ -227,6 +227,31 @@ def generate(path, prompt, system, max_new_tokens, temperature, no_chat_template
 
 
 @cli.command()
+@click.argument("out", type=click.Path(path_type=str))
+@click.argument("vllm_args", nargs=-1, type=click.UNPROCESSED, metavar="[-- VLLM_ARGS...]")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0: every one).")
+@click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True)
+@click.option("--dtype", type=click.Choice(["auto", "bfloat16", "float16", "float32"]),
+              help="Dtype to serve in (default: the checkpoint's, as config.json records it; auto: vLLM's choice, "
+              "which downcasts float32 to bfloat16).")
+@click.option("--kv-cache-memory", help="KV-cache size, e.g. 4GB or 512MiB (default on the CPU: a quarter of the "
+              "memory available; on a GPU: vLLM's own).")
+@click.option("--vllm-python", type=click.Path(path_type=str), help="The Python that has vLLM (default: this one if "
+              "vLLM imports, else $PESC_VLLM_VENV or the clone's .venv-vllm).")
+@click.option("--trust-remote-code", is_flag=True,
+              help="Let vLLM run the Python code the folder carries although pesc did not write it (a pesc "
+              "checkpoint whose code is this pesc's own is served without it).")
+def serve(out, vllm_args, host, port, dtype, kv_cache_memory, vllm_python, trust_remote_code):
+    """Serve the model folder OUT with vLLM's OpenAI-compatible server until Ctrl-C; arguments after `--` go to
+    vLLM (e.g. -- --max-model-len 4096). Prints which path serves it (native vLLM model or Transformers backend)
+    and the URL for the `openai` client; see docs/serving.md."""
+    from pesc.serving.serve import serve as run_serve
+
+    run_serve(out, host=host, port=port, dtype=dtype, kv_cache_memory=kv_cache_memory, vllm_python=vllm_python,
+              trust_remote_code=trust_remote_code, vllm_args=vllm_args, echo=click.echo)
+
+
+@cli.command()
 @click.argument("config", type=click.Path(path_type=str))
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
               help="Override a config key (dotted for nested, e.g. moe.top_k=2); values are YAML. Repeatable.")

@@ -3,6 +3,7 @@ imports another. The fixtures they share are in conftest.py."""
 
 import json
 import math
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -13,6 +14,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from pesc.cli import main
+from pesc.serving.vllm_server import vllm_python
 
 # ---------------------------------------------------------------- the CLI in process
 
@@ -273,3 +275,16 @@ def fresh_copy(destination: Path) -> Path:
             (destination / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(source, destination / name)
     return destination
+
+
+# the tiny model the vLLM tests serve: big enough for vLLM's CPU kernels (head size, block shapes)
+SERVE_SHAPE = dict(hidden_size=128, intermediate_size=256, num_attention_heads=2, num_key_value_heads=1)
+
+
+def require_vllm():
+    """Skip (fail in CI, where .ci/run makes it) when there is no vLLM environment."""
+    if vllm_python() is None:
+        reason = "no .venv-vllm: run scripts/setup_vllm.sh to test serving with vLLM"
+        if os.environ.get("CI"):
+            pytest.fail(reason + " (.ci/run makes it)")
+        pytest.skip(reason)

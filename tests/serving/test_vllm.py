@@ -24,7 +24,6 @@ on a developer's machine and fail in CI.
 """
 
 import json
-import os
 import subprocess
 from pathlib import Path
 
@@ -41,8 +40,9 @@ from pesc.testing.isolated import run_without_pesc
 from pesc.testing.perturbed import save_perturbed_checkpoint
 from pesc.testing.trained_run import save_fake_trained_run
 
+from helpers import SERVE_SHAPE, require_vllm
+
 # head_dim 128 / 2 = 64: vLLM's CPU attention refuses head_dim 16 (the other tests' tiny shape)
-SERVE_SHAPE = dict(hidden_size=128, intermediate_size=256, num_attention_heads=2, num_key_value_heads=1)
 NEW_TOKENS = 12
 PROMPT_IDS = [17, 42, 99, 5, 130, 61, 8, 200]
 PROMPTS = [PROMPT_IDS, [3, 9, 27]]  # batched together in vLLM: two lengths in one step
@@ -90,14 +90,6 @@ print("@@vllm-greedy@@" + json.dumps(results), flush=True)
 """
 
 
-def _require_vllm():
-    if vllm_python() is None:
-        reason = "no .venv-vllm: run scripts/setup_vllm.sh to test serving with vLLM"
-        if os.environ.get("CI"):
-            pytest.fail(reason + " (.ci/run makes it)")
-        pytest.skip(reason)
-
-
 def _transformers_greedy(folder, input_ids: list[int], ignore_eos: bool = False) -> list[int]:
     register_auto_classes()  # what pesc's commands do before they load; this file may run before any of them
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
@@ -143,7 +135,7 @@ def checkpoints(tmp_path_factory):
 def vllm_greedy(checkpoints, tmp_path_factory):
     """{run: greedy tokens of each prompt} from vLLM, every checkpoint through the Transformers backend (run: its
     name) and the NATIVE ones through pesc's native model too (run: name + "+native"), in turn in one process."""
-    _require_vllm()
+    require_vllm()
     runs = [(name, str(folder), "transformers") for name, (folder, _) in checkpoints.items()]
     runs += [(name + "+native", str(checkpoints[name][0]), "vllm") for name in NATIVE]
     spec = {"runs": runs, "prompts": PROMPTS, "new_tokens": NEW_TOKENS}
@@ -213,7 +205,7 @@ def _tokens(output: str) -> list[int]:
 def test_two_tensor_parallel_ranks_give_the_same_tokens(name, model_impl, checkpoints, reference_greedy, tmp_path):
     """The native model's experts replicated over vLLM's sharded Llama; LoRAMoE's FFN sites (hooked linears
     whole) beside vLLM's sharded attention."""
-    _require_vllm()
+    require_vllm()
     code, output = _two_ranks(checkpoints[name][0], model_impl, tmp_path)
     assert code == 0, output[-5000:]
     assert _tokens(output) == reference_greedy[name][0][0]
@@ -224,7 +216,7 @@ def test_attention_sites_refuse_two_tensor_parallel_ranks_and_run_on_two_pipelin
     """MoELoRA's q/v sites: vLLM would split the heads while the hooked linears stay whole (wrong tokens, no
     error, before the check); the shipped code stops the engine with a line naming the fix. Pipeline stages
     keep whole layers: the same checkpoint runs there, with transformers' tokens."""
-    _require_vllm()
+    require_vllm()
     folder = checkpoints["moelora-llama"][0]
     code, output = _two_ranks(folder, "transformers", tmp_path, "pipeline")
     assert code == 0, output[-5000:]
@@ -304,7 +296,7 @@ emit(results)
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     """(export folder, server base URL): a tiny trained PESC export served by `vllm serve`."""
-    _require_vllm()
+    require_vllm()
     root = tmp_path_factory.mktemp("serve")
     dense = save_tiny_dense(root / "dense", "llama", **SERVE_SHAPE)
     run = root / "run"
