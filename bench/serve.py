@@ -26,6 +26,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from generate import add_model_arguments, build_models  # noqa: E402  (the same synthetic models as bench/generate.py)
 
+from pesc.serving.serve import RESOLVED  # noqa: E402
 from pesc.serving.vllm_server import get_json, vllm_server  # noqa: E402
 
 
@@ -55,10 +56,8 @@ def timed_rate(base_url: str, request: dict, expected_tokens: int) -> float:
 
 def resolved_architecture(log_path: Path) -> str:
     """The architecture a server's log says vLLM resolved (which model class serves)."""
-    for line in log_path.read_text(errors="replace").splitlines():
-        if "Resolved architecture:" in line:
-            return line.rsplit("Resolved architecture:", 1)[1].strip()
-    return "?"
+    match = RESOLVED.search(log_path.read_text(errors="replace"))
+    return match.group(1) if match else "?"
 
 
 def main(argv=None):
