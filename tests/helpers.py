@@ -288,3 +288,12 @@ def require_vllm():
         if os.environ.get("CI"):
             pytest.fail(reason + " (.ci/run makes it)")
         pytest.skip(reason)
+
+
+# Checkpoints pesc 0.1.0 wrote, one per method, with the logits it computed (never regenerated).
+LEGACY_CHECKPOINTS = REPOSITORY / "tests" / "fixtures" / "checkpoints_0.1.0"
+# The same float32 model on another CPU or thread count sums its dot products (length <= 64) in another order:
+# each differs by a few ulps (~1e-7 relative), and two layers keep the logits (|logit| < 5) within 1e-5 of each
+# other. 1e-4 leaves a margin and still fails on any change of what is computed (a dropped expert moves logits by
+# more than 1e-2 there: the added tensors carry noise of scale 0.2).
+LEGACY_ATOL = 1e-4

@@ -3,19 +3,18 @@
 `top_k: 0` means "every expert" for MoLoRA; how many that is comes from the checkpoint (here 4), not from the
 config class's default (10)."""
 
-from pathlib import Path
-
 import pytest
 
 from pesc.errors import PescError
 from pesc.training.config import validate
 from pesc.training.model import resolve_model_config
 
-FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "checkpoints_0.1.0"
+from helpers import LEGACY_CHECKPOINTS
+
 
 
 def _config(name: str, moe: dict) -> dict:
-    return validate({"base_model": str(FIXTURES / name), "method": name, "output_dir": "out", "moe": moe,
+    return validate({"base_model": str(LEGACY_CHECKPOINTS / name), "method": name, "output_dir": "out", "moe": moe,
                      "datasets": [{"path": "unused.jsonl", "type": "messages"}]})
 
 
