@@ -66,9 +66,9 @@ def start_server(command: list[str], env: dict, output) -> subprocess.Popen:
 
 
 def stop_server(server: subprocess.Popen, grace: float = 60) -> None:
-    """Stop the server as Ctrl-C on `vllm serve` does (SIGINT to its process group); after `grace` seconds, or on
-    another Ctrl-C meanwhile, SIGKILL, which also ends any process of the group that outlived the server."""
-    _signal_group(server, signal.SIGINT)
+    """Stop the server: SIGINT to its API server, which shuts its engine core down itself; after `grace` seconds, or
+    on another Ctrl-C meanwhile, SIGKILL to the group, which ends any process that outlived it."""
+    server.send_signal(signal.SIGINT)
     try:
         server.wait(timeout=grace)
     except (subprocess.TimeoutExpired, KeyboardInterrupt):

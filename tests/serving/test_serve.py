@@ -13,6 +13,7 @@
 import importlib.util
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -217,5 +218,9 @@ def test_pesc_serve_answers_as_pesc_generate_and_stops_on_ctrl_c(float32_checkpo
                     server.wait()
     reader.join(timeout=10)
     assert lines[-1].rstrip("\n") == "pesc serve: stopped"
-    assert "Traceback" not in log.read_text()
+    # no traceback from pesc serve itself; vLLM's own log lines carry its process prefix ("(APIServer pid=N)",
+    # "(EngineCore pid=N)"), and vLLM 0.32 sometimes logs an EngineDeadError traceback while it shuts down on SIGINT
+    # (its engine core exits before the API server's output task), whoever sends the signal
+    ours = [line for line in log.read_text().splitlines() if not re.match(r"\s*\((APIServer|EngineCore)", line)]
+    assert not any("Traceback" in line for line in ours)
     assert [pid for pid in processes if _alive(pid)] == []
