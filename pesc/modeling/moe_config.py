@@ -63,9 +63,12 @@ class FlatMoEConfig(PreTrainedConfig):
     # name Hugging Face MoE configs and serving engines read (None: every expert, as a dense router mixes them).
     common_defaults = {"base_model_type": "llama", "moe_dtype": None, "output_router_logits": False,
                        "num_experts_per_tok": None}
+    # What a config without one of the method's fields means where that is not its default: the form of the
+    # checkpoints written before the field existed (new ones always store it), which must compute what they did.
+    absent_defaults = {}
 
     def __init__(self, **kwargs):
-        for name, default in {**self.common_defaults, **self.method_defaults}.items():
+        for name, default in {**self.common_defaults, **self.method_defaults, **self.absent_defaults}.items():
             value = kwargs.pop(name, default)
             if isinstance(default, list) and isinstance(value, str):  # "q_proj,v_proj": a flag; 0.1.0's MoELoRA
                 value = [item.strip() for item in value.split(",") if item.strip()]

@@ -20,8 +20,9 @@ class _SiblingConnection:
     one, so the sibling never acts twice), and the base tensor names stay where they were.
     """
 
-    def __init__(self, linear: str, sibling: str, position: str):
+    def __init__(self, linear: str, sibling: str, position: str, keep_whole: tuple[str, ...] = ()):
         self.linear, self.sibling, self.position = linear, sibling, position
+        self.keep_whole = keep_whole  # further linears of the parent that serving engines must not merge
         self._hooked = None
         self._handle = None
 
@@ -39,8 +40,6 @@ class _SiblingConnection:
         self._hooked = linear
 
 
-
-
 def linear_on(layer: nn.Module, parent_name: str, linear_name: str, base_model_type: str, label: str) -> nn.Linear:
     """`layer.<parent>.<linear>` of a decoder layer, or a one-line error saying the family has no such linear."""
     linear = getattr(getattr(layer, parent_name, None), linear_name, None)
@@ -52,19 +51,41 @@ def linear_on(layer: nn.Module, parent_name: str, linear_name: str, base_model_t
     return linear
 
 
-def attach_sibling(parent: nn.Module, linear: str, sibling_name: str, sibling: nn.Module, position: str) -> None:
+def activation_on(layer: nn.Module, parent_name: str, name: str, base_model_type: str, label: str,
+                  layers) -> nn.Module:
+    """`layer.<parent>.<name>`, an activation module of this decoder layer alone (a site hooks its output), or a
+    one-line error saying the family has none, or shares one between its `layers` (each layer's site would act in
+    every layer)."""
+    module = getattr(getattr(layer, parent_name, None), name, None)
+    if not isinstance(module, nn.Module) or isinstance(module, nn.Linear):
+        raise ValueError(
+            f"{label} cannot wrap model family {base_model_type!r}: its decoder layers have no activation module "
+            f"{parent_name}.{name}"
+        )
+    if any(getattr(getattr(other, parent_name), name) is module for other in layers if other is not layer):
+        raise ValueError(
+            f"{label} cannot wrap model family {base_model_type!r}: its decoder layers share one {parent_name}.{name} "
+            "module, which a site cannot hook per layer"
+        )
+    return module
+
+
+def attach_sibling(parent: nn.Module, linear: str, sibling_name: str, sibling: nn.Module, position: str,
+                   keep_whole: tuple[str, ...] = ()) -> None:
     """Add `sibling` as `parent.<sibling_name>` and let it act on `parent.<linear>` at `position`.
 
-    position "output": the linear's output becomes `sibling.linear_output_hook(linear, (x,), output)`
-    (e.g. LoRA experts: output + experts(x); MoV: output * vector); "input": the linear's input
-    becomes what `sibling.linear_input_hook(linear, (x,))` returns (e.g. MoV on down_proj's input).
+    position "output": the module's output becomes `sibling.linear_output_hook(module, (x,), output)`
+    (e.g. LoRA experts: output + experts(x); MoV: output * vector; the module may be an activation, as
+    MoV's act_fn); "input": the linear's input becomes what `sibling.linear_input_hook(linear, (x,))`
+    returns (e.g. MoV on down_proj's input). `keep_whole`: further linears of the parent that serving
+    engines must not merge for the site to see its tensor (`site_linears` names them with the hooked one).
     """
     if position not in ("output", "input"):
         raise ValueError(f"a sibling site acts on a linear's 'output' or 'input', not {position!r}")
     if not isinstance(parent._modules.get(linear), nn.Module):
         raise ValueError(f"{type(parent).__name__} has no module {linear!r} to attach {sibling_name!r} to")
     parent.add_module(sibling_name, sibling)
-    connection = _SiblingConnection(linear, sibling_name, position)
+    connection = _SiblingConnection(linear, sibling_name, position, keep_whole)
     connection.reconnect(parent, ())  # now: a compiled first forward (vLLM's) cannot register hooks
     parent.register_forward_pre_hook(connection.reconnect)
 
@@ -81,13 +102,15 @@ class UnmergedLinear(nn.Module):
 
 
 def site_linears(model: nn.Module) -> list[tuple[nn.Module, str]]:
-    """(parent, linear name) of every linear a sibling site acts on."""
+    """(parent, name) of every module a sibling site acts on (a linear, or an activation) and of the linears it
+    keeps whole (MoV's act_fn site: gate_proj, which vLLM would otherwise fuse with up_proj into one
+    act-and-mul, replacing the hooked activation by act(gate(x)) * up(x))."""
     found = []
     for parent in model.modules():
         for hook in parent._forward_pre_hooks.values():
             connection = getattr(hook, "__self__", None)
             if isinstance(connection, _SiblingConnection):
-                found.append((parent, connection.linear))
+                found.extend((parent, name) for name in (connection.linear, *connection.keep_whole))
     return found
 
 

@@ -5,10 +5,11 @@ method shares): the dense family's fields sit flat at the top level, next to MoL
 """
 
 from .moe_config import FlatMoEConfig
-from .moe_config import LINEAR_PARENTS
 
 # How the probabilities kept by a top-k router are weighed.
 TOP_K_WEIGHTS = ("masked", "renormalized")
+# The official sites (q, k, v, o, wi_0 and wo of T5) on a decoder's linears: up_proj (T5's wi_1) is not one.
+OFFICIAL_SITES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "down_proj")
 
 
 class MoLoRAConfig(FlatMoEConfig):
@@ -20,8 +21,9 @@ class MoLoRAConfig(FlatMoEConfig):
         num_experts (`int`): LoRA experts per site.
         expert_rank (`int`): rank r of each expert.
         expert_alpha (`float`): LoRA alpha; the experts' sum is scaled by alpha / r.
-        sites (`list[str]`): the linears that get experts (default: all seven projections; pesc 0.1.0 named the
-            field `molora_sites`).
+        sites (`list[str]`): the linears that get experts (default: the official q, k, v, o, gate and down
+            projections; up_proj may be added, ours; pesc 0.1.0 named the field `molora_sites` and defaulted to
+            all seven projections).
         num_experts_per_tok (`int`): experts kept per token: num_experts (the default; 0 says it too) mixes every
             expert, k < num_experts keeps the k largest probabilities (pesc 0.1.0 named the field `router_topk`,
             0 for every expert).
@@ -37,7 +39,7 @@ class MoLoRAConfig(FlatMoEConfig):
         "num_experts": 10,
         "expert_rank": 4,
         "expert_alpha": 16.0,
-        "sites": list(LINEAR_PARENTS),
+        "sites": list(OFFICIAL_SITES),
         "router_topk_weights": "masked",
         "router_jitter": 0.0,
     }
@@ -59,4 +61,4 @@ class MoLoRAConfig(FlatMoEConfig):
         self.check_sites()
 
 
-__all__ = ["MoLoRAConfig"]
+__all__ = ["MoLoRAConfig", "OFFICIAL_SITES"]

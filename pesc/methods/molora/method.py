@@ -1,7 +1,8 @@
-"""MoLoRA (Zadouri et al., arXiv 2309.05444): soft-merged LoRA experts on the seven projections (settable),
-each site a float32 softmax router on its input; optional top-k and jitter; no aux loss.
+"""MoLoRA (Zadouri et al., arXiv 2309.05444): soft-merged LoRA experts on the official q, k, v, o, gate and down
+projections (settable: more sites, such as up_proj, are ours), each site a float32 softmax router on its input;
+optional top-k and jitter; no aux loss.
 
-The decoder mapping is ours (the paper's code is T5): docs/methods/mov-molora.md.
+The official code is T5; the decoder mapping (which linears): docs/methods/mov-molora.md.
 """
 
 
@@ -14,15 +15,16 @@ class MoLoRA(Method):
     name = "molora"
     label = "MoLoRA"
     description = (
-        "MoLoRA (arXiv 2309.05444): soft-merged LoRA experts on q/k/v/o/gate/up/down, each a dense float32 "
-        "softmax router on the linear's input (optional top-k, jitter); no aux loss"
+        "MoLoRA (arXiv 2309.05444): soft-merged LoRA experts on q/k/v/o/gate/down (the official sites), each a "
+        "dense float32 softmax router on the linear's input (optional top-k, jitter); no aux loss"
     )
     settings = (  # defaults and ranges: configuration_molora.MoLoRAConfig
         Setting("num_experts", (int,), "LoRA experts per site", structural=True),
         Setting("expert_rank", (int,), "rank r of each LoRA expert", structural=True),
         Setting("expert_alpha", (int, float), "LoRA alpha of the experts (their sum is scaled by alpha / r)",
                 structural=True),
-        Setting("sites", (list, str), "linears that get experts: a list, or names joined by commas", structural=True),
+        Setting("sites", (list, str), "linears that get experts: a list, or names joined by commas (official: q, k, "
+                "v, o, gate, down; up_proj is ours)", structural=True),
         Setting("top_k", (int,), "experts kept per token (None or 0: every expert, soft merging)",
                 config_field="num_experts_per_tok", structural=True),
         Setting("top_k_weights", (str,), "with top_k: the kept probabilities as they are (masked, the official "

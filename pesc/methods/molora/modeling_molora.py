@@ -2,9 +2,10 @@
 
 Shipped inside every MoLoRA checkpoint: imports only torch, transformers and its sibling files.
 
-Each site is a linear of the dense model (by default all seven projections: q, k, v, o, gate,
-up, down; our mapping, the paper's code is T5). It owns a router on the linear's input and
-E LoRA experts of rank r:
+Each site is a linear of the dense model (by default the official sites, T5's q, k, v, o, wi_0
+and wo on a decoder: q, k, v, o, gate, down; `up_proj`, T5's wi_1, is a site of ours, as were all
+seven projections, the default of pesc 0.1.0). It owns a router on the linear's input and E LoRA
+experts of rank r:
     y = W0·x + (α/r) Σ_e p_e B_e A_e x,    p = softmax(router(x)) over all E experts, float32
 A_e ~ N(0, 0.02) and B_e = 0, so a fresh model is exactly its base. Optionally (off by
 default, as in every official config) the router keeps only the top-k probabilities and

@@ -1,7 +1,8 @@
 """MoV (Zadouri et al., arXiv 2309.05444): soft-merged (IA)³ vectors on the keys and values (per key/value
-head) and the FFN intermediate activation; dense float32 softmax routers; no aux loss.
+head) and the FFN activation act(gate(x)) (the official MLP block; `ffn_site` "down_proj_input" is pesc 0.1.0's
+form); dense float32 softmax routers; no aux loss.
 
-The decoder mapping is ours (the paper's code is T5): docs/methods/mov-molora.md.
+The official code is T5; the decoder mapping (which linears and activation): docs/methods/mov-molora.md.
 """
 
 
@@ -15,10 +16,13 @@ class MoV(Method):
     label = "MoV"
     description = (
         "MoV (arXiv 2309.05444): soft-merged (IA)³ vectors on k_proj / v_proj outputs (per key/value head) "
-        "and the FFN intermediate activation, dense float32 softmax routers; no aux loss"
+        "and the FFN activation act(gate(x)), dense float32 softmax routers; no aux loss"
     )
     settings = (  # defaults and ranges: configuration_mov.MoVConfig
         Setting("num_experts", (int,), "vectors per site (MoV-10; the paper also has 30 and 60)", structural=True),
+        Setting("ffn_site", (str,), "the FFN's site: activation (official: the router reads and the vectors scale "
+                "act(gate(x)), before the product with up(x)) or down_proj_input (pesc 0.1.0: act(gate(x)) * up(x))",
+                structural=True),
     )
     prefix = "mov_"
     card_tags = ("mov", "ia3", "soft-merging")
@@ -31,13 +35,13 @@ class MoV(Method):
         return []  # only the routers and vectors train
 
     def initial_state(self, config, layer_idx: int, seed: int) -> dict:
-        from pesc.methods.mov.modeling_mov import MOV_SITES, MoVScaling
+        from pesc.methods.mov.modeling_mov import MoVScaling, mov_sites
 
         _, kv_heads, head_dim = attention_dims(config)
         sites = {}
-        for parent, linear, position in MOV_SITES:
-            width, heads = (head_dim, kv_heads) if position == "output" else (config.intermediate_size, 1)
-            sites[f"{parent}.mov_{linear}"] = MoVScaling(width, config.num_experts, heads)
+        for parent, name, _ in mov_sites(config):  # the FFN's activation, either form, is intermediate_size wide
+            width, heads = (head_dim, kv_heads) if parent == "self_attn" else (config.intermediate_size, 1)
+            sites[f"{parent}.mov_{name}"] = MoVScaling(width, config.num_experts, heads)
         return draw_sites(config, sites, layer_idx, seed)
 
     def card_title(self, config) -> str:

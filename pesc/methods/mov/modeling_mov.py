@@ -5,12 +5,16 @@ Shipped inside every MoV checkpoint: imports only torch, transformers and its si
 (IA)³ rescales three activations; MoV gives each of them E learned vectors and a router:
     y = a ⊙ Σ_e p_e l_e,    p = softmax(router(a)) over all E experts, float32
 with every l_e initialised to ones, so a fresh model is exactly its base. The router reads
-the activation it rescales. On a decoder the sites are (our mapping; the paper's code is T5):
+the activation it rescales. On a decoder the sites are (the official T5 sites on a decoder's linears):
 - the outputs of `k_proj` and `v_proj`, per head: each key/value head routes on its own
   head_dim-wide vector with one router kernel [E, head_dim] shared by every head, and owns
   its own E vectors (the official `MoVAttention`); with grouped-query attention the heads
   are the key/value heads;
-- the FFN intermediate activation act(gate(x)) * up(x), i.e. the input of `down_proj`.
+- the FFN, by `config.ffn_site`: "activation" (the official MLP block) rescales act(gate(x)), the
+  output of the MLP's `act_fn`, before the product with up(x), and routes on it; "down_proj_input"
+  (pesc 0.1.0's form, kept so its checkpoints compute what they did) rescales and routes on
+  act(gate(x)) * up(x), the input of `down_proj`. The scaled outputs agree only while the router
+  reads the same tensor: once the vectors are trained, the two forms differ.
 """
 
 import torch
@@ -19,7 +23,7 @@ from torch import nn
 from .configuration_mov import MoVConfig
 from .moe_causal_lm import MoEForCausalLM, MoEModel
 from .moe_routing import emit_routing_record
-from .moe_sites import attach_sibling, linear_on
+from .moe_sites import activation_on, attach_sibling, linear_on
 from .soft_merging import SoftRouter
 
 
@@ -65,21 +69,28 @@ class MoVScaling(nn.Module):
         rows = activation.reshape(-1, self.heads, self.width)
         return (rows * merged.to(activation.dtype)).reshape(activation.shape)
 
-    def linear_output_hook(self, linear: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-        """The K / V site: rescale the projection's output."""
+    def linear_output_hook(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        """The K / V sites and the FFN's "activation" site: rescale the module's output."""
         return self(output)
 
     def linear_input_hook(self, linear: nn.Module, args: tuple) -> tuple:
-        """The FFN site: rescale down_proj's input, the intermediate activation."""
+        """The FFN's "down_proj_input" site: rescale down_proj's input, act(gate(x)) * up(x)."""
         return (self(args[0]), *args[1:])
 
 
-# Where MoV's sites sit: (parent module in the decoder layer, linear, which side of it).
-MOV_SITES = (("self_attn", "k_proj", "output"), ("self_attn", "v_proj", "output"), ("mlp", "down_proj", "input"))
+# Where MoV's sites sit: (parent module in the decoder layer, module, which side of it); the FFN's by `ffn_site`.
+ATTENTION_SITES = (("self_attn", "k_proj", "output"), ("self_attn", "v_proj", "output"))
+FFN_SITE_MODULES = {"activation": ("mlp", "act_fn", "output"), "down_proj_input": ("mlp", "down_proj", "input")}
+
+
+def mov_sites(config: MoVConfig) -> tuple:
+    """The (parent, module, side) of each of the config's sites: keys, values, then the FFN."""
+    return (*ATTENTION_SITES, FFN_SITE_MODULES[config.ffn_site])
 
 
 class MoVForCausalLM(MoEForCausalLM):
-    """A dense family's causal LM with MoV sites beside k_proj, v_proj and down_proj (`mov_<linear>`)."""
+    """A dense family's causal LM with MoV sites beside k_proj, v_proj and the FFN's act_fn (or down_proj, in the
+    0.1.0 form), named `mov_<module>`."""
 
     config_class = MoVConfig
     method_label = "MoV"
@@ -88,18 +99,25 @@ class MoVForCausalLM(MoEForCausalLM):
     def add_method_modules(self, layer: nn.Module, layer_idx: int, config: MoVConfig) -> None:
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-        for parent_name, linear_name, position in MOV_SITES:
-            linear = linear_on(layer, parent_name, linear_name, config.base_model_type, self.method_label)
-            if position == "output":  # keys / values: per key/value head
+        for parent_name, name, position in mov_sites(config):
+            keep_whole = ()
+            if parent_name == "self_attn":  # keys / values: per key/value head
+                linear = linear_on(layer, parent_name, name, config.base_model_type, self.method_label)
                 if linear.out_features != kv_heads * head_dim:
                     raise ValueError(
-                        f"MoV cannot wrap model family {config.base_model_type!r}: its {linear_name} gives "
+                        f"MoV cannot wrap model family {config.base_model_type!r}: its {name} gives "
                         f"{linear.out_features} features, not {kv_heads} key/value heads x {head_dim}"
                     )
-                site = MoVScaling(head_dim, config.num_experts, kv_heads, linear_name, layer_idx)
-            else:  # the FFN intermediate activation, down_proj's input
-                site = MoVScaling(linear.in_features, config.num_experts, 1, linear_name, layer_idx)
-            attach_sibling(getattr(layer, parent_name), linear_name, f"mov_{linear_name}", site, position)
+                site = MoVScaling(head_dim, config.num_experts, kv_heads, name, layer_idx)
+            elif name == "act_fn":  # act(gate(x)): gate_proj's width; vLLM must not fuse gate_proj into act-and-mul
+                activation_on(layer, parent_name, name, config.base_model_type, self.method_label, self.model.layers)
+                gate = linear_on(layer, parent_name, "gate_proj", config.base_model_type, self.method_label)
+                site = MoVScaling(gate.out_features, config.num_experts, 1, name, layer_idx)
+                keep_whole = ("gate_proj",)
+            else:  # act(gate(x)) * up(x), down_proj's input
+                linear = linear_on(layer, parent_name, name, config.base_model_type, self.method_label)
+                site = MoVScaling(linear.in_features, config.num_experts, 1, name, layer_idx)
+            attach_sibling(getattr(layer, parent_name), name, f"mov_{name}", site, position, keep_whole)
 
     def init_method_module(self, module: nn.Module) -> bool:
         if isinstance(module, MoVScaling):
@@ -115,4 +133,4 @@ class MoVModel(MoEModel):
     causal_lm_class = MoVForCausalLM
 
 
-__all__ = ["MoVForCausalLM", "MoVModel", "MoVScaling"]
+__all__ = ["MoVForCausalLM", "MoVModel", "MoVScaling", "mov_sites"]

@@ -13,10 +13,11 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from pesc.cli import main
+from pesc.methods import register_auto_classes
 from pesc.methods.molora import MOLORA
 from pesc.methods.molora.modeling_molora import MoLoRAExperts
 from pesc.testing import TINY_FAMILIES
-from helpers import read_tensors
+from helpers import LEGACY_CHECKPOINTS, read_tensors
 
 CLOSE = dict(rtol=1e-5, atol=1e-6)
 IN, OUT, EXPERTS, RANK, ALPHA = 12, 10, 5, 3, 16.0
@@ -159,19 +160,35 @@ def test_molora_routes_in_float32_for_bfloat16_inputs():
 # ---------------------------------------------------------------------------------------
 # The method: convert, exactness at init, wiring into real families, counts, loading without pesc.
 # ---------------------------------------------------------------------------------------
+# The default sites: the official ones (T5's q, k, v, o, wi_0 and wo), not up_proj (T5's wi_1)
 SITES = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
-         "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
+         "gate_proj": "mlp", "down_proj": "mlp"}
+# pesc 0.1.0's default, every projection: still a valid choice (up_proj is a site of ours)
+SEVEN_SITES = {**SITES, "up_proj": "mlp"}
 
 
 @pytest.fixture(scope="module")
 def molora_checkpoints(tiny_dense_dirs, tmp_path_factory):
-    """`pesc convert --method molora` (3 experts of rank 2, alpha 8, top-2 renormalised) of each tiny family."""
+    """`pesc convert --method molora` (3 experts of rank 2, alpha 8, top-2 renormalised) of each tiny family with
+    the default sites, and of llama on all seven projections ("llama-seven")."""
     root = tmp_path_factory.mktemp("molora")
-    for family, dense in tiny_dense_dirs.items():
-        main(["convert", str(dense), str(root / family), "--method", "molora", "--num-experts", "3",
+    runs = {family: (dense, []) for family, dense in tiny_dense_dirs.items()}
+    runs["llama-seven"] = (tiny_dense_dirs["llama"], ["--sites", ",".join(SEVEN_SITES)])
+    for name, (dense, extra) in runs.items():
+        main(["convert", str(dense), str(root / name), "--method", "molora", "--num-experts", "3",
               "--expert-rank", "2", "--expert-alpha", "8", "--top-k", "2", "--top-k-weights", "renormalized",
-              "--seed", "1"])
-    return {family: root / family for family in tiny_dense_dirs}
+              "--seed", "1", *extra])
+    return {name: root / name for name in runs}
+
+
+def test_the_default_sites_are_the_official_ones_and_old_checkpoints_keep_theirs():
+    """New conversions: q, k, v, o, gate, down (the official code's sites, no up_proj). A 0.1.0 config.json names
+    its sites (`molora_sites`, then all seven), so it keeps them; tests/checkpoint/test_legacy_checkpoints.py checks
+    that it computes the logits it did."""
+    assert MOLORA.resolve_settings({})["sites"] == list(SITES)
+    fixture = json.loads((LEGACY_CHECKPOINTS / "molora" / "config.json").read_text())
+    assert sorted(fixture["molora_sites"]) == sorted(SEVEN_SITES)  # up_proj among them
+    assert MOLORA.config_class(**fixture).sites == fixture["molora_sites"]
 
 
 @pytest.mark.parametrize("family", TINY_FAMILIES)
@@ -180,20 +197,21 @@ def test_converted_molora_computes_exactly_the_dense_model(molora_checkpoints, t
     assert "= 0" in capsys.readouterr().out
 
 
-def test_convert_writes_the_molora_sites_with_the_seeded_draw(molora_checkpoints, tiny_llama_dir):
-    folder = molora_checkpoints["llama"]
+@pytest.mark.parametrize("checkpoint, sites", [("llama", SITES), ("llama-seven", SEVEN_SITES)])
+def test_convert_writes_the_molora_sites_with_the_seeded_draw(molora_checkpoints, tiny_llama_dir, checkpoint, sites):
+    folder = molora_checkpoints[checkpoint]
     config = json.loads((folder / "config.json").read_text())
     assert (config["model_type"], config["num_experts"], config["expert_rank"], config["expert_alpha"],
             config["num_experts_per_tok"], config["router_topk_weights"]) == (
         "pesc_molora", 3, 2, 8, 2, "renormalized")
-    assert config["sites"] == list(SITES)
+    assert config["sites"] == list(sites)
     tensors, dense = read_tensors(folder), read_tensors(tiny_llama_dir)
     for name, tensor in dense.items():
         assert torch.equal(tensors[name], tensor), name
     layers = config["num_hidden_layers"]
     expected = {}
     for i in range(layers):
-        for linear, parent in SITES.items():
+        for linear, parent in sites.items():
             out_features, in_features = dense[f"model.layers.{i}.{parent}.{linear}.weight"].shape
             prefix = f"model.layers.{i}.{parent}.molora_{linear}"
             expected |= {f"{prefix}.router.weight": [3, in_features], f"{prefix}.experts_A": [3 * 2, in_features],
@@ -212,6 +230,7 @@ def test_convert_writes_the_molora_sites_with_the_seeded_draw(molora_checkpoints
 
 def perturbed_molora_model(folder: Path, seed: int = 0):
     """The converted model with trained-like sites: peaked routers, non-zero B."""
+    register_auto_classes()
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -223,14 +242,16 @@ def perturbed_molora_model(folder: Path, seed: int = 0):
     return model
 
 
-@pytest.mark.parametrize("family", TINY_FAMILIES)
-def test_molora_model_matches_the_dense_model_with_the_reference_sites(molora_checkpoints, tiny_dense_dirs, family):
-    """The MoLoRA model's logits (top-2, renormalised) equal the dense family's own model whose seven
+@pytest.mark.parametrize("checkpoint", [*TINY_FAMILIES, "llama-seven"])
+def test_molora_model_matches_the_dense_model_with_the_reference_sites(molora_checkpoints, tiny_dense_dirs, checkpoint):
+    """The MoLoRA model's logits (top-2, renormalised) equal the dense family's own model whose sited
     projections each add the float64 per-token, per-expert reference mixture with the same tensors."""
-    model = perturbed_molora_model(molora_checkpoints[family])
+    family = checkpoint.split("-")[0]
+    model = perturbed_molora_model(molora_checkpoints[checkpoint])
     dense = AutoModelForCausalLM.from_pretrained(tiny_dense_dirs[family], dtype=torch.float32).eval()
     for layer, dense_layer in zip(model.model.layers, dense.model.layers):
-        for linear, parent in SITES.items():
+        for linear in model.config.sites:
+            parent = SEVEN_SITES[linear]
             site = getattr(getattr(layer, parent), f"molora_{linear}")
             tensors = site.router.weight.detach(), site.experts_A.detach(), site.experts_B.detach()
 
