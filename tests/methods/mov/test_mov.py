@@ -329,6 +329,19 @@ def test_the_ffn_site_defaults_to_the_official_form_and_old_configs_keep_theirs(
     assert json.loads(legacy.to_json_string())["ffn_site"] == "down_proj_input"  # saved again: the field is written
 
 
+@pytest.mark.parametrize("checkpoint, whole", [("llama", "gate_proj"), ("llama-down_proj_input", "down_proj")])
+def test_the_backbone_keeps_the_ffn_sites_linear_unmerged(mov_checkpoints, checkpoint, whole):
+    """The backbone vLLM's Transformers backend loads (AutoModel) has the MLP linear the FFN site needs as an
+    UnmergedLinear, which vLLM does not fuse: with gate_proj fused with up_proj into one act-and-mul, act_fn
+    is replaced and the "activation" site is lost (vLLM 0.32 then fails compiling the re-hook)."""
+    from pesc.modeling.moe_sites import UnmergedLinear
+
+    backbone = MOV.auto_model_class(MOV.config_class.from_pretrained(mov_checkpoints[checkpoint]))
+    for layer in backbone.layers:
+        linears = ("gate_proj", "up_proj", "down_proj")
+        assert [name for name in linears if type(getattr(layer.mlp, name)) is UnmergedLinear] == [whole]
+
+
 def test_a_family_without_an_activation_module_is_a_one_line_error():
     from pesc.modeling.moe_sites import activation_on
 
