@@ -1,5 +1,5 @@
-"""Sibling sites: a method's module beside a decoder layer's linear it acts on (LoRA experts, scaled
-vectors), connected by a hook that follows the linear when bitsandbytes or peft replace it; and what
+"""Sibling sites: a method's module beside a decoder layer's linear (or activation) it acts on (LoRA experts,
+scaled vectors), connected by a hook that follows the linear when bitsandbytes or peft replace it; and what
 serving engines may not do to those linears (merge them away, split them across tensor-parallel ranks).
 
 Shipped in every checkpoint: imports only torch.
