@@ -21,11 +21,11 @@ layer, so their rows time forward+backward of one whole Llama decoder layer (att
 grouped-query heads, head_dim 64, plus the FFN), its weights frozen as training has them:
 
 * dense      the decoder layer alone
-* mov        MoV's sites on k_proj / v_proj outputs (per kv head) and down_proj's input (`MoVScaling`)
-* molora     MoLoRA's sites on the seven projections (`MoLoRAExperts`: stacked A, p-weighted middle, stacked B)
+* mov        MoV's sites on k_proj / v_proj outputs (per kv head) and act(gate(x)), the official FFN site (`MoVScaling`)
+* molora     MoLoRA's default sites, q/k/v/o/gate/down (`MoLoRAExperts`: stacked A, p-weighted middle, stacked B)
 * loop       the same mixture written naively in the bench, one expert after the other
              (MoV: E vector products; MoLoRA: E pairs of small matmuls on per-expert weights)
-* lora16     (MoLoRA rows) one plain LoRA of rank 16 on the same seven projections
+* lora16     (MoLoRA rows) one plain LoRA of rank 16 on the same sites
 
     python bench/moe_layer.py                      # CPU (and CUDA if present), defaults
     python bench/moe_layer.py --device cuda --hidden 1024 4096 --tokens 2048 8192
@@ -51,9 +51,11 @@ from moe_layer_moelora import HEADER as MOELORA_HEADER
 from moe_layer_moelora import add_arguments as add_moelora_arguments
 from moe_layer_moelora import moelora_row
 from pesc.methods.pesc.configuration_pesc import PescConfig
+from pesc.methods.molora.configuration_molora import MoLoRAConfig
 from pesc.methods.molora.modeling_molora import MoLoRAExperts
 from pesc.methods.mov.modeling_mov import MoVScaling
 from pesc.methods.pesc.modeling_pesc import PescMLP, init_expert_weights
+from pesc.modeling.moe_config import LINEAR_PARENTS
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -274,8 +276,8 @@ def pesc_table(args, devices) -> None:
 # ---------------------------------------------------------------------------------------
 # MoV and MoLoRA: sites on the linears of a whole decoder layer.
 # ---------------------------------------------------------------------------------------
-PROJECTIONS = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
-               "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
+SITE_PARENTS = {**LINEAR_PARENTS, "act_fn": "mlp"}  # MoV's FFN site sits on the MLP's activation module
+MOLORA_SITES = MoLoRAConfig.method_defaults["sites"]  # the official six: q, k, v, o, gate (wi_0), down (wo)
 
 
 def build_decoder_layer(hidden: int, intermediate: int, seed: int):
@@ -288,8 +290,8 @@ def build_decoder_layer(hidden: int, intermediate: int, seed: int):
     return layer, config, LlamaRotaryEmbedding(config)
 
 
-def linear_of(layer, name: str) -> torch.nn.Linear:
-    return getattr(getattr(layer, PROJECTIONS[name]), name)
+def module_of(layer, name: str) -> torch.nn.Module:
+    return getattr(getattr(layer, SITE_PARENTS[name]), name)
 
 
 def mov_loop(site: MoVScaling, activation: torch.Tensor) -> torch.Tensor:
@@ -340,33 +342,27 @@ def mov_variants(layer, config, experts: int, generator: torch.Generator) -> tup
     """{variant: [(linear, position, hook)]} for MoV and its loop, and the modules that hold their parameters."""
     kv_heads, head_dim = config.num_key_value_heads, config.head_dim
     sites = {"k_proj": MoVScaling(head_dim, experts, kv_heads), "v_proj": MoVScaling(head_dim, experts, kv_heads),
-             "down_proj": MoVScaling(config.intermediate_size, experts)}
+             "act_fn": MoVScaling(config.intermediate_size, experts)}
     for site in sites.values():
         site.reset_parameters(generator)
         with torch.no_grad():  # trained-like vectors: no shortcut through ones
             site.vectors.add_(torch.randn(site.vectors.shape, generator=generator) * 0.1)
-    position = {"k_proj": "output", "v_proj": "output", "down_proj": "input"}
 
-    def loop_hook(name, site):
-        if position[name] == "output":
-            return lambda linear, args, out: mov_loop(site, out)
-        return lambda linear, args: (mov_loop(site, args[0]),)
-
-    def site_hook(name, site):
-        return site.linear_output_hook if position[name] == "output" else site.linear_input_hook
+    def loop_hook(site):
+        return lambda module, args, out: mov_loop(site, out)
 
     variants = {
-        variant: [(linear_of(layer, name), position[name], make_hook(name, site)) for name, site in sites.items()]
-        for variant, make_hook in (("mov", site_hook), ("loop", loop_hook))
+        variant: [(module_of(layer, name), "output", make_hook(site)) for name, site in sites.items()]
+        for variant, make_hook in (("mov", lambda site: site.linear_output_hook), ("loop", loop_hook))
     }
     return variants, list(sites.values())
 
 
 def molora_variants(layer, experts: int, rank: int, alpha: float, generator: torch.Generator) -> tuple[dict, list]:
-    """{variant: [(linear, position, hook)]} for MoLoRA, its loop and a single rank-16 LoRA on the seven projections."""
+    """{variant: [(linear, position, hook)]} for MoLoRA, its loop and a single rank-16 LoRA on MoLoRA's default sites."""
     sites, loops, loras = {}, {}, {}
-    for name in PROJECTIONS:
-        linear = linear_of(layer, name)
+    for name in MOLORA_SITES:
+        linear = module_of(layer, name)
         site = MoLoRAExperts(linear.in_features, linear.out_features, experts, rank, alpha)
         site.reset_parameters(generator)
         with torch.no_grad():  # trained-like B: no shortcut through zeros
@@ -376,9 +372,9 @@ def molora_variants(layer, experts: int, rank: int, alpha: float, generator: tor
     def adds(module):
         return lambda linear, args, out: out + module(args[0])
 
-    variants = {"molora": [(linear_of(layer, name), "output", site.linear_output_hook) for name, site in sites.items()]}
+    variants = {"molora": [(module_of(layer, name), "output", site.linear_output_hook) for name, site in sites.items()]}
     for variant, modules in (("loop", loops), ("lora16", loras)):
-        variants[variant] = [(linear_of(layer, name), "output", adds(module)) for name, module in modules.items()]
+        variants[variant] = [(module_of(layer, name), "output", adds(module)) for name, module in modules.items()]
     return variants, [*sites.values(), *loops.values(), *loras.values()]
 
 
@@ -418,7 +414,7 @@ def check_same_soft(fns: dict, x, grad, dtype) -> str:
 
 def soft_table(args, devices) -> None:
     """The MoV and MoLoRA rows: a whole decoder layer with the method's sites, against the dense layer and a loop."""
-    print(f"MoV / MoLoRA: E={args.soft_experts}, MoLoRA r={args.rank} alpha={args.alpha:g} on the seven projections; "
+    print(f"MoV / MoLoRA: E={args.soft_experts}, MoLoRA r={args.rank} alpha={args.alpha:g} on {', '.join(MOLORA_SITES)}; "
           "forward+backward of a Llama decoder layer (head_dim 64, kv heads = heads/4), base frozen, train mode; median ms")
     header = ("| device | dtype | hidden | interm. | tokens | method | dense ms | ours ms | loop ms | lora16 ms "
               "| ours/dense | loop/dense | loop/ours | lora16/dense |")
