@@ -7,7 +7,7 @@ The decoder mapping is ours (the paper's code is T5): docs/methods/mov-molora.md
 
 from pesc.methods.base import Method, Setting
 from pesc.methods.shapes import attention_dims
-from pesc.methods.soft_merging import draw_sites
+from pesc.methods.soft_merging import draw_block_sites, draw_sites
 
 
 class MoV(Method):
@@ -26,11 +26,14 @@ class MoV(Method):
     config_class_path = "configuration_mov.MoVConfig"
     model_class_path = "modeling_mov.MoVForCausalLM"
     auto_model_class_path = "modeling_mov.MoVModel"
+    seq2seq_model_class_path = "modeling_mov.MoVForConditionalGeneration"
 
     def default_lora_targets(self, config) -> list[str]:
         return []  # only the routers and vectors train
 
     def initial_state(self, config, layer_idx: int, seed: int) -> dict:
+        if config.is_encoder_decoder:
+            return draw_block_sites(self, config, layer_idx, seed)
         from pesc.methods.mov.modeling_mov import MOV_SITES, MoVScaling
 
         _, kv_heads, head_dim = attention_dims(config)
