@@ -121,6 +121,35 @@ def make_config(tmp_path, base, data, **overrides) -> Path:
     return path
 
 
+class CrashedRun(Exception):
+    """What `run_with_crash_at` raises to stop a run as a killed job would."""
+
+
+def run_with_crash_at(step: int, config: str, monkeypatch, event: str = "on_save"):
+    """Train `config`, crashing (as a killed job would) at the first callback `event` of step `step`: "on_save"
+    right after checkpoint-`step` is written, "on_log" right after that step's training logs are."""
+    from transformers import TrainerCallback
+
+    from pesc.training import train
+    from pesc.training import trainer as trainer_module
+
+    def crash(self, args, state, control, **kwargs):
+        if state.global_step == step:
+            raise CrashedRun()
+
+    crash_callback = type("Crash", (TrainerCallback,), {event: crash})()
+    original_init = trainer_module.MoETrainer.__init__
+
+    def init_with_crash(self, *args, **kwargs):
+        original_init(self, *args, **kwargs)
+        self.add_callback(crash_callback)
+
+    monkeypatch.setattr(trainer_module.MoETrainer, "__init__", init_with_crash)
+    with pytest.raises(CrashedRun):
+        train(config)
+    monkeypatch.undo()
+
+
 # The overrides of `make_config` for a multi-process run and the one-process run it is compared with: no dropout
 # (each rank draws its own masks), SGD (Adam's g / sqrt(v) would magnify rounding in tiny gradients) and no
 # clipping: the runs must compute the same function so that their gradients can be compared.
