@@ -218,6 +218,22 @@ def test_t5_resume_equals_uninterrupted(tmp_path, tiny_t5_dir, monkeypatch):
     assert _losses(resumed.parent) == _losses(full.parent)
 
 
+def test_tiny_model_t5_is_a_t5_v1_1_whose_tokenizer_has_t5s_ids(tmp_path, capsys):
+    """`pesc tiny-model --family t5`, the base of the recipe mov-t5-tiny (which also trains MoLoRA by --set)."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from helpers import run_cli
+    from pesc.training.config import load_config
+
+    code, _, err = run_cli(capsys, "tiny-model", tmp_path / "t5", "--family", "t5")
+    assert code == 0, err
+    config, tokenizer = AutoConfig.from_pretrained(tmp_path / "t5"), AutoTokenizer.from_pretrained(tmp_path / "t5")
+    assert config.is_encoder_decoder and config.feed_forward_proj == "gated-gelu"
+    assert (tokenizer.pad_token_id, tokenizer.eos_token_id) == (config.pad_token_id, config.eos_token_id) == (0, 1)
+    assert len(tokenizer) == config.vocab_size
+    assert load_config("mov-t5-tiny", ["method=molora"])["method"] == "molora"
+
+
 # ---------------------------------------------------------------- refusals, before the model loads
 
 
