@@ -30,24 +30,33 @@ class Seq2SeqTokenizer:
         self.tokenizer = tokenizer
         self.template = None if template is None else ConversationTokenizer(tokenizer, template)
 
-    def source_and_target(self, messages: list[dict]) -> tuple[str, str]:
-        """(the source text, the target text) of one conversation (whose last turn is an answer: formats.py)."""
-        before, answer = messages[:-1], messages[-1]["content"]
+    def source_text(self, before: list[dict]) -> str:
+        """The source text of the turns before an answer (what `pesc generate` feeds the encoder too)."""
         if self.template is not None:
-            return self.template.render(before, generation_prompt=True), answer
+            return self.template.render(before, generation_prompt=True)
         if any(message["role"] == "assistant" for message in before):
             raise RowError("it holds more than one answer: set chat_template, which renders the earlier turns into "
                            "the source (an encoder-decoder trains on the last answer)")
-        return "\n\n".join(message["content"] for message in before if message["content"]), answer
+        return "\n\n".join(message["content"] for message in before if message["content"])
+
+    def source_ids(self, text: str, length: int | None = None) -> list[int]:
+        """The text's tokens (no special tokens) cut to `length` with EOS (None: uncut)."""
+        return self._ended(self.tokenizer(text, add_special_tokens=False)["input_ids"], length)
+
+    def _ended(self, ids: list[int], length: int | None) -> list[int]:
+        """`ids` cut to `length` - 1 tokens (None: uncut), then EOS."""
+        return (ids if length is None else ids[: length - 1]) + [self.tokenizer.eos_token_id]
+
+    def source_and_target(self, messages: list[dict]) -> tuple[str, str]:
+        """(the source text, the target text) of one conversation (whose last turn is an answer: formats.py)."""
+        return self.source_text(messages[:-1]), messages[-1]["content"]
 
     def __call__(self, conversations: list[list[dict]], source_len: int, target_len: int):
         """input_ids (sources) and labels (targets), one per conversation, each cut to its length and ended by EOS."""
         texts = [text for messages in conversations for text in self.source_and_target(messages)]
         encoded = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
-        eos = self.tokenizer.eos_token_id
-        sources = [ids[: source_len - 1] + [eos] for ids in encoded[0::2]]
-        targets = [ids[: target_len - 1] + [eos] for ids in encoded[1::2]]
-        return sources, targets
+        return ([self._ended(ids, source_len) for ids in encoded[0::2]],
+                [self._ended(ids, target_len) for ids in encoded[1::2]])
 
 
 class Seq2SeqCollator:
