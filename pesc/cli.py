@@ -268,18 +268,26 @@ def train(config, overrides, resume):
 
 @cli.command("tiny-model")
 @click.argument("out", type=click.Path(path_type=str))
-@click.option("--family", type=click.Choice(["llama", "mistral", "qwen2"]), default="llama", show_default=True)
+@click.option("--family", type=click.Choice(["llama", "mistral", "qwen2", "t5"]), default="llama", show_default=True,
+              help="t5: a T5 v1.1 encoder-decoder (gated-GELU, Flan-T5's layout) with a T5-style tokenizer")
 @click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=0, show_default=True)
 def tiny_model(out, family, seed):
-    """Write a tiny random dense checkpoint (with a ChatML tokenizer) for quick experiments and the tiny recipes.
+    """Write a tiny random dense checkpoint (with a ChatML tokenizer; T5: T5's special tokens) for quick experiments
+    and the tiny recipes.
 
     OUT must not exist, or be an empty folder; missing parent folders are created. It is written beside OUT
     and renamed into place."""
     from pesc.atomic import atomic_output_dir
     from pesc.testing import save_tiny_dense
+    from pesc.testing.tiny import build_tiny_t5_tokenizer
+    from pesc.testing.tiny_t5 import save_tiny_t5
 
     with atomic_output_dir(out, allow_empty=True, has_force=False) as tmp:
-        save_tiny_dense(tmp, family, seed=seed)
+        if family == "t5":
+            save_tiny_t5(tmp, "t5-v1.1", seed=seed)
+            build_tiny_t5_tokenizer().save_pretrained(tmp)
+        else:
+            save_tiny_dense(tmp, family, seed=seed)
     click.echo(f"wrote {out}")
 
 

@@ -168,18 +168,16 @@ class Plan:
         return sum(s.nbytes for s in self.expert_shards)
 
 
-def _expert_layout(method, model) -> list[tuple[str, tuple[int, ...]]]:
-    """Names (inside decoder layer 0) and shapes of one layer's added tensors, in write order."""
-    prefix = "model.layers.0."
+def _expert_layout(method, model, config) -> list[tuple[int, str, tuple[int, ...]]]:
+    """(layer, name inside the layer, shape) of every added tensor, layer by layer (`method.layer_prefixes`), in
+    write order, the checkpoint's key being the layer's prefix plus the name."""
+    added = [(name, tuple(t.shape)) for name, t in model.state_dict().items() if method.is_added(name)]
     return [
-        (name[len(prefix):], tuple(t.shape))
-        for name, t in model.state_dict().items()
-        if name.startswith(prefix) and method.is_added(name)
+        (layer_idx, name[len(prefix):], shape)
+        for layer_idx, prefix in enumerate(method.layer_prefixes(config))
+        for name, shape in added
+        if name.startswith(prefix)
     ]
-
-
-def expert_key(layer_idx: int, name: str) -> str:
-    return f"model.layers.{layer_idx}.{name}"
 
 
 def meta_model(method, config):
@@ -188,7 +186,7 @@ def meta_model(method, config):
 
     try:
         with torch.device("meta"):
-            return method.model_class(config)
+            return method.model_class_for(config)(config)
     except ValueError as error:
         raise unsupported_architecture(error) from None
 
@@ -280,7 +278,8 @@ def plan_conversion(src: str, early: EarlySources, out: Path, settings: ConvertS
     moe_dtype = None
     if getattr(dense_config, "dtype", None) is None:
         # No dtype in config.json: store the experts like the first FFN weight.
-        ffn = next((f.tensors[k] for f in sources for k in f.tensors if k.endswith("mlp.gate_proj.weight")), None)
+        ffn = next((f.tensors[k] for f in sources for k in f.tensors
+                    if k.endswith(("mlp.gate_proj.weight", "DenseReluDense.wo.weight"))), None)
         moe_dtype = _TORCH_DTYPE_NAMES[ffn.dtype] if ffn is not None else "float32"
     try:
         config = method.config_from_dense(dense_config, settings.values, moe_dtype=moe_dtype)
@@ -295,15 +294,14 @@ def plan_conversion(src: str, early: EarlySources, out: Path, settings: ConvertS
     model = meta_model(method, config)
     check_weights(method, model, config, sources, folder)
 
-    layout = _expert_layout(method, model)
+    prefixes = method.layer_prefixes(config)
     st_dtype = _safetensors_dtype(config.moe_dtype)
     shards: list[ExpertShard] = [ExpertShard()]
-    for layer_idx in range(config.num_hidden_layers):
-        for name, shape in layout:
-            info = TensorInfo(expert_key(layer_idx, name), st_dtype, shape)
-            if shards[-1].entries and shards[-1].nbytes + info.nbytes > settings.max_shard_size:
-                shards.append(ExpertShard())
-            shards[-1].entries.append((layer_idx, name, info))
+    for layer_idx, name, shape in _expert_layout(method, model, config):
+        info = TensorInfo(prefixes[layer_idx] + name, st_dtype, shape)
+        if shards[-1].entries and shards[-1].nbytes + info.nbytes > settings.max_shard_size:
+            shards.append(ExpertShard())
+        shards[-1].entries.append((layer_idx, name, info))
     return Plan(folder, hub_id, out, settings, config, sources, shards, link, force)
 
 
@@ -477,5 +475,6 @@ def convert(
         how.append(f"{result.rewritten} .bin file(s) re-written as safetensors")
     how.append(f"{result.expert_files} expert shard(s) written")
     echo(f"wrote     {result.out}: {', '.join(how)}, {_human(result.total_bytes)} of tensors")
-    echo(f"load with AutoModelForCausalLM.from_pretrained({str(result.out)!r}, trust_remote_code=True)")
+    loader = next(name for name in plan.config.auto_map if name.startswith("AutoModelFor"))
+    echo(f"load with {loader}.from_pretrained({str(result.out)!r}, trust_remote_code=True)")
     return result

@@ -115,8 +115,8 @@ def export(
     config.dtype = torch_dtype
     config.moe_dtype = dtype
     config.use_cache = True
-    config.architectures = [method.model_class.__name__]
-    config.auto_map = method.auto_map  # AutoModel too (vLLM's Transformers backend loads it), not only what save_pretrained names
+    config.architectures = [method.model_class_for(config).__name__]
+    config.auto_map = method.auto_map_for(config)  # AutoModel too (vLLM's Transformers backend loads it), not only what save_pretrained names
     if hasattr(config, "quantization_config"):
         del config.quantization_config
 

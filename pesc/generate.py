@@ -8,8 +8,20 @@ from pesc.errors import PescError
 from pesc.trust import remote_code_allowed
 
 
-def build_inputs(tokenizer, prompt: str, system: str | None = None, chat_template: bool = True) -> dict:
-    """Token ids of the prompt: through the tokenizer's chat template when it has one (and it is wanted)."""
+def build_inputs(tokenizer, prompt: str, system: str | None = None, chat_template: bool = True,
+                 encoder_decoder: bool = False) -> dict:
+    """Token ids of the prompt: through the tokenizer's chat template when it has one (and it is wanted). An
+    encoder-decoder's source reads as training made it (pesc.data.seq2seq): the text's tokens, then EOS."""
+    if encoder_decoder:
+        import torch
+
+        from pesc.data.seq2seq import Seq2SeqTokenizer
+
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+        template = tokenizer.chat_template if chat_template and getattr(tokenizer, "chat_template", None) else None
+        source = Seq2SeqTokenizer(tokenizer, template)
+        ids = source.source_ids(source.source_text(messages))
+        return {"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids), dtype=torch.long)}
     if chat_template and getattr(tokenizer, "chat_template", None):
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
         encoded = tokenizer.apply_chat_template(
@@ -31,8 +43,16 @@ def check_model_folder(path: str | Path, trust_remote_code: bool = False) -> Non
     remote_code_allowed(path, trust_remote_code)
 
 
-def load_causal_lm(path: str | Path, dtype="auto", trust_remote_code: bool = False):
+def is_encoder_decoder(path: str | Path) -> bool:
+    """Whether the folder's config.json is an encoder-decoder's (T5), read without transformers."""
+    import json
+
+    return bool(json.loads((Path(path) / "config.json").read_text()).get("is_encoder_decoder", False))
+
+
+def load_causal_lm(path: str | Path, dtype="auto", trust_remote_code: bool = False, auto_class=None):
     """The model of a folder, in eval mode; a pesc method's code comes from the installed pesc, never the folder.
+    `auto_class`: the transformers Auto class to load it with (default AutoModelForCausalLM).
 
     Commands check the folder first (`check_model_folder`), before torch and transformers import."""
     from transformers import AutoModelForCausalLM
@@ -43,7 +63,7 @@ def load_causal_lm(path: str | Path, dtype="auto", trust_remote_code: bool = Fal
 
     trusted = remote_code_allowed(path, trust_remote_code)
     try:
-        return AutoModelForCausalLM.from_pretrained(path, trust_remote_code=trusted, dtype=dtype).eval()
+        return (auto_class or AutoModelForCausalLM).from_pretrained(path, trust_remote_code=trusted, dtype=dtype).eval()
     except RuntimeError as error:
         if "mismatched" not in str(error):
             raise
@@ -59,12 +79,15 @@ def load_tokenizer(path: str | Path, trust_remote_code: bool = False):
 
 
 def load_model(path: str | Path, device: str | None = None, trust_remote_code: bool = False):
-    """(model, tokenizer) of a model folder, on the GPU when there is one."""
+    """(model, tokenizer) of a model folder (a causal LM, or an encoder-decoder with AutoModelForSeq2SeqLM), on the
+    GPU when there is one."""
     import torch
+    from transformers import AutoModelForSeq2SeqLM
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # the terminal is for the generated tokens
-    model = load_causal_lm(path, trust_remote_code=trust_remote_code)
+    auto_class = AutoModelForSeq2SeqLM if is_encoder_decoder(path) else None
+    model = load_causal_lm(path, trust_remote_code=trust_remote_code, auto_class=auto_class)
     tokenizer = load_tokenizer(path, trust_remote_code)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     return model.to(device), tokenizer
@@ -92,7 +115,9 @@ def generate(
     from transformers import LogitsProcessor, LogitsProcessorList, TextStreamer
 
     model, tokenizer = load_model(path, trust_remote_code=trust_remote_code)
-    inputs = {k: v.to(model.device) for k, v in build_inputs(tokenizer, prompt, system, chat_template).items()}
+    encoder_decoder = model.config.is_encoder_decoder
+    inputs = {k: v.to(model.device)
+              for k, v in build_inputs(tokenizer, prompt, system, chat_template, encoder_decoder).items()}
 
     class _Streamer(TextStreamer):
         def on_finalized_text(self, text: str, stream_end: bool = False):
@@ -119,4 +144,6 @@ def generate(
             **inputs, max_new_tokens=max_new_tokens, streamer=streamer, pad_token_id=pad,
             logits_processor=LogitsProcessorList([_RefuseNonFinite()]), **sampling
         )
-    return tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+    # a causal LM's output continues the prompt; an encoder-decoder's is the decoder's, after its start token
+    start = 1 if encoder_decoder else inputs["input_ids"].shape[1]
+    return tokenizer.decode(output[0, start:], skip_special_tokens=True)

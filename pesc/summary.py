@@ -56,18 +56,22 @@ class MethodSummary(Counts):
 def summarize_method(method, config) -> MethodSummary:
     """Build the method's model on the meta device and count; the method says what a token leaves idle."""
     with torch.device("meta"):
-        model = method.model_class(config)
+        model = method.model_class_for(config)(config)
     total = sum(p.numel() for p in model.parameters())
     added = {n: p.numel() for n, p in model.named_parameters() if method.is_added(n)}
-    layer_zero = {n.split("model.layers.0.", 1)[1]: c for n, c in added.items() if n.startswith("model.layers.0.")}
+    prefixes = method.layer_prefixes(config)
+    inactive = sum(
+        method.inactive_params_per_token(config, {n[len(p):]: c for n, c in added.items() if n.startswith(p)})
+        for p in prefixes
+    )
     return MethodSummary(
         method=method.name,
         base_model_type=config.base_model_type,
-        num_layers=len(model.model.layers),
+        num_layers=len(prefixes),
         hidden_size=config.hidden_size,
         settings=method.config_settings(config),
         dense_params=total - sum(added.values()),
         total_params=total,
-        active_params=total - len(model.model.layers) * method.inactive_params_per_token(config, layer_zero),
+        active_params=total - inactive,
         trainable_params=sum(added.values()),
     )

@@ -121,6 +121,35 @@ def make_config(tmp_path, base, data, **overrides) -> Path:
     return path
 
 
+class CrashedRun(Exception):
+    """What `run_with_crash_at` raises to stop a run as a killed job would."""
+
+
+def run_with_crash_at(step: int, config: str, monkeypatch, event: str = "on_save"):
+    """Train `config`, crashing (as a killed job would) at the first callback `event` of step `step`: "on_save"
+    right after checkpoint-`step` is written, "on_log" right after that step's training logs are."""
+    from transformers import TrainerCallback
+
+    from pesc.training import train
+    from pesc.training import trainer as trainer_module
+
+    def crash(self, args, state, control, **kwargs):
+        if state.global_step == step:
+            raise CrashedRun()
+
+    crash_callback = type("Crash", (TrainerCallback,), {event: crash})()
+    original_init = trainer_module.MoETrainer.__init__
+
+    def init_with_crash(self, *args, **kwargs):
+        original_init(self, *args, **kwargs)
+        self.add_callback(crash_callback)
+
+    monkeypatch.setattr(trainer_module.MoETrainer, "__init__", init_with_crash)
+    with pytest.raises(CrashedRun):
+        train(config)
+    monkeypatch.undo()
+
+
 # The overrides of `make_config` for a multi-process run and the one-process run it is compared with: no dropout
 # (each rank draws its own masks), SGD (Adam's g / sqrt(v) would magnify rounding in tiny gradients) and no
 # clipping: the runs must compute the same function so that their gradients can be compared.
@@ -297,3 +326,30 @@ LEGACY_CHECKPOINTS = REPOSITORY / "tests" / "fixtures" / "checkpoints_0.1.0"
 # other. 1e-4 leaves a margin and still fails on any change of what is computed (a dropped expert moves logits by
 # more than 1e-2 there: the added tensors carry noise of scale 0.2).
 LEGACY_ATOL = 1e-4
+
+
+# ---------------------------------------------------------------- T5
+
+
+def load_t5_pair(root, variant: str, method: str, **settings):
+    """A tiny dense T5 of `variant` (pesc.testing.tiny_t5) and its `pesc convert` with `method` and `settings`, both
+    loaded in float64 for eval: (dense model, method model)."""
+    from transformers import AutoModelForSeq2SeqLM
+
+    from pesc.convert import ConvertSettings, convert
+    from pesc.methods import register_auto_classes
+    from pesc.testing.tiny_t5 import save_tiny_t5
+
+    dense_dir, out = save_tiny_t5(Path(root) / variant, variant), Path(root) / f"{variant}-{method}"
+    convert(dense_dir, out, ConvertSettings(method, **settings), echo=lambda _: None)
+    register_auto_classes()
+    return tuple(AutoModelForSeq2SeqLM.from_pretrained(folder, dtype=torch.float64).eval() for folder in (dense_dir, out))
+
+
+def perturb_added(model, method, scale: float, seed: int = 0) -> None:
+    """Every tensor `method` added to `model`, plus `scale` times seeded Gaussian noise (off its exact-at-init draw)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if method.is_added(name):
+                param.add_(scale * torch.randn(param.shape, generator=generator, dtype=param.dtype))

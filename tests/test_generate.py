@@ -82,3 +82,39 @@ def test_generate_error_is_one_line(tmp_path, capsys):
     assert exit_info.value.code == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "not a model folder" in err[0]
+
+
+def test_generate_on_a_t5_streams_the_greedy_reply_of_its_decoder(tmp_path, capsys):
+    """A converted MoV T5 (its vectors and routers perturbed off the dense model): the source is the prompt's tokens
+    and EOS, as training makes it; the reply equals an argmax loop over full forwards of AutoModelForSeq2SeqLM, the
+    decoder input growing from the start token (no cache, no generate())."""
+    from transformers import AutoModelForSeq2SeqLM
+
+    from pesc.convert import ConvertSettings, convert
+    from pesc.methods import get_method, register_auto_classes
+    from pesc.testing.tiny import build_tiny_t5_tokenizer
+    from pesc.testing.tiny_t5 import save_tiny_t5
+    from helpers import perturb_added
+
+    dense = save_tiny_t5(tmp_path / "t5", "t5-v1.1")
+    tokenizer = build_tiny_t5_tokenizer()
+    convert(dense, tmp_path / "mov-t5", ConvertSettings("mov", num_experts=4), echo=lambda _: None)
+    register_auto_classes()
+    model = AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "mov-t5", dtype=torch.float32).eval()
+    perturb_added(model, get_method("mov"), scale=0.5)
+    folder = tmp_path / "perturbed"
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+    prompt = "What is 2 + 3?"
+    source = torch.tensor([tokenizer(prompt, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]])
+    assert torch.equal(build_inputs(tokenizer, prompt, encoder_decoder=True)["input_ids"], source)
+    decoded = torch.tensor([[model.config.decoder_start_token_id]])
+    with torch.no_grad():
+        for _ in range(6):
+            next_token = model(input_ids=source, decoder_input_ids=decoded).logits[:, -1].argmax(-1, keepdim=True)
+            decoded = torch.cat([decoded, next_token], dim=1)
+    expected = tokenizer.decode(decoded[0, 1:], skip_special_tokens=True)
+    stream = io.StringIO()
+    assert generate(folder, prompt, max_new_tokens=6, stream=stream) == expected
+    assert stream.getvalue().strip() == expected.strip()

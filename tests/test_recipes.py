@@ -89,7 +89,8 @@ def test_an_existing_file_wins_over_a_name(tmp_path, monkeypatch):
 def test_an_unknown_demo_data_name_lists_the_shipped_ones():
     assert demo_data("data/mine.jsonl") == "data/mine.jsonl"  # any other path is left to the working folder
     with pytest.raises(PescError, match=r"pesc:nope.jsonl: pesc ships no demo data of that name \(it ships "
-                                        r"pesc:tiny_instruct.jsonl, pesc:tiny_two_tasks.jsonl\)"):
+                                        r"pesc:tiny_instruct.jsonl, pesc:tiny_t5_sums.jsonl, "
+                                        r"pesc:tiny_two_tasks.jsonl\)"):
         demo_data("pesc:nope.jsonl")
 
 

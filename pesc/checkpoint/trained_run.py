@@ -137,7 +137,7 @@ def load_base_model(base: str, trained, checkpoint: Path, dtype: torch.dtype, qu
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # the load report lists the experts as MISSING: expected, they load next
     try:
-        model = method_of(config).model_class.from_pretrained(base, config=config, **kwargs)
+        model = method_of(config).model_class_for(config).from_pretrained(base, config=config, **kwargs)
     except (RuntimeError, ValueError) as error:
         first = first_line(error)
         raise PescError(f"cannot load the base model {base} ({first})") from None

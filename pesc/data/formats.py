@@ -108,6 +108,14 @@ def convert_alpaca(
     return messages + [{"role": "user", "content": prompt}, {"role": "assistant", "content": output}]
 
 
+def convert_input_target(row, input_field: str = "input", target_field: str = "target") -> list[dict]:
+    """Prompt -> target pairs, P3 / T0 style: {"input": "...", "target": "..."} (one user turn, one answer)."""
+    row = _check_row(row)
+    prompt = _get(row, input_field, str, f"'{input_field}'")
+    target = _get(row, target_field, str, f"'{target_field}'")
+    return [{"role": "user", "content": prompt}, {"role": "assistant", "content": target}]
+
+
 def convert_camelidae(row, field: str = "conversation") -> list[dict]:
     """Camelidae/IDAE: {"instruction": system prompt ("" for none), "conversation": [{"input", "output"}, ...]}."""
     row = _check_row(row)
@@ -129,6 +137,7 @@ CONVERTERS: dict[str, Callable[..., list[dict]]] = {
     "sharegpt": convert_sharegpt,
     "alpaca": convert_alpaca,
     "camelidae": convert_camelidae,
+    "input_target": convert_input_target,
 }
 
 DATASET_TYPES = tuple(CONVERTERS)
@@ -142,6 +151,7 @@ COLUMN_KEYS: dict[str, dict[str, str | None]] = {
         "instruction_field": "instruction", "input_field": "input", "output_field": "output", "system_field": None,
     },
     "camelidae": {"field": "conversation"},
+    "input_target": {"input_field": "input", "target_field": "target"},
 }
 _TURN_KEYS = ("role_field", "content_field")
 

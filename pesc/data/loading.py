@@ -7,6 +7,7 @@ All user mistakes (a bad entry, a missing file, a malformed row, a template that
 PescError here, before any model is loaded or any training step runs.
 """
 
+import functools
 import json
 import logging
 from pathlib import Path
@@ -16,6 +17,7 @@ from datasets import Dataset, Features, List, Value, concatenate_datasets
 
 from pesc.data.formats import COLUMN_KEYS, DATASET_TYPES, RowError, make_converter
 from pesc.data.masking import IGNORE_INDEX, ConversationTokenizer
+from pesc.data.seq2seq import Seq2SeqTokenizer
 from pesc.data.templates import resolve_chat_template
 from pesc.errors import PescError
 
@@ -186,15 +188,16 @@ def _load_messages(entry: dict, sample_fields=()) -> tuple[Dataset, str]:
     return ds, path
 
 
-def _tokenize(ds: Dataset, name: str, tokenize: ConversationTokenizer, sequence_len: int, num_proc) -> Dataset:
-    """The rows tokenized and truncated; rows left with no trainable token are dropped (see `_check_dropped`)."""
+def _tokenize(ds: Dataset, name: str, tokenize, num_proc) -> Dataset:
+    """The rows tokenized and truncated by `tokenize` (conversations -> input_ids, labels); rows left with no
+    trainable token are dropped (see `_check_dropped`)."""
     def tokenize_batch(batch, indices):
         try:
-            ids, labels = tokenize(batch["messages"], sequence_len)
+            ids, labels = tokenize(batch["messages"])
         except RowError:
             for i, messages in zip(indices, batch["messages"]):  # find the row to name it
                 try:
-                    tokenize([messages], sequence_len)
+                    tokenize([messages])
                 except RowError as exc:
                     raise PescError(f"{name}: row {i + 1}: {exc}") from None
             raise
@@ -256,32 +259,42 @@ def load_training_data(
     num_proc: int | None = None,
     max_dropped_fraction: float = 0.1,
     sample_fields=(),
+    target_len: int | None = None,
 ) -> tuple[Dataset, Dataset | None]:
     """Load, convert, tokenize, mask; returns (train, eval) with columns input_ids, labels (lists of int) and
     one integer column per sample field of the method (pesc.methods.SampleField).
 
     Each entry of `datasets`: path (local .jsonl/.json/.parquet file or folder, relative to the working folder;
     `pesc:NAME`, demo data shipped with pesc; or a Hub dataset id), type
-    (messages, sharegpt, alpaca, camelidae), optional split (Hub/folder, default train), name, data_files,
+    (messages, sharegpt, alpaca, camelidae, input_target), optional split (Hub/folder, default train), name, data_files,
     and the type's column names (`field`: the conversation; `role_field`/`content_field`: the keys of a
     messages/sharegpt turn; `instruction_field`/`input_field`/`output_field`/`system_field`: alpaca's
-    columns). Rows are truncated to `sequence_len` tokens; rows left with no trainable token are dropped,
-    reported at the end (a warning), and refused when more than `max_dropped_fraction` of all rows. All
+    columns; `input_field`/`target_field`: input_target's). Rows are truncated to `sequence_len` tokens; rows left
+    with no trainable token are dropped, reported at the end (a warning), and refused when more than
+    `max_dropped_fraction` of all rows. All
     datasets are mixed and shuffled with `seed`; `val_set_size` (a fraction in (0, 1) or a row count; 0 for
     none) rows go to the eval set.
+
+    `target_len` set: encoder-decoder examples (pesc.data.seq2seq): input_ids are the source, cut to `sequence_len`,
+    labels the last answer, cut to `target_len`; a template is used only where `chat_template` is set.
     """
     if not isinstance(datasets, list) or not datasets:
         raise PescError("datasets must be a non-empty list of {path, type, ...} entries")
     if isinstance(sequence_len, bool) or not isinstance(sequence_len, int) or sequence_len < 2:
         raise PescError(f"sequence_len must be an integer >= 2, got {sequence_len!r}")
     entries = [check_dataset_entry(i, entry, sample_fields) for i, entry in enumerate(datasets)]
-    template = resolve_chat_template(tokenizer, chat_template)
-    tokenize = ConversationTokenizer(tokenizer, template)
+    if target_len is None:
+        tokenize = functools.partial(ConversationTokenizer(tokenizer, resolve_chat_template(tokenizer, chat_template)),
+                                     sequence_len=sequence_len)
+    else:
+        template = None if chat_template is None else resolve_chat_template(tokenizer, chat_template)
+        tokenize = functools.partial(Seq2SeqTokenizer(tokenizer, template), source_len=sequence_len,
+                                     target_len=target_len)
 
     parts, counts = [], []
     for entry in entries:
         messages, name = _load_messages(entry, sample_fields)
-        parts.append(_tokenize(messages, name, tokenize, sequence_len, num_proc))
+        parts.append(_tokenize(messages, name, tokenize, num_proc))
         counts.append((name, len(messages), len(parts[-1])))
         logger.info("%s: %d rows (%s format)", name, len(parts[-1]), entry["type"])
     _check_dropped(counts, sequence_len, max_dropped_fraction)

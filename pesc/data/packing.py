@@ -48,14 +48,20 @@ class PackingCollator:
         return {**self.flatten(tokens), **sample_tensors(features, self.sample_fields)}
 
 
-def make_collator(tokenizer, *, sample_packing: bool, sample_fields: tuple[str, ...] = ()):
+def make_collator(tokenizer, *, sample_packing: bool, sample_fields: tuple[str, ...] = (),
+                  encoder_decoder: bool = False):
     """sample_packing=True: `DataCollatorWithFlattening` -- one [1, total] row per batch, position_ids restarting
     at 0 for each sequence, labels -100 at each sequence's first token, and NO attention_mask: transformers then
     attends block-diagonally only while the model gets no attention_mask and no cache (use_cache=False).
-    sample_packing=False: padding to the longest row of the batch, with attention_mask."""
+    sample_packing=False: padding to the longest row of the batch, with attention_mask.
+    encoder_decoder=True (never packed): sources and targets padded apart (pesc.data.seq2seq)."""
     if sample_packing:
         return PackingCollator(sample_fields)
     pad = tokenizer.pad_token_id
     if pad is None:  # padded positions are masked and labelled -100: any id works
         pad = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+    if encoder_decoder:
+        from pesc.data.seq2seq import Seq2SeqCollator  # it builds on this module
+
+        return Seq2SeqCollator(pad, sample_fields)
     return PaddingCollator(pad, sample_fields)

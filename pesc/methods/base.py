@@ -98,6 +98,8 @@ class Method:
     model_class_path: str = ""
     # the backbone without LM head (a moe_causal_lm.MoEModel): what AutoModel, and so vLLM's Transformers backend, loads
     auto_model_class_path: str = ""
+    # the encoder-decoder class (a moe_seq2seq_lm.MoEForConditionalGeneration) of a method with T5 sites; "": none
+    seq2seq_model_class_path: str = ""
     zero3_leaf_module_paths: tuple[str, ...] = ()  # modules DeepSpeed ZeRO-3 must gather whole (routed blocks)
     prefix: str  # the first characters of every module the method adds (PESC: "moe_adapter")
     sample_fields: tuple[SampleField, ...] = ()
@@ -122,6 +124,31 @@ class Method:
     @property
     def auto_model_class(self) -> type:
         return self._shipped_class(self.auto_model_class_path)
+
+    @property
+    def seq2seq_model_class(self) -> type:
+        return self._shipped_class(self.seq2seq_model_class_path)
+
+    def model_class_for(self, config) -> type:
+        """The model class of `config`'s family: the causal LM, or for an encoder-decoder the seq2seq class (a
+        ValueError naming the methods that have one where this method has not)."""
+        if not getattr(config, "is_encoder_decoder", False):
+            return self.model_class
+        if not self.seq2seq_model_class_path:
+            others = ", ".join(m.name for m in _registered() if m.seq2seq_model_class_path)
+            raise ValueError(
+                f"{self.label} cannot wrap model family {getattr(config, 'base_model_type', config.model_type)!r}: "
+                f"it is an encoder-decoder, and {self.label} has decoder-only sites (methods with T5 sites: {others})"
+            )
+        return self.seq2seq_model_class
+
+    def layer_prefixes(self, config) -> list[str]:
+        """Where each layer's added tensors sit in the checkpoint, in the order of their seeded draws (`initial_state`
+        takes a position in this list): the decoder layers, or a T5's encoder blocks then its decoder blocks."""
+        if getattr(config, "is_encoder_decoder", False):
+            return ([f"encoder.block.{i}." for i in range(config.num_layers)]
+                    + [f"decoder.block.{i}." for i in range(config.num_decoder_layers)])
+        return [f"model.layers.{i}." for i in range(config.num_hidden_layers)]
 
     @property
     def zero3_leaf_modules(self) -> tuple[type, ...]:
@@ -186,8 +213,8 @@ class Method:
             **settings,
             **fields,
         )
-        config.architectures = [self.model_class.__name__]
-        config.auto_map = self.auto_map  # save_pretrained names only the saved class; AutoModel too (vLLM loads it)
+        config.architectures = [self.model_class_for(config).__name__]
+        config.auto_map = self.auto_map_for(config)  # save_pretrained names only the saved class; AutoModel too
         return config
 
     def config_settings(self, config) -> dict:
@@ -235,7 +262,7 @@ class Method:
                 if setting.name == "top_k" and getattr(probe, setting.field, 0) > experts:
                     setattr(probe, setting.field, experts)
             with torch.device("meta"):
-                model = self.model_class(probe)
+                model = self.model_class_for(probe)(probe)
             counts.append(sum(p.numel() for n, p in model.named_parameters() if self.is_added(n)))
         return counts[0] + (counts[1] - counts[0]) * (config.num_experts - 1)
 
@@ -275,10 +302,22 @@ class Method:
     def auto_map(self) -> dict[str, str]:
         """config.json's auto_map: the shipped files' classes, so trust_remote_code finds them."""
         return {
-            "AutoConfig": f"{self.config_class.__module__.rsplit('.', 1)[-1]}.{self.config_class.__name__}",
-            "AutoModel": f"{self.auto_model_class.__module__.rsplit('.', 1)[-1]}.{self.auto_model_class.__name__}",
-            "AutoModelForCausalLM": f"{self.model_class.__module__.rsplit('.', 1)[-1]}.{self.model_class.__name__}",
+            "AutoConfig": _auto_map_entry(self.config_class),
+            "AutoModel": _auto_map_entry(self.auto_model_class),
+            "AutoModelForCausalLM": _auto_map_entry(self.model_class),
         }
+
+    def auto_map_for(self, config) -> dict[str, str]:
+        """The auto_map of a checkpoint of `config`'s family (an encoder-decoder loads with AutoModelForSeq2SeqLM)."""
+        if not getattr(config, "is_encoder_decoder", False):
+            return self.auto_map
+        return {"AutoConfig": _auto_map_entry(self.config_class),
+                "AutoModelForSeq2SeqLM": _auto_map_entry(self.model_class_for(config))}
+
+
+def _auto_map_entry(cls: type) -> str:
+    """"file.Class" of a shipped class, as auto_map names it."""
+    return f"{cls.__module__.rsplit('.', 1)[-1]}.{cls.__name__}"
 
 
 def check_flags(method: Method, flags: dict) -> dict:

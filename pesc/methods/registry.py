@@ -21,13 +21,16 @@ def register_method(method):
 
 def register_auto_classes() -> None:
     """Register every method's config and model classes with the Auto* factories, so `AutoModelForCausalLM.
-    from_pretrained` loads a checkpoint of any method with the installed pesc's code (no remote code)."""
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+    from_pretrained` (`AutoModelForSeq2SeqLM` for a T5 one) loads a checkpoint of any method with the installed
+    pesc's code (no remote code)."""
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
     for method in METHODS.values():
         AutoConfig.register(method.config_class.model_type, method.config_class, exist_ok=True)
         AutoModel.register(method.config_class, method.auto_model_class, exist_ok=True)
         AutoModelForCausalLM.register(method.config_class, method.model_class, exist_ok=True)
+        if method.seq2seq_model_class_path:
+            AutoModelForSeq2SeqLM.register(method.config_class, method.seq2seq_model_class, exist_ok=True)
 
 
 def get_method(name: str | None):

@@ -73,22 +73,9 @@ class MoECausalLMOutput(MoeCausalLMOutputWithPast):
     routing_records: tuple | None = None
 
 
-class MoEPreTrainedModel(PreTrainedModel):
-    """transformers' switches, the same for every method (the family's own modules run unchanged)."""
-
-    base_model_prefix = "model"
-    supports_gradient_checkpointing = True
-    _supports_sdpa = True
-    _supports_flash_attn = True
-    _supports_flex_attn = True
-    _supports_attention_backend = True
-    # What transformers 4.x asks instead (read there, unknown to 5.x): caches are Cache objects,
-    # static and quantized caches work, and FlashAttention 2 is named so.
-    _supports_cache_class = True
-    _supports_static_cache = True
-    _supports_quantized_cache = True
-    _supports_flash_attn_2 = True
-    _can_compile_fullgraph = True  # a decode step (static cache) compiles to one graph
+class MethodModules:
+    """What every method's model adds to the family's PreTrainedModel, causal or encoder-decoder: the method's
+    modules get the method's init, and `save_pretrained` writes the model code beside the weights."""
 
     @torch.no_grad()
     def _init_weights(self, module):
@@ -106,6 +93,10 @@ class MoEPreTrainedModel(PreTrainedModel):
         if not self.init_method_module(module):
             self._family_init_weights(module)
 
+    def _family_init_weights(self, module):
+        """The family's own init of `module` (the next `_init_weights` in the class order)."""
+        super()._init_weights(module)
+
     def init_method_module(self, module: nn.Module) -> bool:
         """Initialise `module` if the method added it and return True; False hands it to the family."""
         return False
@@ -118,6 +109,24 @@ class MoEPreTrainedModel(PreTrainedModel):
             for path in code_files(type(self), type(self.config)):
                 shutil.copyfile(path, os.path.join(save_directory, path.name))
         return super().save_pretrained(save_directory, *args, **kwargs)
+
+
+class MoEPreTrainedModel(MethodModules, PreTrainedModel):
+    """transformers' switches, the same for every method (the family's own modules run unchanged)."""
+
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    # What transformers 4.x asks instead (read there, unknown to 5.x): caches are Cache objects,
+    # static and quantized caches work, and FlashAttention 2 is named so.
+    _supports_cache_class = True
+    _supports_static_cache = True
+    _supports_quantized_cache = True
+    _supports_flash_attn_2 = True
+    _can_compile_fullgraph = True  # a decode step (static cache) compiles to one graph
 
 
 class MoEModel(MoEPreTrainedModel):

@@ -58,6 +58,17 @@ def build_tiny_tokenizer(vocab_size: int = 256) -> PreTrainedTokenizerFast:
     return fast
 
 
+def build_tiny_t5_tokenizer(vocab_size: int = 96) -> PreTrainedTokenizerFast:
+    """A SentencePiece-like BPE (spaces as "▁") over the same sentences, with T5's special tokens at T5's ids
+    (<pad> 0, </s> 1, <unk> 2) and no chat template: the tokenizer of a tiny T5 (pesc.testing.tiny_t5)."""
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
+    tokenizer.decoder = decoders.Metaspace()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "</s>", "<unk>"], show_progress=False)
+    tokenizer.train_from_iterator(_CORPUS * 4, trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+
+
 def build_tiny_dense(family: str = "llama", vocab_size: int = 256, seed: int = 0, **overrides) -> PreTrainedModel:
     """A randomly initialised dense causal LM of `family`, a few hundred thousand parameters."""
     config = AutoConfig.for_model(family, vocab_size=vocab_size, **{**TINY_SHAPE, **overrides})

@@ -39,7 +39,10 @@ SCHEMA: dict[str, Key] = {
     # data
     "datasets": Key((list,), None, "list of {path, type, split?, name?, data_files?, field?, *_field?} (required)"),
     "chat_template": Key((str,), None, "camelidae, chatml, a Jinja string, or unset for the tokenizer's own"),
-    "sequence_len": Key((int,), 2048, "maximum tokens per example (longer ones are truncated)", bounds="positive"),
+    "sequence_len": Key((int,), 2048, "maximum tokens per example (longer ones are truncated; T5: per source)",
+                        bounds="positive"),
+    "target_len": Key((int,), None, "encoder-decoder (T5) only: maximum target tokens, EOS included "
+                      "(default: sequence_len)", bounds="positive"),
     "max_dropped_fraction": Key(
         _ANY_NUMBER, 0.1, "largest share of rows sequence_len may drop (their prompt fills it); 1 allows any",
         bounds="share",

@@ -146,7 +146,8 @@ def _device_map():
 def _reset_added_modules(model, seed: int) -> None:
     """Overwrite every added tensor with the seeded draw `pesc convert` makes."""
     method = method_of(model.config)
-    for layer_idx, layer in enumerate(model.model.layers):
+    for layer_idx, prefix in enumerate(method.layer_prefixes(model.config)):  # a T5's encoder blocks, then decoder's
+        layer = model.get_submodule(prefix.rstrip("."))
         state = method.initial_state(model.config, layer_idx, seed)
         added = [(name, param) for name, param in layer.named_parameters() if method.is_added(name)]
         with _gathered([param for _, param in added]):
@@ -181,9 +182,10 @@ def load_base_model(config: dict):
         device_map = _device_map()
         if device_map is not None:
             kwargs["device_map"] = device_map
+    model_class = method.model_class_for(model_config)  # the causal LM, or a T5's seq2seq class
     try:
-        with added_modules_expected_missing(method) if from_dense else nullcontext():
-            model = method.model_class.from_pretrained(config["base_model"], **kwargs)
+        with added_modules_expected_missing(method, model_class) if from_dense else nullcontext():
+            model = model_class.from_pretrained(config["base_model"], **kwargs)
     except OSError as error:  # Hub messages run over several lines: keep the first
         raise PescError(f"base_model {config['base_model']!r}: {first_line(error)}") from None
     if from_dense:
@@ -193,10 +195,9 @@ def load_base_model(config: dict):
 
 
 @contextmanager
-def added_modules_expected_missing(method):
+def added_modules_expected_missing(method, model_class):
     """A dense checkpoint has none of the added tensors (`_reset_added_modules` draws them next): transformers
     is told so, and its load report no longer lists them as MISSING, while still naming any other missing one."""
-    model_class = method.model_class
     previous = model_class._keys_to_ignore_on_load_missing
     model_class._keys_to_ignore_on_load_missing = [rf"(^|\.){re.escape(method.prefix)}"]
     try:

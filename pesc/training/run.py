@@ -159,6 +159,22 @@ def resume_checkpoint(output_dir: Path, with_lora: bool = True) -> Path:
     raise PescError(f"--resume: {output_dir} holds no complete checkpoint-N to resume from")
 
 
+def check_encoder_decoder_settings(config: dict, model_config) -> bool:
+    """Whether the model is an encoder-decoder (T5), after refusing the settings that apply only to the other kind."""
+    if not getattr(model_config, "is_encoder_decoder", False):
+        if config["target_len"] is not None:
+            raise PescError("target_len applies to encoder-decoder models (T5) only: remove it (sequence_len bounds "
+                            "a decoder's examples)")
+        return False
+    if config["sample_packing"]:
+        raise PescError("sample_packing: an encoder-decoder (T5) trains on padded batches of one source and one "
+                        "target per row, never packed: set sample_packing: false")
+    if config["lora_target_modules"]:
+        raise PescError("lora_target_modules: LoRA on a T5 base is not supported yet (MoV and MoLoRA train their own "
+                        "modules on the frozen base, as in the paper): set lora_target_modules: []")
+    return True
+
+
 @contextmanager
 def process_group_destroyed_at_end():
     """Destroy the torch.distributed process group that the block (or decorated call) set up, however it ends.
@@ -205,6 +221,7 @@ def train(config_path: str, overrides: list[str] = (), resume: bool = False) -> 
 
     model_config, _ = resolve_model_config(config)  # the base's config.json and moe:, before any data or weights load
     method = method_of(model_config)
+    encoder_decoder = check_encoder_decoder_settings(config, model_config)
     try:
         check_model_weights(config["base_model"])
     except PescError as error:
@@ -225,6 +242,7 @@ def train(config_path: str, overrides: list[str] = (), resume: bool = False) -> 
         num_proc=config["dataset_num_proc"],
         max_dropped_fraction=config["max_dropped_fraction"],
         sample_fields=method.sample_fields,
+        target_len=(config["target_len"] or config["sequence_len"]) if encoder_decoder else None,
     )
     args = training_arguments(config, has_eval=eval_ds is not None)  # sets up torch.distributed when launched
 
@@ -248,7 +266,8 @@ def train(config_path: str, overrides: list[str] = (), resume: bool = False) -> 
         train_dataset=train_ds,
         eval_dataset=eval_ds,
         data_collator=make_collator(tokenizer, sample_packing=config["sample_packing"],
-                                    sample_fields=tuple(field.name for field in method.sample_fields)),
+                                    sample_fields=tuple(field.name for field in method.sample_fields),
+                                    encoder_decoder=encoder_decoder),
         processing_class=tokenizer,
         model_config=saved_model_config(unwrapped_model(model).config),
         callbacks=[TrainingCurvesCallback()],

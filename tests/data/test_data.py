@@ -26,6 +26,9 @@ def write_jsonl(path, rows):
     return path
 
 
+SINGLE_TURN = ("alpaca", "input_target")  # the formats of one prompt and one answer, without a system prompt
+
+
 def row_in(kind, turns=TURNS, system=SYSTEM):
     """One conversation written in each dataset format."""
     if kind == "messages":
@@ -41,6 +44,9 @@ def row_in(kind, turns=TURNS, system=SYSTEM):
     if kind == "alpaca":
         (q, a), = turns
         return {"instruction": q, "input": "", "output": a}
+    if kind == "input_target":
+        (q, a), = turns
+        return {"input": q, "target": a}
     if kind == "camelidae":
         return {"corpus": "", "dataset": "math", "instruction": system or "",
                 "conversation": [{"input": q, "output": a} for q, a in turns]}
@@ -72,8 +78,8 @@ def load(tok, path, kind, template="chatml", **kwargs):
 @pytest.mark.parametrize("template", ["chatml", "camelidae"])
 @pytest.mark.parametrize("kind", DATASET_TYPES)
 def test_labels_only_on_assistant_tokens(tmp_path, tok, kind, template):
-    turns = TURNS[:1] if kind == "alpaca" else TURNS
-    system = None if kind == "alpaca" else SYSTEM
+    turns = TURNS[:1] if kind in SINGLE_TURN else TURNS
+    system = None if kind in SINGLE_TURN else SYSTEM
     path = write_jsonl(tmp_path / "d.jsonl", [row_in(kind, turns, system)])
     train = load(tok, path, kind, template)
     ids, labels = train[0]["input_ids"], train[0]["labels"]
@@ -155,7 +161,7 @@ def test_dropped_rows_are_reported_once_at_the_end_over_all_datasets(tmp_path, t
 
 @pytest.mark.parametrize("kind", DATASET_TYPES)
 def test_a_row_with_only_empty_answers_is_refused_by_name(tmp_path, tok, kind):
-    empty = row_in(kind, [("What is 2 + 3?", " ")] if kind == "alpaca" else [("Hi", ""), ("Still there?", "\n")])
+    empty = row_in(kind, [("What is 2 + 3?", " ")] if kind in SINGLE_TURN else [("Hi", ""), ("Still there?", "\n")])
     path = write_jsonl(tmp_path / "d.jsonl", [row_in(kind, TURNS[:1]), empty])
     with pytest.raises(PescError) as error:
         load(tok, path, kind)
@@ -247,6 +253,8 @@ def test_malformed_messages_row_names_file_and_row(tmp_path, tok, bad, message):
     ("alpaca", {"instruction": ["x"], "output": "y"}, "'instruction' must be a string"),
     ("camelidae", {"instruction": "", "conversation": []}, "empty conversation"),
     ("camelidae", {"instruction": "", "conversation": [{"input": "x"}]}, "missing key 'output'"),
+    ("input_target", {"input": "x"}, "missing key 'target'"),
+    ("input_target", {"input": "x", "target": 5}, "'target' must be a string"),
 ])
 def test_malformed_rows_other_formats(tmp_path, tok, kind, bad, message):
     path = write_jsonl(tmp_path / "bad.jsonl", [row_in(kind, TURNS[:1]), bad])

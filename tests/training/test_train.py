@@ -9,7 +9,7 @@ from torch import nn
 
 from pesc.errors import PescError
 from pesc.training.config import load_config, validate
-from helpers import make_config, read_tensors, training_rows
+from helpers import make_config, read_tensors, run_with_crash_at, training_rows
 
 
 # ---------------------------------------------------------------- config validation
@@ -266,10 +266,6 @@ def _trained_state(run_dir: Path):
     return {**load_file(final / "adapter_model.safetensors"), **load_file(final / "experts.safetensors")}
 
 
-class _Crash(Exception):
-    pass
-
-
 def assert_curves_picture(path, panels):
     """A PNG of the size `plot_training_curves` draws for `panels` panels, and not blank."""
     import numpy as np
@@ -372,7 +368,7 @@ def test_train_resume_equals_uninterrupted(tmp_path, tiny_llama_dir, data_file, 
     part_dir.mkdir()
     config = str(make_config(part_dir, tiny_llama_dir, data_file, **with_eval))
     part = part_dir / "run"
-    _run_with_crash_at(5, config, monkeypatch, event="on_log")
+    run_with_crash_at(5, config, monkeypatch, event="on_log")
     assert not (part / "final").exists() and not (part / "checkpoint-6").exists()
     killed_lines = (part / "expert_load.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in killed_lines] == [1, 2, 3, 4, 5]
@@ -389,31 +385,6 @@ def test_train_resume_equals_uninterrupted(tmp_path, tiny_llama_dir, data_file, 
     assert (part / "expert_load.jsonl").read_text() == (run / "expert_load.jsonl").read_text()
     assert _step_logs(part) == _step_logs(run)
     assert (part / "curves.png").read_bytes() == (run / "curves.png").read_bytes()
-
-
-def _run_with_crash_at(step: int, config: str, monkeypatch, event: str = "on_save"):
-    """Train `config`, crashing (as a killed job would) at the first callback `event` of step `step`: "on_save"
-    right after checkpoint-`step` is written, "on_log" right after that step's training logs are."""
-    from transformers import TrainerCallback
-
-    from pesc.training import train
-    from pesc.training import trainer as trainer_module
-
-    def crash(self, args, state, control, **kwargs):
-        if state.global_step == step:
-            raise _Crash()
-
-    crash_callback = type("Crash", (TrainerCallback,), {event: crash})()
-    original_init = trainer_module.MoETrainer.__init__
-
-    def init_with_crash(self, *args, **kwargs):
-        original_init(self, *args, **kwargs)
-        self.add_callback(crash_callback)
-
-    monkeypatch.setattr(trainer_module.MoETrainer, "__init__", init_with_crash)
-    with pytest.raises(_Crash):
-        train(config)
-    monkeypatch.undo()
 
 
 def test_a_run_without_lora_trains_saves_resumes_and_exports_only_the_added_modules(tmp_path, tiny_llama_dir, data_file,
@@ -440,7 +411,7 @@ def test_a_run_without_lora_trains_saves_resumes_and_exports_only_the_added_modu
     assert len(losses) == 6 and losses[-1] < losses[0], losses
 
     part = config_in(tmp_path / "part")
-    _run_with_crash_at(3, part, monkeypatch)
+    run_with_crash_at(3, part, monkeypatch)
     resumed = load_file(train(part, resume=True) / "experts.safetensors")
     assert trained.keys() == resumed.keys() and any("router" in k for k in trained)
     for name in trained:

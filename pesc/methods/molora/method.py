@@ -8,7 +8,7 @@ The official code is T5; the decoder mapping (which linears): docs/methods/mov-m
 
 from pesc.methods.base import Method, Setting
 from pesc.methods.shapes import linear_shape
-from pesc.methods.soft_merging import draw_sites
+from pesc.methods.soft_merging import draw_block_sites, draw_sites
 
 
 class MoLoRA(Method):
@@ -37,11 +37,14 @@ class MoLoRA(Method):
     config_class_path = "configuration_molora.MoLoRAConfig"
     model_class_path = "modeling_molora.MoLoRAForCausalLM"
     auto_model_class_path = "modeling_molora.MoLoRAModel"
+    seq2seq_model_class_path = "modeling_molora.MoLoRAForConditionalGeneration"
 
     def default_lora_targets(self, config) -> list[str]:
         return []  # the experts occupy the linears: only the routers and experts train
 
     def initial_state(self, config, layer_idx: int, seed: int) -> dict:
+        if config.is_encoder_decoder:
+            return draw_block_sites(self, config, layer_idx, seed)
         from pesc.methods.molora.modeling_molora import MoLoRAExperts
         from pesc.modeling.moe_config import LINEAR_PARENTS
 

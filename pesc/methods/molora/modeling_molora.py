@@ -19,6 +19,7 @@ from torch import nn
 from .configuration_molora import MoLoRAConfig
 from .moe_causal_lm import MoEForCausalLM, MoEModel
 from .moe_routing import emit_routing_record
+from .moe_seq2seq_lm import T5_ATTENTION_LINEARS, MoEForConditionalGeneration, block_attentions, block_ffn, ffn_linear
 from .moe_sites import LINEAR_PARENTS, attach_sibling, linear_on
 from .soft_merging import SoftRouter
 
@@ -73,6 +74,15 @@ class MoLoRAExperts(nn.Module):
         return output + self(args[0]).to(output.dtype)
 
 
+def experts_beside(linear: nn.Linear, config: MoLoRAConfig, site: str, layer_idx: int) -> MoLoRAExperts:
+    """The config's MoLoRA experts sized for `linear` (records named `site`, in layer `layer_idx`)."""
+    return MoLoRAExperts(
+        linear.in_features, linear.out_features, config.num_experts, config.expert_rank, config.expert_alpha,
+        config.num_experts_per_tok, config.router_topk_weights == "renormalized", config.router_jitter,
+        site, layer_idx,
+    )
+
+
 class MoLoRAForCausalLM(MoEForCausalLM):
     """A dense family's causal LM with MoLoRA experts beside each linear of `sites` (`molora_<linear>`)."""
 
@@ -84,11 +94,7 @@ class MoLoRAForCausalLM(MoEForCausalLM):
         for linear_name in config.sites:
             parent_name = LINEAR_PARENTS[linear_name]
             linear = linear_on(layer, parent_name, linear_name, config.base_model_type, self.method_label)
-            site = MoLoRAExperts(
-                linear.in_features, linear.out_features, config.num_experts, config.expert_rank, config.expert_alpha,
-                config.num_experts_per_tok, config.router_topk_weights == "renormalized", config.router_jitter,
-                linear_name, layer_idx,
-            )
+            site = experts_beside(linear, config, linear_name, layer_idx)
             attach_sibling(getattr(layer, parent_name), linear_name, f"molora_{linear_name}", site, "output")
 
     def init_method_module(self, module: nn.Module) -> bool:
@@ -105,4 +111,33 @@ class MoLoRAModel(MoEModel):
     causal_lm_class = MoLoRAForCausalLM
 
 
-__all__ = ["MoLoRAExperts", "MoLoRAForCausalLM", "MoLoRAModel", "EXPERTS_A_INIT_STD"]
+class MoLoRAForConditionalGeneration(MoEForConditionalGeneration):
+    """T5 / mT5 with MoLoRA experts where the official code puts them (its MoLoRaAttention and MoLoRa modules), each
+    site its own router on the linear's input. `sites` names decoder linears, found on a T5 block as
+    moe_seq2seq_lm.T5_ATTENTION_LINEARS (q_proj ... o_proj: `q` ... `o` of the self-attention and, in the decoder,
+    the cross-attention) and T5_FFN_LINEARS (gate_proj: `wi_0`, or `wi` in ReLU T5 v1.0; up_proj: `wi_1`;
+    down_proj: `wo`); the official set is q, k, v, o, gate, down. Each site is `molora_<T5 linear>` beside it."""
+
+    config_class = MoLoRAConfig
+    method_label = "MoLoRA"
+    init_method_module = MoLoRAForCausalLM.init_method_module
+
+    @classmethod
+    def add_method_modules(cls, block: nn.Module, stack_name: str, block_idx: int, config: MoLoRAConfig) -> None:
+        ffn = block_ffn(block)
+        places = []  # (parent, T5 linear name, record name)
+        for site in config.sites:
+            if site in T5_ATTENTION_LINEARS:
+                linear_name = T5_ATTENTION_LINEARS[site]
+                places += [(attention, linear_name, f"{stack_name}.{attention_name}.{linear_name}")
+                           for attention_name, attention in block_attentions(block)]
+            else:
+                linear_name = ffn_linear(ffn, site, cls.method_label)
+                places.append((ffn, linear_name, f"{stack_name}.ffn.{linear_name}"))
+        for parent, linear_name, record_name in places:
+            experts = experts_beside(parent._modules[linear_name], config, record_name, block_idx)
+            attach_sibling(parent, linear_name, f"molora_{linear_name}", experts, "output")
+
+
+__all__ = ["MoLoRAExperts", "MoLoRAForCausalLM", "MoLoRAForConditionalGeneration", "MoLoRAModel",
+           "EXPERTS_A_INIT_STD", "experts_beside"]

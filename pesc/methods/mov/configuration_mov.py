@@ -32,10 +32,15 @@ class MoVConfig(FlatMoEConfig):
     absent_defaults = {"ffn_site": "down_proj_input"}  # a config.json without the field predates it (pesc 0.1.0)
 
     def __init__(self, **kwargs):  # explicit: transformers 5 gives a config class without one a dataclass __init__
+        if kwargs.get("is_encoder_decoder") and "ffn_site" not in kwargs:
+            kwargs["ffn_site"] = "activation"  # no T5 checkpoint predates the field: it has the official site only
         super().__init__(**kwargs)
 
     def validate_moe_settings(self):
         self.check_top_k(every_expert=True)
+        if getattr(self, "is_encoder_decoder", False) and self.ffn_site != "activation":
+            raise ValueError(f"MoV on an encoder-decoder (T5) has the official FFN site only: ffn_site 'activation', "
+                             f"not {self.ffn_site!r}")
 
 
 __all__ = ["MoVConfig", "FFN_SITES"]

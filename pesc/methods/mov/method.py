@@ -8,7 +8,7 @@ The official code is T5; the decoder mapping (which linears and activation): doc
 
 from pesc.methods.base import Method, Setting
 from pesc.methods.shapes import attention_dims
-from pesc.methods.soft_merging import draw_sites
+from pesc.methods.soft_merging import draw_block_sites, draw_sites
 
 
 class MoV(Method):
@@ -30,11 +30,14 @@ class MoV(Method):
     config_class_path = "configuration_mov.MoVConfig"
     model_class_path = "modeling_mov.MoVForCausalLM"
     auto_model_class_path = "modeling_mov.MoVModel"
+    seq2seq_model_class_path = "modeling_mov.MoVForConditionalGeneration"
 
     def default_lora_targets(self, config) -> list[str]:
         return []  # only the routers and vectors train
 
     def initial_state(self, config, layer_idx: int, seed: int) -> dict:
+        if config.is_encoder_decoder:
+            return draw_block_sites(self, config, layer_idx, seed)
         from pesc.methods.mov.modeling_mov import MoVScaling, mov_sites
 
         _, kv_heads, head_dim = attention_dims(config)

@@ -23,6 +23,7 @@ from torch import nn
 from .configuration_mov import MoVConfig
 from .moe_causal_lm import MoEForCausalLM, MoEModel
 from .moe_routing import emit_routing_record
+from .moe_seq2seq_lm import MoEForConditionalGeneration, block_attentions, block_ffn
 from .moe_sites import activation_on, attach_sibling, linear_on
 from .soft_merging import SoftRouter
 
@@ -133,4 +134,25 @@ class MoVModel(MoEModel):
     causal_lm_class = MoVForCausalLM
 
 
-__all__ = ["MoVForCausalLM", "MoVModel", "MoVScaling", "mov_sites"]
+class MoVForConditionalGeneration(MoEForConditionalGeneration):
+    """T5 / mT5 with MoV's sites where the official code puts them (its MoVAttention and MoV modules): the keys and
+    values of every attention (encoder and decoder self-attention, cross-attention), per head, beside `k` and `v`
+    (`mov_k`, `mov_v`); and the FFN activation act(wi_0·x) (act(wi·x) in ReLU T5 v1.0), the output of the FFN's
+    own `act` module (`mov_act`): the vectors scale it, and its router reads it, before the product with wi_1·x."""
+
+    config_class = MoVConfig
+    method_label = "MoV"
+    init_method_module = MoVForCausalLM.init_method_module
+
+    @classmethod
+    def add_method_modules(cls, block: nn.Module, stack_name: str, block_idx: int, config: MoVConfig) -> None:
+        for attention_name, attention in block_attentions(block):
+            for linear_name in ("k", "v"):
+                site = MoVScaling(config.d_kv, config.num_experts, config.num_heads,
+                                  f"{stack_name}.{attention_name}.{linear_name}", block_idx)
+                attach_sibling(attention, linear_name, f"mov_{linear_name}", site, "output")
+        site = MoVScaling(config.d_ff, config.num_experts, 1, f"{stack_name}.ffn.act", block_idx)
+        attach_sibling(block_ffn(block), "act", "mov_act", site, "output")
+
+
+__all__ = ["MoVForCausalLM", "MoVForConditionalGeneration", "MoVModel", "MoVScaling", "mov_sites"]
