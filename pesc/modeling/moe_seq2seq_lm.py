@@ -102,6 +102,17 @@ class MoEForConditionalGeneration(MethodModules, T5ForConditionalGeneration):
         that pesc draws one block's initial sites on a lone block, as the model builds them."""
         raise NotImplementedError
 
+    def tie_weights(self, *args, **kwargs):
+        """The usual tying, and where loading left a tied tensor unset (still on the meta device: transformers 5.3
+        skips the tie for remote code), the shared embedding: the stacks' input embeddings, and an LM head the
+        checkpoint does not hold (T5 v1.0's)."""
+        result = super().tie_weights(*args, **kwargs)
+        shared = self.shared.weight
+        for module in (self.encoder.embed_tokens, self.decoder.embed_tokens, self.lm_head):
+            if module.weight.is_meta and not shared.is_meta:
+                module.weight = shared
+        return result
+
     def forward(self, *args, output_routing_records: bool = False, **kwargs):
         """The family's forward; with `output_routing_records=True`, a `MoESeq2SeqLMOutput` with the records."""
         if not output_routing_records:
