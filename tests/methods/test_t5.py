@@ -163,3 +163,47 @@ def test_molora_refuses_a_site_that_t5_v1_0_has_not(t5_dirs, tmp_path, capsys):
                           "--sites", "q_proj,up_proj")
     assert "up_proj" in line and "wi_1" in line, line
     assert not (tmp_path / "out").exists()
+
+
+# google/flan-t5-base's config.json (T5 v1.1 layout: gated-GELU FFN, an LM head of its own): 247,577,856 parameters
+FLAN_T5_BASE = {"architectures": ["T5ForConditionalGeneration"], "d_ff": 2048, "d_kv": 64, "d_model": 768,
+                "decoder_start_token_id": 0, "dense_act_fn": "gelu_new", "dropout_rate": 0.1, "eos_token_id": 1,
+                "feed_forward_proj": "gated-gelu", "initializer_factor": 1.0, "is_encoder_decoder": True,
+                "is_gated_act": True, "layer_norm_epsilon": 1e-06, "model_type": "t5", "n_positions": 512,
+                "num_decoder_layers": 12, "num_heads": 12, "num_layers": 12, "output_past": True, "pad_token_id": 0,
+                "relative_attention_max_distance": 128, "relative_attention_num_buckets": 32,
+                "tie_word_embeddings": False, "torch_dtype": "float32", "vocab_size": 32128}  # fmt: skip
+
+
+def t5_closed_form(method: str, d=768, d_ff=2048, heads=12, d_kv=64, layers=12, vocab=32128, buckets=32, experts=10,
+                   rank=4) -> tuple[int, int]:
+    """(dense, added) parameters of a T5 v1.1 with MoV-E or MoLoRA-E (rank r, the official sites), in closed form."""
+    inner = heads * d_kv
+    attention, ffn = 4 * d * inner, 3 * d * d_ff
+    encoder_block, decoder_block = attention + ffn + 2 * d, 2 * attention + ffn + 3 * d
+    dense = 2 * vocab * d + layers * (encoder_block + decoder_block) + 2 * (buckets * heads + d)
+    if method == "mov":  # per key / value site: router [E, d_kv] and vectors [heads, E, d_kv]; FFN: [E, d_ff] twice
+        kv_site, ffn_site = experts * d_kv + heads * experts * d_kv, 2 * experts * d_ff
+        added = layers * ((2 * kv_site + ffn_site) + (4 * kv_site + ffn_site))
+    else:  # per linear (in, out): router [E, in], A [E r, in], B [out, E r]
+        def site(n_in, n_out):
+            return experts * n_in + experts * rank * (n_in + n_out)
+        attention_sites, ffn_sites = 4 * site(d, inner), site(d, d_ff) + site(d_ff, d)
+        added = layers * ((attention_sites + ffn_sites) + (2 * attention_sites + ffn_sites))
+    return dense, added
+
+
+@pytest.mark.parametrize("method, flags", [("mov", []), ("molora", ["--sites", ",".join(OFFICIAL_MOLORA_SITES)])])
+def test_inspect_counts_a_t5_in_closed_form(method, flags, tmp_path):
+    from click.testing import CliRunner
+
+    from pesc.cli import cli
+
+    (tmp_path / "config.json").write_text(json.dumps(FLAN_T5_BASE))
+    result = CliRunner().invoke(cli, ["inspect", str(tmp_path), "--method", method, "--json", *flags])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.output)
+    dense, added = t5_closed_form(method)
+    assert summary["dense_params"] == dense == 247_577_856
+    assert summary["trainable_params"] == added == {"mov": 1_582_080, "molora": 16_035_840}[method]
+    assert summary["total_params"] == summary["active_params"] == dense + added  # every expert is mixed
