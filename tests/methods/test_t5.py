@@ -101,14 +101,14 @@ def test_converted_t5_layout_and_config(t5_dirs, converted):
 
 
 def test_t5_checkpoints_run_their_own_code_without_pesc(t5_dirs, converted, tmp_path):
-    """Loaded without pesc (`trust_remote_code=True`): at init the dense model's logits and tokens exactly; with
-    perturbed experts exactly what pesc's classes compute, and different from the dense model."""
+    """Loaded without pesc (`trust_remote_code=True`): at init the dense model's logits exactly; with perturbed
+    experts the greedy tokens and logits pesc's classes compute, exactly, and other logits than the dense model's."""
     perturbed = {}
-    for variant in ("t5-v1.0", "mt5"):
-        for method in T5_METHODS:
-            perturbed[variant, method] = save_perturbed_checkpoint(
-                t5_dirs[variant], tmp_path / f"{variant}-{method}", method, scale=0.5, **SETTINGS[method])
+    for variant, method in (("t5-v1.0", "molora"), ("mt5", "mov")):  # each method, each FFN layout once
+        perturbed[variant, method] = save_perturbed_checkpoint(
+            t5_dirs[variant], tmp_path / f"{variant}-{method}", method, scale=0.5, **SETTINGS[method])
     spec = {"input_ids": INPUT_IDS, "attention_mask": ATTENTION_MASK, "new_tokens": NEW_TOKENS,
+            "decoder_ids": [[0, 41, 3, 77, 12], [0, 8, 8, 59, 30]],
             "dense": {variant: str(path) for variant, path in t5_dirs.items()},
             "converted": {f"{v}|{m}": str(path) for (v, m), path in converted.items()},
             "perturbed": {f"{v}|{m}": str(path) for (v, m), path in perturbed.items()}}
@@ -117,28 +117,31 @@ def test_t5_checkpoints_run_their_own_code_without_pesc(t5_dirs, converted, tmp_
         from transformers import AutoModelForSeq2SeqLM
         spec = json.loads(%r)
         ids, mask = torch.tensor(spec["input_ids"]), torch.tensor(spec["attention_mask"])
-        def run(folder):
-            model = AutoModelForSeq2SeqLM.from_pretrained(folder, trust_remote_code=True, dtype=torch.float32).eval()
+        decoder_ids = torch.tensor(spec["decoder_ids"])
+        def load(folder):
+            return AutoModelForSeq2SeqLM.from_pretrained(folder, trust_remote_code=True, dtype=torch.float32).eval()
+        def logits(model, decoder_ids):
+            with torch.no_grad():
+                return model(input_ids=ids, attention_mask=mask, decoder_input_ids=decoder_ids).logits
+        result = {}
+        dense = {variant: logits(load(folder), decoder_ids) for variant, folder in spec["dense"].items()}
+        for name, folder in spec["converted"].items():  # at init (the tokens: pesc's classes, above)
+            model = load(folder)
+            result[name] = {"module": type(model).__module__,
+                            "logits_equal": torch.equal(logits(model, decoder_ids), dense[name.split("|")[0]])}
+        for name, folder in spec["perturbed"].items():
+            model = load(folder)
             with torch.no_grad():
                 tokens = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=spec["new_tokens"],
                                         do_sample=False, use_cache=True)
-                logits = model(input_ids=ids, attention_mask=mask, decoder_input_ids=tokens).logits
-            return type(model).__module__, logits, tokens
-        result = {}
-        for name, folder in spec["converted"].items():
-            module, logits, tokens = run(folder)
-            _, dense_logits, dense_tokens = run(spec["dense"][name.split("|")[0]])
-            result[name] = {"module": module, "logits_equal": torch.equal(logits, dense_logits),
-                            "tokens_equal": torch.equal(tokens, dense_tokens)}
-        for name, folder in spec["perturbed"].items():
-            module, logits, tokens = run(folder)
-            result[name + "|perturbed"] = {"module": module, "logits": logits.tolist(), "tokens": tokens.tolist()}
+            result[name + "|perturbed"] = {"module": type(model).__module__, "tokens": tokens.tolist(),
+                                           "logits": logits(model, tokens).tolist()}
         emit(result)
     """ % json.dumps(spec))
     for (variant, method) in converted:
         entry = result[f"{variant}|{method}"]
         assert entry["module"].startswith("transformers_modules.")
-        assert entry["logits_equal"] and entry["tokens_equal"], (variant, method)
+        assert entry["logits_equal"], (variant, method)
     register_auto_classes()
     for (variant, method), folder in perturbed.items():
         entry = result[f"{variant}|{method}|perturbed"]
