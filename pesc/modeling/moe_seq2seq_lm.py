@@ -48,7 +48,7 @@ def ffn_linear(ffn: nn.Module, site: str, label: str) -> str:
     if not found:
         raise ValueError(
             f"{label} cannot put a site on {site} of this T5: its FFN ({type(ffn).__name__}) has no "
-            f"{' or '.join(T5_FFN_LINEARS[site])} (a ReLU T5 v1.0 FFN has wi and wo only)"
+            f"{' or '.join(T5_FFN_LINEARS[site])} (a ReLU T5 v1.0 FFN has wi and wo only): leave {site} out of sites"
         )
     return found[0]
 

@@ -81,7 +81,8 @@ def test_converted_t5_layout_and_config(t5_dirs, converted):
         "encoder.block.1.layer.0.SelfAttention.mov_k.vectors", "encoder.block.1.layer.0.SelfAttention.mov_v.vectors",
         "encoder.block.1.layer.1.DenseReluDense.mov_act.vectors",
         "decoder.block.1.layer.0.SelfAttention.mov_k.vectors", "decoder.block.1.layer.0.SelfAttention.mov_v.vectors",
-        "decoder.block.1.layer.1.EncDecAttention.mov_k.vectors", "decoder.block.1.layer.1.EncDecAttention.mov_v.vectors",
+        "decoder.block.1.layer.1.EncDecAttention.mov_k.vectors",
+        "decoder.block.1.layer.1.EncDecAttention.mov_v.vectors",
         "decoder.block.1.layer.2.DenseReluDense.mov_act.vectors",
     }
     dense = read_tensors(t5_dirs["t5-v1.1"])
