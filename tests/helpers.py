@@ -343,7 +343,8 @@ def load_t5_pair(root, variant: str, method: str, **settings):
     dense_dir, out = save_tiny_t5(Path(root) / variant, variant), Path(root) / f"{variant}-{method}"
     convert(dense_dir, out, ConvertSettings(method, **settings), echo=lambda _: None)
     register_auto_classes()
-    return tuple(AutoModelForSeq2SeqLM.from_pretrained(folder, dtype=torch.float64).eval() for folder in (dense_dir, out))
+    return tuple(AutoModelForSeq2SeqLM.from_pretrained(folder, dtype=torch.float64).eval()
+                 for folder in (dense_dir, out))
 
 
 def perturb_added(model, method, scale: float, seed: int = 0) -> None:

@@ -1,6 +1,6 @@
 """What the toolkit halves of MoV and MoLoRA share: the seeded draw of a layer's sites (pesc convert and
-training from dense draw the same tensors), on a decoder layer or a T5 block. Imports torch only where a draw is made (listing the methods must
-not load it)."""
+training from dense draw the same tensors), on a decoder layer or a T5 block. Imports torch only where a draw is
+made (listing the methods must not load it)."""
 
 
 def draw_sites(config, sites: dict, layer_idx: int, seed: int) -> dict:

@@ -48,18 +48,19 @@ def ffn_linear(ffn: nn.Module, site: str, label: str) -> str:
     if not found:
         raise ValueError(
             f"{label} cannot put a site on {site} of this T5: its FFN ({type(ffn).__name__}) has no "
-            f"{' or '.join(T5_FFN_LINEARS[site])} (a ReLU T5 v1.0 FFN has wi and wo only)"
+            f"{' or '.join(T5_FFN_LINEARS[site])} (a ReLU T5 v1.0 FFN has wi and wo only): leave {site} out of sites"
         )
     return found[0]
 
 
-def settle_output_scaling(config) -> None:
-    """Say, as the installed T5 reads it, whether the decoder output is scaled by d_model**-0.5 before the LM head.
+def settle_output_scaling(config) -> bool:
+    """Say, as the installed T5 reads it, whether the decoder output is scaled by d_model**-0.5 before the LM head,
+    which T5 does where the LM head is the input embedding (T5 v1.0), not in T5 v1.1 nor mT5; returns it.
 
-    T5 v1.0 scales it (its LM head is the input embedding); T5 v1.1 and mT5 do not. transformers 5 keeps that in
-    `scale_decoder_outputs` (T5Config; MT5Config has no such field, and mT5's own model never scales) and sets
-    `tie_word_embeddings` always (it unties an LM head the checkpoint holds apart); 4.x reads both from
-    `tie_word_embeddings`. A config written by transformers 5 and loaded by 4.x would otherwise scale and tie.
+    transformers 5 keeps the scaling in `scale_decoder_outputs` (T5Config; MT5Config has no such field, and mT5's
+    own model never scales) and sets `tie_word_embeddings` always (it ties the stacks' embeddings by it too, and
+    unties at load time an LM head the checkpoint holds apart); 4.x reads both from `tie_word_embeddings`, so a
+    config written by transformers 5 would make 4.x tie and scale a T5 v1.1 / mT5 head.
     """
     scaled = getattr(config, "scale_decoder_outputs", None)
     if scaled is None:
@@ -67,6 +68,7 @@ def settle_output_scaling(config) -> None:
     config.scale_decoder_outputs = scaled
     if not hasattr(T5Config(), "scale_decoder_outputs"):
         config.tie_word_embeddings = scaled
+    return scaled
 
 
 @dataclasses.dataclass
@@ -88,7 +90,10 @@ class MoEForConditionalGeneration(MethodModules, T5ForConditionalGeneration):
                 f"{self.method_label} cannot wrap model family {config.base_model_type!r}: its encoder-decoder "
                 f"sites are defined for {', '.join(SEQ2SEQ_FAMILIES)} only"
             )
-        settle_output_scaling(config)
+        if not settle_output_scaling(config) and isinstance(self._tied_weights_keys, dict):
+            # transformers 5 ties by this map: a T5 v1.1 / mT5 LM head is a tensor of its own however the model is
+            # built (on the meta device too, where `pesc inspect` counts it), which the checkpoint must hold
+            self._tied_weights_keys = {k: v for k, v in self._tied_weights_keys.items() if k != "lm_head.weight"}
         super().__init__(config)
         for stack_name in ("encoder", "decoder"):
             for block_idx, block in enumerate(getattr(self, stack_name).block):
@@ -101,6 +106,17 @@ class MoEForConditionalGeneration(MethodModules, T5ForConditionalGeneration):
         """Put the method's modules into one block of the encoder or decoder (`stack_name`); a class method, so
         that pesc draws one block's initial sites on a lone block, as the model builds them."""
         raise NotImplementedError
+
+    def tie_weights(self, *args, **kwargs):
+        """The usual tying, and where loading left a tied tensor unset (still on the meta device: transformers 5.3
+        skips the tie for remote code), the shared embedding: the stacks' input embeddings, and an LM head the
+        checkpoint does not hold (T5 v1.0's)."""
+        result = super().tie_weights(*args, **kwargs)
+        shared = self.shared.weight
+        for module in (self.encoder.embed_tokens, self.decoder.embed_tokens, self.lm_head):
+            if module.weight.is_meta and not shared.is_meta:
+                module.weight = shared
+        return result
 
     def forward(self, *args, output_routing_records: bool = False, **kwargs):
         """The family's forward; with `output_routing_records=True`, a `MoESeq2SeqLMOutput` with the records."""

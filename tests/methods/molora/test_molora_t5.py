@@ -29,7 +29,7 @@ CLOSE = dict(rtol=0.0, atol=1e-4)
 
 def reference_experts(x: torch.Tensor, router: torch.Tensor, experts_a: torch.Tensor,
                       experts_b: torch.Tensor) -> torch.Tensor:
-    """(α/r) Σ_e p_e B_e A_e x per token, A_e = rows e·r .. e·r + r - 1 of the stacked A, B_e the same columns of B."""
+    """(α/r) Σ_e p_e B_e A_e x per token; A_e: rows e·r .. e·r + r - 1 of the stacked A, B_e: those columns of B."""
     rows = x.reshape(-1, x.shape[-1])
     out = torch.zeros(rows.shape[0], experts_b.shape[0], dtype=torch.float64)
     for t in range(rows.shape[0]):
@@ -57,7 +57,7 @@ def reference_hooks(dense, moe) -> tuple[list, set]:
 
 
 def official_paths(attention_linears: list[str], ffn_linears: list[str]) -> set[str]:
-    """The linears of the 2 + 2 blocks that get sites: every attention's (self, and cross in the decoder) and the FFN's."""
+    """The linears of the 2 + 2 blocks that get sites: each attention's (self; cross in the decoder) and the FFN's."""
     layers = {"encoder": ["SelfAttention", "DenseReluDense"],
               "decoder": ["SelfAttention", "EncDecAttention", "DenseReluDense"]}
     return {f"{stack}.block.{block}.layer.{index}.{module}.{linear}"
