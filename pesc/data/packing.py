@@ -8,6 +8,8 @@ import torch
 from transformers import DataCollatorWithFlattening
 
 from pesc.data.masking import IGNORE_INDEX
+from pesc.data.sample_fields import sample_tensors
+from pesc.data.seq2seq import Seq2SeqCollator
 
 
 class PaddingCollator:
@@ -29,11 +31,6 @@ class PaddingCollator:
             attention_mask[row, :n] = 1
         return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask,
                 **sample_tensors(features, self.sample_fields)}
-
-
-def sample_tensors(features: list[dict], names: tuple[str, ...]) -> dict[str, torch.Tensor]:
-    """Each per-sample field as a [sequences] long tensor, in the order of `features`."""
-    return {name: torch.tensor([f[name] for f in features], dtype=torch.long) for name in names}
 
 
 class PackingCollator:
@@ -61,7 +58,5 @@ def make_collator(tokenizer, *, sample_packing: bool, sample_fields: tuple[str, 
     if pad is None:  # padded positions are masked and labelled -100: any id works
         pad = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
     if encoder_decoder:
-        from pesc.data.seq2seq import Seq2SeqCollator  # it builds on this module
-
         return Seq2SeqCollator(pad, sample_fields)
     return PaddingCollator(pad, sample_fields)

@@ -16,7 +16,7 @@ import torch
 
 from pesc.data.formats import RowError
 from pesc.data.masking import IGNORE_INDEX, ConversationTokenizer
-from pesc.data.packing import sample_tensors
+from pesc.data.sample_fields import sample_tensors
 from pesc.errors import PescError
 
 
