@@ -20,6 +20,7 @@ class MoV(Method):
     settings = (  # defaults and ranges: configuration_mov.MoVConfig
         Setting("num_experts", (int,), "vectors per site (MoV-10; the paper also has 30 and 60)", structural=True),
     )
+    vllm_model = "pesc.methods.mov.vllm_model:MoVForCausalLM"
     prefix = "mov_"
     card_tags = ("mov", "ia3", "soft-merging")
 
