@@ -114,6 +114,8 @@ def renamer(site_prefix: str, sites: Iterable[str]) -> Callable[[str], str]:
 
 
 def refuse_tensor_parallel(label: str) -> None:
+    """One line, where vLLM would shard the linears: the sites' routers and A matrices read whole inputs, and the
+    B matrices and vectors write whole outputs, where a rank holds a slice of the heads or of the FFN."""
     ranks = get_tensor_model_parallel_world_size()
     if ranks > 1:
         raise ValueError(f"pesc's native vLLM model for {label} runs on one tensor-parallel rank, not {ranks}: "
