@@ -1,5 +1,5 @@
 """LoRAMoE as a native vLLM model: vLLM's own Llama / Mistral / Qwen2 decoder layers (fused gate/up and q/k/v kept),
-each site's router and LoRA experts stacked beside the fused linear it sits on (pesc.serving.vllm_sites; the FFN
+each site's router and LoRA experts stacked beside the fused linear it sits on (pesc.methods.vllm_sites; the FFN
 linears by default, any of the seven as config `sites` says).
 
 Registered by `pesc.serving.vllm_plugin` for the architecture `LoramoeForCausalLM`. Per token and site, with p the
@@ -11,7 +11,7 @@ import functools
 
 import torch
 
-from pesc.serving.vllm_sites import NativeSitesForCausalLM, StackedLoraExperts, add_lora_sites, renamer
+from pesc.methods.vllm_sites import NativeSitesForCausalLM, StackedLoraExperts, add_lora_sites, renamer
 
 SITE_PREFIX = "loramoe"
 TENSORS = {"router.weight": "router", "experts_A.weight": "A", "experts_B.weight": "B"}  # in the stacked layouts

@@ -1,5 +1,5 @@
 """MoELoRA as a native vLLM model: vLLM's own Llama / Mistral / Qwen2 decoder layers (fused q/k/v and gate/up kept),
-each site's router and LoRA experts stacked beside the fused linear it sits on (pesc.serving.vllm_sites).
+each site's router and LoRA experts stacked beside the fused linear it sits on (pesc.methods.vllm_sites).
 
 Registered by `pesc.serving.vllm_plugin` for the architecture `MoELoraForCausalLM`. Per token and site, with w the
 float32 softmax of the top-k router logits (pesc/methods/moelora/modeling_moelora.py):
@@ -8,8 +8,8 @@ float32 softmax of the top-k router logits (pesc/methods/moelora/modeling_moelor
 
 import functools
 
-from pesc.serving.vllm_sites import NativeSitesForCausalLM, StackedLoraExperts, add_lora_sites, renamer, \
-    top_k_softmax_gates
+from pesc.methods.vllm_sites import (NativeSitesForCausalLM, StackedLoraExperts, add_lora_sites, renamer,
+                                    top_k_softmax_gates)
 
 SITE_PREFIX = "moelora"
 

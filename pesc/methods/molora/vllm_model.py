@@ -1,5 +1,5 @@
 """MoLoRA as a native vLLM model: vLLM's own Llama / Mistral / Qwen2 decoder layers (fused q/k/v and gate/up kept),
-each site's router and LoRA experts stacked beside the fused linear it sits on (pesc.serving.vllm_sites); any
+each site's router and LoRA experts stacked beside the fused linear it sits on (pesc.methods.vllm_sites); any
 subset of the seven linears, as config `sites` says.
 
 Registered by `pesc.serving.vllm_plugin` for the architecture `MoLoRAForCausalLM`. Per token and site, with p the
@@ -12,7 +12,7 @@ import functools
 
 import torch
 
-from pesc.serving.vllm_sites import NativeSitesForCausalLM, StackedLoraExperts, add_lora_sites, renamer
+from pesc.methods.vllm_sites import NativeSitesForCausalLM, StackedLoraExperts, add_lora_sites, renamer
 
 SITE_PREFIX = "molora"
 TENSORS = {"router.weight": "router", "experts_A": "A", "experts_B": "B"}  # already in the stacked layouts

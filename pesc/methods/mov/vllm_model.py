@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pesc.serving.vllm_sites import NativeSitesForCausalLM, SitedLinear, renamer
+from pesc.methods.vllm_sites import NativeSitesForCausalLM, SitedLinear, renamer
 
 SITE_PREFIX = "mov"
 KEY_VALUE = ("k_proj", "v_proj")

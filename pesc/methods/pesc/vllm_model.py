@@ -2,7 +2,7 @@
 experts as stacked tensors (the fast path; the Transformers backend runs every method, slower).
 
 Registered by `pesc.serving.vllm_plugin` (the `vllm.general_plugins` entry point) for the architecture
-`PescForCausalLM`. Runs inside vLLM's environment: imports vLLM, torch and pesc.serving.vllm_sites (the family
+`PescForCausalLM`. Runs inside vLLM's environment: imports vLLM, torch and pesc.methods.vllm_sites (the family
 dispatch and top-k gates it shares with the other methods' native models).
 
 Per token, with F(x) the family's FFN output (vLLM's merged gate/up kernel), the k router picks and w their
@@ -21,7 +21,7 @@ from torch import nn
 from vllm.model_executor.models.llama import LlamaDecoderLayer, LlamaForCausalLM
 from vllm.model_executor.models.qwen2 import Qwen2DecoderLayer
 
-from pesc.serving.vllm_sites import family_model, top_k_softmax_gates
+from pesc.methods.vllm_sites import family_model, top_k_softmax_gates
 
 _EXPERT_TENSOR = re.compile(r"^experts\.expert_(\d+)\.adapter_(down|up)\.weight$")
 
