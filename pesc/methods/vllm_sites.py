@@ -119,7 +119,7 @@ def refuse_tensor_parallel(label: str) -> None:
     ranks = get_tensor_model_parallel_world_size()
     if ranks > 1:
         raise ValueError(f"pesc's native vLLM model for {label} runs on one tensor-parallel rank, not {ranks}: "
-                         "serve it with tensor_parallel_size=1 (pipeline parallelism works)")
+                         "serve it with tensor_parallel_size=1")
 
 
 class NativeSitesForCausalLM(LlamaForCausalLM):
