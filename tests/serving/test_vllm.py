@@ -3,17 +3,21 @@
 - Without vLLM: `AutoModel` of each method's checkpoint (remote code, pesc not importable) is the
   backbone whose last hidden state through the LM head is exactly the causal LM's logits, and it
   compiles as one graph for every token count (what vLLM traces).
-- Greedy tokens: for a tiny checkpoint of every method (PESC on Llama, Qwen2 and Mistral; MoV, MoLoRA,
-  MoELoRA and LoRAMoE on Llama; head_dim 64, as vLLM's CPU attention needs; added tensors
+- Greedy tokens: for tiny checkpoints of every method (PESC on Llama, Qwen2 and Mistral; MoV, MoLoRA,
+  MoELoRA and LoRAMoE on Llama and Qwen2; head_dim 64, as vLLM's CPU attention needs; added tensors
   perturbed, so the experts change the output: the dense model's tokens differ), one process in
-  the vLLM environment runs `LLM(...)` on each in turn (`model_impl="transformers"`), two prompts
-  batched; its tokens equal transformers generate here, prompt by prompt. The three PESC checkpoints
-  run again on pesc's native vLLM model (`model_impl="vllm"`: the plugin's PescForCausalLM); the
-  Llama one has its first layer's experts in two shards, as a large export's shard boundary can
-  put them (vLLM then loads that layer's experts in two calls).
+  the vLLM environment runs `LLM(...)` on each in turn, two prompts batched: the Llama and Mistral ones on
+  the Transformers backend (`model_impl="transformers"`), every one on pesc's native vLLM model
+  (`model_impl="vllm"`: the plugin's class, which the engine reports as its architecture); the tokens equal
+  transformers generate here, prompt by prompt. pesc-llama and each new method's Qwen2 checkpoint have
+  their first layer's added tensors in two shards, as a large export's shard boundary can put them (vLLM
+  then loads that layer's experts in two calls).
+- MoV's native FFN site, both forms (`ffn_site` "activation", the official one, and "down_proj_input"), against
+  a float64 reference written from the formula.
 - Two tensor-parallel ranks (CPU, one core each): the native PESC model and LoRAMoE (FFN sites) give the
   same tokens; MoELoRA (attention sites) is refused with one line, where it gave wrong tokens before, and
-  gives transformers' tokens on two pipeline stages.
+  gives transformers' tokens on two pipeline stages; the other methods' native models refuse two ranks in one
+  line.
 - A real server: one `vllm serve` of a tiny trained PESC export (random non-zero LoRA merged,
   routers and adapters; vLLM picks the native model, the plugin being installed) on 127.0.0.1,
   stopped at the end of the module: greedy tokens of a completion equal transformers generate; a chat completion sent by the `openai` client (run in
@@ -56,7 +60,18 @@ CHECKPOINTS = {
     "molora-llama": ("molora", "llama", {"num_experts": 3, "expert_rank": 2}),
     "moelora-llama": ("moelora", "llama", {"num_experts": 4}),
     "loramoe-llama": ("loramoe", "llama", {"num_experts": 4}),
+    # native only; sites other than the defaults: MoLoRA's top-k and a subset without k_proj and up_proj,
+    # LoRAMoE's with attention linears
+    "mov-qwen2": ("mov", "qwen2", {"num_experts": 3}),
+    "molora-qwen2": ("molora", "qwen2", {"num_experts": 3, "expert_rank": 2, "top_k": 2,
+                                         "sites": ["q_proj", "v_proj", "o_proj", "gate_proj", "down_proj"]}),
+    "moelora-qwen2": ("moelora", "qwen2", {"num_experts": 4}),
+    "loramoe-qwen2": ("loramoe", "qwen2", {"num_experts": 4, "sites": ["k_proj", "gate_proj", "up_proj", "down_proj"]}),
 }
+# run on vLLM's Transformers backend too
+BACKEND = ("pesc-llama", "pesc-qwen2", "pesc-mistral", "mov-llama", "molora-llama", "moelora-llama", "loramoe-llama")
+# the added tensors of their first layer in two shards
+SPLIT = ("pesc-llama", "mov-qwen2", "molora-qwen2", "moelora-qwen2", "loramoe-qwen2")
 
 OPENAI_CHAT = """
 import json, sys
@@ -69,11 +84,13 @@ choice = answer.choices[0]
 print(json.dumps({"text": choice.message.content, "token_ids": choice.model_extra["token_ids"]}))
 """
 
-# PESC checkpoints vLLM also runs with pesc's native model (pesc.methods.pesc.vllm_model, the plugin)
-NATIVE = ("pesc-llama", "pesc-qwen2", "pesc-mistral")
+# native vLLM model classes (pesc.methods.<method>.vllm_model, registered by the plugin)
+NATIVE_CLASS = {"pesc": "PescForCausalLM", "mov": "MoVForCausalLM", "molora": "MoLoRAForCausalLM",
+                "moelora": "MoELoraForCausalLM", "loramoe": "LoramoeForCausalLM"}
 
-# One process, one engine per run in turn (importing vLLM once): greedy tokens of every prompt, EOS ignored.
-# model_impl "transformers": the Transformers backend; "vllm": a native model (an error if none is registered).
+# One process, one engine per run in turn (importing vLLM once): greedy tokens of every prompt, EOS ignored, and
+# the architecture vLLM resolved. model_impl "transformers": the Transformers backend; "vllm": a native model (an
+# error if none is registered).
 VLLM_GREEDY = """
 import json, sys
 from vllm import LLM, SamplingParams
@@ -84,7 +101,8 @@ for name, folder, model_impl in spec["runs"]:
               model_impl=model_impl)
     params = SamplingParams(max_tokens=spec["new_tokens"], temperature=0, ignore_eos=True)
     outputs = llm.generate([{"prompt_token_ids": ids} for ids in spec["prompts"]], params, use_tqdm=False)
-    results[name] = [list(output.outputs[0].token_ids) for output in outputs]
+    results[name] = {"tokens": [list(output.outputs[0].token_ids) for output in outputs],
+                     "architecture": llm.llm_engine.model_config.architecture}
     del llm
 print("@@vllm-greedy@@" + json.dumps(results), flush=True)
 """
@@ -102,13 +120,17 @@ def _transformers_greedy(folder, input_ids: list[int], ignore_eos: bool = False)
     return generated[0, ids.shape[1]:].tolist()
 
 
-def split_layer_experts_across_shards(folder: Path, layer: int = 0) -> None:
-    """Move the second half of one layer's expert tensors into a shard of their own, listed last, as a large
-    export's shard boundary can fall: the native model's load_weights then gets that layer's experts in two calls."""
+def split_layer_experts_across_shards(folder: Path, method: str, layer: int = 0) -> None:
+    """Move the second half (by name) of one layer's added tensors into a shard of their own, listed last, as a
+    large export's shard boundary can fall: the native model's load_weights then gets that layer's experts in two
+    calls (for PESC: experts 2 and 3 and the router after experts 0 and 1; for the sites on one of vLLM's fused
+    linears: some sites' tensors, or some of a site's, after the others)."""
+    from pesc.methods import METHODS
+
     index_path = folder / "model.safetensors.index.json"
     index = json.loads(index_path.read_text())
-    prefix = f"model.layers.{layer}.mlp.moe_adapter.experts."
-    names = sorted((n for n in index["weight_map"] if n.startswith(prefix)), key=lambda n: int(n.split(".")[6][7:]))
+    prefix = f"model.layers.{layer}."
+    names = sorted(n for n in index["weight_map"] if n.startswith(prefix) and METHODS[method].is_added(n))
     moved = names[len(names) // 2:]
     source = folder / index["weight_map"][moved[0]]
     tensors = load_file(source)
@@ -118,31 +140,41 @@ def split_layer_experts_across_shards(folder: Path, layer: int = 0) -> None:
     index_path.write_text(json.dumps(index, indent=2))
 
 
+def vllm_test_environment() -> dict:
+    """vLLM's environment, importing the pesc under test (its plugin and native models), whichever checkout the
+    vLLM environment has installed."""
+    import pesc
+
+    return dict(vllm_environment(), PYTHONPATH=str(Path(pesc.__file__).resolve().parents[1]))
+
+
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
-    """{name: (checkpoint folder, its dense model's folder)} for every entry of CHECKPOINTS; pesc-llama's first
-    layer has its experts in two shards."""
+    """{name: (checkpoint folder, its dense model's folder)} for every entry of CHECKPOINTS; those in SPLIT have
+    their first layer's added tensors in two shards."""
     root = tmp_path_factory.mktemp("vllm-checkpoints")
     dense = {family: save_tiny_dense(root / f"dense-{family}", family, **SERVE_SHAPE)
              for family in {family for _, family, _ in CHECKPOINTS.values()}}
     made = {name: (save_perturbed_checkpoint(dense[family], root / name, method, scale=0.5, **settings), dense[family])
             for name, (method, family, settings) in CHECKPOINTS.items()}
-    split_layer_experts_across_shards(made["pesc-llama"][0])
+    for name in SPLIT:
+        split_layer_experts_across_shards(made[name][0], CHECKPOINTS[name][0])
     return made
 
 
 @pytest.fixture(scope="module")
 def vllm_greedy(checkpoints, tmp_path_factory):
-    """{run: greedy tokens of each prompt} from vLLM, every checkpoint through the Transformers backend (run: its
-    name) and the NATIVE ones through pesc's native model too (run: name + "+native"), in turn in one process."""
+    """{run: {"tokens": greedy tokens of each prompt, "architecture": the one vLLM resolved}} from vLLM, the BACKEND
+    checkpoints through the Transformers backend (run: the name) and every one through pesc's native model (run:
+    name + "+native"), in turn in one process."""
     require_vllm()
-    runs = [(name, str(folder), "transformers") for name, (folder, _) in checkpoints.items()]
-    runs += [(name + "+native", str(checkpoints[name][0]), "vllm") for name in NATIVE]
+    runs = [(name, str(checkpoints[name][0]), "transformers") for name in BACKEND]
+    runs += [(name + "+native", str(folder), "vllm") for name, (folder, _) in checkpoints.items()]
     spec = {"runs": runs, "prompts": PROMPTS, "new_tokens": NEW_TOKENS}
     log = tmp_path_factory.mktemp("vllm-greedy") / "vllm.log"
     with open(log, "w") as output:
         completed = subprocess.run([str(vllm_python()), "-c", VLLM_GREEDY, json.dumps(spec)], stdout=subprocess.PIPE,
-                                   stderr=output, text=True, timeout=1800, env=vllm_environment())
+                                   stderr=output, text=True, timeout=1800, env=vllm_test_environment())
     assert completed.returncode == 0, log.read_text()[-5000:]
     return json.loads(completed.stdout.rpartition("@@vllm-greedy@@")[2])
 
@@ -155,20 +187,62 @@ def reference_greedy(checkpoints):
             for name, (folder, dense) in checkpoints.items()}
 
 
-@pytest.mark.parametrize("name", list(CHECKPOINTS))
+@pytest.mark.parametrize("name", BACKEND)
 def test_vllm_greedy_tokens_equal_transformers(name, reference_greedy, vllm_greedy):
     expected, dense = reference_greedy[name]
     # the experts act: a vLLM that ran the dense model (experts dropped or never called) would fail below
     assert expected != dense
-    assert vllm_greedy[name] == expected, f"{name}: vLLM greedy {vllm_greedy[name]} != transformers {expected}"
+    tokens = vllm_greedy[name]["tokens"]
+    assert tokens == expected, f"{name}: vLLM greedy {tokens} != transformers {expected}"
+    assert vllm_greedy[name]["architecture"].startswith("Transformers"), vllm_greedy[name]["architecture"]
 
 
-@pytest.mark.parametrize("name", NATIVE)
+@pytest.mark.parametrize("name", list(CHECKPOINTS))
 def test_native_vllm_model_greedy_tokens_equal_transformers(name, reference_greedy, vllm_greedy):
-    """pesc's native vLLM model (vLLM's own decoder layers, stacked experts) on a PESC checkpoint."""
-    expected, _ = reference_greedy[name]
+    """pesc's native vLLM model of the checkpoint's method (vLLM's own decoder layers, stacked experts)."""
+    expected, dense = reference_greedy[name]
+    assert expected != dense  # the experts act
     native = vllm_greedy[name + "+native"]
-    assert native == expected, f"{name}: native vLLM greedy {native} != transformers {expected}"
+    assert native["architecture"] == NATIVE_CLASS[CHECKPOINTS[name][0]]
+    assert native["tokens"] == expected, f"{name}: native vLLM greedy {native['tokens']} != transformers {expected}"
+
+
+# MoV's native FFN site in both forms against float64 from the formula (official MLP block: a = act(gate x),
+# p = softmax(R r) with r = a ("activation") or a * up(x) ("down_proj_input"), y = a * (sum_e p_e l_e) * up(x)).
+MOV_FFN_FORMS = """
+import json
+import torch
+import torch.nn.functional as F
+from pesc.methods.mov.vllm_model import MoVFeedForwardScaling
+generator = torch.Generator().manual_seed(0)
+width, experts, tokens = 32, 3, 6
+gate_up = torch.randn(tokens, 2 * width, generator=generator)
+router = torch.randn(experts, width, generator=generator)
+vectors = 1 + 0.5 * torch.randn(1, experts, width, generator=generator)
+errors = {}
+for form, site_name in (("activation", "act_fn"), ("down_proj_input", "down_proj")):
+    site = MoVFeedForwardScaling(width, experts, routes_on_activation=form == "activation")
+    site.load_weights([(f"mov_{site_name}.router.weight", router), (f"mov_{site_name}.vectors", vectors)])
+    gate, up = gate_up.double().chunk(2, dim=-1)
+    activation = gate * torch.sigmoid(gate)
+    routed = activation if form == "activation" else activation * up
+    merged = torch.softmax(routed @ router.double().t(), dim=-1) @ vectors[0].double()
+    expected = activation * merged * up
+    errors[form] = ((site(gate_up).double() - expected).abs().max() / expected.abs().max()).item()
+print("@@errors@@" + json.dumps(errors))
+"""
+
+
+def test_native_mov_ffn_site_both_forms_equal_float64():
+    require_vllm()
+    completed = subprocess.run([str(vllm_python()), "-c", MOV_FFN_FORMS], capture_output=True, text=True,
+                               timeout=300, env=vllm_test_environment())
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    errors = json.loads(completed.stdout.rpartition("@@errors@@")[2])
+    # float32 against float64: each output is a few float32 roundings (silu, products, a 3-term softmax, a
+    # 3-term merge, a 32-term router dot product): well under 1e-5 of the largest output; the other form's
+    # routing differs by O(0.1)
+    assert errors == {form: pytest.approx(0, abs=1e-5) for form in ("activation", "down_proj_input")}, errors
 
 
 # Two tensor- or pipeline-parallel ranks (one core each) on one prompt: greedy tokens, or the error that stopped
@@ -190,7 +264,7 @@ if __name__ == "__main__":
 def _two_ranks(folder, model_impl: str, tmp_path, parallel: str = "tensor") -> tuple[int, str]:
     script = tmp_path / "two_ranks.py"  # a file: vLLM's worker processes re-import the main module
     script.write_text(VLLM_TWO_RANKS)
-    env = dict(vllm_environment(), VLLM_CPU_OMP_THREADS_BIND="0|1", CUDA_VISIBLE_DEVICES="")
+    env = dict(vllm_test_environment(), VLLM_CPU_OMP_THREADS_BIND="0|1", CUDA_VISIBLE_DEVICES="")
     completed = subprocess.run([str(vllm_python()), str(script), str(folder), model_impl, json.dumps(PROMPT_IDS),
                                 str(NEW_TOKENS), parallel], capture_output=True, text=True, timeout=900, env=env,
                                cwd=tmp_path)  # fmt: skip
@@ -227,10 +301,23 @@ def test_attention_sites_refuse_two_tensor_parallel_ranks_and_run_on_two_pipelin
             "ranks: serve it with tensor_parallel_size=1") in output
 
 
-def test_every_method_has_a_vllm_checkpoint():
+def test_native_models_of_the_lora_and_vector_methods_refuse_two_tensor_parallel_ranks(checkpoints, tmp_path):
+    """Their routers read whole inputs (q/k/v, gate/up, down's) that vLLM would split across ranks: one line naming
+    the fix (LoRAMoE's default FFN sites run on two ranks on the Transformers backend, above)."""
+    require_vllm()
+    code, output = _two_ranks(checkpoints["loramoe-llama"][0], "vllm", tmp_path)
+    assert code != 0 and "@@tokens@@" not in output
+    assert ("pesc's native vLLM model for LoRAMoE runs on one tensor-parallel rank, not 2: serve it with "
+            "tensor_parallel_size=1") in output
+
+
+def test_every_method_has_a_vllm_checkpoint_and_a_native_model():
     from pesc.methods import METHODS
 
     assert {method for method, _, _ in CHECKPOINTS.values()} == set(METHODS)
+    assert {name: method.vllm_model.rsplit(":", 1)[1] for name, method in METHODS.items()} == NATIVE_CLASS
+    for family in ("llama", "qwen2"):  # every method's native model is tested on both families
+        assert {method for method, f, _ in CHECKPOINTS.values() if f == family} == set(METHODS), family
 
 
 # (parent in the decoder layer, linear) that each method's default sites include (PESC: a linear it leaves alone)

@@ -65,6 +65,7 @@ class Loramoe(Method):
                 "group); towards_own_group: 1 - delta (pulls it onto the group)"),
     )
     import_commands = {"loramoe": "pesc.methods.loramoe.import_command:import_loramoe"}
+    vllm_model = "pesc.methods.loramoe.vllm_model:LoramoeForCausalLM"
     prefix = "loramoe_"
     sample_fields = (
         TaskTypeField("task_type", values=TASK_TYPE_NAMES, required=True,

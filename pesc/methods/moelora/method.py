@@ -33,6 +33,7 @@ class MoELora(Method):
         Setting("contrastive_sample_size", (int,), "tokens per site and step the contrastive loss samples"),
         Setting("contrastive_form", (str,), "which contrastive loss (same_expert)"),
     )
+    vllm_model = "pesc.methods.moelora.vllm_model:MoELoraForCausalLM"
     prefix = "moelora_"
     card_tags = ("moelora", "lora-experts")
 

@@ -31,6 +31,7 @@ class MoLoRA(Method):
                 "router) or divided by their sum (renormalized)", config_field="router_topk_weights", structural=True),
         Setting("router_jitter", (int, float), "multiplicative U(1-j, 1+j) noise on router inputs in training"),
     )
+    vllm_model = "pesc.methods.molora.vllm_model:MoLoRAForCausalLM"
     prefix = "molora_"
     card_tags = ("molora", "lora-experts", "soft-merging")
 

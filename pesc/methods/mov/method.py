@@ -24,6 +24,7 @@ class MoV(Method):
                 "act(gate(x)), before the product with up(x)) or down_proj_input (pesc 0.1.0: act(gate(x)) * up(x))",
                 structural=True),
     )
+    vllm_model = "pesc.methods.mov.vllm_model:MoVForCausalLM"
     prefix = "mov_"
     card_tags = ("mov", "ia3", "soft-merging")
 

@@ -2,7 +2,8 @@
 experts as stacked tensors (the fast path; the Transformers backend runs every method, slower).
 
 Registered by `pesc.serving.vllm_plugin` (the `vllm.general_plugins` entry point) for the architecture
-`PescForCausalLM`. Runs inside vLLM's environment: imports vLLM and torch, nothing of pesc.
+`PescForCausalLM`. Runs inside vLLM's environment: imports vLLM, torch and pesc.methods.vllm_sites (the family
+dispatch and top-k gates it shares with the other methods' native models).
 
 Per token, with F(x) the family's FFN output (vLLM's merged gate/up kernel), the k router picks and w their
 float32 softmax weights (arXiv 2401.02731, Eq. 7-10; pesc/methods/pesc/modeling_pesc.py):
@@ -17,8 +18,10 @@ from collections.abc import Iterable
 import torch
 import torch.nn.functional as F
 from torch import nn
-from vllm.model_executor.models.llama import LlamaDecoderLayer, LlamaForCausalLM, LlamaModel
-from vllm.model_executor.models.qwen2 import Qwen2DecoderLayer, Qwen2Model
+from vllm.model_executor.models.llama import LlamaDecoderLayer, LlamaForCausalLM
+from vllm.model_executor.models.qwen2 import Qwen2DecoderLayer
+
+from pesc.methods.vllm_sites import family_model, top_k_softmax_gates
 
 _EXPERT_TENSOR = re.compile(r"^experts\.expert_(\d+)\.adapter_(down|up)\.weight$")
 
@@ -39,9 +42,7 @@ class PescExperts(nn.Module):
 
     def forward(self, router_input: torch.Tensor, ffn_output: torch.Tensor) -> torch.Tensor:
         logits = F.linear(router_input.to(self.router.weight.dtype), self.router.weight)
-        top_logits, selected = torch.topk(logits, self.top_k, dim=-1)
-        weights = torch.softmax(top_logits, dim=-1, dtype=torch.float32)
-        gates = torch.zeros_like(logits, dtype=torch.float32).scatter(-1, selected, weights) * self.scaling
+        gates = top_k_softmax_gates(logits, self.top_k) * self.scaling
         rows = ffn_output.to(self.down.dtype)
         hidden = F.gelu(F.linear(rows, self.down)).view(-1, self.num_experts, self.adapter_dim)
         hidden = (hidden * gates.to(rows.dtype).unsqueeze(-1)).view(rows.shape[0], -1)
@@ -97,13 +98,7 @@ class PescForCausalLM(LlamaForCausalLM):
     """A PESC checkpoint (config `base_model_type` llama, mistral or qwen2) on vLLM's own layers."""
 
     def _init_model(self, vllm_config, prefix: str = "", layer_type=None):
-        family = vllm_config.model_config.hf_config.base_model_type
-        if family in ("llama", "mistral"):
-            return LlamaModel(vllm_config=vllm_config, prefix=prefix, layer_type=PescLlamaDecoderLayer)
-        if family == "qwen2":
-            return Qwen2Model(vllm_config=vllm_config, prefix=prefix, decoder_layer_type=PescQwen2DecoderLayer)
-        raise ValueError(f"pesc's native vLLM model runs llama, mistral and qwen2 PESC checkpoints, not {family!r}: "
-                         "serve it with --model-impl transformers")
+        return family_model(vllm_config, prefix, PescLlamaDecoderLayer, PescQwen2DecoderLayer, "PESC")
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """The dense FFN's tensors sit one level down here (`mlp.dense_mlp.`): renamed on the way in."""
