@@ -114,6 +114,15 @@ def _available_memory() -> int:
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
+def check_decoder_only(folder: Path, config: dict) -> None:
+    """Refuse an encoder-decoder (a T5 export): vLLM serves no T5, natively or through its Transformers backend
+    (its encoder-decoders are Whisper and, by a plugin, BART: docs/serving.md), so it would fail after minutes."""
+    if config.get("is_encoder_decoder"):
+        raise PescError(f"{folder} is an encoder-decoder ({config.get('base_model_type') or config.get('model_type')}): "
+                        "vLLM cannot serve T5 models; generate with `pesc generate` or transformers' "
+                        "AutoModelForSeq2SeqLM instead")
+
+
 def check_vllm_args(args: tuple[str, ...]) -> None:
     """Refuse, after `--`, an option pesc serve sets itself (vLLM would take the last one given: the printed URL,
     dtype or folder would then be wrong)."""
@@ -189,6 +198,7 @@ def serve(folder: str | Path, *, host: str = "127.0.0.1", port: int = 8000, dtyp
     folder = Path(folder)
     check_model_folder(folder, trust_remote_code)  # config.json, complete weights, code only where trusted
     config = json.loads((folder / "config.json").read_text())
+    check_decoder_only(folder, config)
     check_vllm_args(vllm_args)
     trust = vllm_trusts_folder(folder, config, trust_remote_code)
     dtype, notice = serving_dtype(config, dtype)

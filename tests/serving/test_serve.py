@@ -71,6 +71,17 @@ def test_a_folder_without_config_is_one_line(capsys, tmp_path):
 
 
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="this Python has vLLM")
+def test_a_t5_export_is_one_line(capsys, tmp_path):
+    """vLLM serves no T5: refused before vLLM is even looked for (this machine may have none)."""
+    from pesc.testing.tiny_t5 import save_tiny_t5
+
+    folder = tmp_path / "mov-t5"
+    code, _, err = run_cli(capsys, "convert", save_tiny_t5(tmp_path / "t5", "t5-v1.1"), folder, "--method", "mov")
+    assert code == 0, err
+    assert_clean_error(*run_cli(capsys, "serve", folder)[::2], "is an encoder-decoder (t5)",
+                       "vLLM cannot serve T5 models", "pesc generate")
+
+
 def test_no_vllm_is_one_line(capsys, monkeypatch, tmp_path, pesc_checkpoint):
     monkeypatch.setenv("PESC_VLLM_VENV", str(tmp_path / "no-venv"))
     assert_clean_error(*run_cli(capsys, "serve", pesc_checkpoint)[::2], "no vLLM to serve with",

@@ -11,7 +11,8 @@
   (`model_impl="vllm"`: the plugin's class, which the engine reports as its architecture); the tokens equal
   transformers generate here, prompt by prompt. pesc-llama and each new method's Qwen2 checkpoint have
   their first layer's added tensors in two shards, as a large export's shard boundary can put them (vLLM
-  then loads that layer's experts in two calls).
+  then loads that layer's experts in two calls). MoV on Llama has the official FFN site (`ffn_site`
+  "activation"), on Qwen2 pesc 0.1.0's; the new methods' Qwen2 runs skip vLLM's compile (EAGER).
 - MoV's native FFN site, both forms (`ffn_site` "activation", the official one, and "down_proj_input"), against
   a float64 reference written from the formula.
 - Two tensor-parallel ranks (CPU, one core each): the native PESC model and LoRAMoE (FFN sites) give the
@@ -62,7 +63,7 @@ CHECKPOINTS = {
     "loramoe-llama": ("loramoe", "llama", {"num_experts": 4}),
     # native only; sites other than the defaults: MoLoRA's top-k and a subset without k_proj and up_proj,
     # LoRAMoE's with attention linears
-    "mov-qwen2": ("mov", "qwen2", {"num_experts": 3}),
+    "mov-qwen2": ("mov", "qwen2", {"num_experts": 3, "ffn_site": "down_proj_input"}),  # pesc 0.1.0's FFN form
     "molora-qwen2": ("molora", "qwen2", {"num_experts": 3, "expert_rank": 2, "top_k": 2,
                                          "sites": ["q_proj", "v_proj", "o_proj", "gate_proj", "down_proj"]}),
     "moelora-qwen2": ("moelora", "qwen2", {"num_experts": 4}),
@@ -72,6 +73,9 @@ CHECKPOINTS = {
 BACKEND = ("pesc-llama", "pesc-qwen2", "pesc-mistral", "mov-llama", "molora-llama", "moelora-llama", "loramoe-llama")
 # the added tensors of their first layer in two shards
 SPLIT = ("pesc-llama", "mov-qwen2", "molora-qwen2", "moelora-qwen2", "loramoe-qwen2")
+# native runs without vLLM's compile (enforce_eager): each method's site modules are compiled in its Llama run, and
+# the compile costs about 30 s an engine on 2 CPU cores (pesc-qwen2 stays compiled: PESC's Qwen2 layer)
+EAGER = ("mov-qwen2", "molora-qwen2", "moelora-qwen2", "loramoe-qwen2")
 
 OPENAI_CHAT = """
 import json, sys
@@ -96,9 +100,9 @@ import json, sys
 from vllm import LLM, SamplingParams
 spec = json.loads(sys.argv[1])
 results = {}
-for name, folder, model_impl in spec["runs"]:
+for name, folder, model_impl, eager in spec["runs"]:
     llm = LLM(folder, trust_remote_code=True, dtype="float32", max_model_len=256, kv_cache_memory_bytes=64 << 20,
-              model_impl=model_impl)
+              model_impl=model_impl, enforce_eager=eager)
     params = SamplingParams(max_tokens=spec["new_tokens"], temperature=0, ignore_eos=True)
     outputs = llm.generate([{"prompt_token_ids": ids} for ids in spec["prompts"]], params, use_tqdm=False)
     results[name] = {"tokens": [list(output.outputs[0].token_ids) for output in outputs],
@@ -168,8 +172,8 @@ def vllm_greedy(checkpoints, tmp_path_factory):
     checkpoints through the Transformers backend (run: the name) and every one through pesc's native model (run:
     name + "+native"), in turn in one process."""
     require_vllm()
-    runs = [(name, str(checkpoints[name][0]), "transformers") for name in BACKEND]
-    runs += [(name + "+native", str(folder), "vllm") for name, (folder, _) in checkpoints.items()]
+    runs = [(name, str(checkpoints[name][0]), "transformers", False) for name in BACKEND]
+    runs += [(name + "+native", str(folder), "vllm", name in EAGER) for name, (folder, _) in checkpoints.items()]
     spec = {"runs": runs, "prompts": PROMPTS, "new_tokens": NEW_TOKENS}
     log = tmp_path_factory.mktemp("vllm-greedy") / "vllm.log"
     with open(log, "w") as output:
