@@ -2,6 +2,7 @@
 
 import difflib
 import logging
+from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 
@@ -59,6 +60,40 @@ def check_tasks(tasks: list[SuiteTask], include_path: str | None, confirm_run_un
     check_task_data(manager, [spec.task for spec in tasks])
 
 
+def backend(model) -> str:
+    """lm-eval's HFLM backend for the model: "seq2seq" for an encoder-decoder (T5: the context goes to the encoder,
+    the continuation is scored by the decoder), else "causal" (context and continuation as one sequence)."""
+    return "seq2seq" if getattr(model.config, "is_encoder_decoder", False) else "causal"
+
+
+@contextmanager
+def _weights_as_loaded(model):
+    """Keep HFLM from re-tying the model's weights: it calls `model.tie_weights()` on a model object, and
+    transformers 5 reads every T5 config as tied (tie_word_embeddings true even where config.json says false), so
+    the call would overwrite the LM head of a T5 v1.1 / Flan-T5 / mT5 with the input embedding. from_pretrained
+    has tied what the checkpoint ties already."""
+    model.tie_weights = lambda *args, **kwargs: None
+    try:
+        yield
+    finally:
+        del model.tie_weights
+
+
+def harness_model(eval_model, batch_size: int = 1):
+    """lm-eval's HFLM around the loaded model (a peft model for a run), with the backend its config asks for."""
+    from lm_eval.models.huggingface import HFLM
+
+    hf_logger = logging.getLogger("lm_eval.models.huggingface")
+    level = hf_logger.level
+    hf_logger.setLevel(logging.ERROR)  # its warnings about a model object passed in are for launcher scripts, not us
+    try:
+        with _weights_as_loaded(eval_model.model):
+            return HFLM(pretrained=eval_model.model, tokenizer=eval_model.tokenizer, batch_size=batch_size,
+                        backend=backend(eval_model.model))
+    finally:
+        hf_logger.setLevel(level)
+
+
 def evaluate(
     eval_model,
     tasks: list[SuiteTask],
@@ -71,15 +106,8 @@ def evaluate(
     """lm-eval's results for the model (lm-eval shows a progress bar per request type); one
     `simple_evaluate` per distinct shot count, merged into one results dict."""
     import lm_eval
-    from lm_eval.models.huggingface import HFLM
 
-    hf_logger = logging.getLogger("lm_eval.models.huggingface")
-    level = hf_logger.level
-    hf_logger.setLevel(logging.ERROR)  # its warnings about a model object passed in are for launcher scripts, not us
-    try:
-        lm = HFLM(pretrained=eval_model.model, tokenizer=eval_model.tokenizer, batch_size=batch_size, backend="causal")
-    finally:
-        hf_logger.setLevel(level)
+    lm = harness_model(eval_model, batch_size)
     merged: dict = {}
     for shots in dict.fromkeys(spec.num_fewshot for spec in tasks):
         names = [spec.task for spec in tasks if spec.num_fewshot == shots]
