@@ -136,7 +136,6 @@ def test_a_t5_training_run_evaluates_as_trained(t5_models, tasks_dir, tmp_path):
     }
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
     final = train(str(tmp_path / "config.yaml"))
-    t5_tokenizer().save_pretrained(final.parent)  # the run's tokenizer as a real T5's (EOS appended)
     exported = export(final.parent, tmp_path / "export", dtype="float32", log=lambda message: None)
     run = per_sample(final.parent, tasks_dir, "capitals")["capitals"]
     merged = per_sample(exported, tasks_dir, "capitals")["capitals"]
