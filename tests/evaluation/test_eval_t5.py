@@ -31,16 +31,15 @@ TASKS = "capitals,capitals_gen"
 @pytest.fixture(scope="module")
 def tasks_dir(tmp_path_factory):
     """docs/eval.md's capitals task (its data path absolute, so the tests run from any folder) and a generate_until
-    task over the same rows: the greedy answer (at most 4 tokens, up to a newline) against the right capital."""
+    task over the same rows: the greedy answer (up to a newline) against the right capital."""
     folder = tmp_path_factory.mktemp("tasks")
     capitals = yaml.safe_load((EXAMPLE / "capitals.yaml").read_text())
     capitals["dataset_kwargs"]["data_files"]["test"] = str(EXAMPLE / "capitals.jsonl")
     (folder / "capitals.yaml").write_text(yaml.safe_dump(capitals))
     generate = {key: capitals[key] for key in ("dataset_path", "dataset_kwargs", "test_split")}
-    # a short prompt: lm-eval's seq2seq backend lets the decoder run to the prompt's length + max_gen_toks tokens
+    # a short prompt and 2 tokens: lm-eval's seq2seq backend lets the decoder run to the prompt's length + max_gen_toks
     generate.update(task="capitals_gen", output_type="generate_until", doc_to_target="{{choices[label]}}",
-                    doc_to_text="Capital of {{country}}:",
-                    generation_kwargs={"until": ["\n"], "max_gen_toks": 4, "do_sample": False},
+                    doc_to_text="{{country}}", generation_kwargs={"until": ["\n"], "max_gen_toks": 2, "do_sample": False},
                     metric_list=[{"metric": "exact_match", "aggregation": "mean", "higher_is_better": True}])
     (folder / "capitals_gen.yaml").write_text(yaml.safe_dump(generate))
     return folder
@@ -71,7 +70,7 @@ def per_sample(path, tasks_dir, tasks=TASKS) -> dict:
     (generate_until), from lm-eval's logged samples of pesc's model object."""
     from lm_eval.tasks import TaskManager
 
-    lm = harness_model(load_eval_model(path))
+    lm = harness_model(load_eval_model(path), batch_size=4)
     assert lm.backend == "seq2seq"
     results = lm_eval.simple_evaluate(model=lm, tasks=tasks.split(","), log_samples=True,
                                       task_manager=TaskManager(include_path=str(tasks_dir), include_defaults=False))
@@ -85,6 +84,7 @@ def test_a_mov_t5_at_init_scores_every_sample_as_its_dense_t5(t5_models, tasks_d
     mov, dense = per_sample(t5_models["mov"], tasks_dir), per_sample(t5_models["dense"], tasks_dir)
     assert [len(mov[task]) for task in TASKS.split(",")] == [QUESTIONS, QUESTIONS]
     assert all(len(choices) == 4 for choices in mov["capitals"])  # one loglikelihood per capital offered
+    assert all(answer[0] for answer in mov["capitals_gen"])  # something generated, to be compared
     assert mov == dense
 
 
@@ -122,8 +122,9 @@ def test_eval_of_a_t5_with_a_dense_baseline_end_to_end(t5_models, tasks_dir, tmp
 
 
 def test_a_t5_training_run_evaluates_as_trained(t5_models, tasks_dir, tmp_path):
-    """A 2-step MoV run on the tiny T5 is evaluated from its run folder (base + trained vectors and routers); its
-    choices' loglikelihoods equal those of its float32 export and differ from the dense T5's (the training counts)."""
+    """A 2-step MoV run on the tiny T5 is evaluated from its run folder (base + trained vectors and routers), by
+    `pesc eval RUN` too; its choices' loglikelihoods equal those of its float32 export and differ from the dense
+    T5's (the training counts)."""
     from pesc.export import export
     from pesc.training import train
 
@@ -136,6 +137,10 @@ def test_a_t5_training_run_evaluates_as_trained(t5_models, tasks_dir, tmp_path):
     }
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
     final = train(str(tmp_path / "config.yaml"))
+    main(["eval", str(final.parent), "--tasks", "capitals", "--include-path", str(tasks_dir), "--out",
+          str(tmp_path / "eval"), "--limit", "2"])
+    results = json.loads((tmp_path / "eval" / "results.json").read_text())
+    assert results["pesc"]["kind"] == "training checkpoint" and results["n-samples"]["capitals"]["effective"] == 2
     exported = export(final.parent, tmp_path / "export", dtype="float32", log=lambda message: None)
     run = per_sample(final.parent, tasks_dir, "capitals")["capitals"]
     merged = per_sample(exported, tasks_dir, "capitals")["capitals"]
