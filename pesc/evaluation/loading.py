@@ -83,7 +83,13 @@ def load_eval_model(
     if kind == "folder":
         if load_in_4bit:
             raise PescError("--load-in-4bit is for training runs (their base as trained); a model folder loads as saved")
-        model = load_causal_lm(path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code).to(device)
+        from transformers import AutoModelForSeq2SeqLM
+
+        from pesc.generate import is_encoder_decoder
+
+        auto_class = AutoModelForSeq2SeqLM if is_encoder_decoder(path) else None  # a T5's folder
+        model = load_causal_lm(path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code,
+                               auto_class=auto_class).to(device)
         tokenizer = load_source_tokenizer(path, trust_remote_code) if tokenizer is None else tokenizer
         description["kind"] = "model folder"
         return EvalModel(model, tokenizer, description)
