@@ -460,3 +460,19 @@ def test_t5_entropy_has_a_row_per_part(t5_mov, data_dir, tmp_path, monkeypatch):
             rows.setdefault(round(axes.get_position().y0, 3), set()).add(axes.get_ylabel().partition(":")[0])
     assert sorted(rows.values(), key=sorted) == [{"cross-attention"}, {"decoder"}, {"encoder"}]
     assert drawn["entropy.png"].get_size_inches().tolist() == [0.5 + 3.5 * 9, 3.5 * 3]  # decoder: 8 heads' + ffn
+
+
+def test_t5_routes_read_input_target_rows(t5_mov, tmp_path):
+    """P3 / T0-style rows (`--type input_target`): the encoder counts the inputs' tokens, the decoder the targets'."""
+    from transformers import AutoTokenizer
+
+    rows = [{"input": "What is 2 + 2?", "target": "4"}, {"input": "Say the first letter of 'earth'.", "target": "e"}]
+    data = tmp_path / "sums.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    main(["routes", str(t5_mov), "--data", str(data), "--type", "input_target", "--out", str(tmp_path / "out")])
+    sites = json.loads((tmp_path / "out" / "routes.json").read_text())["sites"]
+    tokenizer = AutoTokenizer.from_pretrained(t5_mov)
+    count = lambda key: sum(len(tokenizer(row[key], add_special_tokens=False)["input_ids"]) + 1 for row in rows)  # noqa: E731
+    assert sites["encoder.ffn.act"]["tasks"]["sums"]["tokens"] == count("input")
+    assert sites["decoder.cross_attn.k.head0"]["tasks"]["sums"]["tokens"] == count("input")
+    assert sites["decoder.ffn.act"]["tasks"]["sums"]["tokens"] == count("target")
