@@ -32,6 +32,8 @@ grouped-query heads, head_dim 64, plus the FFN), its weights frozen as training 
     python bench/moe_layer.py --methods mov molora --dtype float32 --hidden 1024 2048
     python bench/moe_layer.py --methods moelora --hidden 1024 2048   # one MoELoRA site (moe_layer_moelora.py)
     python bench/moe_layer.py --methods loramoe --dtype float32 bfloat16   # LoRAMoE's three FFN sites (moe_layer_loramoe.py)
+
+MoV and MoLoRA on a T5 v1.1 block (encoder, or decoder with cross-attention): bench/moe_layer_t5.py, on these helpers.
 """
 
 import argparse
@@ -380,14 +382,20 @@ def molora_variants(layer, experts: int, rank: int, alpha: float, generator: tor
 
 def with_sites(layer, rope, hooks):
     """The decoder layer with `hooks` ([(linear, "output" | "input", hook)]) on their linears for the call."""
+    return with_hooks(lambda hidden_states: layer(hidden_states, position_embeddings=rope), hooks)
+
+
+def with_hooks(call, hooks):
+    """`call` (hidden states -> a layer's output) with `hooks` ([(module, "output" | "input", hook)]) on their modules
+    for the call; the layer's hidden states alone come back (a tuple's first)."""
 
     def forward(hidden_states):
         handles = [
-            linear.register_forward_hook(hook) if position == "output" else linear.register_forward_pre_hook(hook)
-            for linear, position, hook in hooks
+            module.register_forward_hook(hook) if position == "output" else module.register_forward_pre_hook(hook)
+            for module, position, hook in hooks
         ]
         try:
-            out = layer(hidden_states, position_embeddings=rope)
+            out = call(hidden_states)
         finally:
             for handle in handles:
                 handle.remove()

@@ -416,8 +416,9 @@ def eval_command(model, out, **options):
               help="A data file in a training format (pesc:NAME: demo data shipped with pesc); TASK= names its task "
               "(files may share one). Repeatable.")
 @click.option("--out", required=True, type=click.Path(path_type=str), help="Output folder (must not exist).")
-@click.option("--type", "data_type", type=click.Choice(["messages", "sharegpt", "alpaca", "camelidae"]),
-              default="messages", show_default=True, help="Format of every --data file.")
+@click.option("--type", "data_type",
+              type=click.Choice(["messages", "sharegpt", "alpaca", "camelidae", "input_target"]),
+              default="messages", show_default=True, help="Format of every --data file (input_target: P3 / T0 rows).")
 @click.option("--chat-template", help="camelidae, chatml or a Jinja string (default: as MODEL was trained, else the "
               "tokenizer's own).")
 @click.option("--sequence-len", type=int, help="Truncate rows to N tokens (default: the run's, else 2048).")

@@ -12,12 +12,15 @@ Sizes are fixed by the numbers drawn (DPI 100), so a picture never depends on th
   around ln E (at least ln E ± 5%, never from 0 unless the data go there), a panel per site: (0.5 + 3.5 * sites) x 3.5;
 - `expert_groups.png`: per task, the share of router mass on each expert group (mean over layers),
   stacked, a panel per site: (0.5 + 3.5 * sites) x 3.5.
+An encoder-decoder's entropy and group panels are in a row per part (encoder, cross-attention, decoder):
+(0.5 + 3.5 * the most sites of a part) x (3.5 * parts).
 """
 
 import math
 from pathlib import Path
 
 from pesc.plot_limits import reference_limits
+from pesc.routing_analysis.records import SITE_PARTS, site_part
 from pesc.routing_analysis.tally import SiteStats
 
 DPI = 100
@@ -31,6 +34,28 @@ def _figure(width: float, height: float):
     figure = Figure(figsize=(width, height), dpi=DPI, layout="constrained")
     FigureCanvasAgg(figure)
     return figure
+
+
+def _site_panels(sites: list[str]):
+    """(figure, [(site, axes)]): a panel per site, 3.5 x 3.5 inches; an encoder-decoder's in a row per part (encoder,
+    cross-attention, decoder, in SITE_PARTS' order), so the stacks never share a row; a decoder-only model's in one."""
+    order = [part for _, part in SITE_PARTS] + [None]
+    rows: dict = {}
+    for site in sorted(sites, key=lambda site: order.index(site_part(site))):
+        rows.setdefault(site_part(site), []).append(site)
+    columns = max(len(row) for row in rows.values())
+    figure = _figure(0.5 + 3.5 * columns, 3.5 * len(rows))
+    panels = []
+    for axes_row, row in zip(figure.subplots(len(rows), columns, squeeze=False), rows.values()):
+        for axes in axes_row[len(row):]:
+            axes.set_axis_off()
+        panels += list(zip(row, axes_row))
+    return figure, panels
+
+
+def _row_label(site: str, label: str) -> str:
+    """The y label of a site's panel, led by its part for an encoder-decoder's site."""
+    return label if site_part(site) is None else f"{site_part(site)}: {label}"
 
 
 def expert_ticks(num_experts: int) -> range:
@@ -110,8 +135,9 @@ def plot_entropy(stats: dict[str, SiteStats], path: Path) -> None:
     """Router entropy per layer, a line per task, with ln(E) (a uniform router) dotted, the axis around ln(E)."""
     from matplotlib.ticker import MaxNLocator
 
-    figure = _figure(0.5 + 3.5 * len(stats), 3.5)
-    for axes, (site, site_stats) in zip(figure.subplots(1, len(stats), squeeze=False)[0], stats.items()):
+    figure, panels = _site_panels(list(stats))
+    for site, axes in panels:
+        site_stats = stats[site]
         for task, values in site_stats.entropy.items():
             axes.plot(site_stats.layers, values, marker="o", markersize=3, label=task)
         uniform = math.log(site_stats.num_experts)
@@ -120,7 +146,7 @@ def plot_entropy(stats: dict[str, SiteStats], path: Path) -> None:
         axes.set_ylim(*reference_limits(values, uniform, ENTROPY_HALF_SPAN * uniform))
         axes.xaxis.set_major_locator(MaxNLocator(integer=True))
         axes.set_xlabel("layer")
-        axes.set_ylabel("router entropy (nats)")
+        axes.set_ylabel(_row_label(site, "router entropy (nats)"))
         axes.set_title(f"router entropy: {site}")
         axes.legend(fontsize="small")
     figure.savefig(path)
@@ -128,8 +154,9 @@ def plot_entropy(stats: dict[str, SiteStats], path: Path) -> None:
 
 def plot_group_shares(shares: dict[str, dict[str, dict[str, list[float]]]], path: Path) -> None:
     """Per task, the mean-over-layers share of router mass on each expert group, stacked; a panel per site."""
-    figure = _figure(0.5 + 3.5 * len(shares), 3.5)
-    for axes, (site, per_task) in zip(figure.subplots(1, len(shares), squeeze=False)[0], shares.items()):
+    figure, panels = _site_panels(list(shares))
+    for site, axes in panels:
+        per_task = shares[site]
         tasks = list(per_task)
         bottom = [0.0] * len(tasks)
         for group in per_task[tasks[0]]:
@@ -138,7 +165,7 @@ def plot_group_shares(shares: dict[str, dict[str, dict[str, list[float]]]], path
             bottom = [b + m for b, m in zip(bottom, means)]
         axes.set_ylim(0, 1)
         axes.set_xlabel("task")
-        axes.set_ylabel("share of router mass (mean over layers)")
+        axes.set_ylabel(_row_label(site, "share of router mass (mean over layers)"))
         axes.set_title(f"expert groups: {site}")
         axes.legend(fontsize="small")
     figure.savefig(path)

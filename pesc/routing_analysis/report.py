@@ -9,6 +9,7 @@ import csv
 import json
 from pathlib import Path
 
+from pesc.routing_analysis.records import reads_encoder_tokens, site_part
 from pesc.routing_analysis.tally import SiteStats
 
 JSON_FILE = "routes.json"
@@ -31,6 +32,8 @@ def routes_json(stats: dict[str, SiteStats], shares: dict | None, expert_groups:
             for task in s.load
         }
         sites[site] = {"num_experts": s.num_experts, "top_k": s.top_k, "layers": s.layers, "tasks": tasks}
+        if site_part(site) is not None:  # an encoder-decoder's: which part, and whose tokens its rows are
+            sites[site].update(part=site_part(site), tokens_of="source" if reads_encoder_tokens(site) else "answer")
     result = {"pesc": description, "sites": sites}
     if expert_groups:
         result["expert_groups"] = expert_groups

@@ -12,7 +12,7 @@ from pesc.atomic import atomic_output_dir, check_output_dir
 from pesc.errors import PescError
 from pesc.routing_analysis import figures
 from pesc.routing_analysis.inputs import batches, load_tasks
-from pesc.routing_analysis.records import routing_records
+from pesc.routing_analysis.records import reads_encoder_tokens, routing_records, site_part
 from pesc.routing_analysis.report import max_load_ratio, write_numbers
 from pesc.routing_analysis.tally import RoutingTally, check_expert_range, group_shares
 
@@ -44,21 +44,34 @@ def parse_expert_groups(values: list[str]) -> dict[str, list[int]]:
     return groups
 
 
-def _training_settings(model: str) -> tuple[str | None, int]:
-    """The chat_template and sequence_len MODEL was trained with (a run), else the training defaults."""
+def _training_settings(model: str) -> tuple[str | None, int, int | None]:
+    """The chat_template, sequence_len and target_len MODEL was trained with (a run), else the training defaults."""
     from pesc.checkpoint.run_files import TRAIN_CONFIG_FILE
     from pesc.checkpoint.trained_run import find_checkpoint
     from pesc.evaluation.loading import source_kind
     from pesc.training.config import SCHEMA, load_config
 
-    defaults = (SCHEMA["chat_template"].default, SCHEMA["sequence_len"].default)
+    defaults = (SCHEMA["chat_template"].default, SCHEMA["sequence_len"].default, SCHEMA["target_len"].default)
     if source_kind(model) == "folder":
         return defaults
     _, run_dir = find_checkpoint(model)
     if run_dir is None:
         return defaults
     config = load_config(run_dir / TRAIN_CONFIG_FILE)
-    return config["chat_template"], config["sequence_len"]
+    return config["chat_template"], config["sequence_len"], config["target_len"]
+
+
+def _is_encoder_decoder(model: str) -> bool:
+    """Whether MODEL (a folder, or a run: its base) is an encoder-decoder (T5), read from its config alone."""
+    from pesc.checkpoint.config import read_config
+    from pesc.checkpoint.trained_run import adapter_base, find_checkpoint
+    from pesc.evaluation.loading import source_kind
+
+    if source_kind(model) == "folder":
+        from pesc.generate import is_encoder_decoder
+
+        return is_encoder_decoder(model)
+    return bool(getattr(read_config(adapter_base(find_checkpoint(model)[0])), "is_encoder_decoder", False))
 
 
 def _tally(model, tasks, batch_size: int, tokenizer) -> RoutingTally:
@@ -70,7 +83,7 @@ def _tally(model, tasks, batch_size: int, tokenizer) -> RoutingTally:
     with tqdm(total=total, desc="pesc routes", unit="batch") as bar:
         for task in tasks:
             bar.set_postfix_str(task.task)
-            for batch in batches(task.rows, batch_size, tokenizer):
+            for batch in batches(task, batch_size, tokenizer):
                 tally.add(task.task, routing_records(model, {k: v.to(device) for k, v in batch.items()}))
                 bar.update()
     return tally
@@ -119,13 +132,15 @@ def run_routes(
     out = Path(out)
     check_output_dir(out, False, (model,), has_force=False)
     check_eval_source(model, trust_remote_code)
-    trained_template, trained_len = _training_settings(model)
+    trained_template, trained_len, trained_target_len = _training_settings(model)
     chat_template = trained_template if chat_template is None else chat_template
     sequence_len = trained_len if sequence_len is None else sequence_len
+    # an encoder-decoder's answers are cut as its training cut them (target_len, by default sequence_len)
+    target_len = (trained_target_len or sequence_len) if _is_encoder_decoder(model) else None
 
     tokenizer = load_source_tokenizer(model, trust_remote_code)
     tasks = load_tasks(data, tokenizer, data_type=data_type, chat_template=chat_template, sequence_len=sequence_len,
-                       limit=limit)
+                       limit=limit, target_len=target_len)
     eval_model = load_eval_model(model, dtype=dtype, load_in_4bit=load_in_4bit, tokenizer=tokenizer,
                                  trust_remote_code=trust_remote_code)
     stats = _tally(eval_model.model, tasks, batch_size, tokenizer).stats()
@@ -136,6 +151,7 @@ def run_routes(
         **eval_model.description, "pesc_version": __version__, "data_type": data_type,
         "tasks": {task.task: task.files for task in tasks}, "chat_template": chat_template,
         "sequence_len": sequence_len, "limit": limit, "batch_size": batch_size,
+        **({} if target_len is None else {"target_len": target_len}),
     }
     with atomic_output_dir(out, has_force=False) as tmp:
         _write(tmp, stats, shares, expert_groups, description)
@@ -143,7 +159,8 @@ def run_routes(
         for task in s.load:
             busiest = max(max_load_ratio(row) for row in s.load[task])
             entropy = sum(s.entropy[task]) / len(s.entropy[task])
-            echo(f"{site} / {task}: {s.tokens[task]} tokens, busiest expert {busiest:.2f}x the even share, "
+            tokens = "" if site_part(site) is None else f" {'source' if reads_encoder_tokens(site) else 'answer'}"
+            echo(f"{site} / {task}: {s.tokens[task]}{tokens} tokens, busiest expert {busiest:.2f}x the even share, "
                  f"mean router entropy {entropy:.3f} nats")
     echo(f"routing numbers and figures: {out}")
     return out

@@ -10,7 +10,8 @@
   terms are rescaled here so that their gradient is exactly `coef * mean(loss)` over micro batches and ranks.
 - Logging: every `logging_steps`, the mean of each named aux loss and the per-site expert load (the
   share of the routing each expert got: the top-k picks of a sparse router, the softmax weights of a
-  dense one, from the routing records) are added to the logs; the full per-site table also goes to
+  dense one, from the routing records, each site over its own real tokens: a T5's encoder sites the source's, its
+  decoder sites the target's; a model without aux losses, as T5's, logs it too) are added to the logs; the full per-site table also goes to
   `OUTPUT_DIR/expert_load.jsonl`. Both are over the global batch: summed across ranks (DDP, FSDP,
   ZeRO-3), equal to what one process computes on the same micro batches. When training starts, the file keeps only
   the steps up to the one it starts from: a resumed run's file equals an uninterrupted run's (no lines of the killed
@@ -28,6 +29,7 @@ from transformers.trainer import TRAINING_ARGS_NAME
 
 from pesc.checkpoint.run_files import EXPERTS_FILE, load_expert_state, save_trained_state
 from pesc.methods import method_of
+from pesc.routing_analysis.records import real_token_rows
 from pesc.routing_analysis.tally import routing_load
 
 EXPERT_LOAD_FILE = "expert_load.jsonl"
@@ -140,9 +142,9 @@ class MoETrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inputs = {**inputs, "output_router_logits": True, "output_routing_records": model.training}
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
-        aux_losses = outputs.get("aux_losses") if isinstance(outputs, dict) else None
-        if aux_losses and model.training:
-            if self._loss_scaled_for_ga(num_items_in_batch):
+        aux_losses = (outputs.get("aux_losses") if isinstance(outputs, dict) else None) or {}
+        if model.training:  # a model without aux losses (T5's) still logs its expert load, from its routing records
+            if aux_losses and self._loss_scaled_for_ga(num_items_in_batch):
                 scale = 1
                 if self.args.average_tokens_across_devices:
                     scale = self.accelerator.num_processes // self.get_tp_size()
@@ -151,7 +153,8 @@ class MoETrainer(Trainer):
                 for name, value in aux_losses.items():
                     if coefficients[name] > 0:
                         loss = loss + coefficients[name] * value.to(loss.dtype) * (1.0 / ga - scale)
-            self._record(aux_losses, outputs.get("routing_records"), inputs.get("attention_mask"))
+            records = outputs.get("routing_records") if isinstance(outputs, dict) else None
+            self._record(aux_losses, records, inputs.get("attention_mask"), inputs.get("labels"))
         return (loss, outputs) if return_outputs else loss
 
     def _loss_scaled_for_ga(self, num_items_in_batch) -> bool:
@@ -160,16 +163,17 @@ class MoETrainer(Trainer):
         return bool(self.model_accepts_loss_kwargs and num_items_in_batch is not None) or self.compute_loss_func is not None
 
     @torch.no_grad()
-    def _record(self, aux_losses, records, attention_mask):
+    def _record(self, aux_losses, records, attention_mask, labels):
         for name, value in aux_losses.items():
             self._aux_sums[name] = self._aux_sums.get(name, 0.0) + float(value.detach())
         self._aux_count += 1
         if not records:
             return
-        keep = None
-        if attention_mask is not None and attention_mask.dim() == 2 and attention_mask.numel() == records[0].logits.shape[0]:
-            keep = attention_mask.reshape(-1).bool()
-        counts = torch.stack([routing_load(record, keep) for record in records])
+        # each site over its own real tokens: a T5's encoder sites the source's, its decoder sites the target's
+        counts = torch.stack([
+            routing_load(record, real_token_rows(record.site, record.logits.shape[0], attention_mask, labels))
+            for record in records
+        ])
         self._load_counts = counts if self._load_counts is None else self._load_counts + counts
 
     def _stats_over_ranks(self):

@@ -372,3 +372,107 @@ def test_an_expert_group_beyond_the_experts_fails_and_writes_nothing(exported, d
     last = err.strip().splitlines()[-1]
     assert last == "Error: expert group 'x': expert 4 does not exist (mlp routes 4 experts, 0 to 3)"
     assert not out.exists()
+
+
+# ---- an encoder-decoder (T5) ----
+
+@pytest.fixture(scope="module")
+def t5_mov(tmp_path_factory):
+    """A tiny T5 v1.1 converted to MoV (4 experts) with its routers perturbed, so that routing is not uniform."""
+    from pesc.testing.perturbed import save_perturbed_checkpoint
+    from pesc.testing.tiny import build_tiny_t5_tokenizer
+    from pesc.testing.tiny_t5 import save_tiny_t5
+
+    root = tmp_path_factory.mktemp("t5-routes")
+    dense = save_tiny_t5(root / "t5", "t5-v1.1")
+    build_tiny_t5_tokenizer().save_pretrained(dense)
+    return save_perturbed_checkpoint(dense, root / "mov", "mov", scale=0.5, num_experts=4)
+
+
+def _t5_direct_loads(folder, questions: list[str]) -> tuple[int, int, dict]:
+    """(source tokens, answer tokens, {(site, layer): summed router probabilities}) of the model run one unpadded row
+    at a time: the source (the question, no template) and the answer each tokenized here and ended by EOS."""
+    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+    from pesc.methods import register_auto_classes
+
+    register_auto_classes()
+    model = AutoModelForSeq2SeqLM.from_pretrained(folder, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    sources = targets = 0
+    sums = {}
+    for question in questions:
+        source = tokenizer(question, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        target = tokenizer(ANSWER, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        sources, targets = sources + len(source), targets + len(target)
+        with torch.no_grad():
+            records = model(input_ids=torch.tensor([source]), labels=torch.tensor([target]),
+                            output_routing_records=True).routing_records
+        for record in records:
+            key = (record.site, record.layer)
+            sums[key] = sums.get(key, 0) + torch.softmax(record.logits.double(), dim=-1).sum(0)
+    return sources, targets, sums
+
+
+def test_t5_routes_count_encoder_and_decoder_sites_apart_on_their_own_tokens(t5_mov, data_dir, tmp_path):
+    """The encoder's sites (and the cross-attention's keys / values, which read the encoder's output) count the source
+    tokens, the decoder's the answer tokens; padded batches of 3 give each site's load of the unpadded rows."""
+    out = tmp_path / "out"
+    main(["routes", str(t5_mov), *_data_args(data_dir), "--out", str(out), "--batch-size", "3"])
+    sites = json.loads((out / "routes.json").read_text())["sites"]
+    heads = [f".head{h}" for h in range(4)]
+    expected_parts = {
+        **{f"encoder.self_attn.{kv}{h}": ("encoder", "source") for kv in "kv" for h in heads},
+        "encoder.ffn.act": ("encoder", "source"),
+        **{f"decoder.self_attn.{kv}{h}": ("decoder", "answer") for kv in "kv" for h in heads},
+        **{f"decoder.cross_attn.{kv}{h}": ("cross-attention", "source") for kv in "kv" for h in heads},
+        "decoder.ffn.act": ("decoder", "answer"),
+    }
+    assert {site: (s["part"], s["tokens_of"]) for site, s in sites.items()} == expected_parts
+    questions = {"a": ROWS["a.jsonl"], "other": ROWS["b.jsonl"] + ROWS["c.jsonl"]}
+    uniform = math.log(4)
+    for task, rows in questions.items():
+        sources, targets, sums = _t5_direct_loads(t5_mov, rows)
+        assert sources != targets  # the two counts tell the sides apart
+        for site, (_, side) in expected_parts.items():
+            numbers = sites[site]["tasks"][task]
+            assert numbers["tokens"] == (sources if side == "source" else targets), site
+            for layer in (0, 1):
+                # float32 router logits of a padded batch vs one unpadded row: each probability differs by ~1e-7
+                # (float32 rounding of a 32-wide matmul); 1e-5 bounds that with a margin
+                assert numbers["load"][layer] == pytest.approx(
+                    (sums[site, layer] / numbers["tokens"]).tolist(), abs=1e-5), (site, layer)
+        assert min(min(sites[site]["tasks"][task]["entropy"]) for site in sites) < 0.9 * uniform  # not uniform
+    assert (out / "heatmap_encoder.ffn.act.png").is_file() and (out / "heatmap_decoder.ffn.act.png").is_file()
+    assert (out / "balance" / "decoder.cross_attn.v.head3_layer1.png").is_file()
+
+
+def test_t5_entropy_has_a_row_per_part(t5_mov, data_dir, tmp_path, monkeypatch):
+    """entropy.png: encoder, cross-attention and decoder sites in rows of their own, each row labelled by its part."""
+    from pesc.routing_analysis import figures
+
+    drawn = {}
+    monkeypatch.setattr(figures, "_figure", _keeping_figure(figures._figure, drawn))
+    main(["routes", str(t5_mov), "--data", str(data_dir / "b.jsonl"), "--out", str(tmp_path / "out")])
+    rows = {}
+    for axes in drawn["entropy.png"].axes:
+        if axes.axison:
+            rows.setdefault(round(axes.get_position().y0, 3), set()).add(axes.get_ylabel().partition(":")[0])
+    assert sorted(rows.values(), key=sorted) == [{"cross-attention"}, {"decoder"}, {"encoder"}]
+    assert drawn["entropy.png"].get_size_inches().tolist() == [0.5 + 3.5 * 9, 3.5 * 3]  # decoder: 8 heads' + ffn
+
+
+def test_t5_routes_read_input_target_rows(t5_mov, tmp_path):
+    """P3 / T0-style rows (`--type input_target`): the encoder counts the inputs' tokens, the decoder the targets'."""
+    from transformers import AutoTokenizer
+
+    rows = [{"input": "What is 2 + 2?", "target": "4"}, {"input": "Say the first letter of 'earth'.", "target": "e"}]
+    data = tmp_path / "sums.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    main(["routes", str(t5_mov), "--data", str(data), "--type", "input_target", "--out", str(tmp_path / "out")])
+    sites = json.loads((tmp_path / "out" / "routes.json").read_text())["sites"]
+    tokenizer = AutoTokenizer.from_pretrained(t5_mov)
+    count = lambda key: sum(len(tokenizer(row[key], add_special_tokens=False)["input_ids"]) + 1 for row in rows)  # noqa: E731
+    assert sites["encoder.ffn.act"]["tasks"]["sums"]["tokens"] == count("input")
+    assert sites["decoder.cross_attn.k.head0"]["tasks"]["sums"]["tokens"] == count("input")
+    assert sites["decoder.ffn.act"]["tasks"]["sums"]["tokens"] == count("target")

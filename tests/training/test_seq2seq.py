@@ -216,6 +216,19 @@ def test_t5_resume_equals_uninterrupted(tmp_path, tiny_t5_dir, monkeypatch):
     for name in expected:
         assert torch.equal(got[name], expected[name]), name
     assert _losses(resumed.parent) == _losses(full.parent)
+    # the expert load, from the routing records (T5 has no aux losses): a row per site and block, MoV's 4 key and 4
+    # value heads per attention plus the FFN activation (encoder: 9 a block, decoder with cross-attention: 17), each
+    # site's load over its own real tokens summing to 1 (float32 sums rounded to 5 digits: 1e-4); the resumed run's
+    # file is the uninterrupted run's
+    load = (full.parent / "expert_load.jsonl").read_text()
+    assert load == (resumed.parent / "expert_load.jsonl").read_text()
+    steps = [json.loads(line) for line in load.splitlines()]
+    assert [step["step"] for step in steps] == [1, 2, 3, 4]
+    for step in steps:
+        assert len(step["expert_load"]) == 2 * 9 + 2 * 17
+        assert all(len(row) == 4 and abs(sum(row) - 1) < 1e-4 for row in step["expert_load"])
+    history = json.loads((full.parent / "trainer_state.json").read_text())["log_history"]
+    assert all(entry["expert_load_max"] >= 1 for entry in history if "loss" in entry)
 
 
 def test_tiny_model_t5_is_a_t5_v1_1_whose_tokenizer_has_t5s_ids(tmp_path, capsys):
@@ -258,3 +271,30 @@ def test_target_len_on_a_decoder_is_refused(tmp_path, tiny_llama_dir, data_file)
 
     with pytest.raises(PescError, match="target_len applies to encoder-decoder models"):
         train(str(make_config(tmp_path, tiny_llama_dir, data_file, target_len=8)))
+
+
+def test_t5_expert_load_counts_each_side_over_its_own_real_tokens(tiny_t5_dir, tmp_path):
+    """The trainer's expert-load counts of one padded T5 batch (no aux losses) equal the summed router probabilities
+    of its rows run one at a time unpadded: the encoder sites over the sources, the decoder sites over the targets."""
+    from transformers import AutoModelForSeq2SeqLM, TrainingArguments
+
+    from pesc.methods import register_auto_classes
+    from pesc.testing.perturbed import save_perturbed_checkpoint
+    from pesc.training.trainer import MoETrainer
+
+    register_auto_classes()
+    folder = save_perturbed_checkpoint(tiny_t5_dir, tmp_path / "mov", "mov", scale=0.5, num_experts=4)
+    model = AutoModelForSeq2SeqLM.from_pretrained(folder, dtype=torch.float32).train()
+    rows = [{"input_ids": [5, 6, 7, 8, 9, 1], "labels": [8, 1]}, {"input_ids": [10, 1], "labels": [11, 12, 13, 1]}]
+    args = TrainingArguments(output_dir=str(tmp_path / "run"), use_cpu=True, report_to="none", save_strategy="no",
+                             disable_tqdm=True)
+    trainer = MoETrainer(model=model, args=args, train_dataset=rows, data_collator=Seq2SeqCollator(0))
+    trainer.compute_loss(model, Seq2SeqCollator(0)(rows))
+    expected = 0
+    with torch.no_grad():
+        for row in rows:
+            records = model(input_ids=torch.tensor([row["input_ids"]]), labels=torch.tensor([row["labels"]]),
+                            output_routing_records=True).routing_records
+            expected = expected + torch.stack([torch.softmax(r.logits.double(), -1).sum(0) for r in records])
+    # both float32 router logits, padded batch vs single rows: probabilities ~1e-7 apart, summed over <= 8 tokens
+    torch.testing.assert_close(trainer._load_counts, expected, rtol=0, atol=1e-5)
