@@ -14,6 +14,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from pesc.cli import main
+from pesc.model_card import TESTED_TRANSFORMERS
 from pesc.serving.vllm_server import vllm_python
 
 # ---------------------------------------------------------------- the CLI in process
@@ -354,3 +355,40 @@ def perturb_added(model, method, scale: float, seed: int = 0) -> None:
         for name, param in model.named_parameters():
             if method.is_added(name):
                 param.add_(scale * torch.randn(param.shape, generator=generator, dtype=param.dtype))
+
+
+# ---------------------------------------------------------------- transformers releases (test_compat*.py)
+
+# The releases the shipped code is checked on (PESC_COMPAT_TRANSFORMERS overrides: a comma-separated list).
+COMPAT_VERSIONS = tuple(filter(None, os.environ.get("PESC_COMPAT_TRANSFORMERS", ",".join(TESTED_TRANSFORMERS)).split(",")))
+
+
+def probe_releases(probe: str, spec: dict, modules_root: Path) -> dict:
+    """{release: what `probe` (a script that emits a dict; @SPEC@ stands for `spec`) reports when run without pesc in
+    each release's cached environment, or {"error": ...} (reported by that release's own test)}, two at a time (each
+    probe is mostly imports). Skips where the environments cannot be built, fails so in CI."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from pesc.testing.compat_envs import EnvBuildError, ensure_envs
+    from pesc.testing.isolated import run_without_pesc
+
+    try:
+        envs = ensure_envs(list(COMPAT_VERSIONS))
+    except EnvBuildError as error:
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail(f"cannot build the transformers environments in CI: {error}")
+        pytest.skip(f"cannot build the transformers environments here (no package registry?): {error}")
+    code = probe.replace("@SPEC@", repr(json.dumps(spec)))
+
+    def run(version, env):
+        environ = {"PATH": os.environ.get("PATH", ""), "HOME": os.environ.get("HOME", ""), "HF_HUB_OFFLINE": "1",
+                   "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+                   "HF_MODULES_CACHE": str(modules_root / version)}  # the shipped code of this run, not a stale copy
+        try:
+            return run_without_pesc(code, env=environ, python=env.python, paths=list(env.paths))
+        except RuntimeError as error:
+            return {"error": str(error)}
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        futures = {version: pool.submit(run, version, env) for version, env in envs.items()}
+        return {version: future.result() for version, future in futures.items()}

@@ -21,8 +21,6 @@ An environment that cannot be built skips the test on a developer's machine and 
 """
 
 import json
-import os
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -38,9 +36,9 @@ from pesc.export import export
 from pesc.methods import DEFAULT_METHOD, METHODS, get_method, register_auto_classes
 from pesc.model_card import TESTED_TRANSFORMERS
 from pesc.testing import save_tiny_dense
-from pesc.testing.compat_envs import EnvBuildError, ensure_envs
-from pesc.testing.isolated import run_without_pesc
 from pesc.testing.trained_run import save_fake_trained_run
+
+from helpers import COMPAT_VERSIONS, probe_releases
 
 # Llama 3's rope: transformers 5 writes it as `rope_parameters`, 4.x reads `rope_theta` / `rope_scaling`.
 LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
@@ -50,7 +48,6 @@ INPUT_IDS = [[PAD, PAD, 17, 42, 99, 5, 130, 61], [8, 200, 33, 71, 12, 150, 9, 27
 ATTENTION_MASK = [[0, 0, 1, 1, 1, 1, 1, 1], [1] * 8]
 NEW_TOKENS = 8
 # The releases checked; PESC_COMPAT_TRANSFORMERS="5.1.0,5.2.0,..." checks others (a sweep by hand).
-VERSIONS = tuple(filter(None, os.environ.get("PESC_COMPAT_TRANSFORMERS", ",".join(TESTED_TRANSFORMERS)).split(",")))
 
 PROBE = """
 import json, torch, transformers
@@ -158,17 +155,8 @@ def checkpoints(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def envs():
-    try:
-        return ensure_envs(list(VERSIONS))
-    except EnvBuildError as error:
-        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-            pytest.fail(f"cannot build the transformers environments in CI: {error}")
-        pytest.skip(f"cannot build the transformers environments here (no package registry?): {error}")
-
-
-def _probe(env, checkpoints, modules_cache) -> dict:
-    """The probe's report from `env`, or {"error": ...} (reported by the release's own test)."""
+def probes(checkpoints, tmp_path_factory):
+    """{release: probe report}."""
     spec = {
         "checkpoints": {name: str(folder) for name, folder in checkpoints["folders"].items()},
         "input_ids": INPUT_IDS,
@@ -176,29 +164,7 @@ def _probe(env, checkpoints, modules_cache) -> dict:
         "new_tokens": NEW_TOKENS,
         "pad": PAD,
     }
-    environ = {
-        "PATH": os.environ.get("PATH", ""),
-        "HOME": os.environ.get("HOME", ""),
-        "HF_HUB_OFFLINE": "1",
-        "TRANSFORMERS_OFFLINE": "1",
-        "HF_MODULES_CACHE": str(modules_cache),  # the shipped code of this run, not a stale copy
-        "OMP_NUM_THREADS": "1",
-    }
-    try:
-        return run_without_pesc(
-            PROBE.replace("@SPEC@", repr(json.dumps(spec))), env=environ, python=env.python, paths=list(env.paths)
-        )
-    except RuntimeError as error:
-        return {"error": str(error)}
-
-
-@pytest.fixture(scope="module")
-def probes(envs, checkpoints, tmp_path_factory):
-    """{release: probe report}, two releases at a time (each probe is mostly imports, ~10 s)."""
-    root = tmp_path_factory.mktemp("modules")
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        futures = {v: pool.submit(_probe, env, checkpoints, root / v) for v, env in envs.items()}
-        return {v: future.result() for v, future in futures.items()}
+    return probe_releases(PROBE, spec, tmp_path_factory.mktemp("modules"))
 
 
 def test_checkpoints_record_the_transformers_that_made_them(checkpoints):
@@ -210,7 +176,7 @@ def test_checkpoints_record_the_transformers_that_made_them(checkpoints):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("version", VERSIONS)
+@pytest.mark.parametrize("version", COMPAT_VERSIONS)
 def test_checkpoints_run_exactly_on_transformers(version, probes, checkpoints):
     result = probes[version]
     assert "error" not in result, result.get("error")

@@ -17,9 +17,6 @@ of scale 0.2 on LoRA experts scaled by alpha/r = 4) amplify such roundings insid
 change of what is computed (> 1e-1 here: a scaled or tied LM head, a site dropped).
 """
 
-import json
-import os
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -27,13 +24,11 @@ from transformers import AutoModelForSeq2SeqLM
 
 from pesc.convert import ConvertSettings, convert
 from pesc.methods import register_auto_classes
-from pesc.model_card import TESTED_TRANSFORMERS
-from pesc.testing.compat_envs import EnvBuildError, ensure_envs
-from pesc.testing.isolated import run_without_pesc
 from pesc.testing.perturbed import save_perturbed_checkpoint
 from pesc.testing.tiny_t5 import T5_VARIANTS, save_tiny_t5
 
-VERSIONS = tuple(filter(None, os.environ.get("PESC_COMPAT_TRANSFORMERS", ",".join(TESTED_TRANSFORMERS)).split(",")))
+from helpers import COMPAT_VERSIONS, probe_releases
+
 SETTINGS = {"mov": {"num_experts": 4},
             "molora": {"num_experts": 4, "sites": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "down_proj"]}}
 INPUT_IDS = [[13, 27, 5, 40, 9, 1, 0, 0], [7, 88, 61, 2, 19, 33, 50, 1]]
@@ -90,33 +85,14 @@ def checkpoints(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def probes(checkpoints, tmp_path_factory):
-    """{release: probe report}, two releases at a time."""
-    try:
-        envs = ensure_envs(list(VERSIONS))
-    except EnvBuildError as error:
-        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-            pytest.fail(f"cannot build the transformers environments in CI: {error}")
-        pytest.skip(f"cannot build the transformers environments here (no package registry?): {error}")
+    """{release: probe report}."""
     spec = {"checkpoints": {name: str(folder) for name, folder in checkpoints["folders"].items()},
             "input_ids": INPUT_IDS, "attention_mask": ATTENTION_MASK, "new_tokens": NEW_TOKENS}
-    root = tmp_path_factory.mktemp("modules")
-
-    def probe(version, env):
-        environ = {"PATH": os.environ.get("PATH", ""), "HOME": os.environ.get("HOME", ""), "HF_HUB_OFFLINE": "1",
-                   "TRANSFORMERS_OFFLINE": "1", "HF_MODULES_CACHE": str(root / version), "OMP_NUM_THREADS": "1"}
-        try:
-            return run_without_pesc(PROBE.replace("@SPEC@", repr(json.dumps(spec))), env=environ, python=env.python,
-                                    paths=list(env.paths))
-        except RuntimeError as error:
-            return {"error": str(error)}
-
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        futures = {version: pool.submit(probe, version, env) for version, env in envs.items()}
-        return {version: future.result() for version, future in futures.items()}
+    return probe_releases(PROBE, spec, tmp_path_factory.mktemp("modules"))
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("version", VERSIONS)
+@pytest.mark.parametrize("version", COMPAT_VERSIONS)
 def test_t5_checkpoints_run_on_transformers(version, probes, checkpoints):
     result = probes[version]
     assert "error" not in result, result.get("error")
