@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from pesc.errors import PescError
-from pesc.generate import check_model_folder, is_encoder_decoder, load_causal_lm, load_tokenizer
+from pesc.generate import check_model_folder, is_encoder_decoder, load_folder_model, load_tokenizer
 
 DEFAULT_PROMPT = "The capital of France is Paris. The capital of Italy is"
 
@@ -26,11 +26,8 @@ def max_logit_difference(path_a: str | Path, path_b: str | Path, prompt: str = D
         kinds = ["an encoder-decoder" if is_encoder_decoder(path) else "decoder-only" for path in (path_a, path_b)]
         raise PescError(f"{path_a} is {kinds[0]} and {path_b} is {kinds[1]}: they cannot compute the same function; "
                         "compare a model with its own dense base")
-    from transformers import AutoModelForSeq2SeqLM
-
-    auto_class = AutoModelForSeq2SeqLM if is_encoder_decoder(path_a) else None
-    model_a = load_causal_lm(path_a, dtype=torch.float32, trust_remote_code=trust_remote_code, auto_class=auto_class)
-    model_b = load_causal_lm(path_b, dtype=torch.float32, trust_remote_code=trust_remote_code, auto_class=auto_class)
+    model_a = load_folder_model(path_a, dtype=torch.float32, trust_remote_code=trust_remote_code)
+    model_b = load_folder_model(path_b, dtype=torch.float32, trust_remote_code=trust_remote_code)
     if model_a.config.vocab_size != model_b.config.vocab_size:
         raise PescError(
             f"the models have different vocabularies ({model_a.config.vocab_size} vs {model_b.config.vocab_size} "

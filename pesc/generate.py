@@ -50,12 +50,12 @@ def is_encoder_decoder(path: str | Path) -> bool:
     return bool(json.loads((Path(path) / "config.json").read_text()).get("is_encoder_decoder", False))
 
 
-def load_causal_lm(path: str | Path, dtype="auto", trust_remote_code: bool = False, auto_class=None):
-    """The model of a folder, in eval mode; a pesc method's code comes from the installed pesc, never the folder.
-    `auto_class`: the transformers Auto class to load it with (default AutoModelForCausalLM).
+def load_folder_model(path: str | Path, dtype="auto", trust_remote_code: bool = False):
+    """The model of a folder, in eval mode: AutoModelForCausalLM, or AutoModelForSeq2SeqLM where config.json says
+    is_encoder_decoder (T5); a pesc method's code comes from the installed pesc, never the folder.
 
     Commands check the folder first (`check_model_folder`), before torch and transformers import."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
     from pesc.methods import register_auto_classes
 
@@ -63,7 +63,8 @@ def load_causal_lm(path: str | Path, dtype="auto", trust_remote_code: bool = Fal
 
     trusted = remote_code_allowed(path, trust_remote_code)
     try:
-        return (auto_class or AutoModelForCausalLM).from_pretrained(path, trust_remote_code=trusted, dtype=dtype).eval()
+        auto_class = AutoModelForSeq2SeqLM if is_encoder_decoder(path) else AutoModelForCausalLM
+        return auto_class.from_pretrained(path, trust_remote_code=trusted, dtype=dtype).eval()
     except RuntimeError as error:
         if "mismatched" not in str(error):
             raise
@@ -82,12 +83,10 @@ def load_model(path: str | Path, device: str | None = None, trust_remote_code: b
     """(model, tokenizer) of a model folder (a causal LM, or an encoder-decoder with AutoModelForSeq2SeqLM), on the
     GPU when there is one."""
     import torch
-    from transformers import AutoModelForSeq2SeqLM
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # the terminal is for the generated tokens
-    auto_class = AutoModelForSeq2SeqLM if is_encoder_decoder(path) else None
-    model = load_causal_lm(path, trust_remote_code=trust_remote_code, auto_class=auto_class)
+    model = load_folder_model(path, trust_remote_code=trust_remote_code)
     tokenizer = load_tokenizer(path, trust_remote_code)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     return model.to(device), tokenizer

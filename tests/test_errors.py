@@ -93,7 +93,7 @@ def test_compare_checks_both_models_before_loading_either(dense_copy, tiny_llama
     def refuse(*args, **kwargs):
         raise AssertionError("no model may load when one of them is damaged")
 
-    monkeypatch.setattr("pesc.compare.load_causal_lm", refuse)
+    monkeypatch.setattr("pesc.compare.load_folder_model", refuse)
     truncate(dense_copy / "model.safetensors")
     error = one_line_error(capsys, "compare", tiny_llama_dir, dense_copy)
     assert str(dense_copy / "model.safetensors") in error and "truncated or corrupt" in error

@@ -77,7 +77,7 @@ def load_eval_model(
 ) -> EvalModel:
     """The model of PATH in eval mode, on the GPU when there is one, with its tokenizer (`tokenizer` if given)."""
     from pesc.checkpoint.trained_run import find_checkpoint, load_run_tokenizer, load_trained_model
-    from pesc.generate import is_encoder_decoder, load_causal_lm
+    from pesc.generate import load_folder_model
 
     kind = source_kind(path)  # run_eval checked PATH already (check_eval_source)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -85,11 +85,7 @@ def load_eval_model(
     if kind == "folder":
         if load_in_4bit:
             raise PescError("--load-in-4bit is for training runs (their base as trained); a model folder loads as saved")
-        from transformers import AutoModelForSeq2SeqLM
-
-        auto_class = AutoModelForSeq2SeqLM if is_encoder_decoder(path) else None  # T5; a run loads its method's class
-        model = load_causal_lm(path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code,
-                               auto_class=auto_class).to(device)
+        model = load_folder_model(path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code).to(device)
         tokenizer = load_source_tokenizer(path, trust_remote_code) if tokenizer is None else tokenizer
         description["kind"] = "model folder"
         return EvalModel(model, tokenizer, description)

@@ -151,11 +151,11 @@ def test_loads_in_the_json_equal_a_direct_count_of_the_router_outputs(source, re
     from transformers import AutoTokenizer
 
     from pesc.checkpoint.trained_run import load_trained_model
-    from pesc.generate import load_causal_lm
+    from pesc.generate import load_folder_model
 
     path = request.getfixturevalue(source)
     if source == "exported":
-        model, tokenizer = load_causal_lm(path, dtype=torch.float32), AutoTokenizer.from_pretrained(path)
+        model, tokenizer = load_folder_model(path, dtype=torch.float32), AutoTokenizer.from_pretrained(path)
     else:
         model = load_trained_model(path)[0]
         tokenizer = AutoTokenizer.from_pretrained(request.getfixturevalue("tiny_llama_dir"))
