@@ -15,9 +15,17 @@ the same turns. Prints generated tokens/s and each path's ratio to dense (target
     python bench/serve.py --methods molora mov --paths native --batch 1 16
     python bench/serve.py --device cuda --dtype bfloat16 --hidden 2048 --layers 16
         # with a CUDA build of vLLM in the environment PESC_VLLM_VENV names
+
+On a real model, e.g. the quickstart's SmolLM2-135M-Instruct (`bash scripts/quickstart.sh runs/quickstart`):
+--dense serves that dense checkpoint, --checkpoint METHOD=DIR serves DIR (a trained export) for METHOD, and a
+method given no checkpoint is converted from --dense with its added tensors perturbed, as above:
+
+    python bench/serve.py --dense runs/quickstart/dense --checkpoint pesc=runs/quickstart/export \
+        --methods pesc --paths native --batch 1 32
 """
 
 import argparse
+import json
 import statistics
 import sys
 import tempfile
@@ -45,15 +53,42 @@ def expected_architecture(method: str, path: str) -> str:
 
 
 def build_checkpoints(args, workdir: Path) -> dict:
-    """{"dense": folder, method: folder} for every method in --methods."""
+    """{"dense": folder, method: folder} for every method in --methods: the synthetic models, or --dense and the
+    --checkpoint folders, the missing methods converted from the dense one."""
     from pesc.testing.perturbed import save_perturbed_checkpoint
 
-    dense, pesc_export = build_models(args, workdir)
-    folders = {"dense": dense, "pesc": pesc_export}
+    folders = dict(args.checkpoint)
+    if args.dense:
+        folders["dense"] = Path(args.dense)
+    else:
+        folders["dense"], pesc_export = build_models(args, workdir)
+        folders.setdefault("pesc", pesc_export)
     for method in args.methods:
-        if method != "pesc":
-            folders[method] = save_perturbed_checkpoint(dense, workdir / method, method, scale=0.02)
+        if folders.get(method) is None:
+            folders[method] = save_perturbed_checkpoint(folders["dense"], workdir / method, method, scale=0.02)
     return folders
+
+
+def method_checkpoint(text: str) -> tuple[str, Path]:
+    """--checkpoint METHOD=DIR."""
+    from pesc.methods import METHODS
+
+    method, _, folder = text.partition("=")
+    if method not in METHODS or not folder or not (Path(folder) / "config.json").is_file():
+        raise argparse.ArgumentTypeError(f"{text!r}: expected METHOD=DIR, METHOD one of {', '.join(METHODS)} and DIR "
+                                         "a checkpoint folder with a config.json")
+    return method, Path(folder)
+
+
+def model_description(args, folders: dict) -> str:
+    """The served models in a few words, for the table's heading."""
+    if not args.dense:
+        return (f"synthetic Llama, hidden {args.hidden}, {args.layers} layers, {args.heads} heads / {args.kv_heads} KV "
+                f"heads; PESC {args.experts} experts top-{args.top_k} adapter_dim {args.adapter_dim}")
+    config = json.loads((folders["dense"] / "config.json").read_text())
+    given = ", ".join(f"{method} {folders[method]}" for method, _ in args.checkpoint)
+    return (f"{folders['dense']} (hidden {config['hidden_size']}, {config['num_hidden_layers']} layers)"
+            + (f"; {given}" if given else ""))
 
 
 def completion_request(batch: int, args) -> dict:
@@ -112,6 +147,9 @@ def main(argv=None):
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--dtype", default=None, help="default: float32 on cpu, bfloat16 on cuda")
     add_model_arguments(parser)
+    parser.add_argument("--dense", default=None, help="serve this dense checkpoint instead of the synthetic one")
+    parser.add_argument("--checkpoint", type=method_checkpoint, action="append", default=[], metavar="METHOD=DIR",
+                        help="serve DIR for METHOD (else METHOD is converted from the dense model, perturbed)")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--paths", nargs="+", default=list(PATHS), choices=list(PATHS))
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 16])
@@ -145,9 +183,8 @@ def main(argv=None):
                 rates = alternated_rates(urls, args)
             rows += [(method, path, batch, rates["dense"][batch], rates[path][batch])
                      for path in args.paths for batch in args.batch]
-    print(f"vLLM {args.device} {dtype}: hidden {args.hidden}, {args.layers} layers, {args.heads} heads / "
-          f"{args.kv_heads} KV heads; PESC {args.experts} experts top-{args.top_k} adapter_dim {args.adapter_dim}, "
-          f"the other methods their defaults; {args.new_tokens} new tokens, median of {args.repeats}")
+    print(f"vLLM {args.device} {dtype}: {model_description(args, folders)}; the other methods their defaults; "
+          f"{args.new_tokens} new tokens, median of {args.repeats}")
     print(f"{'method':>8} {'path':>12} {'batch':>5} {'dense tok/s':>12} {'tok/s':>9} {'/ dense':>8}")
     for method, path, batch, dense, rate in rows:
         print(f"{method:>8} {path:>12} {batch:>5} {dense:>12.1f} {rate:>9.1f} {rate / dense:>8.3f}")

@@ -249,6 +249,58 @@ def test_native_mov_ffn_site_both_forms_equal_float64():
     assert errors == {form: pytest.approx(0, abs=1e-5) for form in ("activation", "down_proj_input")}, errors
 
 
+PESC_EXPERT_PATHS = """
+import json
+import torch
+import torch.nn.functional as F
+from types import SimpleNamespace
+from pesc.methods.pesc import vllm_cpu_experts
+from pesc.methods.pesc.vllm_model import PescExperts
+generator = torch.Generator().manual_seed(0)
+hidden, experts, width, top_k, scaling, tokens = 96, 5, 20, 2, 0.7, 7  # width 20: the kernel pads it to 32
+config = SimpleNamespace(hidden_size=hidden, num_experts=experts, adapter_dim=width, num_experts_per_tok=top_k,
+                         moe_scaling=scaling)
+router = torch.randn(experts, hidden, generator=generator)
+down = [torch.randn(width, hidden, generator=generator) / hidden**0.5 for _ in range(experts)]
+up = [torch.randn(hidden, width, generator=generator) / width**0.5 for _ in range(experts)]
+router_input, ffn_output = torch.randn(2, tokens, hidden, generator=generator)
+tensors = [(f"experts.expert_{e}.adapter_{part}.weight", (down if part == "down" else up)[e])
+           for e in range(experts) for part in ("down", "up")] + [("router.weight", router)]
+# the paper's formula per token in float64, every expert separately
+x, f = router_input.double(), ffn_output.double()
+expected = f.clone()
+for t in range(tokens):
+    top = torch.topk(x[t] @ router.double().t(), top_k)
+    for w, e in zip(torch.softmax(top.values, -1), top.indices.tolist()):
+        expected[t] += w * scaling * (up[e].double() @ F.gelu(down[e].double() @ f[t]))
+mixture = (expected - f).abs().max()
+errors = {}
+for path in ("kernel", "stacked"):
+    if path == "stacked":
+        vllm_cpu_experts.supports = lambda *args: False
+    module = PescExperts(config)
+    module.load_weights(tensors[: len(tensors) // 2])  # one layer's experts over two calls, as over two shards
+    module.load_weights(tensors[len(tensors) // 2:])
+    assert module.uses_kernel == (path == "kernel"), path
+    errors[path] = ((module(router_input, ffn_output).double() - expected).abs().max() / mixture).item()
+print("@@errors@@" + json.dumps(errors))
+"""
+
+
+def test_native_pesc_experts_on_the_cpu_kernel_and_stacked_equal_float64():
+    """Both of the native PESC model's expert paths (vLLM's CPU MoE kernel, top-k only; every expert stacked, the
+    CUDA path) against the formula per token in float64, on a padded adapter width and a scaling other than 1."""
+    require_vllm()
+    completed = subprocess.run([str(vllm_python()), "-c", PESC_EXPERT_PATHS], capture_output=True, text=True,
+                               timeout=300, env=vllm_test_environment())
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    errors = json.loads(completed.stdout.rpartition("@@errors@@")[2])
+    # float32 against float64, relative to the experts' largest contribution: a 96-term and a 20-term dot product,
+    # erf GELU, a 2-term softmax and sum, each a few float32 roundings (~1e-7 relative): under 1e-5; a tanh GELU
+    # is off by ~1e-3, a wrong expert or weight by O(1)
+    assert errors == {path: pytest.approx(0, abs=1e-5) for path in ("kernel", "stacked")}, errors
+
+
 # Two tensor- or pipeline-parallel ranks (one core each) on one prompt: greedy tokens, or the error that stopped
 # the engine.
 VLLM_TWO_RANKS = """
