@@ -28,8 +28,8 @@ def kernel_isa() -> str | None:
 
 def supports(hidden_size: int, dtype: torch.dtype) -> bool:
     """Whether the kernel runs this layer: a CPU build that has it, a hidden size it tiles, a dtype it computes."""
-    return kernel_isa() is not None and hidden_size % _ALIGNMENT == 0 and dtype in (torch.float32, torch.bfloat16,
-                                                                                 torch.float16)
+    dtypes = (torch.float32, torch.bfloat16, torch.float16)
+    return kernel_isa() is not None and hidden_size % _ALIGNMENT == 0 and dtype in dtypes
 
 
 def pack(down: torch.Tensor, up: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
