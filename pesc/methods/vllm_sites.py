@@ -7,9 +7,10 @@ Runs inside vLLM's environment (imported by each method's `vllm_model.py`, never
 A LoRA-expert site sits on one of vLLM's linears: q/k/v are one fused `qkv_proj` and gate/up one `gate_up_proj`,
 each reading one input. Every site on the same linear is one `StackedLoraExperts`: its routers' and its experts'
 A matrices stacked into one [S*E + S*E*r, in] matrix (one matmul gives every router's logits and every expert's
-bottleneck), and the experts' B matrices into one block-structured [S*E*r, out] matrix whose site s columns are
-that site's slice of the fused output (one addmm adds every site's mixture to the linear's output). Fixed shapes,
-no host sync: the experts off a token's top-k are run with weight zero.
+bottleneck), and the experts' B matrices into one block-structured [out, S*E*r] matrix whose site s rows are
+that site's slice of the fused output (one matmul gives every site's mixture, added to the linear's output). Both
+are vLLM linears, run by vLLM's own GEMM kernels. Fixed shapes, no host sync: the experts off a token's top-k are
+run with weight zero.
 """
 
 import functools
@@ -20,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from vllm.distributed import get_tensor_model_parallel_world_size
+from vllm.model_executor.layers.linear import ReplicatedLinear
 from vllm.model_executor.models.llama import LlamaDecoderLayer, LlamaForCausalLM, LlamaModel
 from vllm.model_executor.models.qwen2 import Qwen2DecoderLayer, Qwen2Model
 
@@ -161,12 +163,13 @@ def top_k_softmax_gates(logits: torch.Tensor, top_k: int) -> torch.Tensor:
 class StackedLoraExperts(nn.Module):
     """The routers and LoRA experts of the sites on one fused linear (see the module docstring).
 
-    `weight_a` [S*E + S*E*r, in]: rows s*E .. of site s's router, then rows S*E + s*E*r .. of its experts' A (expert
-    e's rank-r block at e*r); `weight_b` [S*E*r, out]: site s's rows hold its experts' B transposed in its output
-    columns, zero elsewhere. `gates(logits [T, S, E]) -> float32 [T, S, E]` is the method's routing;
+    `stack_a` [S*E + S*E*r, in]: rows s*E .. of site s's router, then rows S*E + s*E*r .. of its experts' A (expert
+    e's rank-r block at e*r); `stack_b` [out, S*E*r]: site s's columns hold its experts' B in its output rows, zero
+    elsewhere. Both are vLLM linears (`ReplicatedLinear`), so vLLM prepares them for its own GEMM kernel as it does
+    the layer's (oneDNN prepacked on the CPU). `gates(logits [T, S, E]) -> float32 [T, S, E]` is the method's routing;
     `read(rest, tensor) -> (part, tensor)` turns a site's checkpoint tensor (name after the site prefix) into
     ("router" [E, in] | "A" [E*r, in] | "B" [out_site, E*r]). `float32_router`: the router reads the input in
-    float32 (the soft-merging routers): kept apart from `weight_a` when the model's dtype is not float32.
+    float32 (the soft-merging routers): kept apart from `stack_a` when the model's dtype is not float32.
     """
 
     def __init__(self, in_features: int, slices: dict[str, tuple[int, int]], out_features: int, num_experts: int,
@@ -178,22 +181,23 @@ class StackedLoraExperts(nn.Module):
         self.gates, self.read, self.site_prefix = gates, read, site_prefix
         routers = len(slices) * num_experts
         self.router_rows = 0 if float32_router and torch.get_default_dtype() != torch.float32 else routers
-        self.weight_a = nn.Parameter(torch.empty(self.router_rows + routers * rank, in_features), requires_grad=False)
-        self.weight_b = nn.Parameter(torch.zeros(routers * rank, out_features), requires_grad=False)
+        self.stack_a = ReplicatedLinear(in_features, self.router_rows + routers * rank, bias=False, return_bias=False)
+        self.stack_b = ReplicatedLinear(routers * rank, out_features, bias=False, return_bias=False)
+        self.stack_b.weight.data.zero_()
         if not self.router_rows:
             self.router = nn.Parameter(torch.empty(routers, in_features, dtype=torch.float32), requires_grad=False)
         self._filled = set()  # (site, part) that came, over every load_weights call
 
     def forward(self, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
         tokens, sites, experts = x.shape[0], len(self.sites), self.num_experts
-        both = F.linear(x.to(self.weight_a.dtype), self.weight_a)
+        both = self.stack_a(x)
         if self.router_rows:
             logits, hidden = both[:, :self.router_rows], both[:, self.router_rows:]
         else:
             logits, hidden = F.linear(x.float(), self.router), both
         gates = self.gates(logits.view(tokens, sites, experts)) * self.scaling
         hidden = hidden.view(tokens, sites * experts, self.rank) * gates.view(tokens, -1, 1).to(hidden.dtype)
-        return torch.addmm(output, hidden.view(tokens, -1), self.weight_b)
+        return output + self.stack_b(hidden.view(tokens, -1))
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """`<prefix>_<linear>.<rest>` tensors into the stacks; returns the parameters filled (once every site's
@@ -207,16 +211,16 @@ class StackedLoraExperts(nn.Module):
             part, tensor = self.read(rest, tensor)
             s = self.sites.index(site)
             if part == "router":
-                target = self.weight_a[s * experts:(s + 1) * experts] if self.router_rows else \
+                target = self.stack_a.weight[s * experts:(s + 1) * experts] if self.router_rows else \
                     self.router[s * experts:(s + 1) * experts]
             elif part == "A":
                 start = self.router_rows + s * experts * rank
-                target = self.weight_a[start:start + experts * rank]
+                target = self.stack_a.weight[start:start + experts * rank]
             else:
                 start, end = self.slices[site]
-                target, tensor = self.weight_b[s * experts * rank:(s + 1) * experts * rank, start:end], tensor.t()
+                target = self.stack_b.weight[start:end, s * experts * rank:(s + 1) * experts * rank]
             target.data.copy_(tensor)
             self._filled.add((site, part))
         if len(self._filled) < 3 * len(self.sites):
             return set()
-        return {"weight_a", "weight_b"} | (set() if self.router_rows else {"router"})
+        return {"stack_a.weight", "stack_b.weight"} | (set() if self.router_rows else {"router"})
