@@ -237,12 +237,17 @@ print("@@errors@@" + json.dumps(errors))
 """
 
 
-def test_native_mov_ffn_site_both_forms_equal_float64():
+def _errors_in_vllm(script: str) -> dict:
+    """Run `script` in vLLM's environment; the dict it prints after `@@errors@@`."""
     require_vllm()
-    completed = subprocess.run([str(vllm_python()), "-c", MOV_FFN_FORMS], capture_output=True, text=True,
-                               timeout=300, env=vllm_test_environment())
+    completed = subprocess.run([str(vllm_python()), "-c", script], capture_output=True, text=True, timeout=300,
+                               env=vllm_test_environment())
     assert completed.returncode == 0, completed.stderr[-3000:]
-    errors = json.loads(completed.stdout.rpartition("@@errors@@")[2])
+    return json.loads(completed.stdout.rpartition("@@errors@@")[2])
+
+
+def test_native_mov_ffn_site_both_forms_equal_float64():
+    errors = _errors_in_vllm(MOV_FFN_FORMS)
     # float32 against float64: each output is a few float32 roundings (silu, products, a 3-term softmax, a
     # 3-term merge, a 32-term router dot product): well under 1e-5 of the largest output; the other form's
     # routing differs by O(0.1)
@@ -290,11 +295,7 @@ print("@@errors@@" + json.dumps(errors))
 def test_native_pesc_experts_on_the_cpu_kernel_and_stacked_equal_float64():
     """Both of the native PESC model's expert paths (vLLM's CPU MoE kernel, top-k only; every expert stacked, the
     CUDA path) against the formula per token in float64, on a padded adapter width and a scaling other than 1."""
-    require_vllm()
-    completed = subprocess.run([str(vllm_python()), "-c", PESC_EXPERT_PATHS], capture_output=True, text=True,
-                               timeout=300, env=vllm_test_environment())
-    assert completed.returncode == 0, completed.stderr[-3000:]
-    errors = json.loads(completed.stdout.rpartition("@@errors@@")[2])
+    errors = _errors_in_vllm(PESC_EXPERT_PATHS)
     # float32 against float64, relative to the experts' largest contribution: a 96-term and a 20-term dot product,
     # erf GELU, a 2-term softmax and sum, each a few float32 roundings (~1e-7 relative): under 1e-5; a tanh GELU
     # is off by ~1e-3, a wrong expert or weight by O(1)

@@ -11,6 +11,8 @@ The kernel is wrapped in one custom op (`torch.ops.vllm.pesc_cpu_experts`), opaq
 wraps its own MoE.
 """
 
+import functools
+
 import torch
 from vllm.platforms import CpuArchEnum, current_platform
 from vllm.utils.torch_utils import direct_register_custom_op
@@ -19,6 +21,7 @@ _ALIGNMENT = 32  # the kernel's output-column multiple (hidden size, padded adap
 PACKED = ("kernel_w13", "kernel_b13", "kernel_w2")  # what `pack` returns, in order
 
 
+@functools.cache
 def kernel_isa() -> str | None:
     """The kernel variant for this machine ("vec" on x86, "neon" on Arm), or None where vLLM's build has none."""
     if not current_platform.is_cpu() or not hasattr(torch.ops._C, "cpu_fused_moe"):
