@@ -8,9 +8,10 @@ A LoRA-expert site sits on one of vLLM's linears: q/k/v are one fused `qkv_proj`
 each reading one input. Every site on the same linear is one `StackedLoraExperts`: its routers' and its experts'
 A matrices stacked into one [S*E + S*E*r, in] matrix (one matmul gives every router's logits and every expert's
 bottleneck), and the experts' B matrices into one block-structured [out, S*E*r] matrix whose site s rows are
-that site's slice of the fused output (one matmul gives every site's mixture, added to the linear's output). Both
-are vLLM linears, run by vLLM's own GEMM kernels. Fixed shapes, no host sync: the experts off a token's top-k are
-run with weight zero.
+that site's slice of the fused output. After loading, B is folded into the linear's own weight as extra input
+columns ([W | B], `LoraSitedLinear`), and the linear reads [x, gated bottlenecks]: a site costs one small GEMM
+and one fused elementwise kernel beyond the dense layer, both GEMMs vLLM's own. Fixed shapes, no host sync: the
+experts off a token's top-k are run with weight zero.
 """
 
 import functools
@@ -20,6 +21,7 @@ from collections.abc import Callable, Iterable
 import torch
 import torch.nn.functional as F
 from torch import nn
+from vllm.config import get_current_vllm_config
 from vllm.distributed import get_tensor_model_parallel_world_size
 from vllm.model_executor.layers.linear import ReplicatedLinear
 from vllm.model_executor.models.llama import LlamaDecoderLayer, LlamaForCausalLM, LlamaModel
@@ -71,6 +73,25 @@ class SitedLinear(nn.Module):
         return self.experts(x, output), bias
 
 
+class LoraSitedLinear(nn.Module):
+    """One of vLLM's linears (`base`, its weight loader unchanged) with LoRA experts: after loading, the experts'
+    B stack is folded into `base`'s weight as extra input columns, so that one GEMM gives the linear's output and
+    the experts' mixture: base([x, experts(x)])."""
+
+    def __init__(self, base: nn.Module, experts: nn.Module):
+        super().__init__()
+        self.base, self.experts = base, experts
+
+    def forward(self, x: torch.Tensor):
+        return self.base(self.experts(x))
+
+    def fold_experts(self) -> None:
+        """W <- [W | B]: called once every tensor is loaded, before vLLM prepares `base` for its kernel."""
+        weight = self.base.weight
+        weight.data = torch.cat([weight.data, self.experts.stack_b.data], dim=1)
+        del self.experts.stack_b
+
+
 def output_slices(layer: nn.Module, fused: str) -> dict[str, tuple[int, int]]:
     """{pesc linear name: (start, end) of its columns in the output of vLLM's fused linear `fused`}."""
     if fused == "self_attn.qkv_proj":
@@ -84,14 +105,17 @@ def output_slices(layer: nn.Module, fused: str) -> dict[str, tuple[int, int]]:
 
 
 def add_lora_sites(layer: nn.Module, sites: Iterable[str], make_experts: Callable) -> None:
-    """Wrap each of vLLM's linears that holds one of pesc's `sites` in a `SitedLinear` whose experts are
+    """Wrap each of vLLM's linears that holds one of pesc's `sites` in a `LoraSitedLinear` whose experts are
     `make_experts(in_features, {site: (start, end) of its output columns}, out_features)`."""
+    if get_current_vllm_config().load_config.load_format == "dummy":
+        raise ValueError("pesc's native vLLM models of the LoRA-expert methods fold the experts into vLLM's linears "
+                         "as they load the checkpoint: serve it without --load-format dummy")
     for fused in dict.fromkeys(FUSED_LINEAR[site] for site in sites):
         parent, name = fused.split(".")
         linear = getattr(getattr(layer, parent), name)
         slices = {site: span for site, span in output_slices(layer, fused).items() if site in sites}
         experts = make_experts(linear.input_size, slices, linear.output_size_per_partition)
-        setattr(getattr(layer, parent), name, SitedLinear(linear, experts))
+        setattr(getattr(layer, parent), name, LoraSitedLinear(linear, experts))
 
 
 def renamer(site_prefix: str, sites: Iterable[str]) -> Callable[[str], str]:
@@ -147,7 +171,11 @@ class NativeSitesForCausalLM(LlamaForCausalLM):
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         rename = self.rename(self.config)
-        return super().load_weights((rename(name), tensor) for name, tensor in weights)
+        loaded = super().load_weights((rename(name), tensor) for name, tensor in weights)
+        for module in self.modules():
+            if isinstance(module, LoraSitedLinear):
+                module.fold_experts()
+        return loaded
 
 
 # ---------------------------------------------------------------------------------------
@@ -164,9 +192,9 @@ class StackedLoraExperts(nn.Module):
     """The routers and LoRA experts of the sites on one fused linear (see the module docstring).
 
     `stack_a` [S*E + S*E*r, in]: rows s*E .. of site s's router, then rows S*E + s*E*r .. of its experts' A (expert
-    e's rank-r block at e*r); `stack_b` [out, S*E*r]: site s's columns hold its experts' B in its output rows, zero
-    elsewhere. Both are vLLM linears (`ReplicatedLinear`), so vLLM prepares them for its own GEMM kernel as it does
-    the layer's (oneDNN prepacked on the CPU). `gates(logits [T, S, E]) -> float32 [T, S, E]` is the method's routing;
+    e's rank-r block at e*r), a vLLM linear (`ReplicatedLinear`), prepared for vLLM's own GEMM kernel as the layer's
+    are (oneDNN prepacked on the CPU); `stack_b` [out, S*E*r]: site s's columns hold its experts' B in its output
+    rows, zero elsewhere, held only until `LoraSitedLinear.fold_experts` moves it into the linear's weight. `gates(logits [T, S, E]) -> float32 [T, S, E]` is the method's routing;
     `read(rest, tensor) -> (part, tensor)` turns a site's checkpoint tensor (name after the site prefix) into
     ("router" [E, in] | "A" [E*r, in] | "B" [out_site, E*r]). `float32_router`: the router reads the input in
     float32 (the soft-merging routers): kept apart from `stack_a` when the model's dtype is not float32.
@@ -182,13 +210,13 @@ class StackedLoraExperts(nn.Module):
         routers = len(slices) * num_experts
         self.router_rows = 0 if float32_router and torch.get_default_dtype() != torch.float32 else routers
         self.stack_a = ReplicatedLinear(in_features, self.router_rows + routers * rank, bias=False, return_bias=False)
-        self.stack_b = ReplicatedLinear(routers * rank, out_features, bias=False, return_bias=False)
-        self.stack_b.weight.data.zero_()
+        self.stack_b = nn.Parameter(torch.zeros(out_features, routers * rank), requires_grad=False)
         if not self.router_rows:
             self.router = nn.Parameter(torch.empty(routers, in_features, dtype=torch.float32), requires_grad=False)
         self._filled = set()  # (site, part) that came, over every load_weights call
 
-    def forward(self, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """[x, the experts' gated bottlenecks]: the input of the linear that `stack_b` was folded into."""
         tokens, sites, experts = x.shape[0], len(self.sites), self.num_experts
         both = self.stack_a(x)
         if self.router_rows:
@@ -197,7 +225,7 @@ class StackedLoraExperts(nn.Module):
             logits, hidden = F.linear(x.float(), self.router), both
         gates = self.gates(logits.view(tokens, sites, experts)) * self.scaling
         hidden = hidden.view(tokens, sites * experts, self.rank) * gates.view(tokens, -1, 1).to(hidden.dtype)
-        return output + self.stack_b(hidden.view(tokens, -1))
+        return torch.cat([x, hidden.view(tokens, -1)], dim=-1)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """`<prefix>_<linear>.<rest>` tensors into the stacks; returns the parameters filled (once every site's
@@ -218,9 +246,9 @@ class StackedLoraExperts(nn.Module):
                 target = self.stack_a.weight[start:start + experts * rank]
             else:
                 start, end = self.slices[site]
-                target = self.stack_b.weight[start:end, s * experts * rank:(s + 1) * experts * rank]
+                target = self.stack_b[start:end, s * experts * rank:(s + 1) * experts * rank]
             target.data.copy_(tensor)
             self._filled.add((site, part))
         if len(self._filled) < 3 * len(self.sites):
             return set()
-        return {"stack_a.weight", "stack_b.weight"} | (set() if self.router_rows else {"router"})
+        return {"stack_a.weight", "stack_b"} | (set() if self.router_rows else {"router"})

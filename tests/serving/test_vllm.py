@@ -368,6 +368,30 @@ def test_native_models_of_the_lora_and_vector_methods_refuse_two_tensor_parallel
             "tensor_parallel_size=1") in output
 
 
+DUMMY_LOAD = """
+import json, sys
+from vllm import LLM
+try:
+    LLM(sys.argv[1], trust_remote_code=True, dtype="float32", max_model_len=256, kv_cache_memory_bytes=64 << 20,
+        load_format="dummy")
+    error = None
+except Exception as raised:
+    error = str(raised)
+print("@@errors@@" + json.dumps({"error": error}))
+"""
+
+
+def test_native_lora_expert_models_refuse_dummy_weights(checkpoints):
+    """Their B matrices are folded into vLLM's linears as the checkpoint loads; random weights skip the loading,
+    and would leave the linears unfolded: one line naming the fix instead of a shape error mid-forward."""
+    require_vllm()
+    completed = subprocess.run([str(vllm_python()), "-c", DUMMY_LOAD, str(checkpoints["molora-llama"][0])],
+                               capture_output=True, text=True, timeout=300, env=vllm_test_environment())
+    error = json.loads(completed.stdout.rpartition("@@errors@@")[2])["error"]
+    assert error == ("pesc's native vLLM models of the LoRA-expert methods fold the experts into vLLM's linears as "
+                     "they load the checkpoint: serve it without --load-format dummy"), completed.stderr[-3000:]
+
+
 def test_every_method_has_a_vllm_checkpoint_and_a_native_model():
     from pesc.methods import METHODS
 
