@@ -194,9 +194,10 @@ class StackedLoraExperts(nn.Module):
     `stack_a` [S*E + S*E*r, in]: rows s*E .. of site s's router, then rows S*E + s*E*r .. of its experts' A (expert
     e's rank-r block at e*r), a vLLM linear (`ReplicatedLinear`), prepared for vLLM's own GEMM kernel as the layer's
     are (oneDNN prepacked on the CPU); `stack_b` [out, S*E*r]: site s's columns hold its experts' B in its output
-    rows, zero elsewhere, held only until `LoraSitedLinear.fold_experts` moves it into the linear's weight. `gates(logits [T, S, E]) -> float32 [T, S, E]` is the method's routing;
-    `read(rest, tensor) -> (part, tensor)` turns a site's checkpoint tensor (name after the site prefix) into
-    ("router" [E, in] | "A" [E*r, in] | "B" [out_site, E*r]). `float32_router`: the router reads the input in
+    rows, zero elsewhere, held only until `LoraSitedLinear.fold_experts` moves it into the linear's weight.
+    `gates(logits [T, S, E]) -> float32 [T, S, E]` is the method's routing; `read(rest, tensor) -> (part, tensor)`
+    turns a site's checkpoint tensor (name after the site prefix) into ("router" [E, in] | "A" [E*r, in] | "B"
+    [out_site, E*r]). `float32_router`: the router reads the input in
     float32 (the soft-merging routers): kept apart from `stack_a` when the model's dtype is not float32.
     """
 
