@@ -197,8 +197,8 @@ class StackedLoraExperts(nn.Module):
     rows, zero elsewhere, held only until `LoraSitedLinear.fold_experts` moves it into the linear's weight.
     `gates(logits [T, S, E]) -> float32 [T, S, E]` is the method's routing; `read(rest, tensor) -> (part, tensor)`
     turns a site's checkpoint tensor (name after the site prefix) into ("router" [E, in] | "A" [E*r, in] | "B"
-    [out_site, E*r]). `float32_router`: the router reads the input in
-    float32 (the soft-merging routers): kept apart from `stack_a` when the model's dtype is not float32.
+    [out_site, E*r]). `float32_router`: the router reads the input in float32 (the soft-merging routers): kept
+    apart from `stack_a` when the model's dtype is not float32.
     """
 
     def __init__(self, in_features: int, slices: dict[str, tuple[int, int]], out_features: int, num_experts: int,
