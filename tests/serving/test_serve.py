@@ -178,11 +178,18 @@ def test_pesc_serve_answers_as_pesc_generate_and_stops_on_ctrl_c(float32_checkpo
     port = free_port()
     log = tmp_path / "serve-stderr.log"
     lines: list[str] = []
+    # The server must get SIGINT as a terminal's foreground command does, even where pytest itself runs with SIGINT
+    # ignored (a background job of a non-interactive shell: `nohup pytest &`): exec passes an ignored signal on as
+    # ignored, and a handled one as the default, so pytest handles it while the server starts.
+    outer = signal.signal(signal.SIGINT, signal.default_int_handler)
     with open(log, "w") as stderr:
-        server = subprocess.Popen(
-            [sys.executable, "-m", "pesc.cli", "serve", str(checkpoint), "--port", str(port),
-             "--kv-cache-memory", "64MiB", "--", "--max-model-len", "256", "--served-model-name", "tiny-pesc"],
-            stdout=subprocess.PIPE, stderr=stderr, text=True)  # fmt: skip
+        try:
+            server = subprocess.Popen(
+                [sys.executable, "-m", "pesc.cli", "serve", str(checkpoint), "--port", str(port),
+                 "--kv-cache-memory", "64MiB", "--", "--max-model-len", "256", "--served-model-name", "tiny-pesc"],
+                stdout=subprocess.PIPE, stderr=stderr, text=True)  # fmt: skip
+        finally:
+            signal.signal(signal.SIGINT, outer)
         reader = threading.Thread(target=lambda: lines.extend(iter(server.stdout.readline, "")), daemon=True)
         reader.start()
         try:
