@@ -305,7 +305,7 @@ def routed_shares(run: Path, out: Path, data: Data, settings: dict) -> dict:
 
 def run_unit(work: Path, conf, seed: int, base: Path, data: Data, settings: dict, progress: Progress) -> dict:
     """Train (or resume) and evaluate one (configuration, seed); returns its results."""
-    from pesc.checkpoint.run_files import FINAL_DIR, experts_path, numbered_checkpoints
+    from pesc.checkpoint.run_files import FINAL_DIR, experts_path, latest_checkpoint, numbered_checkpoints
     from pesc.training.run import train
     from pesc.training.trainer import EXPERT_LOAD_FILE
 
@@ -323,9 +323,11 @@ def run_unit(work: Path, conf, seed: int, base: Path, data: Data, settings: dict
                         "train it again")
     report.write_text(config_file, text)
     started = time.monotonic()
-    rate = None
+    rate, steps_run = None, 0
     if experts_path(run / FINAL_DIR) is None:
         resume = bool(numbered_checkpoints(run))
+        resumed_from = latest_checkpoint(run)  # the checkpoint `pesc train --resume` continues from
+        steps_run = settings["steps"] - (int(resumed_from.name.split("-")[1]) if resumed_from else 0)
         print(f"== {conf.name} seed {seed}: {'resuming' if resume else 'training'} ({settings['steps']} steps, "
               f"{plan['trainable']:,} trainable parameters planned)", flush=True)
         with StepClock(run / EXPERT_LOAD_FILE, progress.first_rate) as clock:
@@ -344,8 +346,9 @@ def run_unit(work: Path, conf, seed: int, base: Path, data: Data, settings: dict
         "group_shares": shares, "expert_load": load_curve(run / EXPERT_LOAD_FILE),
         "seconds_per_step": rate, "train_seconds": round(trained - started, 1),
         "eval_seconds": round(finished - trained, 1),
-        # what a unit costs besides its steps: loading, saving and evaluating (known where its steps were timed)
-        "overhead_seconds": round(finished - started - rate * settings["steps"], 1) if rate else None,
+        # what a unit costs besides its steps: loading, saving and evaluating (known where its steps were timed);
+        # a resumed unit ran only the steps after its checkpoint here
+        "overhead_seconds": round(finished - started - rate * steps_run, 1) if rate else None,
     }
     report.write_text(unit / "answers.json", json.dumps(answers, indent=1, ensure_ascii=False) + "\n")
     report.write_text(unit / "results.json", json.dumps(result, indent=1) + "\n")
