@@ -183,9 +183,11 @@ def plot(results: dict, path: Path) -> None:
     ax.axhline(0.5, color="grey", linestyle=":", label="even (3 of 6 experts)")
     ax.set_xticks(range(len(blocks["loramoe"])), [c.label for c in blocks["loramoe"]], rotation=20, ha="right",
                   fontsize=8)
-    ax.set_title("knowledge experts' share: knowledge rows (left), task rows (right)")
+    ax.set_title("router mass on the knowledge experts:\nknowledge rows (left), task rows (right)")
     ax.legend(loc="best", fontsize=8)
-    dots(axes[1, 0], "pesc", "task_loss", "held-out task loss")
+    # the base model's loss (about 4) as a line would flatten the trained models' differences into one row
+    dots(axes[1, 0], "pesc", "task_loss", f"held-out task loss (base model: {base['task_loss']:.2f})",
+         base_value=False)
     dots(axes[1, 1], "pesc", "downstream", "downstream accuracy")
     ax = axes[1, 2]
     for x, conf in enumerate(blocks["pesc"]):
