@@ -305,7 +305,8 @@ def routed_shares(run: Path, out: Path, data: Data, settings: dict) -> dict:
 
 def run_unit(work: Path, conf, seed: int, base: Path, data: Data, settings: dict, progress: Progress) -> dict:
     """Train (or resume) and evaluate one (configuration, seed); returns its results."""
-    from pesc.checkpoint.run_files import FINAL_DIR, experts_path, latest_checkpoint, numbered_checkpoints
+    from pesc.checkpoint.run_files import (FINAL_DIR, checkpoint_step, experts_path, latest_checkpoint,
+                                          numbered_checkpoints)
     from pesc.training.run import train
     from pesc.training.trainer import EXPERT_LOAD_FILE
 
@@ -327,7 +328,7 @@ def run_unit(work: Path, conf, seed: int, base: Path, data: Data, settings: dict
     if experts_path(run / FINAL_DIR) is None:
         resume = bool(numbered_checkpoints(run))
         resumed_from = latest_checkpoint(run)  # the checkpoint `pesc train --resume` continues from
-        steps_run = settings["steps"] - (int(resumed_from.name.split("-")[1]) if resumed_from else 0)
+        steps_run = settings["steps"] - (checkpoint_step(resumed_from) if resumed_from else 0)
         print(f"== {conf.name} seed {seed}: {'resuming' if resume else 'training'} ({settings['steps']} steps, "
               f"{plan['trainable']:,} trainable parameters planned)", flush=True)
         with StepClock(run / EXPERT_LOAD_FILE, progress.first_rate) as clock:

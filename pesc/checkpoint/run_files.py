@@ -72,11 +72,16 @@ def load_trained_config(directory: str | Path):
     return method.config_class.from_dict(raw)
 
 
+def checkpoint_step(folder: Path) -> int | None:
+    """N of a checkpoint-N folder (the step it was saved at); None for any other name."""
+    number = folder.name.removeprefix("checkpoint-")
+    return int(number) if number != folder.name and number.isdigit() else None
+
+
 def numbered_checkpoints(run_dir: str | Path) -> list[Path]:
     """The run's checkpoint-N folders, in step order."""
-    folders = Path(run_dir).glob("checkpoint-*")
-    steps = [(int(p.name.split("-")[1]), p) for p in folders if p.name.split("-")[1].isdigit()]
-    return [p for _, p in sorted(steps)]
+    steps = [(checkpoint_step(p), p) for p in Path(run_dir).glob("checkpoint-*")]
+    return [p for _, p in sorted((step, p) for step, p in steps if step is not None)]
 
 
 def is_training_run(path: str | Path) -> bool:
